@@ -1,0 +1,16 @@
+"""tqindex: an approximate nearest-neighbour index built on TurboQuant (Zandieh et al., ICLR 2026).
+
+Zero training: a seeded random rotation makes every coordinate follow a known density, so one fixed
+Lloyd-Max codebook quantizes any data. Search is asymmetric (full-precision queries against packed
+codes), with optional full-precision rerank, and indexes persist as Arrow shards.
+"""
+
+from .codebook import CODEBOOK_VERSION, lloyd_max_codebook
+from .index import METRICS, Index, SearchResult
+from .quantizer import VARIANTS, TurboQuantizer
+from .storage import FORMAT_VERSION, IndexFormatError, IndexLockedError
+
+__version__ = "0.1.0"
+
+__all__ = ["CODEBOOK_VERSION", "FORMAT_VERSION", "METRICS", "VARIANTS", "Index", "IndexFormatError",
+           "IndexLockedError", "SearchResult", "TurboQuantizer", "lloyd_max_codebook", "__version__"]

@@ -1,0 +1,1 @@
+"""Search backends: `cpu` (torch, always available) and `cuda` (CuPy kernels, loaded lazily)."""

@@ -1,0 +1,462 @@
+"""`Index`: add vectors, search them by asymmetric TurboQuant scoring, optionally rerank."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import storage
+from .backends.cpu import BlockDecoder, scan_topk
+from .codebook import CODEBOOK_VERSION
+from .quantizer import VARIANTS, EncodedVectors, TurboQuantizer
+from .rotation import ROTATION_KINDS
+from .segment import Segment
+from .validation import array_kind, as_float_matrix, as_id_array, check_k, to_kind
+
+__all__ = ["METRICS", "Index", "SearchResult"]
+
+METRICS = ("ip", "cosine", "l2")
+DEVICES = ("cpu", "cuda")
+
+# Unsaved appends are merged into the last segment while it is below this many rows, so many small
+# `add` calls do not fragment the index into tiny segments (and tiny shards on save).
+_MERGE_BELOW_ROWS = 1 << 16
+# Queries scored per scan pass when the caller gives no batch_size.
+_DEFAULT_QUERY_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Results of `Index.search`.
+
+    ids : (nq, k) int64, −1 where fewer than k live rows exist (shape (k,) for a 1-D query)
+    scores : (nq, k) float32: similarity for "ip"/"cosine" (descending, −inf padding) or squared
+        L2 distance for "l2" (ascending, +inf padding)
+    """
+
+    ids: object
+    scores: object
+
+    @property
+    def keys(self):
+        return self.ids
+
+    @property
+    def distances(self):
+        return self.scores
+
+    def __iter__(self):
+        # Allows `ids, scores = index.search(...)`.
+        return iter((self.ids, self.scores))
+
+
+class Index:
+    """A TurboQuant vector index.
+
+    Parameters
+    ----------
+    dim : int
+        Vector dimension (≥ 2).
+    bits : int
+        Bits per coordinate, 1..8 (for "prod", one of them is the QJL bit).
+    metric : {"ip", "cosine", "l2"}
+    variant : {"mse", "prod"}
+    seed : int
+        Seeds the rotation and the QJL matrix; codes are a pure function of (vector, parameters).
+    keep_vectors : bool
+        Keep full-precision float32 vectors so `search(..., rerank=m)` can rescore candidates.
+    device : {"cpu", "cuda"}
+    rotation : {"dense", "hadamard"}
+    rescale : bool
+        mse only: unbiased per-vector score scaling (see `tqindex.quantizer`).
+    """
+
+    def __init__(self, *, dim: int, bits: int = 4, metric: str = "ip", variant: str = "mse", seed: int = 0,
+                 keep_vectors: bool = False, device: str = "cpu", rotation: str = "dense", rescale: bool = True):
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 2:
+            raise ValueError(f"dim must be an integer >= 2, got {dim!r}")
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= 8:
+            raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        if rotation not in ROTATION_KINDS:
+            raise ValueError(f"unknown rotation {rotation!r}; expected one of {ROTATION_KINDS}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if device not in DEVICES:
+            raise ValueError(f"unknown device {device!r}; expected one of {DEVICES}")
+        self._quantizer = TurboQuantizer(dim=int(dim), bits=int(bits), variant=variant, seed=int(seed),
+                                         rotation=rotation, rescale=rescale)
+        self._decoder = BlockDecoder(self._quantizer)
+        self._metric = metric
+        self._keep_vectors = bool(keep_vectors)
+        self._segments: list[Segment] = []
+        self._next_id = 0
+        self._id_lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted live ids, positions)
+        self._all_ids: np.ndarray | None = None
+        self._store: storage.Store | None = None
+        self._device = "cpu"
+        if device == "cuda":
+            self.to("cuda")
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self._quantizer.dim
+
+    @property
+    def bits(self) -> int:
+        return self._quantizer.bits
+
+    @property
+    def metric(self) -> str:
+        return self._metric
+
+    @property
+    def variant(self) -> str:
+        return self._quantizer.variant
+
+    @property
+    def seed(self) -> int:
+        return self._quantizer.seed
+
+    @property
+    def rotation(self) -> str:
+        return self._quantizer.rotation.kind
+
+    @property
+    def rescale(self) -> bool:
+        return self._quantizer.rescale
+
+    @property
+    def keep_vectors(self) -> bool:
+        return self._keep_vectors
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def path(self):
+        """Directory this index is saved in, or None."""
+        return None if self._store is None else self._store.path
+
+    def params(self) -> dict:
+        """Everything needed to reproduce this index's codes (what the manifest stores)."""
+        return {"dim": self.dim, "bits": self.bits, "metric": self.metric, "variant": self.variant,
+                "seed": self.seed, "rotation": self.rotation, "rescale": self.rescale,
+                "keep_vectors": self.keep_vectors, "codebook_version": CODEBOOK_VERSION}
+
+    def __len__(self) -> int:
+        return sum(s.live_count for s in self._segments)
+
+    def __repr__(self) -> str:
+        where = f", path={str(self.path)!r}" if self.path is not None else ""
+        return (f"Index(dim={self.dim}, bits={self.bits}, metric={self.metric!r}, variant={self.variant!r}, "
+                f"n={len(self)}, keep_vectors={self.keep_vectors}, device={self.device!r}{where})")
+
+    def bytes_per_vector(self) -> int:
+        """Bytes of one encoded vector (codes + per-vector floats), without its 8-byte id."""
+        return self._quantizer.bytes_per_vector
+
+    def memory_bytes(self) -> int:
+        """Bytes of index data held (ids, codes, per-vector floats, kept vectors, masks) plus the
+        rotation/QJL matrices. Memory-mapped rows count although the OS may not have read them."""
+        fixed = self.dim * self.dim * 4 * (2 if self.variant == "prod" else 1)
+        return fixed + sum(s.nbytes() for s in self._segments)
+
+    def __contains__(self, key) -> bool:
+        return bool(self._positions(np.asarray([key], dtype=np.int64))[0] >= 0)
+
+    # -- device --------------------------------------------------------------------------------
+    def to(self, device: str) -> "Index":
+        """Move search to `device` ("cpu" or "cuda"); returns self."""
+        if device not in DEVICES:
+            raise ValueError(f"unknown device {device!r}; expected one of {DEVICES}")
+        if device == "cuda":
+            from .backends import cuda
+            cuda.require()
+        self._device = device
+        return self
+
+    # -- writes --------------------------------------------------------------------------------
+    def add(self, vectors, ids=None, *, upsert: bool = False) -> np.ndarray:
+        """Add vectors.
+
+        Parameters
+        ----------
+        vectors : array (n, dim) or (dim,), float16/32/64 (numpy, torch or CuPy)
+        ids : array (n,) of non-negative integers, optional
+            Defaults to consecutive ids after the largest id ever used.
+        upsert : bool
+            Replace rows whose id already exists instead of raising.
+
+        Returns
+        -------
+        ids : (n,) int64
+        """
+        x, _ = as_float_matrix(vectors, self.dim)
+        n = x.shape[0]
+        if ids is None:
+            new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+            replaced = np.empty(0, dtype=np.int64)
+        else:
+            new_ids = as_id_array(ids, n)
+            positions = self._positions(new_ids)
+            replaced = positions[positions >= 0]
+            if replaced.size and not upsert:
+                raise ValueError(f"ids already in the index: {new_ids[positions >= 0][:10].tolist()} "
+                                 f"(pass upsert=True to replace them)")
+        if self._metric == "cosine":
+            norms = torch.linalg.vector_norm(x, dim=1)
+            if bool((norms == 0).any()):
+                raise ValueError(f"vectors row {int((norms == 0).nonzero()[0, 0])} is zero and has no "
+                                 f"direction for metric 'cosine'")
+            x = x / norms[:, None]
+        encoded = self._quantizer.encode(x)
+        vectors_kept = x.numpy().copy() if self._keep_vectors else None
+        # Nothing above touched the index: a rejected batch leaves it exactly as it was.
+        if replaced.size:
+            self._mark_deleted(replaced)
+        self._append(Segment(ids=new_ids, encoded=encoded, vectors=vectors_kept))
+        self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+        return new_ids
+
+    def _append(self, segment: Segment) -> None:
+        last = self._segments[-1] if self._segments else None
+        if last is not None and last.shard is None and last.deleted is None and len(last) < _MERGE_BELOW_ROWS:
+            self._segments[-1] = _concat_segments([last, segment])
+        else:
+            self._segments.append(segment)
+        self._invalidate()
+
+    def remove(self, ids) -> int:
+        """Remove rows by id (tombstones; `compact()` reclaims space). Unknown ids raise KeyError.
+
+        Returns the number of rows removed.
+        """
+        arr = np.asarray(ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else ids)
+        arr = as_id_array(arr.reshape(-1), arr.size)
+        positions = self._positions(arr)
+        if (positions < 0).any():
+            raise KeyError(f"ids not in the index: {arr[positions < 0][:10].tolist()}")
+        self._mark_deleted(positions)
+        return int(arr.size)
+
+    def _mark_deleted(self, positions: np.ndarray) -> None:
+        offsets = self._offsets()
+        seg_of = np.searchsorted(offsets, positions, side="right") - 1
+        for s in np.unique(seg_of):
+            segment = self._segments[s]
+            mask = np.zeros(len(segment), dtype=bool) if segment.deleted is None else segment.deleted.copy()
+            mask[positions[seg_of == s] - offsets[s]] = True
+            segment.deleted = mask
+            segment.deletions_dirty = True
+        self._invalidate()
+
+    def compact(self) -> None:
+        """Drop removed rows and merge all segments into one (rewritten on the next save)."""
+        live = [segment if segment.deleted is None else _select(segment, ~segment.deleted)
+                for segment in self._segments if segment.live_count]
+        self._segments = [_concat_segments(live)] if live else []
+        self._invalidate()
+
+    # -- reads ---------------------------------------------------------------------------------
+    def search(self, queries, k: int = 10, *, rerank: int = 0, batch_size: int | None = None) -> SearchResult:
+        """Search the k best rows for each query.
+
+        Parameters
+        ----------
+        queries : array (nq, dim) or (dim,), float16/32/64 (numpy, torch or CuPy)
+        k : int ≥ 1
+        rerank : int ≥ 0
+            If > 0, take the k·rerank best by quantized score and rescore them with the kept
+            full-precision vectors (needs ``keep_vectors=True``).
+        batch_size : int, optional
+            Queries per scan pass (bounds memory); default 1024.
+
+        Returns
+        -------
+        SearchResult with ids (int64) and scores (float32), in the queries' kind of array;
+        1-D results for a 1-D query.
+        """
+        k = check_k(k)
+        if isinstance(rerank, bool) or not isinstance(rerank, numbers.Integral) or rerank < 0:
+            raise ValueError(f"rerank must be a non-negative integer, got {rerank!r}")
+        if rerank and not self._keep_vectors:
+            raise ValueError("rerank needs full-precision vectors: build the index with keep_vectors=True")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                       or batch_size <= 0):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        kind = array_kind(queries)
+        q, was_1d = as_float_matrix(queries, self.dim, name="queries", allow_empty=True)
+        if self._metric == "cosine":
+            norms = torch.linalg.vector_norm(q, dim=1, keepdim=True)
+            q = q / torch.where(norms > 0, norms, torch.ones_like(norms))
+        candidates = k * rerank if rerank else k
+        batch = int(batch_size or _DEFAULT_QUERY_BATCH)
+        all_ids, all_scores = [], []
+        for start in range(0, q.shape[0], batch):
+            qb = q[start:start + batch]
+            scores, positions = self._scan(qb, candidates)
+            if rerank:
+                scores, positions = self._rerank(qb, scores, positions, k)
+            all_scores.append(scores)
+            all_ids.append(positions)
+        if all_ids:
+            scores = torch.cat(all_scores).numpy()
+            positions = torch.cat(all_ids).numpy()
+        else:
+            scores = np.empty((0, k), dtype=np.float32)
+            positions = np.empty((0, k), dtype=np.int64)
+        ids = np.where(positions >= 0, self._ids_array()[np.maximum(positions, 0)] if positions.size else positions, -1)
+        ids = ids.astype(np.int64)
+        scores = (-scores if self._metric == "l2" else scores).astype(np.float32)
+        if was_1d:
+            ids, scores = ids[0], scores[0]
+        return SearchResult(ids=to_kind(ids, kind, queries), scores=to_kind(scores, kind, queries))
+
+    def _scan(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rotated, projected = self._quantizer.prepare_queries(q)
+        sq_norms = q.square().sum(dim=1)
+        if self._device == "cuda":
+            from .backends import cuda
+            return cuda.scan_topk(self, rotated, projected, sq_norms, k)
+        return scan_topk(self._quantizer, self._decoder, self._segments, rotated, projected, sq_norms, k,
+                         self._metric)
+
+    def _rerank(self, q: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, k: int):
+        """Rescore candidate positions with full-precision vectors; exact top-k of those."""
+        pos = positions.numpy()
+        valid = pos >= 0
+        exact = torch.full(pos.shape, -torch.inf, dtype=torch.float32)
+        if valid.any():
+            vectors = torch.from_numpy(self._gather_vectors(pos[valid]))
+            rows = torch.from_numpy(np.nonzero(valid)[0])
+            if self._metric == "l2":
+                values = -(q[rows] - vectors).square().sum(dim=1)
+            else:
+                values = (q[rows] * vectors).sum(dim=1)
+            exact[torch.from_numpy(valid)] = values
+        take = min(k, exact.shape[1])
+        best, order = torch.topk(exact, take, dim=1)
+        best_pos = torch.gather(positions, 1, order)
+        if take < k:
+            best = torch.cat([best, torch.full((best.shape[0], k - take), -torch.inf)], dim=1)
+            best_pos = torch.cat([best_pos, torch.full((best.shape[0], k - take), -1, dtype=torch.int64)], dim=1)
+        best_pos[torch.isneginf(best)] = -1
+        return best, best_pos
+
+    def _gather_vectors(self, positions: np.ndarray) -> np.ndarray:
+        offsets = self._offsets()
+        seg_of = np.searchsorted(offsets, positions, side="right") - 1
+        out = np.empty((len(positions), self.dim), dtype=np.float32)
+        for s in np.unique(seg_of):
+            where = seg_of == s
+            out[where] = self._segments[s].vectors[positions[where] - offsets[s]]
+        return out
+
+    def reconstruct(self, ids) -> np.ndarray:
+        """Dequantized vectors x̃ for the given ids, (n, dim) float32 (for inspection and tests)."""
+        arr = as_id_array(np.asarray(ids).reshape(-1), np.asarray(ids).size)
+        positions = self._positions(arr)
+        if (positions < 0).any():
+            raise KeyError(f"ids not in the index: {arr[positions < 0][:10].tolist()}")
+        offsets = self._offsets()
+        seg_of = np.searchsorted(offsets, positions, side="right") - 1
+        out = np.empty((len(arr), self.dim), dtype=np.float32)
+        for s in np.unique(seg_of):
+            where = seg_of == s
+            rows = positions[where] - offsets[s]
+            enc = self._segments[s].encoded
+            out[where] = self._quantizer.decode(_take_encoded(enc, rows))
+        return out
+
+    # -- id bookkeeping -------------------------------------------------------------------------
+    def _invalidate(self) -> None:
+        self._id_lookup = None
+        self._all_ids = None
+
+    def _offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([len(s) for s in self._segments])]).astype(np.int64)
+
+    def _ids_array(self) -> np.ndarray:
+        if self._all_ids is None:
+            self._all_ids = (np.concatenate([np.asarray(s.ids) for s in self._segments])
+                             if self._segments else np.empty(0, dtype=np.int64))
+        return self._all_ids
+
+    def _positions(self, ids: np.ndarray) -> np.ndarray:
+        """Global row positions of live rows with these ids, −1 where absent."""
+        if self._id_lookup is None:
+            all_ids = self._ids_array()
+            live = np.ones(len(all_ids), dtype=bool)
+            offsets = self._offsets()
+            for s, segment in enumerate(self._segments):
+                if segment.deleted is not None:
+                    live[offsets[s]:offsets[s + 1]] = ~segment.deleted
+            positions = np.nonzero(live)[0]
+            order = np.argsort(all_ids[positions], kind="stable")
+            self._id_lookup = (all_ids[positions][order], positions[order])
+        sorted_ids, sorted_pos = self._id_lookup
+        where = np.searchsorted(sorted_ids, ids)
+        where = np.minimum(where, max(len(sorted_ids) - 1, 0))
+        found = (len(sorted_ids) > 0) & (sorted_ids[where] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
+        return np.where(found, sorted_pos[where] if len(sorted_ids) else -1, -1).astype(np.int64)
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save(self, path=None) -> None:
+        """Commit the index to directory `path` (incremental when it is already saved there)."""
+        storage.save(self, path)
+
+    @classmethod
+    def load(cls, path, *, mmap: bool = True, device: str = "cpu", verify: bool = True) -> "Index":
+        """Load an index saved with `save`. With ``mmap=True`` rows stay on disk until read."""
+        return storage.load(cls, path, mmap=mmap, device=device, verify=verify)
+
+    @classmethod
+    def open(cls, path, **params) -> "Index":
+        """Load the index at `path` if one exists, else create an empty one bound to it."""
+        return storage.open_index(cls, path, **params)
+
+    def close(self) -> None:
+        """Release the writer lock held on the index directory, if any."""
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _take_encoded(enc: EncodedVectors, rows) -> EncodedVectors:
+    pick = lambda a: None if a is None else np.asarray(a)[rows]  # noqa: E731
+    return EncodedVectors(codes=pick(enc.codes), norm=pick(enc.norm), scale=pick(enc.scale),
+                          qjl=pick(enc.qjl), residual_norm=pick(enc.residual_norm))
+
+
+def _select(segment: Segment, rows: np.ndarray) -> Segment:
+    vectors = segment.vectors
+    return Segment(ids=np.asarray(segment.ids)[rows], encoded=_take_encoded(segment.encoded, rows),
+                   vectors=None if vectors is None else np.asarray(vectors)[rows])
+
+
+def _concat_segments(segments: list[Segment]) -> Segment:
+    if len(segments) == 1:
+        return segments[0]
+    cat = lambda name: (None if getattr(segments[0].encoded, name) is None  # noqa: E731
+                        else np.concatenate([np.asarray(getattr(s.encoded, name)) for s in segments]))
+    vectors = [s.vectors for s in segments]
+    return Segment(
+        ids=np.concatenate([np.asarray(s.ids) for s in segments]),
+        encoded=EncodedVectors(codes=cat("codes"), norm=cat("norm"), scale=cat("scale"), qjl=cat("qjl"),
+                               residual_norm=cat("residual_norm")),
+        vectors=None if vectors[0] is None else np.concatenate([np.asarray(v) for v in vectors]),
+    )

@@ -1,0 +1,47 @@
+"""Segments: the unit in which an index holds rows in memory and on disk (one Arrow shard each).
+
+A segment is immutable once created except for its deletion mask; appends create new segments and
+`Index.compact()` merges them. Arrays may be memory-mapped views of a shard (read-only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .quantizer import EncodedVectors
+
+__all__ = ["Segment"]
+
+
+@dataclass
+class Segment:
+    """Rows of an index.
+
+    ids : (n,) int64
+    encoded : EncodedVectors with n rows
+    vectors : (n, d) float32 full-precision rows kept for rerank, or None
+    deleted : (n,) bool mask of removed rows, or None when none were removed
+    shard : manifest entry (dict) of the committed files that hold these rows, or None if unsaved
+    deletions_dirty : the deletion mask changed since the last commit
+    """
+
+    ids: np.ndarray
+    encoded: EncodedVectors
+    vectors: np.ndarray | None = None
+    deleted: np.ndarray | None = None
+    shard: dict | None = None
+    deletions_dirty: bool = False
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def live_count(self) -> int:
+        return len(self.ids) - (int(self.deleted.sum()) if self.deleted is not None else 0)
+
+    def nbytes(self) -> int:
+        arrays = [self.ids, self.encoded.codes, self.encoded.norm, self.encoded.scale,
+                  self.encoded.qjl, self.encoded.residual_norm, self.vectors, self.deleted]
+        return sum(a.nbytes for a in arrays if a is not None)

@@ -1,0 +1,100 @@
+"""Input coercion and checks at the API boundary: every error names what was wrong."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+
+__all__ = ["as_float_matrix", "as_id_array", "check_k", "array_kind", "to_kind"]
+
+_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+def array_kind(x) -> str:
+    """'torch', 'cupy' or 'numpy': the kind of array results are returned as."""
+    if isinstance(x, torch.Tensor):
+        return "torch"
+    if type(x).__module__.split(".")[0] == "cupy":
+        return "cupy"
+    return "numpy"
+
+
+def to_kind(array: np.ndarray, kind: str, like=None):
+    """Return a numpy result as the caller's kind of array (on the caller's device)."""
+    if kind == "torch":
+        return torch.from_numpy(array).to(like.device if like is not None else "cpu")
+    if kind == "cupy":
+        import cupy  # only reached when the caller passed a CuPy array, so CuPy is installed
+        return cupy.asarray(array)
+    return array
+
+
+def as_float_matrix(x, dim: int, *, name: str = "vectors", allow_empty: bool = False) -> tuple[torch.Tensor, bool]:
+    """Coerce to a contiguous float32 CPU tensor of shape (n, dim).
+
+    Accepts numpy arrays, torch tensors (float16/bfloat16/float32/float64), CuPy arrays and nested
+    sequences. A 1-D input is one vector. Returns (tensor, was_1d).
+    """
+    kind = array_kind(x)
+    if kind == "torch":
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"{name} must have a floating dtype (float16/32/64), got torch {x.dtype}")
+        t = x.detach().to("cpu", torch.float32)
+    else:
+        if kind == "cupy":
+            x = x.get()
+        arr = np.asarray(x)
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or arr.size == 0):
+            raise TypeError(f"{name} must have a floating dtype (float16/32/64), got {arr.dtype}")
+        if arr.dtype not in _FLOAT_DTYPES and arr.size:
+            raise TypeError(f"{name} dtype {arr.dtype} is not supported; use float16, float32 or float64")
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    was_1d = t.ndim == 1
+    if was_1d:
+        t = t.unsqueeze(0)
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 1-D (one vector) or 2-D (n, {dim}); got shape {tuple(t.shape)}")
+    if t.shape[1] != dim:
+        raise ValueError(f"{name} have dimension {t.shape[1]}, but the index has dimension {dim}")
+    if t.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name} is an empty batch (0 rows)")
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad_row = int((~finite).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"{name} contain NaN or inf (first at row {bad_row})")
+    # float16/64 inputs can overflow float32 to inf above 3.4e38; isfinite above has caught that.
+    return t.contiguous(), was_1d
+
+
+def as_id_array(ids, n: int) -> np.ndarray:
+    """Coerce user ids to a (n,) int64 array of distinct non-negative integers."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    elif array_kind(ids) == "cupy":
+        ids = ids.get()
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"ids must have an integer dtype, got {arr.dtype}")
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"ids must be a 1-D array of length {n} (one per vector), got shape {arr.shape}")
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ValueError("ids must fit in int64")
+    arr = arr.astype(np.int64)
+    if arr.size and int(arr.min()) < 0:
+        raise ValueError(f"ids must be non-negative (-1 marks a missing result); got {int(arr.min())}")
+    uniq, counts = np.unique(arr, return_counts=True)
+    if uniq.size != arr.size:
+        raise ValueError(f"duplicate ids within the batch: {uniq[counts > 1][:10].tolist()}")
+    return arr
+
+
+def check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an integer, got {type(k).__name__}")
+    if k <= 0:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return int(k)
