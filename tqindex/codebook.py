@@ -59,15 +59,11 @@ class Codebook:
 
 
 def _quadrature(dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Grid points x and normalised weights w (sum 1) for the coordinate density f_d."""
+    """Grid points x (ascending) and the unnormalised density in θ, g = cos^(d-2) θ, at them."""
     half_width = np.pi / 2 if dim <= 2 else min(np.pi / 2, 14.0 / np.sqrt(dim - 2))
     theta = np.linspace(-half_width, half_width, _GRID_POINTS)
-    # Trapezoid weights in θ; the Jacobian dx = cos θ dθ is folded into the exponent (d-3)+1.
-    log_w = (dim - 2) * np.log(np.maximum(np.cos(theta), 1e-300))
-    w = np.exp(log_w - log_w.max())
-    w[0] *= 0.5
-    w[-1] *= 0.5
-    return np.sin(theta), w / w.sum()
+    log_g = (dim - 2) * np.log(np.maximum(np.cos(theta), 1e-300))
+    return np.sin(theta), np.exp(log_g - log_g.max())
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,12 +87,15 @@ def lloyd_max_codebook(dim: int, bits: int) -> Codebook:
     if not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
         raise ValueError(f"codebook bits must be an integer in 1..8, got {bits!r}")
     dim, bits = int(dim), int(bits)
-    x, w = _quadrature(dim)
-    # Cumulative mass and first moment as smooth (piecewise-linear) functions of the cut point,
-    # so that the Lloyd map is continuous and its iterations converge instead of cycling between
-    # grid points.
-    cum_w = np.cumsum(w) - w / 2
-    cum_wx = np.cumsum(w * x) - w * x / 2
+    x, g = _quadrature(dim)
+    # Trapezoid-rule cumulative mass and first moment at the grid points, interpolated linearly in
+    # between: the Lloyd map is then continuous in the cut points, so its iterations converge
+    # instead of cycling between grid points.
+    cum_w = np.concatenate([[0.0], np.cumsum((g[1:] + g[:-1]) / 2)])
+    gx = g * x
+    cum_wx = np.concatenate([[0.0], np.cumsum((gx[1:] + gx[:-1]) / 2)])
+    cum_wx /= cum_w[-1]
+    cum_w /= cum_w[-1]
     levels = 1 << bits
 
     # Start from the centroids of equal-probability cells: close to optimal, so few iterations.
@@ -110,17 +109,13 @@ def lloyd_max_codebook(dim: int, bits: int) -> Codebook:
         if delta < _TOLERANCE:
             break
     cuts = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, x)
-    mse = float(np.sum(w * (x - centroids[cuts]) ** 2))
+    sq_err = g * (x - centroids[cuts]) ** 2
+    mse = float(np.sum((sq_err[1:] + sq_err[:-1]) / 2) / np.sum((g[1:] + g[:-1]) / 2))
     return Codebook(dim, bits, centroids, mse)
 
 
 def _cell_means(cuts: np.ndarray, x: np.ndarray, cum_w: np.ndarray, cum_wx: np.ndarray) -> np.ndarray:
-    """Conditional means E[x | cell] of the cells split at the ascending points `cuts`.
-
-    `cum_w`/`cum_wx` count half of each grid point's own weight below it; the cells' outer ends
-    are the distribution's ends, with total mass 1 and total first moment `sum(w x)`.
-    """
-    total_wx = 2 * cum_wx[-1] - cum_wx[-2] if len(cum_wx) > 1 else cum_wx[-1]
+    """Conditional means E[x | cell] of the cells split at the ascending points `cuts`."""
     mass = np.diff(np.concatenate([[0.0], np.interp(cuts, x, cum_w), [1.0]]))
-    moment = np.diff(np.concatenate([[0.0], np.interp(cuts, x, cum_wx), [total_wx]]))
+    moment = np.diff(np.concatenate([[0.0], np.interp(cuts, x, cum_wx), [cum_wx[-1]]]))
     return moment / np.maximum(mass, 1e-300)

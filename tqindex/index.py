@@ -314,8 +314,9 @@ class Index:
         else:
             scores = np.empty((0, k), dtype=np.float32)
             positions = np.empty((0, k), dtype=np.int64)
-        ids = np.where(positions >= 0, self._ids_array()[np.maximum(positions, 0)] if positions.size else positions, -1)
-        ids = ids.astype(np.int64)
+        ids = np.full(positions.shape, -1, dtype=np.int64)
+        found = positions >= 0
+        ids[found] = self._ids_array()[positions[found]]
         scores = (-scores if self._metric == "l2" else scores).astype(np.float32)
         if was_1d:
             ids, scores = ids[0], scores[0]

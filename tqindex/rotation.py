@@ -63,7 +63,9 @@ class Rotation:
             q, r = np.linalg.qr(gaussian)
             # Sign fix: without it QR's convention biases Q away from the Haar measure.
             self._matrix = q * np.sign(np.diag(r))[None, :]
-            self._matrix_t32 = torch.from_numpy(np.ascontiguousarray(self._matrix.T, dtype=np.float32))
+            # Πᵀ in float64 (exact reference use) and float32 (the fast path's dtype).
+            self._matrix_t = {torch.float64: torch.from_numpy(np.ascontiguousarray(self._matrix.T)),
+                              torch.float32: torch.from_numpy(np.ascontiguousarray(self._matrix.T, dtype=np.float32))}
         else:
             self._block = 1 << (dim.bit_length() - 1)
             self._signs = [torch.from_numpy(rng.choice([-1.0, 1.0], size=dim).astype(np.float32)) for _ in range(_ROUNDS)]
@@ -83,7 +85,7 @@ class Rotation:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate rows: (n, d) → (n, d), same dtype (float32 or float64)."""
         if self.kind == "dense":
-            return x @ self._matrix_t32.to(dtype=x.dtype, device=x.device)
+            return x @ self._dense_t(x)
         y = x
         for signs, perm in zip(self._signs, self._perms):
             y = (y * signs.to(dtype=y.dtype, device=y.device))[:, perm.to(y.device)]
@@ -93,12 +95,16 @@ class Rotation:
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """Undo `apply` on rows: (n, d) → (n, d)."""
         if self.kind == "dense":
-            return y @ self._matrix_t32.T.to(dtype=y.dtype, device=y.device)
+            return y @ self._dense_t(y).T
         x = y
         for signs, inverse_perm in zip(reversed(self._signs), reversed(self._inverse_perms)):
             x = self._hadamard_halves(x, inverse=True)
             x = x[:, inverse_perm.to(x.device)] * signs.to(dtype=x.dtype, device=x.device)
         return x
+
+    def _dense_t(self, x: torch.Tensor) -> torch.Tensor:
+        m = self._matrix_t.get(x.dtype, self._matrix_t[torch.float32])
+        return m.to(dtype=x.dtype, device=x.device)
 
     def _hadamard_halves(self, y: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         m, d = self._block, self.dim

@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from tqindex.codebook import lloyd_max_codebook
+
+# The paper's figures (Gaussian limit, units of 1/sqrt(d)), quoted to 4 decimals.
+PAPER = {1: ["0.7979"], 2: ["0.4528", "1.510"],
+         4: ["0.1284", "0.3880", "0.6568", "0.9423", "1.2562", "1.6180", "2.0690", "2.7326"]}
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_large_d_matches_paper_centroids(bits):
+    d = 10**6
+    cb = lloyd_max_codebook(d, bits)
+    positive = cb.centroids[len(cb.centroids) // 2:] * np.sqrt(d)
+    # Equal when rounded to the decimals each figure is quoted with (one unit of slack for the
+    # paper's own rounding of values that sit on a half).
+    for value, quoted in zip(positive, PAPER[bits]):
+        decimals = len(quoted.split(".")[1])
+        assert abs(value - float(quoted)) <= 10.0 ** -decimals, (value, quoted)
+
+
+def test_exact_small_dimensions():
+    # d = 3: each coordinate is uniform on [-1, 1] (Archimedes), so 1 bit gives ±1/2 and MSE 1/12.
+    cb = lloyd_max_codebook(3, 1)
+    np.testing.assert_allclose(cb.centroids, [-0.5, 0.5], atol=1e-6)
+    assert cb.mse == pytest.approx(1 / 12, rel=1e-5)
+    # uniform density: 2 bits gives the 4 cell midpoints
+    np.testing.assert_allclose(lloyd_max_codebook(3, 2).centroids, [-0.75, -0.25, 0.25, 0.75], atol=1e-6)
+    # d = 2: arcsine law, the 1-bit centroid is E|x| = 2/pi.
+    np.testing.assert_allclose(lloyd_max_codebook(2, 1).centroids, [-2 / np.pi, 2 / np.pi], atol=1e-6)
+
+
+@pytest.mark.parametrize("d", [2, 3, 97, 1536])
+@pytest.mark.parametrize("bits", [1, 3, 5, 8])
+def test_codebook_is_a_fixed_point_and_symmetric(d, bits):
+    cb = lloyd_max_codebook(d, bits)
+    c = cb.centroids
+    assert len(c) == 2 ** bits and np.all(np.diff(c) > 0)
+    np.testing.assert_allclose(c, -c[::-1], atol=1e-12)
+    np.testing.assert_allclose(cb.boundaries, (c[1:] + c[:-1]) / 2)
+    assert np.all(np.abs(c) <= 1)
+    # Lloyd optimality: each centroid is the conditional mean of its cell. Check against exact
+    # samples of one coordinate (x² ~ Beta(1/2, (d-1)/2), random sign), within 5 standard errors.
+    rng = np.random.default_rng(0)
+    samples = np.sqrt(rng.beta(0.5, (d - 1) / 2, 400_000)) * rng.choice([-1, 1], 400_000)
+    cell = np.searchsorted(cb.boundaries, samples)
+    for j in np.unique(cell):
+        members = samples[cell == j]
+        if len(members) < 50:
+            continue
+        se = members.std() / np.sqrt(len(members))
+        assert abs(members.mean() - c[j]) < 5 * se + 1e-9, (j, members.mean(), c[j], se)
+
+
+def test_mse_decreases_by_about_4x_per_bit():
+    mses = [lloyd_max_codebook(1536, b).mse * 1536 for b in range(1, 9)]
+    assert all(a > b for a, b in zip(mses, mses[1:]))
+    np.testing.assert_allclose(mses[:4], [0.3634, 0.1175, 0.0345, 0.0095], rtol=0.01)
+
+
+@pytest.mark.parametrize("bad", [(1, 2), (0, 2), (16, 0), (16, 9), (2.5, 2)])
+def test_bad_arguments(bad):
+    with pytest.raises(ValueError, match="dimension|bits"):
+        lloyd_max_codebook(*bad)

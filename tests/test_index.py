@@ -1,0 +1,233 @@
+import numpy as np
+import pytest
+import torch
+
+from tqindex import Index, reference
+from tqindex.packing import unpack_codes
+
+from conftest import assert_topk_matches, clustered, exact_topk, recall_at
+
+
+@pytest.fixture(scope="module")
+def clustered_20k():
+    return clustered(np.random.default_rng(2024), 20_000, 384)
+
+
+def test_recall_at_4_bits_and_rerank(clustered_20k):
+    x, queries = clustered_20k
+    truth = exact_topk(queries, x, 10)
+    index = Index(dim=384, bits=4, keep_vectors=True, seed=0)
+    index.add(x)
+    plain = recall_at(index.search(queries, 10).ids, truth)
+    assert plain >= 0.85
+    assert recall_at(index.search(queries, 10, rerank=4).ids, truth) >= 0.99
+
+
+def _reference_scores(index: Index, x: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Scores of every (query, row) pair: the reference decoder (float64) applied to the index's own
+    codes, with the same estimator. Code equality with the reference is test_quantizer's job; this
+    isolates the scan (decode tables, GEMM, per-vector factors, top-k merge)."""
+    pi = index._quantizer.rotation.matrix()
+    x64, q64 = x.astype(np.float64), queries.astype(np.float64)
+    if index.metric == "cosine":
+        x64 = x64 / np.linalg.norm(x64, axis=1, keepdims=True)
+        q64 = q64 / np.linalg.norm(q64, axis=1, keepdims=True)
+    norms = np.linalg.norm(x64, axis=1)
+    unit = x64 / norms[:, None]
+    (segment,) = index._segments
+    mse_bits = index.bits if index.variant == "mse" else index.bits - 1
+    idx = unpack_codes(segment.encoded.codes, mse_bits, index.dim).astype(np.int64) if mse_bits else None
+    if index.variant == "mse":
+        unit_hat = reference.dequantize_mse(idx, np.ones(len(x)), pi, index.bits)
+        factor = norms / np.sum(unit_hat * unit, axis=1) if index.rescale else norms
+        ip = (q64 @ unit_hat.T) * factor
+    else:
+        base = reference.dequantize_mse(idx, np.ones(len(x)), pi, mse_bits) if mse_bits else 0 * unit
+        rnorm = np.linalg.norm(unit - base, axis=1)
+        signs = unpack_codes(segment.encoded.qjl, 1, index.dim).astype(np.int8) * 2 - 1
+        ip = q64 @ reference.dequantize_prod(idx, signs, rnorm, norms, pi, index.bits, index.seed).T
+    if index.metric == "l2":
+        return (q64 ** 2).sum(1)[:, None] + norms[None, :] ** 2 - 2 * ip
+    return ip
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("variant,bits", [("mse", 1), ("mse", 3), ("mse", 4), ("prod", 2), ("prod", 4)])
+@pytest.mark.parametrize("d", [97, 1000])
+def test_search_equals_reference_topk(metric, variant, bits, d):
+    rng = np.random.default_rng(d * 10 + bits)
+    n = 1237  # not a multiple of any block size
+    x = (rng.standard_normal((n, d)) * rng.uniform(0.5, 2.0, (n, 1))).astype(np.float32)
+    queries = rng.standard_normal((13, d)).astype(np.float32)
+    index = Index(dim=d, bits=bits, metric=metric, variant=variant, seed=4)
+    index.add(x)
+    result = index.search(queries, 25)
+    ref = _reference_scores(index, x, queries)
+    # float32 accumulation over d ≤ 1000 terms: relative error well below 1e-4 of the largest score.
+    assert_topk_matches(result.ids, result.scores, ref, rtol=1e-4, higher_is_better=metric != "l2")
+
+
+def test_small_index_pads_results():
+    index = Index(dim=8, bits=2)
+    index.add(np.eye(8, dtype=np.float32)[:3])
+    res = index.search(np.ones(8, dtype=np.float32), 5)
+    assert res.ids.shape == (5,) and res.scores.shape == (5,)
+    assert sorted(res.ids[:3].tolist()) == [0, 1, 2] and res.ids[3:].tolist() == [-1, -1]
+    assert np.all(np.isneginf(res.scores[3:]))
+    l2 = Index(dim=8, bits=2, metric="l2")
+    l2.add(np.eye(8, dtype=np.float32)[:1])
+    res = l2.search(np.zeros((2, 8), dtype=np.float32), 3)
+    assert res.ids.tolist() == [[0, -1, -1]] * 2 and np.all(np.isposinf(res.scores[:, 1:]))
+    empty = Index(dim=8).search(np.zeros((2, 8), dtype=np.float32), 2)
+    assert empty.ids.tolist() == [[-1, -1]] * 2
+
+
+def test_l2_scores_ascend_and_ip_descend():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 32)).astype(np.float32)
+    for metric in ["ip", "l2", "cosine"]:
+        index = Index(dim=32, bits=4, metric=metric)
+        index.add(x)
+        s = index.search(x[:5], 10).scores
+        assert np.all(np.diff(s, axis=1) >= 0) if metric == "l2" else np.all(np.diff(s, axis=1) <= 0)
+
+
+def test_input_kinds_and_dtypes():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((50, 16))
+    index = Index(dim=16, bits=4)
+    ids = index.add(x.astype(np.float16))
+    assert ids.dtype == np.int64 and ids.tolist() == list(range(50))
+    assert index.add(torch.from_numpy(x[0])).tolist() == [50]  # one vector, torch float64
+    res = index.search(torch.from_numpy(x[:3]).float(), 4)
+    assert isinstance(res.ids, torch.Tensor) and res.ids.dtype == torch.int64 and res.scores.dtype == torch.float32
+    ids_np, scores_np = index.search(x[:3], 4)  # unpacks like a tuple
+    np.testing.assert_array_equal(ids_np, res.ids.numpy())
+    assert index.search(x[0], 4).ids.shape == (4,)
+    assert len(index) == 51 and index.dim == 16 and index.bits == 4 and index.metric == "ip"
+    assert "n=51" in repr(index) and index.memory_bytes() > 51 * index.bytes_per_vector()
+
+
+def test_user_ids_and_auto_ids_continue():
+    index = Index(dim=4, bits=2)
+    index.add(np.eye(4, dtype=np.float32), ids=[10, 20, 30, 40])
+    assert index.add(np.ones((2, 4), dtype=np.float32)).tolist() == [41, 42]
+    assert index.search(np.eye(4, dtype=np.float32)[1], 1).ids.tolist() == [20]
+
+
+def _snapshot(index: Index, probe: np.ndarray):
+    res = index.search(probe, 7)
+    return len(index), res.ids.copy(), res.scores.copy(), index._next_id
+
+
+BAD_ADDS = [
+    (lambda x: x[:, :15], {}, ValueError, "dimension 15.*dimension 16"),
+    (lambda x: np.where(np.arange(16) == 3, np.nan, x), {}, ValueError, "NaN or inf"),
+    (lambda x: np.where(np.arange(16) == 3, np.inf, x), {}, ValueError, "NaN or inf"),
+    (lambda x: x.astype(np.int32), {}, TypeError, "floating dtype"),
+    (lambda x: x[:0], {}, ValueError, "empty batch"),
+    (lambda x: x[None], {}, ValueError, "1-D .* or 2-D"),
+    (lambda x: x, {"ids": np.arange(4)}, ValueError, "length 5"),
+    (lambda x: x, {"ids": [1, 2, 3, 3, 4]}, ValueError, "duplicate ids"),
+    (lambda x: x, {"ids": [100, 101, 102, 103, 0]}, ValueError, r"already in the index: \[0\]"),
+    (lambda x: x, {"ids": [-1, 200, 201, 202, 203]}, ValueError, "non-negative"),
+    (lambda x: x, {"ids": np.linspace(300, 304, 5)}, TypeError, "integer dtype"),
+]
+
+
+@pytest.mark.parametrize("make,kwargs,exc,match", BAD_ADDS)
+def test_bad_add_raises_and_leaves_index_unchanged(make, kwargs, exc, match):
+    rng = np.random.default_rng(5)
+    index = Index(dim=16, bits=3, keep_vectors=True)
+    index.add(rng.standard_normal((40, 16)).astype(np.float32))
+    probe = rng.standard_normal((3, 16)).astype(np.float32)
+    before = _snapshot(index, probe)
+    with pytest.raises(exc, match=match):
+        index.add(make(rng.standard_normal((5, 16))), **kwargs)
+    after = _snapshot(index, probe)
+    assert before[0] == after[0] and before[3] == after[3]
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_array_equal(before[2], after[2])
+
+
+def test_cosine_rejects_zero_vector():
+    index = Index(dim=4, metric="cosine")
+    with pytest.raises(ValueError, match="row 1 is zero"):
+        index.add(np.array([[1, 0, 0, 0], [0, 0, 0, 0]], dtype=np.float32))
+    assert len(index) == 0
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"k": 0}, ValueError, "k must be >= 1"),
+    ({"k": -3}, ValueError, "k must be >= 1"),
+    ({"k": 2.5}, TypeError, "k must be an integer"),
+    ({"k": 5, "rerank": 2}, ValueError, "keep_vectors=True"),
+    ({"k": 5, "rerank": -1}, ValueError, "rerank"),
+    ({"k": 5, "batch_size": 0}, ValueError, "batch_size"),
+])
+def test_bad_search_arguments(kwargs, exc, match):
+    index = Index(dim=4)
+    index.add(np.eye(4, dtype=np.float32))
+    with pytest.raises(exc, match=match):
+        index.search(np.ones(4, dtype=np.float32), **kwargs)
+    with pytest.raises(ValueError, match="dimension 5.*dimension 4"):
+        index.search(np.ones(5, dtype=np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        index.search(np.full(4, np.nan, dtype=np.float32))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"dim": 1}, "dim"), ({"dim": 8, "bits": 0}, "bits"), ({"dim": 8, "bits": 9}, "bits"),
+    ({"dim": 8, "metric": "hamming"}, "metric"), ({"dim": 8, "variant": "pq"}, "variant"),
+    ({"dim": 8, "rotation": "fft"}, "rotation"), ({"dim": 8, "seed": -1}, "seed"),
+    ({"dim": 8, "device": "tpu"}, "device"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Index(**kwargs)
+
+
+def test_constructor_is_keyword_only():
+    with pytest.raises(TypeError):
+        Index(8)  # noqa
+
+
+def test_remove_upsert_compact():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((300, 24)).astype(np.float32)
+    index = Index(dim=24, bits=4, keep_vectors=True)
+    index.add(x)
+    assert index.remove([5, 6, 7]) == 3 and len(index) == 297 and 5 not in index and 8 in index
+    res = index.search(x[5:8], 300)
+    assert not np.isin([5, 6, 7], res.ids).any() and np.sum(res.ids >= 0, axis=1).tolist() == [297] * 3
+    with pytest.raises(KeyError, match=r"\[5\]"):
+        index.remove([5])
+    with pytest.raises(ValueError, match="already in the index"):
+        index.add(x[:1], ids=[9])
+    index.add(-x[9:10], ids=[9], upsert=True)
+    assert len(index) == 297
+    assert index.search(-x[9], 1, rerank=2).ids.tolist() == [9]
+    before = index.search(x[:20], 10, rerank=3)
+    index.compact()
+    assert len(index._segments) == 1 and len(index) == 297
+    after = index.search(x[:20], 10, rerank=3)
+    np.testing.assert_array_equal(before.ids, after.ids)
+    np.testing.assert_allclose(before.scores, after.scores, rtol=1e-6)
+
+
+def test_many_small_adds_do_not_fragment():
+    index = Index(dim=8, bits=2)
+    for i in range(50):
+        index.add(np.random.default_rng(i).standard_normal((3, 8)).astype(np.float32))
+    assert len(index._segments) == 1 and len(index) == 150
+
+
+def test_cuda_device_without_gpu_has_clear_error():
+    pytest.importorskip("torch")
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match="CuPy"):
+        Index(dim=8, device="cuda")

@@ -1,0 +1,127 @@
+import numpy as np
+import pytest
+import torch
+
+from tqindex import reference
+from tqindex.codebook import lloyd_max_codebook
+from tqindex.packing import unpack_codes
+from tqindex.quantizer import TurboQuantizer
+
+from conftest import unit_rows
+
+PAPER_MSE = {1: 0.3634, 2: 0.1175, 3: 0.0345, 4: 0.0095}
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_mse_distortion_matches_paper(bits):
+    d, n = 1536, 400
+    x = unit_rows(np.random.default_rng(bits), n, d).astype(np.float32)
+    q = TurboQuantizer(dim=d, bits=bits, variant="mse", seed=1)
+    x_hat = q.decode(q.encode(torch.from_numpy(x)))
+    mse = np.mean(np.sum((x - x_hat) ** 2, axis=1))
+    # Within 2% of the paper's figure; the sampling error of the mean over 400 vectors of d = 1536
+    # coordinates is about 0.1%, so 2% leaves room only for float32 rounding.
+    assert mse == pytest.approx(PAPER_MSE[bits], rel=0.02)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_prod_inner_products_unbiased_with_theoretical_variance(bits):
+    d, n = 256, 12_000
+    rng = np.random.default_rng(10 + bits)
+    x = unit_rows(rng, n, d)
+    y = unit_rows(rng, n, d)  # one query per vector: n independent pairs
+    q = TurboQuantizer(dim=d, bits=bits, variant="prod", seed=5)
+    enc = q.encode(torch.from_numpy(x.astype(np.float32)))
+    x_hat = q.decode(enc).astype(np.float64)
+    err = np.sum(y * x_hat, axis=1) - np.sum(y * x, axis=1)
+    se = err.std() / np.sqrt(n)
+    assert abs(err.mean()) < 3 * se
+    # Given the mse stage, the QJL estimate of <y, r> has variance (π/2 ‖r‖²‖y‖² − <y, r>²)/d
+    # (one row of S contributes E[<s,y>²] − (2/π)<y, r/‖r‖>², scaled by (π/2)‖r‖²/d²).
+    mse_part = q.decode(type(enc)(codes=enc.codes, norm=enc.norm, scale=enc.scale, qjl=enc.qjl,
+                                  residual_norm=np.zeros_like(enc.residual_norm)))
+    r = x - mse_part
+    theory = np.mean((np.pi / 2 * np.sum(r * r, 1) - np.sum(y * r, 1) ** 2) / d)
+    assert err.var() == pytest.approx(theory, rel=0.10)
+
+
+def _rotated_unit(q: TurboQuantizer, x: np.ndarray) -> np.ndarray:
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return unit @ q.rotation.matrix().T
+
+
+@pytest.mark.parametrize("d", [3, 97, 1000])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_mse_codes_equal_reference(d, bits):
+    rng = np.random.default_rng(d + bits)
+    x = (rng.standard_normal((64, d)) * rng.uniform(0.1, 10, (64, 1))).astype(np.float32)
+    q = TurboQuantizer(dim=d, bits=bits, variant="mse", seed=2)
+    enc = q.encode(torch.from_numpy(x))
+    ref_idx, ref_norms = reference.quantize_mse(x, q.rotation.matrix(), bits)
+    fast_idx = unpack_codes(enc.codes, bits, d).astype(np.int64)
+    # Tie-aware: codes may differ only where the coordinate lies within float32 rounding of a
+    # decision boundary, and then only to the neighbouring cell.
+    differ = fast_idx != ref_idx
+    if differ.any():
+        y = _rotated_unit(q, x.astype(np.float64))[differ]
+        gap = np.min(np.abs(y[:, None] - lloyd_max_codebook(d, bits).boundaries[None, :]), axis=1)
+        assert np.all(gap < 1e-5) and np.all(np.abs(fast_idx[differ] - ref_idx[differ]) == 1)
+    assert differ.mean() < 1e-3
+    np.testing.assert_allclose(enc.norm, ref_norms, rtol=1e-5)
+    # Reconstructions agree to float32 precision wherever codes agree.
+    fast_hat = q.decode(enc)
+    ref_hat = reference.dequantize_mse(fast_idx, ref_norms, q.rotation.matrix(), bits)
+    np.testing.assert_allclose(fast_hat, ref_hat, rtol=1e-4, atol=1e-5 * np.abs(ref_hat).max())
+
+
+@pytest.mark.parametrize("d", [3, 97, 1000])
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_prod_codes_equal_reference(d, bits):
+    rng = np.random.default_rng(7 * d + bits)
+    x = rng.standard_normal((48, d)).astype(np.float32)
+    q = TurboQuantizer(dim=d, bits=bits, variant="prod", seed=9)
+    enc = q.encode(torch.from_numpy(x))
+    idx, qjl, rnorm, norms = reference.quantize_prod(x, q.rotation.matrix(), bits, seed=9)
+    if bits > 1:
+        fast_idx = unpack_codes(enc.codes, bits - 1, d).astype(np.int64)
+        assert np.mean(fast_idx != idx) < 1e-3
+        if (fast_idx != idx).any():
+            pytest.skip("a coordinate fell on a decision boundary; the residual differs there")
+    fast_signs = unpack_codes(enc.qjl, 1, d).astype(np.int8) * 2 - 1
+    # Tie-aware: a sign may differ only where the projection S·r is within rounding of zero.
+    s = reference.qjl_gaussian(d, 9) @ q.rotation.matrix()
+    proj = (x / np.linalg.norm(x, axis=1, keepdims=True) - (0 if bits == 1 else reference.dequantize_mse(
+        idx, np.ones(len(x)), q.rotation.matrix(), bits - 1))) @ s.T
+    differ = fast_signs != qjl
+    assert np.all(np.abs(proj[differ]) < 1e-4 * np.sqrt(d))
+    np.testing.assert_allclose(enc.residual_norm, rnorm, rtol=1e-4, atol=1e-6)
+    fast_hat = q.decode(enc)
+    ref_hat = reference.dequantize_prod(idx, qjl, rnorm, norms, q.rotation.matrix(), bits, seed=9)
+    if not differ.any():
+        np.testing.assert_allclose(fast_hat, ref_hat, rtol=1e-4, atol=1e-4 * np.abs(ref_hat).max())
+
+
+def test_zero_vector_encodes_to_zero():
+    q = TurboQuantizer(dim=16, bits=3, variant="mse")
+    enc = q.encode(torch.zeros((2, 16)))
+    assert np.all(enc.norm == 0) and np.all(q.decode(enc) == 0)
+
+
+def test_rescale_is_unbiased_for_unit_vectors():
+    # scale = ‖x‖/<y, ỹ>: the estimate <Πq, ỹ>·scale must be unbiased over random pairs, unlike
+    # the plain estimate, which shrinks by ≈ 1 − MSE.
+    d, n = 128, 8000
+    rng = np.random.default_rng(3)
+    x = unit_rows(rng, n, d).astype(np.float32)
+    y = unit_rows(rng, n, d)
+    # Queries correlated with their vector, so the true inner products are far from 0.
+    y = 0.8 * x + 0.6 * y
+    for rescale, expect_bias in [(True, False), (False, True)]:
+        q = TurboQuantizer(dim=d, bits=2, variant="mse", seed=1, rescale=rescale)
+        enc = q.encode(torch.from_numpy(x))
+        rotated, _ = q.prepare_queries(torch.from_numpy(y.astype(np.float32)))
+        y_tilde = q.rotated_reconstruction(torch.from_numpy(enc.codes))
+        est = (rotated * y_tilde).sum(1).numpy() * enc.scale
+        err = est - np.sum(x * y, axis=1)
+        biased = abs(err.mean()) > 5 * err.std() / np.sqrt(n)
+        assert biased == expect_bias
