@@ -142,6 +142,11 @@ class Index:
         return self._device
 
     @property
+    def next_id(self) -> int:
+        """The id the next automatic `add` starts at (one past the largest id ever used)."""
+        return self._next_id
+
+    @property
     def path(self):
         """Directory this index is saved in, or None."""
         return None if self._store is None else self._store.path

@@ -209,14 +209,15 @@ def _read_manifest(path: Path) -> dict:
     if not isinstance(doc, dict) or not isinstance(doc.get("body"), dict) or "crc32" not in doc:
         raise IndexFormatError(f"manifest {manifest_path} lacks the body/crc32 layout of a tqindex manifest")
     body = doc["body"]
-    if doc["crc32"] != zlib.crc32(_canonical(body)):
-        raise IndexFormatError(f"checksum mismatch in manifest {manifest_path}: the file is corrupted")
-    if body.get("format") != "tqindex":
-        raise IndexFormatError(f"manifest {manifest_path} is not a tqindex manifest")
+    # The version first: a newer format may checksum differently, and deserves the clearer message.
     version = body.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, int) and version > FORMAT_VERSION:
         raise IndexFormatError(f"manifest {manifest_path} has format version {version}; this tqindex reads "
                                f"versions up to {FORMAT_VERSION} (upgrade tqindex)")
+    if doc["crc32"] != zlib.crc32(_canonical(body)):
+        raise IndexFormatError(f"checksum mismatch in manifest {manifest_path}: the file is corrupted")
+    if body.get("format") != "tqindex" or not isinstance(version, int):
+        raise IndexFormatError(f"manifest {manifest_path} is not a tqindex manifest")
     if body["params"].get("codebook_version") != CODEBOOK_VERSION:
         raise IndexFormatError(f"manifest {manifest_path} uses codebook version "
                                f"{body['params'].get('codebook_version')}, this tqindex has {CODEBOOK_VERSION}")

@@ -11,6 +11,8 @@ negated squared distance for "l2".
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -20,6 +22,15 @@ from ..segment import Segment
 __all__ = ["BlockDecoder", "scan_topk"]
 
 _BLOCK_BYTES = 48 << 20
+
+
+
+def _tensor(array) -> torch.Tensor:
+    """Zero-copy tensor view of a (possibly read-only, memory-mapped) array. The scan only reads
+    it, so torch's warning about non-writable arrays does not apply."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(array))
 
 
 class BlockDecoder:
@@ -90,19 +101,19 @@ def scan_topk(
         enc = segment.encoded
         for start in range(0, len(segment), block):
             stop = min(start + block, len(segment))
-            codes = torch.from_numpy(np.asarray(enc.codes[start:stop]))
-            scale = torch.from_numpy(np.asarray(enc.scale[start:stop]))
+            codes = _tensor(enc.codes[start:stop])
+            scale = _tensor(enc.scale[start:stop])
             y_tilde = decoder.decode(codes)
             scores = (rotated @ y_tilde.T) * scale
             if quantizer.variant == "prod":
-                signs = _signs(torch.from_numpy(np.asarray(enc.qjl[start:stop])), quantizer.dim)
-                rnorm = torch.from_numpy(np.asarray(enc.residual_norm[start:stop]))
+                signs = _signs(_tensor(enc.qjl[start:stop]), quantizer.dim)
+                rnorm = _tensor(enc.residual_norm[start:stop])
                 scores += (projected @ signs.T) * (quantizer.qjl_scale * rnorm * scale)
             if metric == "l2":
-                norm = torch.from_numpy(np.asarray(enc.norm[start:stop]))
+                norm = _tensor(enc.norm[start:stop])
                 scores = 2 * scores - norm.square() - query_sq_norms[:, None]
             if segment.deleted is not None:
-                dead = torch.from_numpy(np.asarray(segment.deleted[start:stop]))
+                dead = _tensor(segment.deleted[start:stop])
                 scores.masked_fill_(dead[None, :], -torch.inf)
             take = min(k, stop - start)
             block_scores, block_idx = torch.topk(scores, take, dim=1)

@@ -1,0 +1,345 @@
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tqindex import Index, IndexFormatError, IndexLockedError
+from tqindex.storage import MANIFEST, SHARDS, _canonical
+
+HERE = Path(__file__).parent
+
+
+def _data(n=500, d=37, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("variant,bits", [("mse", 1), ("mse", 4), ("prod", 1), ("prod", 3)])
+@pytest.mark.parametrize("mmap", [True, False])
+def test_round_trip_identical_results(tmp_path, metric, variant, bits, mmap):
+    x = _data()
+    index = Index(dim=37, bits=bits, metric=metric, variant=variant, seed=3, keep_vectors=True)
+    index.add(x[:300])
+    index.add(x[300:], ids=np.arange(1000, 1200))
+    index.remove([1, 2, 1005])
+    index.save(tmp_path / "ix")
+    index.close()
+    loaded = Index.load(tmp_path / "ix", mmap=mmap)
+    assert loaded.params() == index.params() and len(loaded) == len(index) == 497
+    assert loaded.next_id == index.next_id
+    for rerank in (0, 3):
+        a, b = index.search(x[:20], 15, rerank=rerank), loaded.search(x[:20], 15, rerank=rerank)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_mmap_load_views_the_files(tmp_path):
+    index = Index(dim=64, bits=4, keep_vectors=True)
+    index.add(_data(2000, 64))
+    index.save(tmp_path / "ix")
+    loaded = Index.load(tmp_path / "ix", mmap=True)
+    (segment,) = loaded._segments
+    for array in (segment.encoded.codes, segment.encoded.norm, segment.ids, segment.vectors):
+        # A read-only view onto the memory-mapped file, not a private copy.
+        assert not array.flags.owndata and not array.flags.writeable
+    copied = Index.load(tmp_path / "ix", mmap=False)
+    np.testing.assert_array_equal(copied._segments[0].encoded.codes, segment.encoded.codes)
+
+
+def test_incremental_save_keeps_unchanged_shards(tmp_path):
+    x = _data()
+    index = Index(dim=37, bits=2, keep_vectors=True)
+    index.add(x[:200])
+    index.save(tmp_path / "ix")
+    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ix" / SHARDS).iterdir()}
+    index.add(x[200:])
+    index.save()
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ix" / SHARDS).iterdir()}
+    assert all(after.get(name) == mtime for name, mtime in files.items())  # untouched
+    assert len(after) == len(files) + 2  # one rows + one vectors shard for the append
+    index.remove([0])
+    index.save()
+    names = {p.name for p in (tmp_path / "ix" / SHARDS).iterdir()}
+    assert set(files) <= names and sum(n.startswith("deleted-") for n in names) == 1
+    index.compact()
+    index.save()
+    names = {p.name for p in (tmp_path / "ix" / SHARDS).iterdir()}
+    assert not (set(files) & names) and len(names) == 2  # compacted into one shard; old ones collected
+    index.close()
+    loaded = Index.load(tmp_path / "ix")
+    assert len(loaded) == 499 and 0 not in loaded and 1 in loaded
+
+
+def test_upsert_and_load_after_append_continues_ids(tmp_path):
+    x = _data()
+    with Index.open(tmp_path / "ix", dim=37, bits=3, keep_vectors=True) as index:
+        index.add(x[:10])
+        index.add(-x[:1], ids=[0], upsert=True)
+        index.save()
+    with Index.open(tmp_path / "ix", dim=37) as index:
+        assert len(index) == 10 and index.add(x[10:12]).tolist() == [10, 11]
+        assert index.search(-x[0], 1, rerank=2).ids.tolist() == [0]
+        index.save()
+    assert len(Index.load(tmp_path / "ix")) == 12
+
+
+def test_open_rejects_different_parameters(tmp_path):
+    Index.open(tmp_path / "ix", dim=8, bits=2).close()
+    with pytest.raises(ValueError, match="different parameters.*bits"):
+        Index.open(tmp_path / "ix", dim=8, bits=4)
+
+
+def test_second_writer_gets_a_clear_error(tmp_path):
+    first = Index.open(tmp_path / "ix", dim=8)
+    with pytest.raises(IndexLockedError, match="locked by another writer"):
+        Index.open(tmp_path / "ix", dim=8)
+    # Another process too (flock is per open file, so this also covers a second process).
+    code = ("import sys; sys.path.insert(0, %r); from tqindex import Index, IndexLockedError\n"
+            "try:\n Index.open(%r, dim=8)\nexcept IndexLockedError as e:\n print('locked')" %
+            (str(HERE.parent), str(tmp_path / "ix")))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "locked", out.stderr
+    first.close()
+    Index.open(tmp_path / "ix", dim=8).close()
+
+
+def test_stale_writer_cannot_overwrite_newer_commit(tmp_path):
+    Index.open(tmp_path / "ix", dim=8).close()
+    a = Index.load(tmp_path / "ix")
+    b = Index.load(tmp_path / "ix")
+    a.add(np.ones((1, 8), dtype=np.float32))
+    a.save()
+    a.close()
+    b.add(np.ones((2, 8), dtype=np.float32))
+    with pytest.raises(RuntimeError, match="changed by another writer"):
+        b.save()
+    assert len(Index.load(tmp_path / "ix")) == 1
+
+
+def test_save_refuses_to_clobber_another_index(tmp_path):
+    Index.open(tmp_path / "ix", dim=8).close()
+    other = Index(dim=8)
+    with pytest.raises(FileExistsError):
+        other.save(tmp_path / "ix")
+
+
+def test_reader_keeps_consistent_view_while_writer_commits(tmp_path):
+    x = _data()
+    writer = Index(dim=37, bits=3)
+    writer.add(x[:100])
+    writer.save(tmp_path / "ix")
+    reader = Index.load(tmp_path / "ix", mmap=True)
+    before = reader.search(x[:5], 10)
+    writer.add(x[100:])
+    writer.remove(np.arange(50))
+    writer.compact()
+    writer.save()  # unlinks the shard the reader has mapped
+    after = reader.search(x[:5], 10)
+    np.testing.assert_array_equal(before.ids, after.ids)
+    assert len(reader) == 100 and len(Index.load(tmp_path / "ix")) == 450
+
+
+# -- corruption ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pristine")
+    x = _data(300, 21, seed=4)
+    index = Index(dim=21, bits=3, variant="prod", keep_vectors=True)
+    index.add(x[:200])
+    index.save(root / "ix")
+    index.add(x[200:])
+    index.remove([3, 4, 250])
+    index.save()
+    index.close()
+    return root / "ix"
+
+
+def _files(ix: Path) -> dict[str, Path]:
+    """The manifest and one file of each shard kind ("rows", "vectors", "deleted"), plus a second
+    one of each kind as "<kind>2" where there is one."""
+    out = {"manifest": ix / MANIFEST}
+    for kind in ("rows", "vectors", "deleted"):
+        found = sorted((ix / SHARDS).glob(kind + "-*"))
+        out[kind] = found[0]
+        if len(found) > 1:
+            out[kind + "2"] = found[1]
+    return out
+
+
+def _mutations():
+    cases = []
+    for kind in ("manifest", "rows", "vectors", "deleted"):
+        for frac in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.999):
+            cases.append((kind, "truncate", frac))
+        for frac in (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0):
+            cases.append((kind, "flip", frac))
+        cases.append((kind, "delete", None))
+        cases.append((kind, "empty", None))
+        cases.append((kind, "append", None))
+    for kind in ("rows", "vectors", "deleted"):
+        cases.append((kind, "swap", None))
+    cases.append(("manifest", "json-edit-seed", None))
+    cases.append(("manifest", "json-newer-version", None))
+    return cases
+
+
+MUTATIONS = _mutations()
+
+
+def test_enough_mutations():
+    assert len(MUTATIONS) >= 100
+
+
+@pytest.mark.parametrize("kind,how,where", MUTATIONS)
+def test_corruption_gives_clear_error(pristine, tmp_path, kind, how, where):
+    ix = tmp_path / "ix"
+    shutil.copytree(pristine, ix)
+    files = _files(ix)
+    target = files[kind]
+    data = target.read_bytes()
+    if how == "truncate":
+        target.write_bytes(data[: int(len(data) * where)])
+    elif how == "flip":
+        pos = min(int(len(data) * where), len(data) - 1)
+        target.write_bytes(data[:pos] + bytes([data[pos] ^ 0x5A]) + data[pos + 1:])
+    elif how == "delete":
+        target.unlink()
+    elif how == "empty":
+        target.write_bytes(b"")
+    elif how == "append":
+        target.write_bytes(data + b"\0garbage")
+    elif how == "swap":
+        other = files[kind + "2"]
+        other_data = other.read_bytes()
+        other.write_bytes(data)
+        target.write_bytes(other_data)
+    elif how == "json-edit-seed":
+        doc = json.loads(data)
+        doc["body"]["params"]["seed"] += 1
+        target.write_text(json.dumps(doc))
+    elif how == "json-newer-version":
+        doc = json.loads(data)
+        doc["body"]["format_version"] = 99  # as a newer tqindex would write it: checksum valid
+        doc["crc32"] = zlib.crc32(_canonical(doc["body"]))
+        target.write_text(json.dumps(doc))
+    # The error names the damaged file (for a swap, either of the two).
+    names = ["MANIFEST"] if kind == "manifest" else [target.name]
+    if how == "swap":
+        names.append(files[kind + "2"].name)
+    with pytest.raises(IndexFormatError) as info:
+        Index.load(ix)
+    message = str(info.value)
+    assert any(name in message for name in names), message
+    if how == "json-newer-version":
+        assert "format version 99" in message
+
+
+def test_load_checks_shard_schema(tmp_path):
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+    index = Index(dim=8, bits=2)
+    index.add(_data(10, 8))
+    index.save(tmp_path / "ix")
+    index.close()
+    (shard,) = (tmp_path / "ix" / SHARDS).iterdir()
+    table = pa.table({"id": pa.array(np.arange(10)), "norm": pa.array(np.ones(10, np.float32))})
+    with ipc.new_file(str(shard), table.schema) as w:
+        w.write_table(table)
+    # Fix up size and checksum in the manifest so that only the schema is wrong.
+    doc = json.loads((tmp_path / "ix" / MANIFEST).read_text())
+    entry = doc["body"]["shards"][0]["rows"]
+    entry["bytes"] = shard.stat().st_size
+    entry["crc32"] = zlib.crc32(shard.read_bytes())
+    doc["crc32"] = zlib.crc32(_canonical(doc["body"]))
+    (tmp_path / "ix" / MANIFEST).write_text(json.dumps(doc))
+    with pytest.raises(IndexFormatError, match="schema"):
+        Index.load(tmp_path / "ix")
+
+
+# -- frozen fixture --------------------------------------------------------------------------------
+def test_frozen_v1_fixture_loads_with_same_results():
+    fixture = HERE / "fixtures" / "v1"
+    expected = json.loads((fixture / "expected.json").read_text())
+    index = Index.load(fixture / "index")
+    queries = np.asarray(expected["queries"], dtype=np.float32)
+    result = index.search(queries, expected["k"])
+    np.testing.assert_array_equal(result.ids, expected["ids"])
+    np.testing.assert_allclose(result.scores, expected["scores"], rtol=1e-5)
+    reranked = index.search(queries, expected["k"], rerank=4)
+    np.testing.assert_array_equal(reranked.ids, expected["rerank_ids"])
+
+
+# -- crash safety ------------------------------------------------------------------------------------
+sys.path.insert(0, str(HERE))
+import crash_worker  # noqa: E402
+
+
+def _expected_state(batches: int) -> Index:
+    index = Index(**crash_worker.PARAMS)
+    for i in range(batches):
+        crash_worker.apply_step(index, i)
+    return index
+
+
+def _check_state(path: Path, committed: int) -> int:
+    """The directory must hold exactly the state after `committed` or `committed + 1` batches (the
+    child can die after its commit but before it reports it). Returns the one it holds."""
+    if not (path / MANIFEST).exists():
+        assert committed == 0, "committed state vanished"
+        return 0
+    loaded = Index.load(path)
+    batches = loaded.next_id // crash_worker.BATCH
+    assert batches in (committed, committed + 1), (batches, committed)
+    expected = _expected_state(batches)
+    assert len(loaded) == len(expected)
+    live = np.sort(np.concatenate([np.asarray(s.ids)[~s.deleted] if s.deleted is not None else np.asarray(s.ids)
+                                   for s in expected._segments]))
+    np.testing.assert_array_equal(np.sort([i for i in live if i in loaded]), live)
+    np.testing.assert_array_equal(loaded.reconstruct(live), expected.reconstruct(live))
+    probe = crash_worker.batch(batches - 1)[:3]
+    np.testing.assert_array_equal(loaded.search(probe, 5, rerank=2).ids, expected.search(probe, 5, rerank=2).ids)
+    loaded.close()
+    return batches
+
+
+def test_crash_safety_under_sigkill(tmp_path):
+    path = tmp_path / "ix"
+    server = subprocess.Popen([sys.executable, str(HERE / "crash_worker.py"), str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, bufsize=1)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(l.strip()) for l in server.stdout], daemon=True).start()
+    assert lines.get(timeout=120) == "ready"
+    rng = np.random.default_rng(0)
+    committed, kills, mid_run_kills = 0, 0, 0
+    try:
+        while kills < 60:
+            server.stdin.write("go\n")
+            server.stdin.flush()
+            line = lines.get(timeout=60)
+            assert line.startswith("pid "), line
+            pid = int(line.split()[1])
+            # Most kills land while the child is committing in a loop; some during its start-up.
+            time.sleep(rng.uniform(0.0, 0.25) if kills % 4 else rng.uniform(0.0, 0.02))
+            os.kill(pid, signal.SIGKILL)
+            kills += 1
+            seen_commit = False
+            while (line := lines.get(timeout=60)) != "dead":
+                assert line.startswith("commit "), line
+                committed = int(line.split()[1])
+                seen_commit = True
+            mid_run_kills += seen_commit
+            committed = _check_state(path, committed)
+    finally:
+        server.stdin.close()
+        server.wait(timeout=60)
+    assert kills >= 50 and mid_run_kills >= 20 and committed >= 20
