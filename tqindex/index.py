@@ -167,7 +167,7 @@ class Index:
 
     def bytes_per_vector(self) -> int:
         """Bytes of one encoded vector (codes + per-vector floats), without its 8-byte id."""
-        return self._quantizer.bytes_per_vector
+        return self._quantizer.bytes_per_vector(self._metric)
 
     def memory_bytes(self) -> int:
         """Bytes of index data held (ids, codes, per-vector floats, kept vectors, masks) plus the
@@ -224,6 +224,8 @@ class Index:
                                  f"direction for metric 'cosine'")
             x = x / norms[:, None]
         encoded = self._quantizer.encode(x)
+        if not self._quantizer.stores_norm(self._metric):
+            encoded.norm = None
         vectors_kept = x.numpy().copy() if self._keep_vectors else None
         # Nothing above touched the index: a rejected batch leaves it exactly as it was.
         if replaced.size:

@@ -6,7 +6,8 @@ computes the pieces that asymmetric search needs. The codes equal those of `tqin
 
 Per-vector fields
 -----------------
-norm : ‖x‖ (float32). Needed for "ip" and "l2" and for reconstruction.
+norm : ‖x‖ (float32). Only "l2" with rescaling needs it next to `scale` (the index drops it
+    otherwise: see `stores_norm`); where it is absent, `scale` stands in for it.
 scale : the factor applied to ⟨Πq, ỹ⟩ for the inner product estimate (float32).
     For variant "mse" with ``rescale=True`` it is ‖x‖ / ⟨y, ỹ⟩ with y = Πx/‖x‖ and ỹ its centroid
     vector: since ỹ's component orthogonal to y is symmetric about y, ⟨Πq, ỹ⟩ / ⟨y, ỹ⟩ is an unbiased
@@ -41,20 +42,20 @@ class EncodedVectors:
     """Encoded rows. All arrays are numpy with n rows.
 
     codes : (n, code_bytes) uint8, packed mse codes (0 columns for prod at 1 bit)
-    norm : (n,) float32
+    norm : (n,) float32, or None where the index does not store it
     scale : (n,) float32
     qjl : (n, ceil(d/8)) uint8 packed signs, or None (mse)
     residual_norm : (n,) float32, or None (mse)
     """
 
     codes: np.ndarray
-    norm: np.ndarray
+    norm: np.ndarray | None
     scale: np.ndarray
     qjl: np.ndarray | None = None
     residual_norm: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.norm)
+        return len(self.scale)
 
 
 class TurboQuantizer:
@@ -105,10 +106,14 @@ class TurboQuantizer:
     def qjl_bytes(self) -> int:
         return packed_row_bytes(self.dim, 1) if self.variant == "prod" else 0
 
-    @property
-    def bytes_per_vector(self) -> int:
+    def stores_norm(self, metric: str) -> bool:
+        """Whether ‖x‖ must be kept beside `scale`: only "l2" needs ‖x‖ itself, and only
+        rescaled mse has a scale that differs from it."""
+        return metric == "l2" and self.rescale
+
+    def bytes_per_vector(self, metric: str) -> int:
         """Bytes of one encoded vector: codes, signs and per-vector floats (ids not included)."""
-        floats = 3 if self.variant == "prod" else 2
+        floats = 1 + (self.variant == "prod") + self.stores_norm(metric)
         return self.code_bytes + self.qjl_bytes + 4 * floats
 
     # -- encoding ------------------------------------------------------------------------------
@@ -167,12 +172,17 @@ class TurboQuantizer:
         return y_tilde
 
     def decode(self, encoded: EncodedVectors) -> np.ndarray:
-        """Reconstruct x̃ (n, d) float32 in the original space."""
+        """Reconstruct x̃ (n, d) float32 in the original space.
+
+        Without a stored norm, `scale` multiplies instead: then x̃ is the vector whose inner
+        products the index's scores estimate (for rescaled mse, ‖x‖/⟨y, ỹ⟩ · Πᵀỹ).
+        """
         t = torch.from_numpy
         y_tilde = self.rotated_reconstruction(
             t(encoded.codes), None if encoded.qjl is None else t(encoded.qjl),
             None if encoded.residual_norm is None else t(encoded.residual_norm))
-        return (self.rotation.inverse(y_tilde) * t(encoded.norm)[:, None]).numpy()
+        norm = encoded.norm if encoded.norm is not None else encoded.scale
+        return (self.rotation.inverse(y_tilde) * t(np.asarray(norm))[:, None]).numpy()
 
     # -- queries -------------------------------------------------------------------------------
     def prepare_queries(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -88,9 +88,10 @@ def _canonical(body: dict) -> bytes:
 
 
 # -- schemas ------------------------------------------------------------------------------------
-def _rows_schema(params: dict, code_bytes: int, qjl_bytes: int) -> pa.Schema:
-    fields = [pa.field("id", pa.int64(), nullable=False), pa.field("norm", pa.float32(), nullable=False),
-              pa.field("scale", pa.float32(), nullable=False)]
+def _rows_schema(params: dict, code_bytes: int, qjl_bytes: int, stores_norm: bool) -> pa.Schema:
+    fields = [pa.field("id", pa.int64(), nullable=False), pa.field("scale", pa.float32(), nullable=False)]
+    if stores_norm:
+        fields.append(pa.field("norm", pa.float32(), nullable=False))
     if code_bytes:
         fields.append(pa.field("codes", pa.binary(code_bytes), nullable=False))
     if params["variant"] == "prod":
@@ -278,7 +279,7 @@ def save(index, path=None) -> None:
     shard_dir.mkdir(parents=True, exist_ok=True)
     params = index.params()
     q = index._quantizer
-    rows_schema = _rows_schema(params, q.code_bytes, q.qjl_bytes)
+    rows_schema = _rows_schema(params, q.code_bytes, q.qjl_bytes, q.stores_norm(params["metric"]))
     entries = []
     for segment in index._segments:
         rewrite = fresh or segment.shard is None
@@ -303,8 +304,9 @@ def save(index, path=None) -> None:
 def _write_segment(shard_dir: Path, segment: Segment, schema: pa.Schema, dim: int) -> dict:
     uid = uuid.uuid4().hex
     enc = segment.encoded
-    columns = [pa.array(np.asarray(segment.ids), pa.int64()), pa.array(np.asarray(enc.norm), pa.float32()),
-               pa.array(np.asarray(enc.scale), pa.float32())]
+    columns = [pa.array(np.asarray(segment.ids), pa.int64()), pa.array(np.asarray(enc.scale), pa.float32())]
+    if "norm" in schema.names:
+        columns.append(pa.array(np.asarray(enc.norm), pa.float32()))
     if "codes" in schema.names:
         columns.append(_fixed_binary(np.asarray(enc.codes)))
     if "qjl" in schema.names:
@@ -346,7 +348,7 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexFormatError(f"manifest {path / MANIFEST} has invalid parameters {params}: {exc}") from None
     q = index._quantizer
-    rows_schema = _rows_schema(params, q.code_bytes, q.qjl_bytes)
+    rows_schema = _rows_schema(params, q.code_bytes, q.qjl_bytes, q.stores_norm(params["metric"]))
     store = Store(path)
     shard_dir = path / SHARDS
     segments = []
@@ -355,7 +357,7 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
         col = {name: batch.column(name) for name in batch.schema.names}
         encoded = EncodedVectors(
             codes=_column_numpy(col["codes"], q.code_bytes) if "codes" in col else np.zeros((batch.num_rows, 0), np.uint8),
-            norm=_column_numpy(col["norm"]), scale=_column_numpy(col["scale"]),
+            norm=_column_numpy(col["norm"]) if "norm" in col else None, scale=_column_numpy(col["scale"]),
             qjl=_column_numpy(col["qjl"], q.qjl_bytes) if "qjl" in col else None,
             residual_norm=_column_numpy(col["residual_norm"]) if "residual_norm" in col else None)
         vectors = None

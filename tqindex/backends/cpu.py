@@ -110,7 +110,7 @@ def scan_topk(
                 rnorm = _tensor(enc.residual_norm[start:stop])
                 scores += (projected @ signs.T) * (quantizer.qjl_scale * rnorm * scale)
             if metric == "l2":
-                norm = _tensor(enc.norm[start:stop])
+                norm = _tensor((enc.norm if enc.norm is not None else enc.scale)[start:stop])
                 scores = 2 * scores - norm.square() - query_sq_norms[:, None]
             if segment.deleted is not None:
                 dead = _tensor(segment.deleted[start:stop])

@@ -1,0 +1,56 @@
+"""Shared helpers for the benchmarks: timing, environment capture, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def environment() -> dict:
+    import torch
+    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "numpy": np.__version__}
+    for name in ("faiss", "turbovec", "pyarrow"):
+        try:
+            module = __import__(name)
+            env[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            env["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return env
+
+
+def median_time(fn, repeat: int) -> tuple[float, object]:
+    """Median wall time of `repeat` calls (after one untimed warm-up call); returns (seconds, last result)."""
+    result = fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), result
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command_line(), "environment": environment(), **payload}
+    path.write_text(json.dumps(payload, indent=1, default=float))
+    print(f"wrote {path}")
