@@ -33,6 +33,12 @@ def apply_step(index: Index, i: int) -> None:
         index.compact()
 
 
+def say(line: str) -> None:
+    """One write(2) per line: a pipe write under PIPE_BUF bytes is atomic, so a child killed at any
+    moment leaves either its whole line or none of it (print() may split text and newline)."""
+    os.write(1, (line + "\n").encode())
+
+
 def child(path: str) -> None:
     import torch
     torch.set_num_threads(1)
@@ -41,12 +47,12 @@ def child(path: str) -> None:
         i = index.next_id // BATCH
         apply_step(index, i)
         index.save()
-        print(f"commit {i + 1}", flush=True)
+        say(f"commit {i + 1}")
 
 
 def main() -> None:
     path = sys.argv[1]
-    print("ready", flush=True)
+    say("ready")
     for line in sys.stdin:
         if line.strip() != "go":
             break
@@ -56,9 +62,9 @@ def main() -> None:
                 child(path)
             finally:
                 os._exit(1)
-        print(f"pid {pid}", flush=True)
+        say(f"pid {pid}")
         os.waitpid(pid, 0)
-        print("dead", flush=True)
+        say("dead")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,263 @@
+"""Recall, Recall@1@k, build time, QPS and bytes per vector: tqindex against PQ, RaBitQ and turbovec.
+
+    python bench/bench_recall.py --dataset dbpedia-titles-minilm-100k
+    python bench/bench_recall.py --dataset glove-50
+    python bench/bench_recall.py --dataset path/to/file.hdf5 --bits 2 4
+
+Every method sees the same database and queries, at the same bits per coordinate, on the same
+threads, in one run. Cosine datasets are normalised once up front and searched by inner product by
+every method. Writes bench/results/recall-<dataset>.json, .md (the table) and .png (Recall@1@k).
+
+Bytes per vector are what each method stores per vector beyond its id: codes plus per-vector
+floats (tqindex: scale; faiss RaBitQ: its code_size, which includes its factors; PQ: M code bytes;
+turbovec: measured from its serialised size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from common import RESULTS, median_time, write_json
+
+from tqindex import Index
+from tqindex.data import load_dataset, recall_1_at_k, recall_at_k
+
+K_CURVE = [1, 2, 4, 8, 16, 32, 64]
+
+
+class Method:
+    """build(x) then search(q, k) -> ids; bytes_per_vector; `skip` says why it cannot run."""
+
+    skip: str | None = None
+    trains = False
+
+    def __init__(self, name: str, bits: int):
+        self.name, self.bits = name, bits
+
+
+class TQ(Method):
+    def __init__(self, bits, dim, variant="mse", rescale=True, rerank=0):
+        label = f"tqindex-{variant}" + ("" if rescale or variant == "prod" else "-plain") + \
+            (f"+rerank{rerank}" if rerank else "")
+        super().__init__(label, bits)
+        self.kw = dict(dim=dim, bits=bits, variant=variant, rescale=rescale, keep_vectors=bool(rerank))
+        self.rerank = rerank
+        if variant == "prod" and bits < 2:
+            self.skip = "prod needs >= 2 bits"
+
+    def build(self, x):
+        self.index = Index(**self.kw)
+        self.index.add(x)
+        self.bytes_per_vector = self.index.bytes_per_vector()
+
+    def search(self, q, k):
+        return self.index.search(q, k, rerank=self.rerank).ids
+
+
+class FaissMethod(Method):
+    def search(self, q, k):
+        return self.index.search(q, k)[1]
+
+    def build(self, x):
+        if self.trains:
+            self.index.train(x)
+        self.index.add(x)
+
+
+class FaissPQ(FaissMethod):
+    trains = True
+
+    def __init__(self, bits, dim, nbits):
+        super().__init__("faiss-PQ" if nbits == 8 else "faiss-PQFastScan", bits)
+        import faiss
+        m = dim * bits // nbits
+        if (dim * bits) % nbits or m == 0 or dim % m:
+            self.skip = f"M = d*b/{nbits} = {dim * bits / nbits:g} must divide d = {dim}"
+            return
+        self.index = (faiss.IndexPQ(dim, m, nbits, faiss.METRIC_INNER_PRODUCT) if nbits == 8 else
+                      faiss.IndexPQFastScan(dim, m, nbits, faiss.METRIC_INNER_PRODUCT))
+        self.bytes_per_vector = m * nbits // 8
+
+
+class FaissRaBitQ(FaissMethod):
+    trains = True  # computes a centroid (one mean vector); no k-means
+
+    def __init__(self, bits, dim, qb):
+        super().__init__(f"faiss-RaBitQ(qb={qb})", bits)
+        import faiss
+        self.rabitq = faiss.IndexRaBitQ(dim, faiss.METRIC_INNER_PRODUCT, bits)
+        self.rabitq.qb = qb
+        self.index = faiss.IndexPreTransform(faiss.RandomRotationMatrix(dim, dim), self.rabitq)
+        self.bytes_per_vector = self.rabitq.code_size
+
+
+class TurboVec(Method):
+    def __init__(self, bits, dim):
+        super().__init__("turbovec", bits)
+        import turbovec
+        self.mod, self.dim = turbovec, dim
+        if bits not in (1, 2, 3, 4):
+            self.skip = "turbovec supports 1..4 bits"
+
+    def build(self, x):
+        self.index = self.mod.TurboQuantIndex(self.dim, self.bits)
+        self.index.add(x)
+        self.index.prepare()
+        n = len(x)
+        # Serialised size minus that of an index holding half the rows: per-vector bytes, fixed parts cancel.
+        half = self.mod.TurboQuantIndex(self.dim, self.bits)
+        half.add(x[: n // 2])
+        self.bytes_per_vector = (len(self.index.to_bytes()) - len(half.to_bytes())) / (n - n // 2)
+
+    def search(self, q, k):
+        return self.index.search(q, k)[1]
+
+
+class Flat(FaissMethod):
+    def __init__(self, bits, dim):
+        super().__init__("faiss-Flat (exact)", bits)
+        import faiss
+        self.index = faiss.IndexFlatIP(dim)
+        self.bytes_per_vector = 4 * dim
+
+
+def methods_for(bits: int, dim: int, args) -> list[Method]:
+    out = [TQ(bits, dim), TQ(bits, dim, rescale=False), TQ(bits, dim, variant="prod")]
+    if not args.no_peers:
+        out += [FaissRaBitQ(bits, dim, qb=8), FaissRaBitQ(bits, dim, qb=4), TurboVec(bits, dim),
+                FaissPQ(bits, dim, nbits=8), FaissPQ(bits, dim, nbits=4)]
+    out += [TQ(bits, dim, rerank=r) for r in args.rerank]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="dbpedia-titles-minilm-100k")
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--rerank", type=int, nargs="*", default=[2, 4, 8])
+    parser.add_argument("--repeat", type=int, default=3, help="timed searches per method (median)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for every method (default: all cores)")
+    parser.add_argument("--no-peers", action="store_true", help="tqindex only (no faiss/turbovec)")
+    parser.add_argument("--tag", default=None, help="suffix for the output file names")
+    args = parser.parse_args()
+
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    try:
+        import faiss
+        faiss.omp_set_num_threads(threads)
+    except ImportError:
+        if not args.no_peers:
+            raise SystemExit("faiss-cpu is not installed: pip install -e '.[bench]' (or pass --no-peers)")
+
+    ds = load_dataset(args.dataset)
+    x = np.ascontiguousarray(np.asarray(ds.database()), dtype=np.float32)
+    q = np.ascontiguousarray(ds.queries(), dtype=np.float32)
+    if ds.metric == "cosine":
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    elif ds.metric != "ip":
+        raise SystemExit(f"{ds.name}: metric {ds.metric!r}; this benchmark compares inner-product search")
+    gt_ids, gt_scores = ds.groundtruth(100), ds.groundtruth_scores(100)
+    print(f"{ds.name}: n={len(x)} d={x.shape[1]} queries={len(q)} metric={ds.metric} threads={threads}", flush=True)
+
+    rows = []
+    for bits in args.bits:
+        for method in methods_for(bits, x.shape[1], args):
+            row = {"method": method.name, "bits": bits}
+            if method.skip:
+                row["skipped"] = method.skip
+                rows.append(row)
+                print(f"  {bits}-bit {method.name:<26} skipped: {method.skip}", flush=True)
+                continue
+            start = time.perf_counter()
+            method.build(x)
+            row["build_s"] = time.perf_counter() - start
+            search_s, ids = median_time(lambda: method.search(q, 64), args.repeat)
+            ids = np.asarray(ids)
+            row.update({
+                "trains": method.trains, "bytes_per_vector": float(method.bytes_per_vector),
+                "recall@10": recall_at_k(ids, gt_ids, 10, gt_scores, "ip"),
+                "recall_1@10": recall_1_at_k(ids, gt_ids, 10),
+                "recall_1@k": {k: recall_1_at_k(ids, gt_ids, k) for k in K_CURVE},
+                "search_s": search_s, "qps": len(q) / search_s, "vectors_per_s": len(x) / row["build_s"]})
+            rows.append(row)
+            print(f"  {bits}-bit {method.name:<26} R@10 {row['recall@10']:.4f}  R1@10 {row['recall_1@10']:.4f}  "
+                  f"B/vec {row['bytes_per_vector']:7.1f}  build {row['build_s']:7.2f}s  QPS {row['qps']:9.0f}",
+                  flush=True)
+            del method
+
+    tag = ds.name + (f"-{args.tag}" if args.tag else "")
+    table = render_table(ds, rows, len(x), len(q), threads)
+    print("\n" + table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"recall-{tag}.md").write_text(table)
+    write_json(RESULTS / f"recall-{tag}.json", {"dataset": ds.name, "n": len(x), "dim": int(x.shape[1]),
+                                                 "queries": len(q), "threads": threads, "rows": rows})
+    plot(rows, RESULTS / f"recall-{tag}.png", f"{ds.name} (n={len(x)}, d={x.shape[1]}): Recall@1@k")
+
+
+def render_table(ds, rows, n, nq, threads) -> str:
+    from common import command_line
+    lines = [f"`{command_line()}` — {ds.name}, n={n}, d={ds.dim}, {nq} queries, {threads} threads, k=64 searches",
+             "", "| bits | method | recall@10 | Recall@1@10 | bytes/vec | build s | vectors/s | QPS | training |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['bits']} | {r['method']} | n/a | n/a | | | | | {r['skipped']} |")
+            continue
+        lines.append(f"| {r['bits']} | {r['method']} | {r['recall@10']:.4f} | {r['recall_1@10']:.4f} | "
+                     f"{r['bytes_per_vector']:.1f} | {r['build_s']:.2f} | {r['vectors_per_s']:,.0f} | "
+                     f"{r['qps']:,.0f} | {'yes' if r['trains'] else 'no'} |")
+    # Say plainly, per bit width, which peer beats tqindex's best no-rerank variant.
+    lines.append("")
+    for bits in sorted({r["bits"] for r in rows}):
+        ours = [r for r in rows if r["bits"] == bits and r["method"].startswith("tqindex") and "rerank" not in
+                r["method"] and "skipped" not in r]
+        peers = [r for r in rows if r["bits"] == bits and not r["method"].startswith("tqindex") and "skipped" not in r
+                 and "exact" not in r["method"]]
+        if not ours or not peers:
+            continue
+        best = max(ours, key=lambda r: r["recall@10"])
+        beaten_by = [p["method"] for p in peers if p["recall@10"] > best["recall@10"]]
+        lines.append(f"- {bits} bits: best tqindex without rerank is {best['method']} ({best['recall@10']:.4f}); "
+                     + (f"beaten on recall@10 by {', '.join(beaten_by)}." if beaten_by else "no peer beats it on recall@10."))
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path, title) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    bits = sorted({r["bits"] for r in rows})
+    fig, axes = plt.subplots(1, len(bits), figsize=(5 * len(bits), 4), squeeze=False)
+    for ax, b in zip(axes[0], bits):
+        for r in rows:
+            if r["bits"] != b or "skipped" in r or "exact" in r["method"]:
+                continue
+            ks = sorted(int(k) for k in r["recall_1@k"])
+            ax.plot(ks, [r["recall_1@k"][k] for k in ks], marker="o", ms=3, label=r["method"],
+                    linestyle="-" if r["method"].startswith("tqindex") else "--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k")
+        ax.set_ylabel("Recall@1@k")
+        ax.set_title(f"{b} bits")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
