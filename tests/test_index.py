@@ -216,18 +216,73 @@ def test_remove_upsert_compact():
 
 
 def test_many_small_adds_do_not_fragment():
-    index = Index(dim=8, bits=2)
-    for i in range(50):
-        index.add(np.random.default_rng(i).standard_normal((3, 8)).astype(np.float32))
-    assert len(index._segments) == 1 and len(index) == 150
+    index = Index(dim=8, bits=8, metric="l2")  # 8 bits: each row is its own nearest neighbour
+    batches = [np.random.default_rng(i).standard_normal((1, 8)).astype(np.float32) for i in range(1000)]
+    for batch in batches:
+        index.add(batch)
+    # Binary-counter merging: as many segments as 1000 has one-bits.
+    assert len(index._segments) == bin(1000).count("1") and len(index) == 1000
+    np.testing.assert_array_equal(np.concatenate([s.ids for s in index._segments]), np.arange(1000))
+    assert index.search(batches[777][0], 1).ids.tolist() == [777]
 
 
 def test_cuda_device_without_gpu_has_clear_error():
-    pytest.importorskip("torch")
-    try:
-        import cupy  # noqa: F401
-        pytest.skip("CuPy is installed here")
-    except ImportError:
-        pass
-    with pytest.raises(RuntimeError, match="CuPy"):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="CUDA build of torch|NVIDIA GPU"):
         Index(dim=8, device="cuda")
+    index = Index(dim=8)
+    with pytest.raises(RuntimeError, match="CUDA build of torch|NVIDIA GPU"):
+        index.to("cuda")
+    assert index.device == "cpu"
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
+def test_center_is_exact_shift(metric):
+    rng = np.random.default_rng(12)
+    offset = 3 * rng.standard_normal(48).astype(np.float32)
+    x = (offset + rng.standard_normal((800, 48))).astype(np.float32)
+    q = (offset + rng.standard_normal((9, 48))).astype(np.float32)
+    c = x.mean(axis=0)
+    centered = Index(dim=48, bits=3, metric=metric, center=c)
+    centered.add(x)
+    res = centered.search(q, 20)
+    # The same as an uncentered index over the shifted data, with the score offset put back.
+    if metric == "cosine":
+        xn, qn = x / np.linalg.norm(x, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)
+        plain = Index(dim=48, bits=3, metric="ip")
+        plain.add(xn - c)
+        ref = plain.search(qn, 20)
+        expected = ref.scores + (qn @ c)[:, None]
+    elif metric == "ip":
+        plain = Index(dim=48, bits=3, metric="ip")
+        plain.add(x - c)
+        ref = plain.search(q, 20)
+        expected = ref.scores + (q @ c)[:, None]
+    else:
+        plain = Index(dim=48, bits=3, metric="l2")
+        plain.add(x - c)
+        ref = plain.search(q - c, 20)
+        expected = ref.scores
+    np.testing.assert_array_equal(res.ids, ref.ids)
+    np.testing.assert_allclose(res.scores, expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(centered.reconstruct([0]), plain.reconstruct([0]) + c, rtol=1e-5, atol=1e-5)
+
+
+def test_center_helps_data_with_a_common_offset():
+    rng = np.random.default_rng(13)
+    offset = 2 * rng.standard_normal(128)
+    x = (offset + rng.standard_normal((5000, 128))).astype(np.float32)
+    q = (offset + rng.standard_normal((100, 128))).astype(np.float32)
+    truth = exact_topk(q, x, 10)
+    plain, centered = Index(dim=128, bits=2), Index(dim=128, bits=2, center=x[:500].mean(axis=0))
+    plain.add(x)
+    centered.add(x)
+    assert recall_at(centered.search(q, 10).ids, truth) > recall_at(plain.search(q, 10).ids, truth) + 0.05
+
+
+def test_center_is_validated():
+    with pytest.raises(ValueError, match="dimension 3"):
+        Index(dim=4, center=np.zeros(3))
+    with pytest.raises(ValueError, match="NaN"):
+        Index(dim=4, center=np.full(4, np.nan))

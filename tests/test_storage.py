@@ -346,3 +346,15 @@ def test_crash_safety_under_sigkill(tmp_path):
         server.stdin.close()
         server.wait(timeout=60)
     assert kills >= 50 and mid_run_kills >= 20 and committed >= 20
+
+
+def test_center_round_trips(tmp_path):
+    x = _data()
+    index = Index(dim=37, bits=2, center=x.mean(axis=0))
+    index.add(x)
+    index.save(tmp_path / "ix")
+    loaded = Index.load(tmp_path / "ix")
+    np.testing.assert_array_equal(loaded.center, index.center)
+    a, b = index.search(x[:5], 10), loaded.search(x[:5], 10)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.scores, b.scores)

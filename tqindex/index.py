@@ -21,8 +21,8 @@ __all__ = ["METRICS", "Index", "SearchResult"]
 METRICS = ("ip", "cosine", "l2")
 DEVICES = ("cpu", "cuda")
 
-# Unsaved appends are merged into the last segment while it is below this many rows, so many small
-# `add` calls do not fragment the index into tiny segments (and tiny shards on save).
+# Unsaved appends are merged (see `_append`) while below this many rows, so many small `add` calls do
+# not fragment the index into tiny segments (and tiny shards on save).
 _MERGE_BELOW_ROWS = 1 << 16
 # Queries scored per scan pass when the caller gives no batch_size.
 _DEFAULT_QUERY_BATCH = 1024
@@ -72,10 +72,16 @@ class Index:
     rotation : {"dense", "hadamard"}
     rescale : bool
         mse only: unbiased per-vector score scaling (see `tqindex.quantizer`).
+    center : array (dim,), optional
+        A vector c subtracted from every vector (and, for "l2", query) before quantization; scores
+        are corrected exactly (⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩). With c near the data's mean, the
+        quantized residuals are shorter and more isotropic. Off by default: tqindex needs no
+        training, and a mean is data-dependent (compute it from any sample you trust).
     """
 
     def __init__(self, *, dim: int, bits: int = 4, metric: str = "ip", variant: str = "mse", seed: int = 0,
-                 keep_vectors: bool = False, device: str = "cpu", rotation: str = "dense", rescale: bool = True):
+                 keep_vectors: bool = False, device: str = "cpu", rotation: str = "dense", rescale: bool = True,
+                 center=None):
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 2:
             raise ValueError(f"dim must be an integer >= 2, got {dim!r}")
         if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= 8:
@@ -93,6 +99,12 @@ class Index:
         self._quantizer = TurboQuantizer(dim=int(dim), bits=int(bits), variant=variant, seed=int(seed),
                                          rotation=rotation, rescale=rescale)
         self._decoder = BlockDecoder(self._quantizer)
+        self._center = None
+        if center is not None:
+            c, _ = as_float_matrix(center, int(dim), name="center")
+            if c.shape[0] != 1:
+                raise ValueError(f"center must be one vector of dimension {dim}, got shape {tuple(c.shape)}")
+            self._center = c[0]
         self._metric = metric
         self._keep_vectors = bool(keep_vectors)
         self._segments: list[Segment] = []
@@ -134,6 +146,11 @@ class Index:
         return self._quantizer.rescale
 
     @property
+    def center(self) -> np.ndarray | None:
+        """The centering vector (dim,) float32, or None."""
+        return None if self._center is None else self._center.numpy().copy()
+
+    @property
     def keep_vectors(self) -> bool:
         return self._keep_vectors
 
@@ -155,6 +172,7 @@ class Index:
         """Everything needed to reproduce this index's codes (what the manifest stores)."""
         return {"dim": self.dim, "bits": self.bits, "metric": self.metric, "variant": self.variant,
                 "seed": self.seed, "rotation": self.rotation, "rescale": self.rescale,
+                "center": None if self._center is None else self._center.tolist(),
                 "keep_vectors": self.keep_vectors, "codebook_version": CODEBOOK_VERSION}
 
     def __len__(self) -> int:
@@ -180,12 +198,19 @@ class Index:
 
     # -- device --------------------------------------------------------------------------------
     def to(self, device: str) -> "Index":
-        """Move search to `device` ("cpu" or "cuda"); returns self."""
+        """Move search to `device` ("cpu" or "cuda"); returns self.
+
+        On "cuda" each segment's codes and per-vector floats are uploaded on first search and stay
+        on the GPU (no float copy of the database); queries and results cross over per call.
+        """
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}; expected one of {DEVICES}")
         if device == "cuda":
             from .backends import cuda
             cuda.require()
+        else:
+            for segment in self._segments:
+                segment.device_cache.clear()
         self._device = device
         return self
 
@@ -223,7 +248,7 @@ class Index:
                 raise ValueError(f"vectors row {int((norms == 0).nonzero()[0, 0])} is zero and has no "
                                  f"direction for metric 'cosine'")
             x = x / norms[:, None]
-        encoded = self._quantizer.encode(x)
+        encoded = self._quantizer.encode(x if self._center is None else x - self._center)
         if not self._quantizer.stores_norm(self._metric):
             encoded.norm = None
         vectors_kept = x.numpy().copy() if self._keep_vectors else None
@@ -235,11 +260,13 @@ class Index:
         return new_ids
 
     def _append(self, segment: Segment) -> None:
-        last = self._segments[-1] if self._segments else None
-        if last is not None and last.shard is None and last.deleted is None and len(last) < _MERGE_BELOW_ROWS:
-            self._segments[-1] = _concat_segments([last, segment])
-        else:
-            self._segments.append(segment)
+        # Binary-counter merging: a new segment absorbs unsaved predecessors no larger than itself,
+        # so n one-row adds copy O(n log n) rows in total and leave O(log n) segments, where merging
+        # every add into the tail would copy O(n²).
+        while (self._segments and self._segments[-1].shard is None and self._segments[-1].deleted is None
+               and len(self._segments[-1]) <= len(segment) < _MERGE_BELOW_ROWS):
+            segment = _concat_segments([self._segments.pop(), segment])
+        self._segments.append(segment)
         self._invalidate()
 
     def remove(self, ids) -> int:
@@ -330,13 +357,19 @@ class Index:
         return SearchResult(ids=to_kind(ids, kind, queries), scores=to_kind(scores, kind, queries))
 
     def _scan(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        offset = None
+        if self._center is not None:
+            if self._metric == "l2":
+                q = q - self._center      # ‖q − x‖ = ‖(q − c) − (x − c)‖
+            else:
+                offset = q @ self._center  # ⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩
         rotated, projected = self._quantizer.prepare_queries(q)
         sq_norms = q.square().sum(dim=1)
-        if self._device == "cuda":
-            from .backends import cuda
-            return cuda.scan_topk(self, rotated, projected, sq_norms, k)
-        return scan_topk(self._quantizer, self._decoder, self._segments, rotated, projected, sq_norms, k,
-                         self._metric)
+        scores, positions = scan_topk(self._quantizer, self._decoder, self._segments, rotated, projected, sq_norms,
+                                      k, self._metric, device=self._device)
+        if offset is not None:
+            scores += offset[:, None]
+        return scores, positions
 
     def _rerank(self, q: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, k: int):
         """Rescore candidate positions with full-precision vectors; exact top-k of those."""
@@ -383,7 +416,7 @@ class Index:
             rows = positions[where] - offsets[s]
             enc = self._segments[s].encoded
             out[where] = self._quantizer.decode(_take_encoded(enc, rows))
-        return out
+        return out if self._center is None else out + self._center.numpy()
 
     # -- id bookkeeping -------------------------------------------------------------------------
     def _invalidate(self) -> None:

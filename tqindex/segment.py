@@ -6,7 +6,7 @@ A segment is immutable once created except for its deletion mask; appends create
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,6 +33,8 @@ class Segment:
     deleted: np.ndarray | None = None
     shard: dict | None = None
     deletions_dirty: bool = False
+    #: Arrays uploaded to a GPU, by device name (see backends.cpu.segment_tensors).
+    device_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -344,7 +344,7 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
     try:
         index = cls(dim=params["dim"], bits=params["bits"], metric=params["metric"], variant=params["variant"],
                     seed=params["seed"], keep_vectors=params["keep_vectors"], rotation=params["rotation"],
-                    rescale=params["rescale"])
+                    rescale=params["rescale"], center=params.get("center"))
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexFormatError(f"manifest {path / MANIFEST} has invalid parameters {params}: {exc}") from None
     q = index._quantizer
