@@ -106,6 +106,8 @@ class TurboVec(Method):
         self.mod, self.dim = turbovec, dim
         if bits not in (1, 2, 3, 4):
             self.skip = "turbovec supports 1..4 bits"
+        elif dim % 8:
+            self.skip = f"turbovec needs d to be a multiple of 8 (d = {dim})"
 
     def build(self, x):
         self.index = self.mod.TurboQuantIndex(self.dim, self.bits)

@@ -25,15 +25,18 @@ from common import RESULTS, write_json
 from tqindex import Index
 
 LOAD_PROBE = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {root!r})
 import numpy as np
 from tqindex import Index
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def rss_kb():  # current resident set (not the peak, which imports already set)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+rss0 = rss_kb()
 start = time.perf_counter()
 index = Index.load({path!r}, mmap={mmap}, verify={verify})
 load_s = time.perf_counter() - start
-rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss1 = rss_kb()
 q = np.random.default_rng(1).standard_normal((1, {dim})).astype(np.float32)
 start = time.perf_counter()
 index.search(q, 10)
