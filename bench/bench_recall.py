@@ -84,7 +84,7 @@ class FaissPQ(FaissMethod):
             return
         self.index = (faiss.IndexPQ(dim, m, nbits, faiss.METRIC_INNER_PRODUCT) if nbits == 8 else
                       faiss.IndexPQFastScan(dim, m, nbits, faiss.METRIC_INNER_PRODUCT))
-        self.bytes_per_vector = m * nbits // 8
+        self.bytes_per_vector = m * nbits / 8
 
 
 class FaissRaBitQ(FaissMethod):
