@@ -283,12 +283,9 @@ class Index:
         return int(arr.size)
 
     def _mark_deleted(self, positions: np.ndarray) -> None:
-        offsets = self._offsets()
-        seg_of = np.searchsorted(offsets, positions, side="right") - 1
-        for s in np.unique(seg_of):
-            segment = self._segments[s]
+        for segment, _, rows in self._by_segment(positions):
             mask = np.zeros(len(segment), dtype=bool) if segment.deleted is None else segment.deleted.copy()
-            mask[positions[seg_of == s] - offsets[s]] = True
+            mask[rows] = True
             segment.deleted = mask
             segment.deletions_dirty = True
         self._invalidate()
@@ -394,13 +391,18 @@ class Index:
         return best, best_pos
 
     def _gather_vectors(self, positions: np.ndarray) -> np.ndarray:
+        out = np.empty((len(positions), self.dim), dtype=np.float32)
+        for segment, where, rows in self._by_segment(positions):
+            out[where] = segment.vectors[rows]
+        return out
+
+    def _by_segment(self, positions: np.ndarray):
+        """Group global row positions by segment: yields (segment, mask into positions, local rows)."""
         offsets = self._offsets()
         seg_of = np.searchsorted(offsets, positions, side="right") - 1
-        out = np.empty((len(positions), self.dim), dtype=np.float32)
         for s in np.unique(seg_of):
             where = seg_of == s
-            out[where] = self._segments[s].vectors[positions[where] - offsets[s]]
-        return out
+            yield self._segments[s], where, positions[where] - offsets[s]
 
     def reconstruct(self, ids) -> np.ndarray:
         """Dequantized vectors x̃ for the given ids, (n, dim) float32 (for inspection and tests)."""
@@ -408,14 +410,9 @@ class Index:
         positions = self._positions(arr)
         if (positions < 0).any():
             raise KeyError(f"ids not in the index: {arr[positions < 0][:10].tolist()}")
-        offsets = self._offsets()
-        seg_of = np.searchsorted(offsets, positions, side="right") - 1
         out = np.empty((len(arr), self.dim), dtype=np.float32)
-        for s in np.unique(seg_of):
-            where = seg_of == s
-            rows = positions[where] - offsets[s]
-            enc = self._segments[s].encoded
-            out[where] = self._quantizer.decode(_take_encoded(enc, rows))
+        for segment, where, rows in self._by_segment(positions):
+            out[where] = self._quantizer.decode(_take_encoded(segment.encoded, rows))
         return out if self._center is None else out + self._center.numpy()
 
     # -- id bookkeeping -------------------------------------------------------------------------
