@@ -10,7 +10,8 @@ every method. Writes bench/results/recall-<dataset>.json, .md (the table) and .p
 
 Bytes per vector are what each method stores per vector beyond its id: codes plus per-vector
 floats (tqindex: scale; faiss RaBitQ: its code_size, which includes its factors; PQ: M code bytes;
-turbovec: measured from its serialised size).
+turbovec and rabitqlib: measured from their serialised size, so rabitqlib's figure includes whatever it
+stores per vector besides codes, ids among them).
 """
 
 from __future__ import annotations
@@ -123,6 +124,45 @@ class TurboVec(Method):
         return self.index.search(q, k)[1]
 
 
+class RaBitQLib(Method):
+    """The official rabitqlib, as a flat scan: an IVF index with one list whose centroid is the mean."""
+
+    trains = True  # the centroid is the data mean
+
+    def __init__(self, bits, dim):
+        super().__init__("rabitqlib (1-list IVF)", bits)
+        try:
+            import rabitqlib
+        except ImportError:
+            self.skip = "rabitqlib is not installed"
+            return
+        self.mod, self.dim = rabitqlib, dim
+        try:
+            rabitqlib.IvfIndex(dim, 16, 1, bits, metric="ip")
+        except ValueError as exc:  # e.g. its rotator supports only some dimensions
+            self.skip = f"rabitqlib: {exc} (d = {dim})"
+
+    def _build(self, x):
+        index = self.mod.IvfIndex(self.dim, len(x), 1, self.bits, metric="ip")
+        index.build(x, x.mean(axis=0, keepdims=True), np.zeros(len(x), dtype=np.uint32), num_threads=self.threads)
+        return index
+
+    def build(self, x):
+        import tempfile
+        from pathlib import Path
+        self.index = self._build(x)
+        # Saved size minus that of an index of half the rows: per-vector bytes, fixed parts cancel.
+        with tempfile.TemporaryDirectory() as tmp:
+            self.index.save(str(Path(tmp) / "full"))
+            self._build(x[: len(x) // 2]).save(str(Path(tmp) / "half"))
+            sizes = [sum(f.stat().st_size for f in Path(tmp, name).rglob("*")) if Path(tmp, name).is_dir()
+                     else Path(tmp, name).stat().st_size for name in ("full", "half")]
+        self.bytes_per_vector = (sizes[0] - sizes[1]) / (len(x) - len(x) // 2)
+
+    def search(self, q, k):
+        return self.index.search(q, k, 1, num_threads=self.threads)[0]
+
+
 class Flat(FaissMethod):
     def __init__(self, bits, dim):
         super().__init__("faiss-Flat (exact)", bits)
@@ -134,7 +174,7 @@ class Flat(FaissMethod):
 def methods_for(bits: int, dim: int, args) -> list[Method]:
     out = [TQ(bits, dim), TQ(bits, dim, rescale=False), TQ(bits, dim, variant="prod"), TQ(bits, dim, center=True)]
     if not args.no_peers:
-        out += [FaissRaBitQ(bits, dim, qb=8), FaissRaBitQ(bits, dim, qb=4), TurboVec(bits, dim),
+        out += [FaissRaBitQ(bits, dim, qb=8), FaissRaBitQ(bits, dim, qb=4), RaBitQLib(bits, dim), TurboVec(bits, dim),
                 FaissPQ(bits, dim, nbits=8), FaissPQ(bits, dim, nbits=4)]
     out += [TQ(bits, dim, rerank=r) for r in args.rerank]
     return out
@@ -155,6 +195,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    RaBitQLib.threads = threads
     try:
         import faiss
         faiss.omp_set_num_threads(threads)
