@@ -274,8 +274,7 @@ class Index:
 
         Returns the number of rows removed.
         """
-        arr = np.asarray(ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else ids)
-        arr = as_id_array(arr.reshape(-1), arr.size)
+        arr = as_id_array(ids)
         positions = self._positions(arr)
         if (positions < 0).any():
             raise KeyError(f"ids not in the index: {arr[positions < 0][:10].tolist()}")
@@ -406,7 +405,7 @@ class Index:
 
     def reconstruct(self, ids) -> np.ndarray:
         """Dequantized vectors x̃ for the given ids, (n, dim) float32 (for inspection and tests)."""
-        arr = as_id_array(np.asarray(ids).reshape(-1), np.asarray(ids).size)
+        arr = as_id_array(ids)
         positions = self._positions(arr)
         if (positions < 0).any():
             raise KeyError(f"ids not in the index: {arr[positions < 0][:10].tolist()}")
@@ -442,10 +441,10 @@ class Index:
             order = np.argsort(all_ids[positions], kind="stable")
             self._id_lookup = (all_ids[positions][order], positions[order])
         sorted_ids, sorted_pos = self._id_lookup
-        where = np.searchsorted(sorted_ids, ids)
-        where = np.minimum(where, max(len(sorted_ids) - 1, 0))
-        found = (len(sorted_ids) > 0) & (sorted_ids[where] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
-        return np.where(found, sorted_pos[where] if len(sorted_ids) else -1, -1).astype(np.int64)
+        if not len(sorted_ids):
+            return np.full(len(ids), -1, dtype=np.int64)
+        where = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        return np.where(sorted_ids[where] == ids, sorted_pos[where], -1).astype(np.int64)
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path=None) -> None:

@@ -68,15 +68,20 @@ def as_float_matrix(x, dim: int, *, name: str = "vectors", allow_empty: bool = F
     return t.contiguous(), was_1d
 
 
-def as_id_array(ids, n: int) -> np.ndarray:
-    """Coerce user ids to a (n,) int64 array of distinct non-negative integers."""
+def as_id_array(ids, n: int | None = None) -> np.ndarray:
+    """Coerce user ids to a (n,) int64 array of distinct non-negative integers.
+
+    With n None, any number of ids in any shape is accepted and flattened (for look-ups such as
+    `remove`); otherwise there must be exactly n, one per vector.
+    """
     if isinstance(ids, torch.Tensor):
         ids = ids.detach().cpu().numpy()
     elif array_kind(ids) == "cupy":
         ids = ids.get()
     arr = np.asarray(ids)
-    if arr.ndim == 0:
-        arr = arr.reshape(1)
+    if arr.ndim == 0 or n is None:
+        arr = arr.reshape(-1)
+        n = arr.shape[0] if n is None else n
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"ids must have an integer dtype, got {arr.dtype}")
     if arr.ndim != 1 or arr.shape[0] != n:

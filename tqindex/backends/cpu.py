@@ -59,8 +59,7 @@ class BlockDecoder:
             self._tables[device] = {
                 "byte_table": None if self.byte_table is None else self.byte_table.to(device),
                 "centroids": None if q.centroids is None else q.centroids.to(device),
-                "signs": _SIGN_TABLE.to(device),
-                "qjl_matrix": None if q.qjl_matrix is None else q.qjl_matrix.to(device)}
+                "signs": _SIGN_TABLE.to(device)}
         return self._tables[device]
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
