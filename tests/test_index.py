@@ -36,7 +36,7 @@ def _reference_scores(index: Index, x: np.ndarray, queries: np.ndarray) -> np.nd
     unit = x64 / norms[:, None]
     (segment,) = index._segments
     mse_bits = index.bits if index.variant == "mse" else index.bits - 1
-    idx = unpack_codes(segment.encoded.codes, mse_bits, index.dim).astype(np.int64) if mse_bits else None
+    idx = index._quantizer.unpack(segment.encoded.codes).astype(np.int64) if mse_bits else None
     if index.variant == "mse":
         unit_hat = reference.dequantize_mse(idx, np.ones(len(x)), pi, index.bits)
         factor = norms / np.sum(unit_hat * unit, axis=1) if index.rescale else norms
@@ -52,10 +52,11 @@ def _reference_scores(index: Index, x: np.ndarray, queries: np.ndarray) -> np.nd
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
-@pytest.mark.parametrize("variant,bits", [("mse", 1), ("mse", 3), ("mse", 4), ("prod", 2), ("prod", 4)])
+@pytest.mark.parametrize("variant,bits", [("mse", 1), ("mse", 3), ("mse", 4), ("prod", 2), ("prod", 4),
+                                          ("mse", 2.5), ("prod", 3.25)])
 @pytest.mark.parametrize("d", [97, 1000])
 def test_search_equals_reference_topk(metric, variant, bits, d):
-    rng = np.random.default_rng(d * 10 + bits)
+    rng = np.random.default_rng(int(d * 10 + 4 * bits))
     n = 1237  # not a multiple of any block size
     x = (rng.standard_normal((n, d)) * rng.uniform(0.5, 2.0, (n, 1))).astype(np.float32)
     queries = rng.standard_normal((13, d)).astype(np.float32)
@@ -180,7 +181,9 @@ def test_bad_search_arguments(kwargs, exc, match):
     ({"dim": 1}, "dim"), ({"dim": 8, "bits": 0}, "bits"), ({"dim": 8, "bits": 9}, "bits"),
     ({"dim": 8, "metric": "hamming"}, "metric"), ({"dim": 8, "variant": "pq"}, "variant"),
     ({"dim": 8, "rotation": "fft"}, "rotation"), ({"dim": 8, "seed": -1}, "seed"),
-    ({"dim": 8, "device": "tpu"}, "device"),
+    ({"dim": 8, "device": "tpu"}, "device"), ({"dim": 8, "bits": 8.5}, "bits"),
+    ({"dim": 8, "bits": float("nan")}, "bits"), ({"dim": 8, "bits": "4"}, "bits"), ({"dim": 8, "bits": True}, "bits"),
+    ({"dim": 8, "bits": 1.5, "variant": "prod"}, "needs bits >= 2"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -3,9 +3,8 @@ import pytest
 import torch
 
 from tqindex import reference
-from tqindex.codebook import lloyd_max_codebook
 from tqindex.packing import unpack_codes
-from tqindex.quantizer import TurboQuantizer
+from tqindex.quantizer import TurboQuantizer, bits_for_bytes
 
 from conftest import unit_rows
 
@@ -22,6 +21,20 @@ def test_mse_distortion_matches_paper(bits):
     # Within 2% of the paper's figure; the sampling error of the mean over 400 vectors of d = 1536
     # coordinates is about 0.1%, so 2% leaves room only for float32 rounding.
     assert mse == pytest.approx(PAPER_MSE[bits], rel=0.02)
+
+
+@pytest.mark.parametrize("bits", [1.5, 2.25, 3.5])
+def test_fractional_bits_distortion_interpolates(bits):
+    # Coordinates are exchangeable after the rotation, so giving a fraction f of them b + 1 bits
+    # must give (1 − f)·MSE(b) + f·MSE(b + 1), with the same 2% allowance as above.
+    d, n = 1536, 400
+    base, frac = int(bits), bits - int(bits)
+    x = unit_rows(np.random.default_rng(int(bits * 4)), n, d).astype(np.float32)
+    q = TurboQuantizer(dim=d, bits=bits, variant="mse", seed=1)
+    assert q.bits == bits and q.code_bytes == int(d * frac) * (base + 1) // 8 + int(d * (1 - frac)) * base // 8
+    x_hat = q.decode(q.encode(torch.from_numpy(x)))
+    mse = np.mean(np.sum((x - x_hat) ** 2, axis=1))
+    assert mse == pytest.approx((1 - frac) * PAPER_MSE[base] + frac * PAPER_MSE[base + 1], rel=0.02)
 
 
 @pytest.mark.parametrize("bits", [2, 3])
@@ -51,21 +64,24 @@ def _rotated_unit(q: TurboQuantizer, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("d", [3, 97, 1000])
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 2.5, 3.3, 7.9])
 def test_mse_codes_equal_reference(d, bits):
-    rng = np.random.default_rng(d + bits)
+    rng = np.random.default_rng(int(d + 10 * bits))
     x = (rng.standard_normal((64, d)) * rng.uniform(0.1, 10, (64, 1))).astype(np.float32)
     q = TurboQuantizer(dim=d, bits=bits, variant="mse", seed=2)
     enc = q.encode(torch.from_numpy(x))
     ref_idx, ref_norms = reference.quantize_mse(x, q.rotation.matrix(), bits)
-    fast_idx = unpack_codes(enc.codes, bits, d).astype(np.int64)
+    fast_idx = q.unpack(enc.codes).astype(np.int64)
     # Tie-aware: codes may differ only where the coordinate lies within float32 rounding of a
     # decision boundary, and then only to the neighbouring cell.
     differ = fast_idx != ref_idx
-    if differ.any():
-        y = _rotated_unit(q, x.astype(np.float64))[differ]
-        gap = np.min(np.abs(y[:, None] - lloyd_max_codebook(d, bits).boundaries[None, :]), axis=1)
-        assert np.all(gap < 1e-5) and np.all(np.abs(fast_idx[differ] - ref_idx[differ]) == 1)
+    y = _rotated_unit(q, x.astype(np.float64))
+    for cols, centroids in reference.coordinate_codebooks(d, bits):
+        bad = differ[:, cols]
+        if bad.any():
+            boundaries = (centroids[1:] + centroids[:-1]) / 2
+            gap = np.min(np.abs(y[:, cols][bad][:, None] - boundaries[None, :]), axis=1)
+            assert np.all(gap < 1e-5) and np.all(np.abs(fast_idx[:, cols][bad] - ref_idx[:, cols][bad]) == 1)
     assert differ.mean() < 1e-3
     np.testing.assert_allclose(enc.norm, ref_norms, rtol=1e-5)
     # Reconstructions agree to float32 precision wherever codes agree.
@@ -75,15 +91,15 @@ def test_mse_codes_equal_reference(d, bits):
 
 
 @pytest.mark.parametrize("d", [3, 97, 1000])
-@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("bits", [1, 2, 4, 3.5])
 def test_prod_codes_equal_reference(d, bits):
-    rng = np.random.default_rng(7 * d + bits)
+    rng = np.random.default_rng(int(7 * d + 10 * bits))
     x = rng.standard_normal((48, d)).astype(np.float32)
     q = TurboQuantizer(dim=d, bits=bits, variant="prod", seed=9)
     enc = q.encode(torch.from_numpy(x))
     idx, qjl, rnorm, norms = reference.quantize_prod(x, q.rotation.matrix(), bits, seed=9)
     if bits > 1:
-        fast_idx = unpack_codes(enc.codes, bits - 1, d).astype(np.int64)
+        fast_idx = q.unpack(enc.codes).astype(np.int64)
         assert np.mean(fast_idx != idx) < 1e-3
         if (fast_idx != idx).any():
             pytest.skip("a coordinate fell on a decision boundary; the residual differs there")
@@ -125,3 +141,23 @@ def test_rescale_is_unbiased_for_unit_vectors():
         err = est - np.sum(x * y, axis=1)
         biased = abs(err.mean()) > 5 * err.std() / np.sqrt(n)
         assert biased == expect_bias
+
+
+@pytest.mark.parametrize("dim,nbytes,metric,variant", [(384, 116, "ip", "mse"), (384, 164, "ip", "mse"),
+                                                       (50, 34, "ip", "mse"), (97, 30, "l2", "mse"),
+                                                       (384, 200, "ip", "prod"), (3, 5, "ip", "mse")])
+def test_bits_for_bytes_is_the_widest_width_that_fits(dim, nbytes, metric, variant):
+    bits = bits_for_bytes(dim, nbytes, metric=metric, variant=variant)
+    q = TurboQuantizer(dim=dim, bits=bits, variant=variant)
+    assert q.bytes_per_vector(metric) <= nbytes
+    # One more coordinate at the higher width (or one more whole bit) no longer fits.
+    wider = bits + 1 / dim
+    if wider <= 8:
+        assert TurboQuantizer(dim=dim, bits=wider, variant=variant).bytes_per_vector(metric) > nbytes
+
+
+def test_bits_for_bytes_known_values_and_errors():
+    assert bits_for_bytes(384, 116) == 2 + 128 / 384          # 112 B of codes + 4 B of scale
+    assert bits_for_bytes(384, 100) == 2
+    with pytest.raises(ValueError, match="no bit width fits"):
+        bits_for_bytes(384, 40)

@@ -24,7 +24,8 @@ def _data(n=500, d=37, seed=0):
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
-@pytest.mark.parametrize("variant,bits", [("mse", 1), ("mse", 4), ("prod", 1), ("prod", 3)])
+@pytest.mark.parametrize("variant,bits", [("mse", 1), ("mse", 4), ("prod", 1), ("prod", 3), ("mse", 2.3),
+                                          ("prod", 3.6)])
 @pytest.mark.parametrize("mmap", [True, False])
 def test_round_trip_identical_results(tmp_path, metric, variant, bits, mmap):
     x = _data()
@@ -97,6 +98,16 @@ def test_open_rejects_different_parameters(tmp_path):
     Index.open(tmp_path / "ix", dim=8, bits=2).close()
     with pytest.raises(ValueError, match="different parameters.*bits"):
         Index.open(tmp_path / "ix", dim=8, bits=4)
+
+
+def test_open_compares_the_realised_fractional_width(tmp_path):
+    # 2.334 bits at d = 384 is round(0.334 · 384) = 128 coordinates at 3 bits: bits = 2 + 128/384.
+    Index.open(tmp_path / "ix", dim=384, bits=2.334).close()
+    index = Index.open(tmp_path / "ix", dim=384, bits=2 + 128 / 384)
+    assert index.bits == 2 + 128 / 384 and index._quantizer.code_bytes == 112
+    index.close()
+    with pytest.raises(ValueError, match="different parameters.*bits"):
+        Index.open(tmp_path / "ix", dim=384, bits=2.5)
 
 
 def test_second_writer_gets_a_clear_error(tmp_path):

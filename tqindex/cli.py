@@ -71,6 +71,11 @@ def _info(args) -> int:
     return 0
 
 
+def _bits(text: str):
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tqindex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,7 +83,7 @@ def main(argv=None) -> int:
     bench.add_argument("--dataset", default="dbpedia-titles-minilm-20k",
                        help="a name (dbpedia-titles-minilm-20k, dbpedia-titles-minilm-100k, glove-50) or a file "
                             "(.hdf5 ann-benchmarks, .parquet, .npy, .fvecs, .fbin)")
-    bench.add_argument("--bits", type=int, default=4)
+    bench.add_argument("--bits", type=_bits, default=4, help="bits per coordinate: 1..8, or fractional, e.g. 2.5")
     bench.add_argument("--variant", choices=["mse", "prod"], default="mse")
     bench.add_argument("--rerank", type=int, default=0)
     bench.add_argument("--seed", type=int, default=0)

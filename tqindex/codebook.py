@@ -20,12 +20,45 @@ import functools
 
 import numpy as np
 
-__all__ = ["CODEBOOK_VERSION", "Codebook", "lloyd_max_codebook"]
+__all__ = ["CODEBOOK_VERSION", "Codebook", "lloyd_max_codebook", "split_bits", "effective_bits"]
 
 #: Bump when the construction below changes in a way that can change codes of a saved index.
 CODEBOOK_VERSION = 1
 
 _GRID_POINTS = 200_001
+
+
+def split_bits(dim: int, bits) -> tuple[int, int]:
+    """How a possibly fractional bit width is spread over the rotated coordinates.
+
+    After the rotation every coordinate has the same law, so a fractional budget is spent by
+    giving the first ``high`` coordinates ``base + 1`` bits and the others ``base`` bits (the
+    paper's 2.5- and 3.5-bit settings split channels the same way). ``high = round(frac · dim)``,
+    so the effective width is ``base + high / dim``.
+
+    Parameters
+    ----------
+    dim : int
+    bits : int or float, in [1, 8]
+
+    Returns
+    -------
+    (base, high) : base in 1..8, high in [0, dim) (0 for whole bit widths)
+    """
+    if isinstance(bits, bool) or not isinstance(bits, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(bits) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be a number in [1, 8], got {bits!r}")
+    base = int(np.floor(bits))
+    high = int(round((float(bits) - base) * dim))
+    if high >= dim:
+        base, high = base + 1, 0
+    return base, high
+
+
+def effective_bits(dim: int, bits):
+    """The width `split_bits` realises: an int for whole widths, else base + high / dim (float)."""
+    base, high = split_bits(dim, bits)
+    return base if high == 0 else base + high / dim
 _MAX_ITERATIONS = 10_000
 _TOLERANCE = 1e-13
 

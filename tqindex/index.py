@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from . import storage
+from .backends import fastscan
 from .backends.cpu import BlockDecoder, scan_topk
 from .codebook import CODEBOOK_VERSION
 from .quantizer import VARIANTS, EncodedVectors, TurboQuantizer
@@ -60,8 +61,10 @@ class Index:
     ----------
     dim : int
         Vector dimension (≥ 2).
-    bits : int
-        Bits per coordinate, 1..8 (for "prod", one of them is the QJL bit).
+    bits : int or float
+        Bits per coordinate, in [1, 8] (for "prod", one of them is the QJL bit). A fractional width
+        such as 2.5 gives round(0.5 · dim) coordinates 3 bits and the rest 2 (`Index.bits` reports
+        the width realised, base + high / dim). Useful to match a byte budget exactly.
     metric : {"ip", "cosine", "l2"}
     variant : {"mse", "prod"}
     seed : int
@@ -84,8 +87,8 @@ class Index:
                  center=None):
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 2:
             raise ValueError(f"dim must be an integer >= 2, got {dim!r}")
-        if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= 8:
-            raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Real) or not 1 <= bits <= 8:
+            raise ValueError(f"bits must be a number in [1, 8], got {bits!r}")
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
         if variant not in VARIANTS:
@@ -96,7 +99,7 @@ class Index:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}; expected one of {DEVICES}")
-        self._quantizer = TurboQuantizer(dim=int(dim), bits=int(bits), variant=variant, seed=int(seed),
+        self._quantizer = TurboQuantizer(dim=int(dim), bits=bits, variant=variant, seed=int(seed),
                                          rotation=rotation, rescale=rescale)
         self._decoder = BlockDecoder(self._quantizer)
         self._center = None
@@ -122,7 +125,7 @@ class Index:
         return self._quantizer.dim
 
     @property
-    def bits(self) -> int:
+    def bits(self) -> int | float:
         return self._quantizer.bits
 
     @property
@@ -361,8 +364,12 @@ class Index:
                 offset = q @ self._center  # ⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩
         rotated, projected = self._quantizer.prepare_queries(q)
         sq_norms = q.square().sum(dim=1)
-        scores, positions = scan_topk(self._quantizer, self._decoder, self._segments, rotated, projected, sq_norms,
-                                      k, self._metric, device=self._device)
+        if self._device == "cpu" and fastscan.available() and fastscan.supports(self._quantizer):
+            scores, positions = fastscan.scan_topk_fast(self._quantizer, self._segments, rotated, sq_norms, k,
+                                                        self._metric)
+        else:
+            scores, positions = scan_topk(self._quantizer, self._decoder, self._segments, rotated, projected,
+                                          sq_norms, k, self._metric, device=self._device)
         if offset is not None:
             scores += offset[:, None]
         return scores, positions

@@ -19,17 +19,19 @@ residual_norm : prod only, ‖r‖ of the unit vector's residual after the mse s
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .codebook import lloyd_max_codebook
+from . import native
+from .codebook import effective_bits, lloyd_max_codebook, split_bits
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .reference import qjl_gaussian
 from .rotation import make_rotation
 
-__all__ = ["VARIANTS", "EncodedVectors", "TurboQuantizer"]
+__all__ = ["VARIANTS", "CodeGroup", "EncodedVectors", "TurboQuantizer", "bits_for_bytes"]
 
 VARIANTS = ("mse", "prod")
 
@@ -58,14 +60,73 @@ class EncodedVectors:
         return len(self.scale)
 
 
+@dataclass(frozen=True)
+class CodeGroup:
+    """Rotated coordinates [start, stop) coded with `bits` bits each, using their own Lloyd-Max
+    codebook; their packed codes fill bytes [offset, offset + nbytes) of a row (`tqindex.packing`
+    layout). Whole bit widths have one group; fractional widths two (the wider one first)."""
+
+    start: int
+    stop: int
+    bits: int
+    offset: int
+    nbytes: int
+    centroids: torch.Tensor   # (2**bits,) float32
+    boundaries: torch.Tensor  # (2**bits − 1,) float32
+
+
+def _mse_layout(dim: int, bits, variant: str) -> list[tuple[int, int, int]]:
+    """(start, stop, bits) of the mse stage's code groups: the first `high` rotated coordinates at
+    base + 1 bits, the rest at base (`split_bits`); "prod" gives one bit of each to QJL."""
+    base, high = split_bits(dim, bits)
+    if variant == "prod":
+        base -= 1
+        if base == 0 and high:
+            raise ValueError(f"variant 'prod' needs bits >= 2 when bits are fractional, got {bits!r}")
+    return [(a, b, w) for a, b, w in ((0, high, base + 1), (high, dim, base)) if b > a and w > 0]
+
+
+def _bytes_per_vector(dim: int, bits, variant: str, stores_norm: bool) -> int:
+    codes = sum(packed_row_bytes(b - a, w) for a, b, w in _mse_layout(dim, bits, variant))
+    signs = packed_row_bytes(dim, 1) if variant == "prod" else 0
+    return codes + signs + 4 * (1 + (variant == "prod") + stores_norm)
+
+
+def bits_for_bytes(dim: int, nbytes: int, *, metric: str = "ip", variant: str = "mse", rescale: bool = True):
+    """The widest bit width (whole or fractional) whose encoded vectors take at most `nbytes` bytes.
+
+    Useful to compare with another index at equal memory: e.g. 116 B at d = 384 ("ip", mse) gives
+    2 + 128/384 bits (112 B of codes + 4 B of scale).
+
+    Returns
+    -------
+    int or float, a valid `bits` argument; raises ValueError if even 1 bit does not fit.
+    """
+    stores_norm = metric == "l2" and rescale and variant == "mse"
+    best = None
+    for base in range(1 + (variant == "prod"), 9):
+        if _bytes_per_vector(dim, base, variant, stores_norm) > nbytes:
+            break
+        for high in range(dim if base < 8 else 1):
+            # Padding to whole bytes per group can make one more coordinate cost nothing: scan all.
+            bits = effective_bits(dim, base + high / dim)
+            if _bytes_per_vector(dim, bits, variant, stores_norm) <= nbytes:
+                best = bits
+    if best is None:
+        raise ValueError(f"no bit width fits {nbytes} bytes per vector at dim={dim} ({variant}, {metric})")
+    return best
+
+
 class TurboQuantizer:
     """TurboQuant_mse or TurboQuant_prod at a given total bit width.
 
     Parameters
     ----------
     dim : int
-    bits : int
-        Total bits per coordinate, 1..8. For "prod", bits−1 go to the mse stage and 1 to QJL.
+    bits : int or float
+        Total bits per coordinate, in [1, 8]. For "prod", bits−1 go to the mse stage and 1 to QJL.
+        A fractional width gives some coordinates one more bit than the others (see
+        `tqindex.codebook.split_bits`), e.g. 2.5 bits: half at 3 bits, half at 2.
     variant : {"mse", "prod"}
     seed : int
     rotation : {"dense", "hadamard"}
@@ -77,20 +138,23 @@ class TurboQuantizer:
                  rotation: str = "dense", rescale: bool = True):
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-        if not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
-            raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
         if not isinstance(dim, (int, np.integer)) or dim < 2:
             raise ValueError(f"dim must be an integer >= 2, got {dim!r}")
-        self.dim, self.bits, self.variant, self.seed = int(dim), int(bits), variant, int(seed)
+        self.dim, self.variant, self.seed = int(dim), variant, int(seed)
+        self.bits = effective_bits(self.dim, bits)
         self.rescale = bool(rescale) and variant == "mse"
         self.rotation = make_rotation(self.dim, rotation, self.seed)
-        self.mse_bits = self.bits if variant == "mse" else self.bits - 1
-        if self.mse_bits > 0:
-            codebook = lloyd_max_codebook(self.dim, self.mse_bits)
-            self.centroids = torch.from_numpy(codebook.centroids.astype(np.float32))
-            self.boundaries = torch.from_numpy(codebook.boundaries.astype(np.float32))
-        else:
-            self.centroids = self.boundaries = None
+        layout = _mse_layout(self.dim, bits, variant)
+        self.mse_bits = effective_bits(self.dim, self.bits - (variant == "prod")) if layout else 0
+        self.groups: list[CodeGroup] = []
+        offset = 0
+        for start, stop, width in layout:
+            codebook = lloyd_max_codebook(self.dim, width)
+            nbytes = packed_row_bytes(stop - start, width)
+            self.groups.append(CodeGroup(start, stop, width, offset, nbytes,
+                                         torch.from_numpy(codebook.centroids.astype(np.float32)),
+                                         torch.from_numpy(codebook.boundaries.astype(np.float32))))
+            offset += nbytes
         if variant == "prod":
             self.qjl_matrix = torch.from_numpy(qjl_gaussian(self.dim, self.seed).astype(np.float32))  # G
             self.qjl_scale = math.sqrt(math.pi / 2) / self.dim
@@ -100,7 +164,7 @@ class TurboQuantizer:
     # -- sizes ---------------------------------------------------------------------------------
     @property
     def code_bytes(self) -> int:
-        return packed_row_bytes(self.dim, self.mse_bits) if self.mse_bits else 0
+        return sum(g.nbytes for g in self.groups)
 
     @property
     def qjl_bytes(self) -> int:
@@ -113,8 +177,7 @@ class TurboQuantizer:
 
     def bytes_per_vector(self, metric: str) -> int:
         """Bytes of one encoded vector: codes, signs and per-vector floats (ids not included)."""
-        floats = 1 + (self.variant == "prod") + self.stores_norm(metric)
-        return self.code_bytes + self.qjl_bytes + 4 * floats
+        return _bytes_per_vector(self.dim, self.bits, self.variant, self.stores_norm(metric))
 
     # -- encoding ------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> EncodedVectors:
@@ -134,25 +197,37 @@ class TurboQuantizer:
         norms = torch.linalg.vector_norm(x, dim=1)
         unit = x / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
         y = self.rotation.apply(unit)
-        if self.mse_bits:
-            idx = torch.bucketize(y, self.boundaries)  # first boundary ≥ y: the nearest centroid
-            y_tilde = self.centroids[idx]
-            codes = pack_codes(idx.to(torch.uint8), self.mse_bits).numpy()
-        else:
-            y_tilde = torch.zeros_like(y)
-            codes = np.zeros((n, 0), dtype=np.uint8)
-        scale = norms
-        if self.rescale:
-            alignment = (y * y_tilde).sum(dim=1)
-            scale = torch.where(alignment > 0, norms / alignment.clamp_min(1e-30), norms)
-        encoded = EncodedVectors(codes=codes, norm=norms.numpy().astype(np.float32),
-                                 scale=scale.numpy().astype(np.float32))
+        codes = np.zeros((n, self.code_bytes), dtype=np.uint8)
+        if self.variant == "mse" and native.enabled() and y.device.type == "cpu":
+            # One pass per row in C: codes and ⟨y, ỹ⟩ (bucketize + gather + pack in torch take ~5x longer).
+            y_np = y.contiguous().numpy()
+            alignment = np.empty(n, dtype=np.float32)
+            specs = [(g.start, g.stop, g.bits, g.offset, g.boundaries.numpy(), g.centroids.numpy())
+                     for g in self.groups]
+            native.parallel_ranges(n, lambda a, b: native.kernels.encode(
+                y_np[a:b], self.dim, b - a, specs, codes[a:b], alignment[a:b]), min_per_thread=1024)
+            return self._finish(codes, norms, torch.from_numpy(alignment))
+        y_tilde = torch.zeros_like(y)
+        for g in self.groups:
+            part = y[:, g.start:g.stop].contiguous()
+            idx = torch.bucketize(part, g.boundaries)  # first boundary ≥ y: the nearest centroid
+            y_tilde[:, g.start:g.stop] = g.centroids[idx]
+            codes[:, g.offset:g.offset + g.nbytes] = pack_codes(idx.to(torch.uint8), g.bits).numpy()
+        encoded = self._finish(codes, norms, (y * y_tilde).sum(dim=1))
         if self.variant == "prod":
             residual = y - y_tilde
             signs = (residual @ self.qjl_matrix.T) >= 0
             encoded.qjl = pack_codes(signs.to(torch.uint8), 1).numpy()
             encoded.residual_norm = torch.linalg.vector_norm(residual, dim=1).numpy().astype(np.float32)
         return encoded
+
+    def _finish(self, codes: np.ndarray, norms: torch.Tensor, alignment: torch.Tensor) -> EncodedVectors:
+        """Per-vector floats from ‖x‖ and ⟨y, ỹ⟩ (see the module notes on `scale`)."""
+        scale = norms
+        if self.rescale:
+            scale = torch.where(alignment > 0, norms / alignment.clamp_min(1e-30), norms)
+        return EncodedVectors(codes=codes, norm=norms.numpy().astype(np.float32),
+                              scale=scale.numpy().astype(np.float32))
 
     # -- decoding ------------------------------------------------------------------------------
     def rotated_reconstruction(self, codes: torch.Tensor, qjl: torch.Tensor | None = None,
@@ -161,15 +236,29 @@ class TurboQuantizer:
 
         For "prod" this includes the QJL term √(π/2)/d · ‖r‖ · Gᵀ·signs.
         """
-        n = codes.shape[0]
-        if self.mse_bits:
-            y_tilde = self.centroids[unpack_codes(codes, self.mse_bits, self.dim).long()]
-        else:
-            y_tilde = torch.zeros((n, self.dim), dtype=torch.float32)
+        idx = self.unpack(codes).long()
+        y_tilde = torch.zeros((codes.shape[0], self.dim), dtype=torch.float32)
+        for g in self.groups:
+            y_tilde[:, g.start:g.stop] = g.centroids[idx[:, g.start:g.stop]]
         if self.variant == "prod":
             signs = unpack_codes(qjl, 1, self.dim).to(torch.float32) * 2 - 1
             y_tilde = y_tilde + self.qjl_scale * residual_norm[:, None] * (signs @ self.qjl_matrix)
         return y_tilde
+
+    def unpack(self, codes):
+        """Packed mse codes (n, code_bytes) uint8 → centroid indices (n, d) uint8 (numpy or torch
+        like the input; all zero when there is no mse stage)."""
+        as_numpy = isinstance(codes, np.ndarray)
+        if as_numpy:
+            with warnings.catch_warnings():  # memory-mapped codes are read-only; they are only read here
+                warnings.simplefilter("ignore", UserWarning)
+                c = torch.from_numpy(np.ascontiguousarray(codes))
+        else:
+            c = codes
+        idx = torch.zeros((c.shape[0], self.dim), dtype=torch.uint8, device=c.device)
+        for g in self.groups:
+            idx[:, g.start:g.stop] = unpack_codes(c[:, g.offset:g.offset + g.nbytes], g.bits, g.stop - g.start)
+        return idx.numpy() if as_numpy else idx
 
     def decode(self, encoded: EncodedVectors) -> np.ndarray:
         """Reconstruct x̃ (n, d) float32 in the original space.

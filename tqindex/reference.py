@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .codebook import lloyd_max_codebook
+from .codebook import lloyd_max_codebook, split_bits
 from .rotation import seeded_rng
 
-__all__ = ["qjl_gaussian", "quantize_mse", "dequantize_mse", "quantize_prod", "dequantize_prod"]
+__all__ = ["coordinate_codebooks", "qjl_gaussian", "quantize_mse", "dequantize_mse", "quantize_prod", "dequantize_prod"]
 
 
 def qjl_gaussian(dim: int, seed: int) -> np.ndarray:
@@ -27,14 +27,22 @@ def qjl_gaussian(dim: int, seed: int) -> np.ndarray:
     return seeded_rng(seed, "qjl", dim).standard_normal((dim, dim))
 
 
-def quantize_mse(x: np.ndarray, rotation: np.ndarray, bits: int):
+def coordinate_codebooks(dim: int, bits) -> list[tuple[slice, np.ndarray]]:
+    """(coordinates, centroids) pairs: one codebook for whole `bits`; for fractional `bits`, the
+    first coordinates use the (base + 1)-bit codebook and the rest the base-bit one (`split_bits`)."""
+    base, high = split_bits(dim, bits)
+    pairs = [(slice(0, high), base + 1), (slice(high, dim), base)]
+    return [(s, lloyd_max_codebook(dim, b).centroids) for s, b in pairs if s.stop > s.start]
+
+
+def quantize_mse(x: np.ndarray, rotation: np.ndarray, bits):
     """Algorithm 1, Quant_mse.
 
     Parameters
     ----------
     x : (n, d) float array
     rotation : (d, d) float64 Π
-    bits : int
+    bits : int, or float for fractional widths (see `coordinate_codebooks`)
 
     Returns
     -------
@@ -43,18 +51,20 @@ def quantize_mse(x: np.ndarray, rotation: np.ndarray, bits: int):
     """
     x = np.asarray(x, dtype=np.float64)
     d = x.shape[1]
-    centroids = lloyd_max_codebook(d, bits).centroids
     norms = np.linalg.norm(x, axis=1)
     unit = x / np.where(norms > 0, norms, 1.0)[:, None]
     y = unit @ rotation.T                                            # y ← Π·x
-    idx = np.argmin(np.abs(y[:, :, None] - centroids[None, None, :]), axis=2)  # idx_j ← argmin_k |y_j − c_k|
-    return idx.astype(np.int64), norms
+    idx = np.zeros(y.shape, dtype=np.int64)
+    for cols, centroids in coordinate_codebooks(d, bits):
+        idx[:, cols] = np.argmin(np.abs(y[:, cols, None] - centroids), axis=2)  # idx_j ← argmin_k |y_j − c_k|
+    return idx, norms
 
 
-def dequantize_mse(idx: np.ndarray, norms: np.ndarray, rotation: np.ndarray, bits: int) -> np.ndarray:
+def dequantize_mse(idx: np.ndarray, norms: np.ndarray, rotation: np.ndarray, bits) -> np.ndarray:
     """Algorithm 1, DeQuant_mse: x̃ = ‖x‖ · Πᵀ·ỹ with ỹ_j = c_{idx_j}."""
-    d = idx.shape[1]
-    y_tilde = lloyd_max_codebook(d, bits).centroids[idx]
+    y_tilde = np.zeros(idx.shape)
+    for cols, centroids in coordinate_codebooks(idx.shape[1], bits):
+        y_tilde[:, cols] = centroids[idx[:, cols]]
     return (y_tilde @ rotation) * norms[:, None]
 
 

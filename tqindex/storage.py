@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .codebook import CODEBOOK_VERSION
+from .codebook import CODEBOOK_VERSION, effective_bits
 from .quantizer import EncodedVectors
 from .segment import Segment
 
@@ -398,6 +398,8 @@ def open_index(cls, path, **params):
     if (path / MANIFEST).exists():
         index = load(cls, path, **{k: params.pop(k) for k in ("mmap", "device", "verify") if k in params})
         stored = index.params()
+        if "bits" in params:  # compare the width realised: 2.33 and 2 + 128/384 are the same index
+            params["bits"] = effective_bits(index.dim, params["bits"])
         clash = {k: (v, stored[k]) for k, v in params.items() if k in stored and stored[k] != v}
         if clash:
             raise ValueError(f"index at {path} was built with different parameters (given, stored): {clash}")

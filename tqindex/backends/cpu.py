@@ -38,27 +38,28 @@ class BlockDecoder:
 
     For b ∈ {1, 2, 4, 8} a 256-entry table maps each code byte straight to its 8/b centroids, so a
     block is decoded with a single gather and no bit twiddling; other widths unpack then gather.
-    Tables are kept per device.
+    Each code group (one, or two for fractional bits) is decoded on its own. Tables are kept per
+    device.
     """
 
     def __init__(self, quantizer: TurboQuantizer):
         self.q = quantizer
-        b = quantizer.mse_bits
+        self.byte_tables = []
+        for g in quantizer.groups:
+            table = None
+            if 8 % g.bits == 0:
+                per_byte = 8 // g.bits
+                byte_values = torch.arange(256, dtype=torch.int64)
+                shifts = torch.arange(per_byte, dtype=torch.int64) * g.bits
+                table = g.centroids[(byte_values[:, None] >> shifts) & ((1 << g.bits) - 1)].contiguous()
+            self.byte_tables.append(table)  # (256, 8 // bits) or None
         self._tables: dict[torch.device, dict] = {}
-        self.byte_table = None
-        if b and 8 % b == 0:
-            per_byte = 8 // b
-            byte_values = torch.arange(256, dtype=torch.int64)
-            shifts = torch.arange(per_byte, dtype=torch.int64) * b
-            codes = (byte_values[:, None] >> shifts) & ((1 << b) - 1)
-            self.byte_table = quantizer.centroids[codes].contiguous()  # (256, per_byte)
 
     def tables(self, device: torch.device) -> dict:
         if device not in self._tables:
-            q = self.q
             self._tables[device] = {
-                "byte_table": None if self.byte_table is None else self.byte_table.to(device),
-                "centroids": None if q.centroids is None else q.centroids.to(device),
+                "byte_tables": [None if t is None else t.to(device) for t in self.byte_tables],
+                "centroids": [g.centroids.to(device) for g in self.q.groups],
                 "signs": _SIGN_TABLE.to(device)}
         return self._tables[device]
 
@@ -66,14 +67,19 @@ class BlockDecoder:
         """(n, code_bytes) uint8 → (n, d) float32, on the codes' device."""
         q = self.q
         n = codes.shape[0]
-        if not q.mse_bits:
+        if not q.groups:
             return torch.zeros((n, q.dim), dtype=torch.float32, device=codes.device)
         tables = self.tables(codes.device)
-        if tables["byte_table"] is not None:
-            # embedding() is a plain row gather, about twice as fast as advanced indexing here.
-            decoded = torch.nn.functional.embedding(codes.int(), tables["byte_table"]).view(n, -1)
-            return decoded[:, : q.dim]
-        return tables["centroids"][unpack_codes(codes, q.mse_bits, q.dim).long()]
+        parts = []
+        for g, byte_table, centroids in zip(q.groups, tables["byte_tables"], tables["centroids"]):
+            group_codes = codes[:, g.offset:g.offset + g.nbytes]
+            width = g.stop - g.start
+            if byte_table is not None:
+                # embedding() is a plain row gather, about twice as fast as advanced indexing here.
+                parts.append(torch.nn.functional.embedding(group_codes.int(), byte_table).view(n, -1)[:, :width])
+            else:
+                parts.append(centroids[unpack_codes(group_codes, g.bits, width).long()])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _block_rows(dim: int, batch: int, device: torch.device) -> int:

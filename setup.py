@@ -1,0 +1,10 @@
+"""Build the optional native fast-scan kernel (tqindex/_native.c); everything else is in pyproject.toml.
+
+The extension is optional: where no C compiler is available the install still succeeds and
+tqindex falls back to its torch scan (tqindex.backends.fastscan.available() says which).
+"""
+
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension("tqindex._native", ["tqindex/_native.c"],
+                             extra_compile_args=["-O3", "-std=c11", "-Wall"], optional=True)])

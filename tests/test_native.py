@@ -1,0 +1,183 @@
+"""The compiled kernels (tqindex/_native.c) against the torch paths they replace.
+
+Encoding must give the same codes bit for bit; the fast scan must give the torch scan's top k
+(tie-aware, float rounding only), whatever the metric, deletions, segments and thread split.
+"""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tqindex import Index, native
+from tqindex.backends import fastscan
+from tqindex.backends.cpu import BlockDecoder, scan_topk
+from tqindex.packing import pack_codes
+from tqindex.quantizer import TurboQuantizer
+
+from conftest import assert_topk_matches, clustered
+
+needs_native = pytest.mark.skipif(native.kernels is None, reason="the C extension is not built")
+needs_avx2 = pytest.mark.skipif(not fastscan.available(), reason="no AVX2 fast scan on this machine")
+
+
+def test_extension_is_built_where_a_compiler_exists():
+    # The extension is optional so installs without a compiler still work; where one exists (CI
+    # included) a missing build is a packaging bug that would leave the kernels untested.
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert native.kernels is not None, "tqindex._native was not built: pip install -e . should compile it"
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    monkeypatch.setenv("TQINDEX_NATIVE", "0")
+
+
+@needs_native
+@pytest.mark.parametrize("d", [3, 97, 1000])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8, 2.5, 3.3])
+def test_native_encode_equals_torch(d, bits, monkeypatch):
+    rng = np.random.default_rng(int(d * 10 + bits * 3))
+    x = torch.from_numpy((rng.standard_normal((700, d)) * rng.uniform(0.1, 5, (700, 1))).astype(np.float32))
+    q = TurboQuantizer(dim=d, bits=bits, seed=3)
+    fast = q.encode(x)
+    monkeypatch.setenv("TQINDEX_NATIVE", "0")
+    slow = q.encode(x)
+    np.testing.assert_array_equal(fast.codes, slow.codes)
+    np.testing.assert_array_equal(fast.norm, slow.norm)
+    # ⟨y, ỹ⟩ is summed in float64 by the kernel and in float32 by torch.
+    np.testing.assert_allclose(fast.scale, slow.scale, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 7])
+def test_native_encode_on_boundaries(bits):
+    # Values exactly on a decision boundary go to the lower cell (torch.bucketize's rule), and
+    # values beyond the outer centroids to the end cells.
+    q = TurboQuantizer(dim=16, bits=bits)
+    (g,) = q.groups
+    values = torch.cat([g.boundaries, g.centroids, torch.tensor([-1.0, 1.0, 0.0, -0.0])])
+    y = values[torch.randint(len(values), (64, 16), generator=torch.Generator().manual_seed(bits))]
+    expected = pack_codes(torch.bucketize(y, g.boundaries).to(torch.uint8), bits).numpy()
+    codes = np.zeros_like(expected)
+    alignment = np.zeros(64, np.float32)
+    native.kernels.encode(y.numpy(), 16, 64, [(0, 16, bits, 0, g.boundaries.numpy(), g.centroids.numpy())],
+                          codes, alignment)
+    np.testing.assert_array_equal(codes, expected)
+    np.testing.assert_allclose(alignment, (y * g.centroids[torch.bucketize(y, g.boundaries)]).sum(1).numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+def test_native_encode_rejects_bad_buffers():
+    g = TurboQuantizer(dim=8, bits=2).groups[0]
+    spec = [(0, 8, 2, 0, g.boundaries.numpy(), g.centroids.numpy())]
+    y = np.zeros((4, 8), np.float32)
+    with pytest.raises(ValueError, match="y"):
+        native.kernels.encode(y[:3], 8, 4, spec, np.zeros((4, 2), np.uint8), np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="too small"):
+        native.kernels.encode(y, 8, 4, spec, np.zeros((4, 1), np.uint8), np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="boundaries"):
+        native.kernels.encode(y, 8, 4, [(0, 8, 2, 0, g.centroids.numpy(), g.centroids.numpy())],
+                              np.zeros((4, 2), np.uint8), np.zeros(4, np.float32))
+
+
+def _torch_scan(index, queries, k):
+    q = torch.from_numpy(queries)
+    if index.metric == "cosine":
+        q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
+    rotated, _ = index._quantizer.prepare_queries(q)
+    return scan_topk(index._quantizer, BlockDecoder(index._quantizer), index._segments, rotated, None,
+                     q.square().sum(1), k, index.metric)
+
+
+def _all_scores(index, queries):
+    """Torch-scan scores of every row (k = all rows), as an (nq, n) matrix by position."""
+    n = sum(len(s) for s in index._segments)
+    scores, pos = _torch_scan(index, queries, n)
+    full = np.full((len(queries), n), -np.inf, dtype=np.float64)
+    valid = pos.numpy() >= 0
+    rows = np.nonzero(valid)[0]
+    full[rows, pos.numpy()[valid]] = scores.numpy()[valid]
+    return full
+
+
+@needs_avx2
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 2.5, 3.75])
+@pytest.mark.parametrize("d", [97, 384])
+def test_fast_scan_equals_torch_scan(metric, bits, d):
+    rng = np.random.default_rng(int(d + 7 * bits))
+    x, near = clustered(rng, 3001, d, clusters=60, spread=0.5, queries=20)
+    x *= rng.uniform(0.5, 2.0, (len(x), 1)).astype(np.float32)   # scales vary: the bound must follow them
+    x[100:110] = x[50]                                            # exact duplicates: ties
+    index = Index(dim=d, bits=bits, metric=metric, seed=5)
+    index.add(x[:1700])
+    index.add(x[1700:])                                           # two segments
+    index.remove(np.arange(0, 3001, 7))                           # deletions in both
+    queries = np.concatenate([near, rng.standard_normal((5, d))]).astype(np.float32)
+    ref = _all_scores(index, queries)
+    rotated, _ = index._quantizer.prepare_queries(
+        torch.from_numpy(queries / np.linalg.norm(queries, axis=1, keepdims=True) if metric == "cosine" else queries))
+    sq = torch.from_numpy((queries ** 2).sum(1) if metric != "cosine" else np.ones(len(queries), np.float32))
+    for k in (1, 10, 100):
+        for threads in (1, 2, 3):
+            scores, pos = fastscan.scan_topk_fast(index._quantizer, index._segments, rotated, sq, k, metric,
+                                                  threads=threads)
+            assert_topk_matches(pos.numpy(), scores.numpy(), ref, rtol=2e-5)
+            assert not np.isin(pos.numpy(), np.arange(0, 3001, 7)).any(), "a deleted row was returned"
+    # The uint8 pass must actually prune: exact sums for a small share of the rows only.
+    fastscan.scan_topk_fast(index._quantizer, index._segments, rotated[:20], sq[:20], 10, metric)
+    assert fastscan.last_stats["exact_per_query"] < 0.25 * len(x)
+
+
+@needs_avx2
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_avx2_and_portable_kernels_agree_exactly(metric):
+    rng = np.random.default_rng(11)
+    x, _ = clustered(rng, 2500, 200, clusters=40, spread=0.6)
+    index = Index(dim=200, bits=3.5, metric=metric)
+    index.add(x)
+    index.remove([3, 4, 5, 2400])
+    queries = torch.from_numpy(x[:9] + 0.01)
+    rotated, _ = index._quantizer.prepare_queries(queries)
+    sq = queries.square().sum(1)
+    a = fastscan.scan_topk_fast(index._quantizer, index._segments, rotated, sq, 17, metric, threads=1)
+    b = fastscan.scan_topk_fast(index._quantizer, index._segments, rotated, sq, 17, metric, threads=1,
+                                portable=True)
+    np.testing.assert_array_equal(a[1].numpy(), b[1].numpy())
+    np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
+
+
+@needs_avx2
+def test_index_search_uses_fast_scan_and_matches_torch(monkeypatch):
+    rng = np.random.default_rng(2)
+    x, _ = clustered(rng, 5000, 64, clusters=100)
+    index = Index(dim=64, bits=4, keep_vectors=True)
+    index.add(x)
+    fast = index.search(x[:50], 10, rerank=2)
+    assert fastscan.last_stats["queries"] == 50
+    monkeypatch.setenv("TQINDEX_NATIVE", "0")
+    fastscan.last_stats["queries"] = 0
+    slow = index.search(x[:50], 10, rerank=2)
+    assert fastscan.last_stats["queries"] == 0
+    np.testing.assert_array_equal(fast.ids, slow.ids)
+    np.testing.assert_allclose(fast.scores, slow.scores, rtol=1e-5)
+
+
+@needs_avx2
+def test_fast_scan_handles_empty_and_tiny_segments():
+    index = Index(dim=16, bits=2)
+    index.add(np.eye(16, dtype=np.float32)[:3])
+    index.remove([1])
+    result = index.search(np.eye(16, dtype=np.float32)[:2], 5)
+    assert result.ids[0, 0] == 0                        # e0 finds itself first
+    assert [set(r[:2].tolist()) for r in result.ids] == [{0, 2}, {0, 2}]  # row 1 was removed
+    assert (result.ids[:, 2:] == -1).all() and np.isinf(result.scores[:, 2:]).all()
+
+
+def test_torch_only_environment_turns_kernels_off(torch_only):
+    assert not native.enabled() and not fastscan.available()
+    assert os.environ["TQINDEX_NATIVE"] == "0"

@@ -1,0 +1,454 @@
+/* Fast-scan kernel: 4-bit lookup tables over nibble codes, with a running top-k per query.
+ *
+ * Layout (built by tqindex/backends/fastscan.py). Each vector's mse codes are regrouped into M
+ * "nibbles" of 4 bits (one 3- or 4-bit code, two 2-bit codes or four 1-bit codes each), and
+ * vectors are stored in blocks of 32: block b holds, for every column c < M/2, 32 bytes whose byte
+ * i is nibble 2c of vector 32b+i in its low half and nibble 2c+1 in its high half.
+ *
+ * Per query, nibble m has a 16-entry float table L[m][v] (the exact contribution of that nibble
+ * value to the dot product) and its uint8 quantization Lq[m][v]. The approximate dot product of
+ * vector i is  delta * sum_m Lq[m][nibble_m(i)] + bias,  which differs from the exact one,
+ * sum_m L[m][nibble_m(i)], by at most `tol` (computed by the caller from the rounding). Scores are
+ * row_scale[i] * dot for "ip", and 2 * that - row_norm2[i] - query_norm2 for "l2".
+ *
+ * Per-row arrays (row_scale, row_norm2) are in "slot order" within each block of 32, the order in
+ * which the AVX2 path produces sums: slot(v) = 16*(v & 1) + 8*(v >= 16) + ((v & 15) >> 1). Deleted
+ * rows and the padding of the last block have scale NaN, which no comparison lets through.
+ * Scales are never negative (they are norms, or norms over a positive alignment).
+ *
+ * Each query keeps a min-heap of its k best *exact* scores. A vector is skipped when its
+ * approximate score plus its error bound is below the heap's minimum; otherwise its exact score is
+ * summed from the float tables and offered to the heap. The heap's minimum only rises, so a
+ * skipped vector could never have entered the final top k: the result is the exact top k of the
+ * float scores, and the uint8 pass only decides which vectors need the float sum.
+ *
+ * The AVX2 path looks 32 nibbles up at once with vpshufb (one table per 128-bit lane, the same
+ * table broadcast to both) and sums in 16-bit lanes; it is chosen at run time when the CPU has
+ * AVX2. The portable path computes the very same integer sums, so both give identical results.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define TQ_X86 1
+#endif
+
+#define BLOCK 32
+/* Column chunk for 16-bit sums: 2 lookups of at most 255 per column, so 128 columns stay below 2^16. */
+#define CHUNK_COLS 128
+/* Blocks scanned per pass over a tile of queries: 64 blocks of 192 columns is 384 KiB of codes,
+ * which stays in L2 while every query tile reuses it. */
+#define BLOCKS_PER_PASS 64
+#define MAX_TILE 4
+
+typedef struct {
+    const uint8_t *codes;      /* [nblocks][ncols][32] */
+    Py_ssize_t ncols;          /* columns per block */
+    Py_ssize_t b0, b1;         /* block range to scan */
+    const uint8_t *luts;       /* [nq][2*ncols][16] */
+    const float *fluts;        /* [nq][2*ncols][16] */
+    const float *delta, *bias; /* [nq] */
+    const float *tol, *eps;    /* [nq]: bound on |approx - exact| dot, and room for float rounding of a score */
+    const float *row_scale;    /* [nblocks * 32], slot order, NaN where deleted or padding */
+    const float *row_norm2;    /* [nblocks * 32], slot order, or NULL ("ip") */
+    const float *query_norm2;  /* [nq] or NULL */
+    Py_ssize_t nq, kp;
+    float *out_s;              /* [nq][kp], min-heaps of exact scores */
+    int64_t *out_i;
+    int64_t *exact_count;      /* [nq]: exact evaluations per query (work done, for benchmarks) */
+} scan_args;
+
+static inline void heap_replace_top(float *hs, int64_t *hi, Py_ssize_t k, float s, int64_t id) {
+    Py_ssize_t i = 0;
+    for (;;) {
+        Py_ssize_t l = 2 * i + 1, r = l + 1, m = i;
+        float ms = s;
+        if (l < k && hs[l] < ms) { m = l; ms = hs[l]; }
+        if (r < k && hs[r] < ms) { m = r; ms = hs[r]; }
+        if (m == i) break;
+        hs[i] = hs[m];
+        hi[i] = hi[m];
+        i = m;
+    }
+    hs[i] = s;
+    hi[i] = id;
+}
+
+static inline int slot_of(int v) { return 16 * (v & 1) + 8 * (v >= 16) + ((v & 15) >> 1); }
+
+/* Sum row v's exact dot product from the float tables and offer its score to q's heap. */
+static inline void exact_offer(const scan_args *a, Py_ssize_t q, Py_ssize_t block, int v) {
+    float *hs = a->out_s + q * a->kp;
+    const float *flut = a->fluts + q * a->ncols * 32;
+    const uint8_t *col = a->codes + block * a->ncols * BLOCK + v;
+    float dot = 0.0f;
+    for (Py_ssize_t c = 0; c < a->ncols; c++, col += BLOCK, flut += 32)
+        dot += flut[*col & 15] + flut[16 + (*col >> 4)];
+    Py_ssize_t slot = block * BLOCK + slot_of(v);
+    float s;
+    if (a->row_norm2)
+        s = 2.0f * a->row_scale[slot] * dot - a->row_norm2[slot] - a->query_norm2[q];
+    else
+        s = a->row_scale[slot] * dot;
+    a->exact_count[q]++;
+    if (s > hs[0]) heap_replace_top(hs, a->out_i + q * a->kp, a->kp, s, (int64_t)(block * BLOCK + v));
+}
+
+/* Rows whose score may reach the heap: factor*scale*(delta*sum + bias + tol) [- norm2 - qn2] + eps >= min. */
+static inline float evaluation_threshold(const scan_args *a, Py_ssize_t q) {
+    return a->out_s[q * a->kp] - a->eps[q] + (a->row_norm2 ? a->query_norm2[q] : 0.0f);
+}
+
+static inline void offer_block(const scan_args *a, Py_ssize_t q, Py_ssize_t block, const uint32_t *sums) {
+    const float factor = a->row_norm2 ? 2.0f : 1.0f;
+    const float mul = factor * a->delta[q], add = factor * (a->bias[q] + a->tol[q]);
+    for (int v = 0; v < BLOCK; v++) {
+        Py_ssize_t slot = block * BLOCK + slot_of(v);
+        float upper = a->row_scale[slot] * (mul * (float)sums[v] + add);
+        if (a->row_norm2) upper -= a->row_norm2[slot];
+        if (upper >= evaluation_threshold(a, q)) exact_offer(a, q, block, v);
+    }
+}
+
+static void block_sums_portable(const scan_args *a, Py_ssize_t q, Py_ssize_t block, uint32_t *sums) {
+    const uint8_t *blk = a->codes + block * a->ncols * BLOCK;
+    const uint8_t *lut = a->luts + q * a->ncols * 32;
+    for (int v = 0; v < BLOCK; v++) sums[v] = 0;
+    for (Py_ssize_t c = 0; c < a->ncols; c++) {
+        const uint8_t *col = blk + c * BLOCK, *l0 = lut + c * 32, *l1 = l0 + 16;
+        for (int v = 0; v < BLOCK; v++) sums[v] += (uint32_t)l0[col[v] & 15] + l1[col[v] >> 4];
+    }
+}
+
+static void scan_portable(const scan_args *a) {
+    uint32_t sums[BLOCK];
+    for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {
+        Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;
+        for (Py_ssize_t q = 0; q < a->nq; q++)
+            for (Py_ssize_t b = p; b < pe; b++) {
+                block_sums_portable(a, q, b, sums);
+                offer_block(a, q, b, sums);
+            }
+    }
+}
+
+#ifdef TQ_X86
+/* Sums of `tile` queries (compile-time constant after inlining) over one block. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void block_sums_avx2(
+        const scan_args *a, Py_ssize_t q0, const int tile, Py_ssize_t block, __m256i sums[][4]) {
+    const uint8_t *blk = a->codes + block * a->ncols * BLOCK;
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const uint8_t *lut[MAX_TILE];
+    for (int t = 0; t < tile; t++) {
+        lut[t] = a->luts + (q0 + t) * a->ncols * 32;
+        for (int g = 0; g < 4; g++) sums[t][g] = _mm256_setzero_si256();
+    }
+    for (Py_ssize_t c0 = 0; c0 < a->ncols; c0 += CHUNK_COLS) {
+        Py_ssize_t c1 = c0 + CHUNK_COLS < a->ncols ? c0 + CHUNK_COLS : a->ncols;
+        /* acc: 16-bit lanes holding even + 256 * odd byte sums (mod 2^16); odd: the odd sums alone. */
+        __m256i acc[MAX_TILE], odd[MAX_TILE];
+        for (int t = 0; t < tile; t++) acc[t] = odd[t] = _mm256_setzero_si256();
+        for (Py_ssize_t c = c0; c < c1; c++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(blk + c * BLOCK));
+            __m256i lo = _mm256_and_si256(v, low4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            for (int t = 0; t < tile; t++) {
+                const uint8_t *l = lut[t] + c * 32;
+                __m256i t0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)l));
+                __m256i t1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + 16)));
+                __m256i r0 = _mm256_shuffle_epi8(t0, lo);
+                __m256i r1 = _mm256_shuffle_epi8(t1, hi);
+                acc[t] = _mm256_add_epi16(acc[t], _mm256_add_epi16(r0, r1));
+                odd[t] = _mm256_add_epi16(odd[t], _mm256_add_epi16(_mm256_srli_epi16(r0, 8),
+                                                                   _mm256_srli_epi16(r1, 8)));
+            }
+        }
+        for (int t = 0; t < tile; t++) {
+            /* Byte i of the register is vector i, so 16-bit lane w holds vectors 2w (even) and 2w+1:
+             * widening the halves gives the slot order (0, 2, .., 14 | 16, .., 30 | 1, .., 15 | 17, .., 31). */
+            __m256i even = _mm256_sub_epi16(acc[t], _mm256_slli_epi16(odd[t], 8));
+            sums[t][0] = _mm256_add_epi32(sums[t][0], _mm256_cvtepu16_epi32(_mm256_castsi256_si128(even)));
+            sums[t][1] = _mm256_add_epi32(sums[t][1], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(even, 1)));
+            sums[t][2] = _mm256_add_epi32(sums[t][2], _mm256_cvtepu16_epi32(_mm256_castsi256_si128(odd[t])));
+            sums[t][3] = _mm256_add_epi32(sums[t][3], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(odd[t], 1)));
+        }
+    }
+}
+
+/* The portable offer_block's test on 8 slots at a time; rows that pass go in row order to exact_offer. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void offer_block_avx2(
+        const scan_args *a, Py_ssize_t q, Py_ssize_t block, const __m256i *sums) {
+    const float factor = a->row_norm2 ? 2.0f : 1.0f;
+    const __m256 mul = _mm256_set1_ps(factor * a->delta[q]), add = _mm256_set1_ps(factor * (a->bias[q] + a->tol[q]));
+    const __m256 threshold = _mm256_set1_ps(evaluation_threshold(a, q));
+    const float *scale = a->row_scale + block * BLOCK;
+    uint32_t rows = 0;
+    for (int g = 0; g < 4; g++) {
+        __m256 upper = _mm256_mul_ps(_mm256_loadu_ps(scale + 8 * g),
+                                     _mm256_fmadd_ps(mul, _mm256_cvtepi32_ps(sums[g]), add));
+        if (a->row_norm2) upper = _mm256_sub_ps(upper, _mm256_loadu_ps(a->row_norm2 + block * BLOCK + 8 * g));
+        uint32_t m = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(upper, threshold, _CMP_GE_OQ));
+        while (m) {  /* slot 8g + j holds row 2j + 16*(g & 1) + (g >> 1) */
+            int j = __builtin_ctz(m);
+            m &= m - 1;
+            rows |= 1u << (2 * j + 16 * (g & 1) + (g >> 1));
+        }
+    }
+    while (rows) {
+        int v = __builtin_ctz(rows);
+        rows &= rows - 1;
+        exact_offer(a, q, block, v);
+    }
+}
+
+#define DEFINE_TILE(T)                                                                               \
+    __attribute__((target("avx2,fma"))) static void scan_tile_##T(const scan_args *a, Py_ssize_t q0, \
+                                                                    Py_ssize_t p, Py_ssize_t pe) {   \
+        __m256i sums[MAX_TILE][4];                                                                   \
+        for (Py_ssize_t b = p; b < pe; b++) {                                                        \
+            block_sums_avx2(a, q0, T, b, sums);                                                      \
+            for (int t = 0; t < T; t++) offer_block_avx2(a, q0 + t, b, sums[t]);                     \
+        }                                                                                            \
+    }
+DEFINE_TILE(1)
+DEFINE_TILE(2)
+DEFINE_TILE(3)
+DEFINE_TILE(4)
+
+static void scan_avx2(const scan_args *a) {
+    for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {
+        Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;
+        Py_ssize_t q = 0;
+        for (; q + 4 <= a->nq; q += 4) scan_tile_4(a, q, p, pe);
+        switch (a->nq - q) {
+            case 3: scan_tile_3(a, q, p, pe); break;
+            case 2: scan_tile_2(a, q, p, pe); break;
+            case 1: scan_tile_1(a, q, p, pe); break;
+            default: break;
+        }
+    }
+}
+#endif
+
+static int have_avx2(void) {
+#ifdef TQ_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+/* Buffer helpers: each checks the exact byte size the kernel will read or write. */
+static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t nbytes, const char *name) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
+    if (view->len != nbytes) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd bytes, got %zd", name, nbytes, view->len);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"codes", "ncols", "nblocks", "b0", "b1", "luts", "fluts", "delta", "bias", "tol", "eps",
+                             "row_scale", "row_norm2", "query_norm2", "out_scores", "out_ids", "exact_count",
+                             "portable", NULL};
+    PyObject *codes, *luts, *fluts, *delta, *bias, *tol, *eps, *row_scale, *row_norm2, *query_norm2;
+    PyObject *out_s, *out_i, *exact_count;
+    Py_ssize_t ncols, nblocks, b0, b1;
+    int portable = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnnnnOOOOOOOOOOOO|p", kwlist, &codes, &ncols, &nblocks, &b0, &b1,
+                                     &luts, &fluts, &delta, &bias, &tol, &eps, &row_scale, &row_norm2, &query_norm2,
+                                     &out_s, &out_i, &exact_count, &portable))
+        return NULL;
+    Py_ssize_t n = nblocks * BLOCK;
+    if (ncols < 1 || nblocks < 0 || b0 < 0 || b1 < b0 || b1 > nblocks) {
+        PyErr_SetString(PyExc_ValueError, "scan: inconsistent ncols / nblocks / block range");
+        return NULL;
+    }
+    Py_buffer bufs[16];
+    int held = 0, ok = 0;
+    scan_args a;
+    memset(&a, 0, sizeof(a));
+    Py_buffer *v;
+    /* delta has one float per query: it fixes nq, and everything else is checked against it. */
+    if (PyObject_GetBuffer(delta, &bufs[held], PyBUF_C_CONTIGUOUS) < 0) goto done;
+    a.nq = bufs[held].len / (Py_ssize_t)sizeof(float);
+    held++;
+    if (PyObject_GetBuffer(out_s, &bufs[held], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+    a.kp = a.nq ? bufs[held].len / (Py_ssize_t)sizeof(float) / a.nq : 0;
+    held++;
+    if (a.nq && (a.kp < 1 || bufs[held - 1].len != a.nq * a.kp * (Py_ssize_t)sizeof(float))) {
+        PyErr_SetString(PyExc_ValueError, "scan: out_scores must be float32 [nq][k] with k >= 1");
+        goto done;
+    }
+#define NEXT(obj, w, nbytes, name)                                     \
+    v = &bufs[held];                                                   \
+    if (get_buffer(obj, v, w, nbytes, name) < 0) goto done;            \
+    held++;
+    NEXT(codes, 0, nblocks * ncols * BLOCK, "codes")
+    a.codes = v->buf;
+    NEXT(luts, 0, a.nq * ncols * 32, "luts")
+    a.luts = v->buf;
+    NEXT(fluts, 0, a.nq * ncols * 32 * (Py_ssize_t)sizeof(float), "fluts")
+    a.fluts = v->buf;
+    NEXT(bias, 0, a.nq * (Py_ssize_t)sizeof(float), "bias")
+    a.bias = v->buf;
+    NEXT(tol, 0, a.nq * (Py_ssize_t)sizeof(float), "tol")
+    a.tol = v->buf;
+    NEXT(eps, 0, a.nq * (Py_ssize_t)sizeof(float), "eps")
+    a.eps = v->buf;
+    NEXT(exact_count, 1, a.nq * (Py_ssize_t)sizeof(int64_t), "exact_count")
+    a.exact_count = v->buf;
+    NEXT(row_scale, 0, n * (Py_ssize_t)sizeof(float), "row_scale")
+    a.row_scale = v->buf;
+    NEXT(out_i, 1, a.nq * a.kp * (Py_ssize_t)sizeof(int64_t), "out_ids")
+    a.out_i = v->buf;
+    if (row_norm2 != Py_None) {
+        NEXT(row_norm2, 0, n * (Py_ssize_t)sizeof(float), "row_norm2")
+        a.row_norm2 = v->buf;
+        NEXT(query_norm2, 0, a.nq * (Py_ssize_t)sizeof(float), "query_norm2")
+        a.query_norm2 = v->buf;
+    }
+#undef NEXT
+    a.delta = bufs[0].buf;
+    a.out_s = bufs[1].buf;
+    a.ncols = ncols;
+    a.b0 = b0;
+    a.b1 = b1;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef TQ_X86
+    if (!portable && have_avx2())
+        scan_avx2(&a);
+    else
+#endif
+        scan_portable(&a);
+    Py_END_ALLOW_THREADS
+    ok = 1;
+done:
+    for (int i = 0; i < held; i++) PyBuffer_Release(&bufs[i]);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ---- encoding ----------------------------------------------------------------------------------
+ * encode(y, dim, rows, groups, codes, alignment): for rows of y (float32 [rows][dim], rotated unit
+ * vectors), each group (start, stop, bits, byte_offset, boundaries float32[2^bits - 1], centroids
+ * float32[2^bits]) writes code j = #{boundaries < y_j} (torch.bucketize's rule: the first boundary
+ * >= y) into the row's little-endian bitstream at byte_offset (tqindex/packing.py layout), and
+ * alignment[row] = sum_j y_j * centroid(code_j) (float32, summed in float64). */
+typedef struct {
+    Py_ssize_t start, stop, bits, offset;
+    const float *boundaries, *centroids;
+} code_group;
+
+static void encode_rows(const float *y, Py_ssize_t dim, Py_ssize_t rows, const code_group *groups, int ngroups,
+                        uint8_t *codes, Py_ssize_t row_bytes, float *alignment) {
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *yr = y + r * dim;
+        uint8_t *out = codes + r * row_bytes;
+        double dot = 0.0;
+        for (int gi = 0; gi < ngroups; gi++) {
+            const code_group *g = &groups[gi];
+            uint8_t *dst = out + g->offset;
+            uint64_t acc = 0;
+            int filled = 0;
+            for (Py_ssize_t j = g->start; j < g->stop; j++) {
+                const float v = yr[j];
+                /* Branch-free search over the 2^bits - 1 sorted boundaries (a complete binary tree):
+                 * ends with lo = #{boundaries < v}. Data-dependent branches here mispredict often. */
+                int lo = 0;
+                for (int step = 1 << (g->bits - 1); step; step >>= 1)
+                    lo += (g->boundaries[lo + step - 1] < v) ? step : 0;
+                dot += (double)v * g->centroids[lo];
+                acc |= (uint64_t)lo << filled;
+                filled += (int)g->bits;
+                while (filled >= 8) {
+                    *dst++ = (uint8_t)acc;
+                    acc >>= 8;
+                    filled -= 8;
+                }
+            }
+            if (filled) *dst = (uint8_t)acc;
+        }
+        alignment[r] = (float)dot;
+    }
+}
+
+static PyObject *encode(PyObject *self, PyObject *args) {
+    PyObject *y, *groups, *codes, *alignment;
+    Py_ssize_t dim, rows;
+    if (!PyArg_ParseTuple(args, "OnnO!OO", &y, &dim, &rows, &PyList_Type, &groups, &codes, &alignment)) return NULL;
+    int ngroups = (int)PyList_GET_SIZE(groups);
+    if (ngroups < 1 || ngroups > 8 || dim < 1 || rows < 0) {
+        PyErr_SetString(PyExc_ValueError, "encode: need 1..8 groups, dim >= 1, rows >= 0");
+        return NULL;
+    }
+    code_group g[8];
+    Py_buffer bufs[4 + 16];
+    int held = 0, ok = 0;
+    Py_ssize_t row_bytes = 0;
+    for (int i = 0; i < ngroups; i++) {
+        PyObject *bnd, *cen;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(groups, i), "nnnnOO", &g[i].start, &g[i].stop, &g[i].bits, &g[i].offset,
+                              &bnd, &cen))
+            goto done;
+        if (g[i].bits < 1 || g[i].bits > 8 || g[i].start < 0 || g[i].stop > dim || g[i].stop < g[i].start) {
+            PyErr_SetString(PyExc_ValueError, "encode: bad group");
+            goto done;
+        }
+        Py_ssize_t levels = (Py_ssize_t)1 << g[i].bits;
+        if (get_buffer(bnd, &bufs[held], 0, (levels - 1) * (Py_ssize_t)sizeof(float), "boundaries") < 0) goto done;
+        g[i].boundaries = bufs[held++].buf;
+        if (get_buffer(cen, &bufs[held], 0, levels * (Py_ssize_t)sizeof(float), "centroids") < 0) goto done;
+        g[i].centroids = bufs[held++].buf;
+        Py_ssize_t end = g[i].offset + ((g[i].stop - g[i].start) * g[i].bits + 7) / 8;
+        if (end > row_bytes) row_bytes = end;
+    }
+    if (get_buffer(y, &bufs[held], 0, rows * dim * (Py_ssize_t)sizeof(float), "y") < 0) goto done;
+    const float *yp = bufs[held++].buf;
+    if (PyObject_GetBuffer(codes, &bufs[held], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+    uint8_t *cp = bufs[held].buf;
+    Py_ssize_t code_len = bufs[held++].len;
+    if (rows && (code_len % rows || code_len / rows < row_bytes)) {
+        PyErr_SetString(PyExc_ValueError, "encode: codes buffer is too small for the groups");
+        goto done;
+    }
+    if (get_buffer(alignment, &bufs[held], 1, rows * (Py_ssize_t)sizeof(float), "alignment") < 0) goto done;
+    float *ap = bufs[held++].buf;
+    Py_BEGIN_ALLOW_THREADS
+    encode_rows(yp, dim, rows, g, ngroups, cp, rows ? code_len / rows : 0, ap);
+    Py_END_ALLOW_THREADS
+    ok = 1;
+done:
+    for (int i = 0; i < held; i++) PyBuffer_Release(&bufs[i]);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *simd(PyObject *self, PyObject *unused) {
+    return PyUnicode_FromString(have_avx2() ? "avx2" : "portable");
+}
+
+static PyMethodDef methods[] = {
+    {"scan", (PyCFunction)(void (*)(void))scan, METH_VARARGS | METH_KEYWORDS,
+     "scan(codes, ncols, nblocks, b0, b1, luts, fluts, delta, bias, tol, eps, row_scale, row_norm2, query_norm2, "
+     "out_scores, out_ids, exact_count, portable=False)\n\nOffer blocks [b0, b1) of every query to its "
+     "min-heap of exact scores in out_scores/out_ids (float32/int64 [nq][k], initialised by the caller); adds "
+     "the number of exact evaluations to exact_count (int64 [nq]). Releases the GIL."},
+    {"encode", encode, METH_VARARGS,
+     "encode(y, dim, rows, groups, codes, alignment)\n\nQuantize rows of rotated unit vectors into packed codes "
+     "(groups: list of (start, stop, bits, byte_offset, boundaries, centroids)) and their alignment "
+     "<y, y_tilde>. Releases the GIL."},
+    {"simd", simd, METH_NOARGS, "'avx2' when the AVX2 kernel runs on this CPU, else 'portable'."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "tqindex native kernels: fast scan and encoding", -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
