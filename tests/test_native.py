@@ -84,6 +84,41 @@ def test_native_encode_rejects_bad_buffers():
                               np.zeros((4, 2), np.uint8), np.zeros(4, np.float32))
 
 
+def _oracle_tables(quantizer, q):
+    """float64 tables by direct enumeration of each nibble's codes (independent of the kernel)."""
+    tables = []
+    for g in quantizer.groups:
+        per = 4 // g.bits if g.bits in (1, 2) else 1
+        c = g.centroids.numpy().astype(np.float64)
+        for j in range(g.start, g.stop, per):
+            coords = list(range(j, min(j + per, g.stop)))
+            tables.append([sum(q[jj] * c[(v >> (t * g.bits)) & ((1 << g.bits) - 1)] for t, jj in enumerate(coords))
+                           for v in range(16)])
+    if len(tables) % 2:
+        tables.append([0.0] * 16)
+    return np.array(tables)
+
+
+@needs_native
+@pytest.mark.parametrize("d,bits", [(3, 1), (3, 4), (97, 2), (97, 3), (50, 2.5), (384, 4), (200, 3.75), (13, 1.4)])
+def test_query_tables_match_oracle_and_bound_the_rounding(d, bits):
+    quantizer = TurboQuantizer(dim=d, bits=bits, seed=1)
+    rng = np.random.default_rng(d)
+    q = rng.standard_normal((6, d)).astype(np.float32)
+    luts, fluts, delta, bias, tol, magnitude = fastscan.quantized_luts(quantizer, torch.from_numpy(q))
+    for i in range(len(q)):
+        oracle = _oracle_tables(quantizer, q[i].astype(np.float64))
+        np.testing.assert_allclose(fluts[i], oracle, rtol=1e-5, atol=1e-6 * np.abs(oracle).max())
+        shift = oracle.min(axis=1, keepdims=True)
+        np.testing.assert_allclose(delta[i], (oracle - shift).max() / 255, rtol=1e-5)
+        np.testing.assert_allclose(bias[i], shift.sum(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(magnitude[i], np.abs(oracle).max(axis=1).sum(), rtol=1e-5)
+        assert np.abs(luts[i].astype(int) - np.round((oracle - shift) / delta[i])).max() <= 1
+        # The bound: any choice of one value per nibble moves the sum by at most tol.
+        worst = np.abs(luts[i] * np.float64(delta[i]) + shift - oracle)
+        assert worst.max(axis=1).sum() <= tol[i] * (1 + 1e-4) + 1e-7
+
+
 def _torch_scan(index, queries, k):
     q = torch.from_numpy(queries)
     if index.metric == "cosine":

@@ -39,8 +39,10 @@
 #endif
 
 #define BLOCK 32
-/* Column chunk for 16-bit sums: 2 lookups of at most 255 per column, so 128 columns stay below 2^16. */
-#define CHUNK_COLS 128
+/* Table entries are 7-bit (0..LUT_MAX), so a column's two lookups add in 8 bits without overflow,
+ * and 16-bit sums hold CHUNK_COLS columns: 256 * 2 * 127 < 2^16. */
+#define LUT_MAX 127
+#define CHUNK_COLS 256
 /* Blocks scanned per pass over a tile of queries: 64 blocks of 192 columns is 384 KiB of codes,
  * which stays in L2 while every query tile reuses it. */
 #define BLOCKS_PER_PASS 64
@@ -86,9 +88,20 @@ static inline void exact_offer(const scan_args *a, Py_ssize_t q, Py_ssize_t bloc
     float *hs = a->out_s + q * a->kp;
     const float *flut = a->fluts + q * a->ncols * 32;
     const uint8_t *col = a->codes + block * a->ncols * BLOCK + v;
-    float dot = 0.0f;
-    for (Py_ssize_t c = 0; c < a->ncols; c++, col += BLOCK, flut += 32)
-        dot += flut[*col & 15] + flut[16 + (*col >> 4)];
+    /* Four partial sums: one chain of dependent float adds would cost ~4 cycles per nibble. */
+    float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    Py_ssize_t c = 0;
+    for (; c + 2 <= a->ncols; c += 2, col += 2 * BLOCK, flut += 64) {
+        part[0] += flut[col[0] & 15];
+        part[1] += flut[16 + (col[0] >> 4)];
+        part[2] += flut[32 + (col[BLOCK] & 15)];
+        part[3] += flut[48 + (col[BLOCK] >> 4)];
+    }
+    if (c < a->ncols) {
+        part[0] += flut[col[0] & 15];
+        part[1] += flut[16 + (col[0] >> 4)];
+    }
+    float dot = (part[0] + part[1]) + (part[2] + part[3]);
     Py_ssize_t slot = block * BLOCK + slot_of(v);
     float s;
     if (a->row_norm2)
@@ -163,9 +176,9 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void block_sums
                 __m256i t1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + 16)));
                 __m256i r0 = _mm256_shuffle_epi8(t0, lo);
                 __m256i r1 = _mm256_shuffle_epi8(t1, hi);
-                acc[t] = _mm256_add_epi16(acc[t], _mm256_add_epi16(r0, r1));
-                odd[t] = _mm256_add_epi16(odd[t], _mm256_add_epi16(_mm256_srli_epi16(r0, 8),
-                                                                   _mm256_srli_epi16(r1, 8)));
+                __m256i r = _mm256_add_epi8(r0, r1);
+                acc[t] = _mm256_add_epi16(acc[t], r);
+                odd[t] = _mm256_add_epi16(odd[t], _mm256_srli_epi16(r, 8));
             }
         }
         for (int t = 0; t < tile; t++) {
@@ -432,6 +445,129 @@ done:
     Py_RETURN_NONE;
 }
 
+/* ---- query tables -------------------------------------------------------------------------------
+ * tables(rotated, dim, nq, groups, ncols, luts, fluts, delta, bias, tol, magnitude): for each query
+ * (float32 [nq][dim]) and nibble m, fluts[m][v] = sum_t q[j_t] * centroid(code_t(v)) with the
+ * group's `per` codes of `bits` bits packed in v (coordinates past the group's end count 0; nibbles
+ * past the last group, padding, are all 0). luts = round((fluts - min_v) / delta), delta =
+ * max_m span_m / 255; bias = sum_m min_v; tol = sum_m max_v |delta * luts - (fluts - min_v)|, the
+ * most rounding can move a dot product; magnitude = sum_m max_v |fluts|. */
+typedef struct {
+    Py_ssize_t start, stop, bits, per;
+    const float *centroids;
+} nibble_group;
+
+static void query_tables(const float *q, const nibble_group *groups, int ngroups, Py_ssize_t nibbles,
+                         uint8_t *lut, float *flut, float *delta, float *bias, float *tol, float *magnitude) {
+    Py_ssize_t m = 0;
+    for (int gi = 0; gi < ngroups; gi++) {
+        const nibble_group *g = &groups[gi];
+        const int mask = (1 << g->bits) - 1;
+        for (Py_ssize_t j = g->start; j < g->stop; j += g->per, m++) {
+            float *row = flut + m * 16;
+            for (int v = 0; v < 16; v++) {
+                float sum = 0.0f;
+                for (int t = 0; t < g->per && j + t < g->stop; t++)
+                    sum += q[j + t] * g->centroids[(v >> (t * g->bits)) & mask];
+                row[v] = sum;
+            }
+        }
+    }
+    for (; m < nibbles; m++) memset(flut + m * 16, 0, 16 * sizeof(float));
+    float span = 0.0f, shift_sum = 0.0f, mag = 0.0f;
+    for (m = 0; m < nibbles; m++) {
+        const float *row = flut + m * 16;
+        float lo = row[0], hi = row[0], big = fabsf(row[0]);
+        for (int v = 1; v < 16; v++) {
+            lo = row[v] < lo ? row[v] : lo;
+            hi = row[v] > hi ? row[v] : hi;
+            big = fabsf(row[v]) > big ? fabsf(row[v]) : big;
+        }
+        span = hi - lo > span ? hi - lo : span;
+        shift_sum += lo;
+        mag += big;
+    }
+    const float step = span > 0.0f ? span / (float)LUT_MAX : 1.0f;
+    float err_sum = 0.0f;
+    for (m = 0; m < nibbles; m++) {
+        const float *row = flut + m * 16;
+        float lo = row[0], worst = 0.0f;
+        for (int v = 1; v < 16; v++) lo = row[v] < lo ? row[v] : lo;
+        for (int v = 0; v < 16; v++) {
+            float level = rintf((row[v] - lo) / step);
+            level = level < 0.0f ? 0.0f : (level > (float)LUT_MAX ? (float)LUT_MAX : level);
+            lut[m * 16 + v] = (uint8_t)level;
+            float err = fabsf(level * step - (row[v] - lo));
+            worst = err > worst ? err : worst;
+        }
+        err_sum += worst;
+    }
+    *delta = step;
+    *bias = shift_sum;
+    *tol = err_sum;
+    *magnitude = mag;
+}
+
+static PyObject *tables(PyObject *self, PyObject *args) {
+    PyObject *rotated, *groups, *luts, *fluts, *delta, *bias, *tol, *magnitude;
+    Py_ssize_t dim, nq, ncols;
+    if (!PyArg_ParseTuple(args, "OnnO!nOOOOOO", &rotated, &dim, &nq, &PyList_Type, &groups, &ncols, &luts, &fluts,
+                          &delta, &bias, &tol, &magnitude))
+        return NULL;
+    int ngroups = (int)PyList_GET_SIZE(groups);
+    if (ngroups < 1 || ngroups > 8 || dim < 1 || nq < 0 || ncols < 1) {
+        PyErr_SetString(PyExc_ValueError, "tables: need 1..8 groups, dim >= 1, nq >= 0, ncols >= 1");
+        return NULL;
+    }
+    nibble_group g[8];
+    Py_buffer bufs[8 + 8];
+    int held = 0, ok = 0;
+    Py_ssize_t nibbles = 0;
+    for (int i = 0; i < ngroups; i++) {
+        PyObject *cen;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(groups, i), "nnnnO", &g[i].start, &g[i].stop, &g[i].bits, &g[i].per,
+                              &cen))
+            goto done;
+        if (g[i].bits < 1 || g[i].bits > 4 || g[i].per < 1 || g[i].per * g[i].bits > 4 || g[i].start < 0 ||
+            g[i].stop > dim || g[i].stop < g[i].start) {
+            PyErr_SetString(PyExc_ValueError, "tables: bad group");
+            goto done;
+        }
+        if (get_buffer(cen, &bufs[held], 0, ((Py_ssize_t)1 << g[i].bits) * (Py_ssize_t)sizeof(float), "centroids") < 0)
+            goto done;
+        g[i].centroids = bufs[held++].buf;
+        nibbles += (g[i].stop - g[i].start + g[i].per - 1) / g[i].per;
+    }
+    if (nibbles > 2 * ncols) {
+        PyErr_SetString(PyExc_ValueError, "tables: the groups need more nibbles than 2 * ncols");
+        goto done;
+    }
+    nibbles = 2 * ncols;
+    if (get_buffer(rotated, &bufs[held], 0, nq * dim * (Py_ssize_t)sizeof(float), "rotated") < 0) goto done;
+    const float *qp = bufs[held++].buf;
+    if (get_buffer(luts, &bufs[held], 1, nq * nibbles * 16, "luts") < 0) goto done;
+    uint8_t *lp = bufs[held++].buf;
+    if (get_buffer(fluts, &bufs[held], 1, nq * nibbles * 16 * (Py_ssize_t)sizeof(float), "fluts") < 0) goto done;
+    float *fp = bufs[held++].buf;
+    float *outs[4];
+    PyObject *objs[4] = {delta, bias, tol, magnitude};
+    const char *names[4] = {"delta", "bias", "tol", "magnitude"};
+    for (int i = 0; i < 4; i++) {
+        if (get_buffer(objs[i], &bufs[held], 1, nq * (Py_ssize_t)sizeof(float), names[i]) < 0) goto done;
+        outs[i] = bufs[held++].buf;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < nq; i++)
+        query_tables(qp + i * dim, g, ngroups, nibbles, lp + i * nibbles * 16, fp + i * nibbles * 16, outs[0] + i,
+                     outs[1] + i, outs[2] + i, outs[3] + i);
+    Py_END_ALLOW_THREADS
+    ok = 1;
+done:
+    for (int i = 0; i < held; i++) PyBuffer_Release(&bufs[i]);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *simd(PyObject *self, PyObject *unused) {
     return PyUnicode_FromString(have_avx2() ? "avx2" : "portable");
 }
@@ -446,6 +582,9 @@ static PyMethodDef methods[] = {
      "encode(y, dim, rows, groups, codes, alignment)\n\nQuantize rows of rotated unit vectors into packed codes "
      "(groups: list of (start, stop, bits, byte_offset, boundaries, centroids)) and their alignment "
      "<y, y_tilde>. Releases the GIL."},
+    {"tables", tables, METH_VARARGS,
+     "tables(rotated, dim, nq, groups, ncols, luts, fluts, delta, bias, tol, magnitude)\n\nPer-query lookup "
+     "tables for scan (groups: list of (start, stop, bits, codes_per_nibble, centroids)). Releases the GIL."},
     {"simd", simd, METH_NOARGS, "'avx2' when the AVX2 kernel runs on this CPU, else 'portable'."},
     {NULL, NULL, 0, NULL}};
 

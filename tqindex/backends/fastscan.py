@@ -61,7 +61,8 @@ def segment_layout(quantizer: TurboQuantizer, segment: Segment) -> dict:
     Returns
     -------
     dict with blocks (nblocks, ncols, 32) uint8, ncols, n, slot_rows / slot_valid (the row of each
-    slot), norm2 ((nblocks·32,) float32 ‖x‖² in slot order, for "l2"), and max_scale, max_norm2
+    slot), scale and norm2 ((nblocks·32,) float32 scale and ‖x‖² in slot order, NaN / 0 for
+    padding), and max_scale, max_norm2
     (floats, for the rounding room)
     """
     cached = segment.device_cache.get("fastscan")
@@ -97,7 +98,10 @@ def segment_layout(quantizer: TurboQuantizer, segment: Segment) -> dict:
     valid = rows < n
     norm2 = np.zeros(nblocks * BLOCK, np.float32)
     norm2[valid] = np.square(norm[rows[valid]])
+    slot_scale = np.full(nblocks * BLOCK, np.nan, dtype=np.float32)
+    slot_scale[valid] = scale[rows[valid]]
     layout = {"blocks": blocks, "ncols": ncols, "n": n, "slot_rows": rows, "slot_valid": valid, "norm2": norm2,
+              "scale": slot_scale,
               "max_scale": float(np.abs(scale).max()) if n else 0.0,
               "max_norm2": float(norm2.max()) if n else 0.0}
     segment.device_cache["fastscan"] = layout
@@ -105,7 +109,7 @@ def segment_layout(quantizer: TurboQuantizer, segment: Segment) -> dict:
 
 
 def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
-    """Per-query tables for the kernel.
+    """Per-query tables for the kernel (computed by the C extension; tests hold a torch oracle).
 
     Parameters
     ----------
@@ -114,39 +118,25 @@ def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
     Returns
     -------
     luts : (nq, 2·ncols, 16) uint8, quantized tables
-    fluts : (nq, 2·ncols, 16) float32, exact tables
-    delta : (nq,) float32, the quantization step
-    bias : (nq,) float32, Σ_m of the per-nibble shifts
-    tol : (nq,) float32, E: the most the rounding can move any row's dot product
+    fluts : (nq, 2·ncols, 16) float32, exact tables L[m][v] = Σ_t (Πq)_j · c(code_t(v))
+    delta : (nq,) float32, the quantization step (largest per-nibble span / 255)
+    bias : (nq,) float32, Σ_m min_v L[m][v] (each table is shifted to start at 0)
+    tol : (nq,) float32, E = Σ_m max_v |δ·Lq[m][v] − (L[m][v] − min_v L[m])|: the most the rounding
+        can move any row's dot product
     magnitude : (nq,) float32, Σ_m max_v |L[m][v]|, a bound on any row's |dot product|
     """
-    nq = rotated.shape[0]
-    parts = []
-    values = torch.arange(16, dtype=torch.int64)
-    for (start, stop, bits, per), group in zip(_nibble_plan(quantizer), quantizer.groups):
-        count = -(-(stop - start) // per)
-        q = rotated[:, start:stop]
-        if count * per != stop - start:
-            q = torch.cat([q, torch.zeros((nq, count * per - (stop - start)))], dim=1)
-        # table[t, v]: the centroid of the t-th code packed in nibble value v. For 3 bits the high
-        # nibble bit is never set; repeating the 8 values keeps each table's range unchanged.
-        table = group.centroids[(values[None, :] >> (torch.arange(per)[:, None] * bits)) & ((1 << bits) - 1)]
-        parts.append(q.reshape(nq * count, per) @ table)
-    lut = torch.cat(parts).view(nq, -1, 16) if len(parts) == 1 else \
-        torch.cat([p.view(nq, -1, 16) for p in parts], dim=1)
-    if lut.shape[1] % 2:  # the zero nibble that pads an odd count
-        lut = torch.cat([lut, torch.zeros((nq, 1, 16))], dim=1)
-    shift = lut.amin(dim=2, keepdim=True)
-    shifted = lut - shift
-    span = shifted.view(nq, -1).amax(dim=1)
-    delta = torch.where(span > 0, span / 255, torch.ones_like(span))
-    quantized = torch.round(shifted / delta[:, None, None]).clamp_(0, 255)
-    # The bound is computed in float32 too; its own rounding (~1e-7 relative) is covered by the
-    # caller's eps, which is 1e-5 of the magnitude.
-    tol = (quantized * delta[:, None, None] - shifted).abs_().amax(dim=2).sum(dim=1)
-    magnitude = lut.abs().amax(dim=2).sum(dim=1)
-    return (quantized.to(torch.uint8).numpy(), lut.contiguous().numpy(), delta.numpy(),
-            shift.sum(dim=(1, 2)).numpy(), tol.numpy(), magnitude.numpy())
+    q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
+    nq = q.shape[0]
+    ncols = -(-_nibble_count(quantizer) // 2)
+    luts = np.empty((nq, 2 * ncols, 16), np.uint8)
+    fluts = np.empty((nq, 2 * ncols, 16), np.float32)
+    delta, bias, tol, magnitude = (np.empty(nq, np.float32) for _ in range(4))
+    groups = [(start, stop, bits, per, g.centroids.numpy())
+              for (start, stop, bits, per), g in zip(_nibble_plan(quantizer), quantizer.groups)]
+    native.parallel_ranges(nq, lambda a, b: native.kernels.tables(
+        q[a:b], quantizer.dim, b - a, groups, ncols, luts[a:b], fluts[a:b], delta[a:b], bias[a:b], tol[a:b],
+        magnitude[a:b]), min_per_thread=64)
+    return luts, fluts, delta, bias, tol, magnitude
 
 
 def _scan_segment(layout, segment, tables, query_norm2, metric, k, portable, threads):
@@ -155,12 +145,11 @@ def _scan_segment(layout, segment, tables, query_norm2, metric, k, portable, thr
     nq = len(delta)
     rows, valid = layout["slot_rows"], layout["slot_valid"]
     # Scales in slot order, NaN for padding and deleted rows (no comparison lets NaN through).
-    row_scale = np.full(len(rows), np.nan, dtype=np.float32)
-    row_scale[valid] = np.asarray(segment.encoded.scale)[rows[valid]]
+    row_scale = layout["scale"]
     if segment.deleted is not None:
         gone = np.zeros(len(rows), bool)
         gone[valid] = np.asarray(segment.deleted)[rows[valid]]
-        row_scale[gone] = np.nan
+        row_scale = np.where(gone, np.float32(np.nan), row_scale)
     row_norm2 = layout["norm2"] if metric == "l2" else None
     nblocks = layout["blocks"].shape[0]
 
