@@ -110,7 +110,7 @@ def test_query_tables_match_oracle_and_bound_the_rounding(d, bits):
         oracle = _oracle_tables(quantizer, q[i].astype(np.float64))
         np.testing.assert_allclose(fluts[i], oracle, rtol=1e-5, atol=1e-6 * np.abs(oracle).max())
         shift = oracle.min(axis=1, keepdims=True)
-        np.testing.assert_allclose(delta[i], (oracle - shift).max() / 255, rtol=1e-5)
+        np.testing.assert_allclose(delta[i], (oracle - shift).max() / native.kernels.LUT_MAX, rtol=1e-5)
         np.testing.assert_allclose(bias[i], shift.sum(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(magnitude[i], np.abs(oracle).max(axis=1).sum(), rtol=1e-5)
         assert np.abs(luts[i].astype(int) - np.round((oracle - shift) / delta[i])).max() <= 1

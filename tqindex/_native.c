@@ -6,7 +6,7 @@
  * i is nibble 2c of vector 32b+i in its low half and nibble 2c+1 in its high half.
  *
  * Per query, nibble m has a 16-entry float table L[m][v] (the exact contribution of that nibble
- * value to the dot product) and its uint8 quantization Lq[m][v]. The approximate dot product of
+ * value to the dot product) and its quantization Lq[m][v] to 0..LUT_MAX. The approximate dot product of
  * vector i is  delta * sum_m Lq[m][nibble_m(i)] + bias,  which differs from the exact one,
  * sum_m L[m][nibble_m(i)], by at most `tol` (computed by the caller from the rounding). Scores are
  * row_scale[i] * dot for "ip", and 2 * that - row_norm2[i] - query_norm2 for "l2".
@@ -450,7 +450,7 @@ done:
  * (float32 [nq][dim]) and nibble m, fluts[m][v] = sum_t q[j_t] * centroid(code_t(v)) with the
  * group's `per` codes of `bits` bits packed in v (coordinates past the group's end count 0; nibbles
  * past the last group, padding, are all 0). luts = round((fluts - min_v) / delta), delta =
- * max_m span_m / 255; bias = sum_m min_v; tol = sum_m max_v |delta * luts - (fluts - min_v)|, the
+ * max_m span_m / LUT_MAX; bias = sum_m min_v; tol = sum_m max_v |delta * luts - (fluts - min_v)|, the
  * most rounding can move a dot product; magnitude = sum_m max_v |fluts|. */
 typedef struct {
     Py_ssize_t start, stop, bits, per;
@@ -590,4 +590,11 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "tqindex native kernels: fast scan and encoding", -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "LUT_MAX", LUT_MAX) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

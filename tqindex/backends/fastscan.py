@@ -7,7 +7,7 @@ How a search runs
    layout is cached on the segment.
 2. Per query, nibble m gets a 16-entry float table L[m][v] = Σ_t (Πq)_j · c(code_t(v)), the exact
    contribution of every value the nibble can take; the tables are shifted per nibble and
-   quantized to uint8 with one step δ per query.
+   quantized to 0..127 with one step δ per query.
 3. The kernel sums uint8 entries with SIMD shuffles (32 lookups per instruction on AVX2). Rounding
    moves a row's dot product by at most E = Σ_m max_v |δ·Lq[m][v] + shift_m − L[m][v]|, so a row
    whose approximate score plus scale·E is below the k-th best exact score so far cannot enter the
@@ -55,20 +55,21 @@ def _nibble_count(quantizer: TurboQuantizer) -> int:
     return sum(-(-(stop - start) // per) for start, stop, _, per in _nibble_plan(quantizer))
 
 
-def segment_layout(quantizer: TurboQuantizer, segment: Segment) -> dict:
-    """The segment's codes in kernel layout, built once and cached on the segment.
+# Slot order (see _native.c): slot 8g + j of a block holds row 2j + 16·(g & 1) + (g >> 1).
+_SLOT_ROW = np.array([2 * (s % 8) + 16 * ((s // 8) & 1) + (s // 16) for s in range(BLOCK)])
+_LAYOUT_CHUNK = 1 << 16  # rows regrouped at a time, bounding the temporary (rows, d) code array
 
-    Returns
-    -------
-    dict with blocks (nblocks, ncols, 32) uint8, ncols, n, slot_rows / slot_valid (the row of each
-    slot), scale and norm2 ((nblocks·32,) float32 scale and ‖x‖² in slot order, NaN / 0 for
-    padding), and max_scale, max_norm2
-    (floats, for the rounding room)
-    """
-    cached = segment.device_cache.get("fastscan")
-    if cached is not None:
-        return cached
-    idx = quantizer.unpack(np.asarray(segment.encoded.codes))  # (n, d) uint8
+
+def _to_slots(values: np.ndarray, nblocks: int, fill) -> np.ndarray:
+    """(n,) per-row values → (nblocks·32,) in slot order, `fill` for the padding of the last block."""
+    padded = np.full(nblocks * BLOCK, fill, dtype=values.dtype)
+    padded[: len(values)] = values
+    return np.ascontiguousarray(padded.reshape(nblocks, BLOCK)[:, _SLOT_ROW]).reshape(-1)
+
+
+def _nibbles(quantizer: TurboQuantizer, codes: np.ndarray) -> np.ndarray:
+    """Packed codes (n, code_bytes) → (n, ncols) bytes: nibble 2c in the low half, 2c + 1 in the high."""
+    idx = quantizer.unpack(codes)
     n = idx.shape[0]
     nibbles = []
     for start, stop, bits, per in _nibble_plan(quantizer):
@@ -84,27 +85,41 @@ def segment_layout(quantizer: TurboQuantizer, segment: Segment) -> dict:
     nib = np.concatenate(nibbles, axis=1)
     if nib.shape[1] % 2:  # an odd nibble count: the last byte's high half is a zero nibble with a zero table
         nib = np.concatenate([nib, np.zeros((n, 1), np.uint8)], axis=1)
-    ncols = nib.shape[1] // 2
-    nblocks = -(-n // BLOCK)
-    packed = np.zeros((nblocks * BLOCK, ncols), np.uint8)
-    packed[:n] = nib[:, 0::2] | (nib[:, 1::2] << 4)
-    blocks = np.ascontiguousarray(packed.reshape(nblocks, BLOCK, ncols).transpose(0, 2, 1))
-    scale = np.asarray(segment.encoded.scale, dtype=np.float32)
-    norm = np.asarray(segment.encoded.norm if segment.encoded.norm is not None else scale, dtype=np.float32)
-    # Per-row arrays in the kernel's slot order (see _native.c): slot 8g + j of a block holds
-    # row 2j + 16·(g & 1) + (g >> 1); rows past n are padding.
-    g, j = np.divmod(np.arange(BLOCK), 8)
-    rows = (np.arange(nblocks)[:, None] * BLOCK + (2 * j + 16 * (g & 1) + (g >> 1))[None, :]).reshape(-1)
-    valid = rows < n
-    norm2 = np.zeros(nblocks * BLOCK, np.float32)
-    norm2[valid] = np.square(norm[rows[valid]])
-    slot_scale = np.full(nblocks * BLOCK, np.nan, dtype=np.float32)
-    slot_scale[valid] = scale[rows[valid]]
-    layout = {"blocks": blocks, "ncols": ncols, "n": n, "slot_rows": rows, "slot_valid": valid, "norm2": norm2,
-              "scale": slot_scale,
-              "max_scale": float(np.abs(scale).max()) if n else 0.0,
-              "max_norm2": float(norm2.max()) if n else 0.0}
-    segment.device_cache["fastscan"] = layout
+    return nib[:, 0::2] | (nib[:, 1::2] << 4)
+
+
+def segment_layout(quantizer: TurboQuantizer, segment: Segment, metric: str) -> dict:
+    """The segment's codes in kernel layout, built once and cached on the segment.
+
+    Returns
+    -------
+    dict with blocks (nblocks, ncols, 32) uint8, ncols, n, scale ((nblocks·32,) float32 in slot
+    order, NaN for padding), max_scale, and for "l2" norm2 (‖x‖² in slot order) and max_norm2
+    (the maxima size the rounding room)
+    """
+    layout = segment.device_cache.get("fastscan")
+    if layout is None:
+        codes = np.asarray(segment.encoded.codes)
+        n = len(codes)
+        ncols = -(-_nibble_count(quantizer) // 2)
+        nblocks = -(-n // BLOCK)
+        blocks = np.zeros((nblocks, ncols, BLOCK), np.uint8)
+        for start in range(0, n, _LAYOUT_CHUNK):
+            part = _nibbles(quantizer, codes[start:start + _LAYOUT_CHUNK])
+            rows = len(part)
+            padded = np.zeros((-(-rows // BLOCK) * BLOCK, ncols), np.uint8)
+            padded[:rows] = part
+            first = start // BLOCK
+            blocks[first:first + len(padded) // BLOCK] = padded.reshape(-1, BLOCK, ncols).transpose(0, 2, 1)
+        scale = np.asarray(segment.encoded.scale, dtype=np.float32)
+        layout = {"blocks": blocks, "ncols": ncols, "n": n, "scale": _to_slots(scale, nblocks, np.nan),
+                  "max_scale": float(np.abs(scale).max()) if n else 0.0}
+        segment.device_cache["fastscan"] = layout
+    if metric == "l2" and "norm2" not in layout:
+        enc = segment.encoded
+        norm2 = np.square(np.asarray(enc.norm if enc.norm is not None else enc.scale, dtype=np.float32))
+        layout["norm2"] = _to_slots(norm2, len(layout["blocks"]), np.float32(0))
+        layout["max_norm2"] = float(norm2.max()) if len(norm2) else 0.0
     return layout
 
 
@@ -119,7 +134,8 @@ def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
     -------
     luts : (nq, 2·ncols, 16) uint8, quantized tables
     fluts : (nq, 2·ncols, 16) float32, exact tables L[m][v] = Σ_t (Πq)_j · c(code_t(v))
-    delta : (nq,) float32, the quantization step (largest per-nibble span / 255)
+    delta : (nq,) float32, the quantization step (largest per-nibble span / LUT_MAX, 127: 7-bit
+        entries let the kernel add a column's two lookups in 8 bits)
     bias : (nq,) float32, Σ_m min_v L[m][v] (each table is shifted to start at 0)
     tol : (nq,) float32, E = Σ_m max_v |δ·Lq[m][v] − (L[m][v] − min_v L[m])|: the most the rounding
         can move any row's dot product
@@ -143,15 +159,12 @@ def _scan_segment(layout, segment, tables, query_norm2, metric, k, portable, thr
     """Exact top k of one segment: (scores (nq, k) float32, positions (nq, k) int64), unsorted."""
     luts, fluts, delta, bias, tol, eps = tables
     nq = len(delta)
-    rows, valid = layout["slot_rows"], layout["slot_valid"]
+    nblocks = layout["blocks"].shape[0]
     # Scales in slot order, NaN for padding and deleted rows (no comparison lets NaN through).
     row_scale = layout["scale"]
     if segment.deleted is not None:
-        gone = np.zeros(len(rows), bool)
-        gone[valid] = np.asarray(segment.deleted)[rows[valid]]
-        row_scale = np.where(gone, np.float32(np.nan), row_scale)
+        row_scale = np.where(_to_slots(np.asarray(segment.deleted), nblocks, False), np.float32(np.nan), row_scale)
     row_norm2 = layout["norm2"] if metric == "l2" else None
-    nblocks = layout["blocks"].shape[0]
 
     def run(q0, q1, b0, b1):
         out_s = np.full((q1 - q0, k), -np.inf, dtype=np.float32)
@@ -194,7 +207,7 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
     offset = 0
     for seg in segments:
         if len(seg):
-            layout = segment_layout(quantizer, seg)
+            layout = segment_layout(quantizer, seg, metric)
             # Room for float32 rounding in a score: 1e-5 of the size of the terms it is made of.
             eps = 1e-5 * (factor * layout["max_scale"] * magnitude
                           + ((layout["max_norm2"] + qn2) if metric == "l2" else 0.0))
