@@ -190,6 +190,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads for every method (default: all cores)")
     parser.add_argument("--no-peers", action="store_true", help="tqindex only (no faiss/turbovec)")
     parser.add_argument("--tag", default=None, help="suffix for the output file names")
+    parser.add_argument("--k", type=int, default=10, help="k of the timed search (recall@10 from its first 10)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="METHOD",
+                        help="run only these methods (names as in the table, e.g. tqindex-mse turbovec)")
     args = parser.parse_args()
 
     import torch
@@ -218,10 +221,13 @@ def main() -> None:
     rows = []
     for bits in args.bits:
         for method in methods_for(bits, x.shape[1], args):
-            rows.append(run_method(method, bits, x, q, gt_ids, gt_scores, args.repeat))
+            if args.only is None or method.name in args.only:
+                rows.append(run_method(method, bits, x, q, gt_ids, gt_scores, args.repeat, args.k))
         # tqindex at each peer's own bytes per vector (fractional bits): the comparison at equal
         # memory. A budget equal to tqindex's whole-bit size already has its row.
-        ours = next(r for r in rows if r["bits"] == bits and r["method"] == "tqindex-mse")
+        ours = next((r for r in rows if r["bits"] == bits and r["method"] == "tqindex-mse"), None)
+        if ours is None:
+            continue
         budgets = {}
         for r in rows:
             if r["bits"] == bits and not r["method"].startswith("tqindex") and "exact" not in r["method"] \
@@ -234,19 +240,19 @@ def main() -> None:
                 except ValueError:  # not even 1 bit fits
                     continue
                 rows.append(run_method(TQ(bits, x.shape[1], width=width, budget_of=f"{budget} B = {peer}"),
-                                       bits, x, q, gt_ids, gt_scores, args.repeat))
+                                       bits, x, q, gt_ids, gt_scores, args.repeat, args.k))
 
     tag = ds.name + (f"-{args.tag}" if args.tag else "")
-    table = render_table(ds, rows, len(x), len(q), threads)
+    table = render_table(ds, rows, len(x), len(q), threads, args.k)
     print("\n" + table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"recall-{tag}.md").write_text(table)
     write_json(RESULTS / f"recall-{tag}.json", {"dataset": ds.name, "n": len(x), "dim": int(x.shape[1]),
-                                                 "queries": len(q), "threads": threads, "rows": rows})
+                                                 "queries": len(q), "threads": threads, "k": args.k, "rows": rows})
     plot(rows, RESULTS / f"recall-{tag}.png", f"{ds.name} (n={len(x)}, d={x.shape[1]}): Recall@1@k")
 
 
-def run_method(method, bits, x, q, gt_ids, gt_scores, repeat) -> dict:
+def run_method(method, bits, x, q, gt_ids, gt_scores, repeat, k_timed=10) -> dict:
     row = {"method": method.name, "bits": bits}
     if method.skip:
         row["skipped"] = method.skip
@@ -255,14 +261,15 @@ def run_method(method, bits, x, q, gt_ids, gt_scores, repeat) -> dict:
     start = time.perf_counter()
     method.build(x)
     row["build_s"] = time.perf_counter() - start
-    # QPS and recall@10 come from the timed k = 10 search (ann-benchmarks' setting; rerank m then
-    # rescores 10·m candidates); the Recall@1@k curve from one more search at k = 64 (not for rerank
-    # rows, whose candidates are sized for k = 10).
-    search_s, ids = median_time(lambda: method.search(q, 10), repeat)
+    # QPS and recall@10 come from the timed search at k_timed (10 by default, ann-benchmarks' setting;
+    # rerank m then rescores 10·m candidates); the Recall@1@k curve from one more search at k = 64
+    # unless the timed one was that deep (not for rerank rows, whose candidates are sized for k).
+    search_s, ids = median_time(lambda: method.search(q, k_timed), repeat)
     ids = np.asarray(ids)
-    curve_ids = ids if getattr(method, "rerank", 0) else np.asarray(method.search(q, max(K_CURVE)))
+    curve_ids = ids if getattr(method, "rerank", 0) or k_timed >= max(K_CURVE) else \
+        np.asarray(method.search(q, max(K_CURVE)))
     row.update({
-        "trains": method.trains, "bytes_per_vector": float(method.bytes_per_vector), "k": 10,
+        "trains": method.trains, "bytes_per_vector": float(method.bytes_per_vector), "k": k_timed,
         "recall@10": recall_at_k(ids, gt_ids, 10, gt_scores, "ip"),
         "recall_1@10": recall_1_at_k(ids, gt_ids, 10),
         "recall_1@k": {k: recall_1_at_k(curve_ids, gt_ids, k) for k in K_CURVE if k <= curve_ids.shape[1]},
@@ -272,12 +279,13 @@ def run_method(method, bits, x, q, gt_ids, gt_scores, repeat) -> dict:
     return row
 
 
-def render_table(ds, rows, n, nq, threads) -> str:
+def render_table(ds, rows, n, nq, threads, k_timed=10) -> str:
     from common import command_line
     from tqindex import native
     lines = [f"`{command_line()}` — {ds.name}, n={n}, d={ds.dim}, {nq} queries, {threads} threads; recall@10 and "
-             f"QPS from the same k=10 batch search (median of timed runs); rerank rows rescore 10·m candidates with "
-             f"float32 vectors kept beside the codes. tqindex native kernels: {native.simd() or 'not built'}.",
+             f"QPS from the same k={k_timed} batch search (median of timed runs); rerank rows rescore {k_timed}·m "
+             f"candidates with float32 vectors kept beside the codes. tqindex native kernels: "
+             f"{native.simd() or 'not built'}.",
              "", "| bits | method | recall@10 | Recall@1@10 | bytes/vec | build s | vectors/s | QPS | training |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:

@@ -268,6 +268,14 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t n
     return 0;
 }
 
+/* The common exit of the entry points: release the buffers taken, return None on success (NULL
+ * with the exception already set otherwise). */
+static PyObject *release(Py_buffer *bufs, int held, int ok) {
+    for (int i = 0; i < held; i++) PyBuffer_Release(&bufs[i]);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"codes", "ncols", "nblocks", "b0", "b1", "luts", "fluts", "delta", "bias", "tol", "eps",
                              "row_scale", "row_norm2", "query_norm2", "out_scores", "out_ids", "exact_count",
@@ -345,9 +353,7 @@ static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
-    for (int i = 0; i < held; i++) PyBuffer_Release(&bufs[i]);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
+    return release(bufs, held, ok);
 }
 
 /* ---- encoding ----------------------------------------------------------------------------------
@@ -440,9 +446,7 @@ static PyObject *encode(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
-    for (int i = 0; i < held; i++) PyBuffer_Release(&bufs[i]);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
+    return release(bufs, held, ok);
 }
 
 /* ---- query tables -------------------------------------------------------------------------------
@@ -563,9 +567,7 @@ static PyObject *tables(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
-    for (int i = 0; i < held; i++) PyBuffer_Release(&bufs[i]);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
+    return release(bufs, held, ok);
 }
 
 static PyObject *simd(PyObject *self, PyObject *unused) {
