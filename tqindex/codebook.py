@@ -26,6 +26,8 @@ __all__ = ["CODEBOOK_VERSION", "Codebook", "lloyd_max_codebook", "split_bits", "
 CODEBOOK_VERSION = 1
 
 _GRID_POINTS = 200_001
+_MAX_ITERATIONS = 10_000
+_TOLERANCE = 1e-13
 
 
 def split_bits(dim: int, bits) -> tuple[int, int]:
@@ -59,8 +61,6 @@ def effective_bits(dim: int, bits):
     """The width `split_bits` realises: an int for whole widths, else base + high / dim (float)."""
     base, high = split_bits(dim, bits)
     return base if high == 0 else base + high / dim
-_MAX_ITERATIONS = 10_000
-_TOLERANCE = 1e-13
 
 
 class Codebook:

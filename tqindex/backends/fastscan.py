@@ -170,9 +170,10 @@ def _scan_segment(layout, segment, tables, query_norm2, metric, k, portable, thr
         out_s = np.full((q1 - q0, k), -np.inf, dtype=np.float32)
         out_i = np.full((q1 - q0, k), -1, dtype=np.int64)
         count = np.zeros(q1 - q0, dtype=np.int64)
-        native.kernels.scan(layout["blocks"], layout["ncols"], nblocks, b0, b1, luts[q0:q1], fluts[q0:q1], delta[q0:q1],
-                     bias[q0:q1], tol[q0:q1], eps[q0:q1], row_scale, row_norm2,
-                     None if query_norm2 is None else query_norm2[q0:q1], out_s, out_i, count, portable=portable)
+        native.kernels.scan(layout["blocks"], layout["ncols"], nblocks, b0, b1, luts[q0:q1], fluts[q0:q1],
+                            delta[q0:q1], bias[q0:q1], tol[q0:q1], eps[q0:q1], row_scale, row_norm2,
+                            None if query_norm2 is None else query_norm2[q0:q1], out_s, out_i, count,
+                            portable=portable)
         return out_s, out_i, count
 
     if nq >= threads:
