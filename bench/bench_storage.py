@@ -59,11 +59,12 @@ def main() -> None:
     path = workdir / "index"
     rng = np.random.default_rng(0)
     index = Index(dim=args.dim, bits=args.bits)
-    start = time.perf_counter()
+    add_s = 0.0
     for lo in range(0, args.n, 100_000):
         x = rng.standard_normal((min(100_000, args.n - lo), args.dim)).astype(np.float32)
+        start = time.perf_counter()  # time the adds only, not drawing the data
         index.add(x)
-    add_s = time.perf_counter() - start
+        add_s += time.perf_counter() - start
     start = time.perf_counter()
     index.save(path)
     save_s = time.perf_counter() - start
