@@ -69,6 +69,10 @@ def _to_slots(values: np.ndarray, nblocks: int, fill) -> np.ndarray:
 
 def _nibbles(quantizer: TurboQuantizer, codes: np.ndarray) -> np.ndarray:
     """Packed codes (n, code_bytes) → (n, ncols) bytes: nibble 2c in the low half, 2c + 1 in the high."""
+    if len(quantizer.groups) == 1 and quantizer.groups[0].bits in (1, 2, 4):
+        # The packed bitstream (tqindex.packing) already is this: byte c holds codes in the order and
+        # at the shifts the nibbles use, zero-padded at the end.
+        return np.asarray(codes)
     idx = quantizer.unpack(codes)
     n = idx.shape[0]
     nibbles = []
