@@ -7,4 +7,5 @@ tqindex falls back to its torch scan (tqindex.backends.fastscan.available() says
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("tqindex._native", ["tqindex/_native.c"],
-                             extra_compile_args=["-O3", "-std=c11", "-Wall"], optional=True)])
+                             extra_compile_args=["-O3", "-std=c11", "-Wall"], libraries=["m"],
+                             optional=True)])

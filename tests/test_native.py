@@ -170,10 +170,13 @@ def test_fast_scan_equals_torch_scan(metric, bits, d):
 
 @needs_avx2
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_avx2_and_portable_kernels_agree_exactly(metric):
+@pytest.mark.parametrize("bits,d", [(3.5, 200), (1, 203), (2, 203), (3, 203), (4, 203)])
+def test_avx2_and_portable_kernels_agree_exactly(metric, bits, d):
+    # Whole widths rescore from the row-major codes (SIMD decode-and-dot), 3.5 bits from the tables;
+    # d = 203 leaves a tail after the last full group of 8 codes.
     rng = np.random.default_rng(11)
-    x, _ = clustered(rng, 2500, 200, clusters=40, spread=0.6)
-    index = Index(dim=200, bits=3.5, metric=metric)
+    x, _ = clustered(rng, 2500, d, clusters=40, spread=0.6)
+    index = Index(dim=d, bits=bits, metric=metric)
     index.add(x)
     index.remove([3, 4, 5, 2400])
     queries = torch.from_numpy(x[:9] + 0.01)

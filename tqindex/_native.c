@@ -63,6 +63,14 @@ typedef struct {
     float *out_s;              /* [nq][kp], min-heaps of exact scores */
     int64_t *out_i;
     int64_t *exact_count;      /* [nq]: exact evaluations per query (work done, for benchmarks) */
+    /* Optional, for one code group of row_bits = 1..4 bits: the row-major packed codes
+     * [rows][ceil(dim * row_bits / 8)], the rotated queries [nq][dim] and the 2^row_bits centroids
+     * (padded to 16 floats), for a SIMD exact dot product (see dot_*). */
+    const uint8_t *rowcodes;
+    const float *rotated, *centroids;
+    Py_ssize_t dim, row_bytes;
+    int row_bits;
+    int avx2;                  /* which dot_* to use */
 } scan_args;
 
 static inline void heap_replace_top(float *hs, int64_t *hi, Py_ssize_t k, float s, int64_t id) {
@@ -83,9 +91,63 @@ static inline void heap_replace_top(float *hs, int64_t *hi, Py_ssize_t k, float 
 
 static inline int slot_of(int v) { return 16 * (v & 1) + 8 * (v >= 16) + ((v & 15) >> 1); }
 
-/* Sum row v's exact dot product from the float tables and offer its score to q's heap. */
-static inline void exact_offer(const scan_args *a, Py_ssize_t q, Py_ssize_t block, int v) {
-    float *hs = a->out_s + q * a->kp;
+/* Exact <q, y~> of one row with a single code group of b = 1..4 bits, as sum_j q_j * centroid(code_j):
+ * lane l of eight accumulates the j = l mod 8 terms with fused multiply-adds in increasing j, then a
+ * fixed pairwise sum. The AVX2 and portable versions perform the very same float operations, so
+ * they agree bit for bit. Codes follow tqindex/packing.py: code j at stream bits [j*b, (j+1)*b). */
+static inline float lanes_sum(const float *lanes) {
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+static inline int code_at(const uint8_t *row, Py_ssize_t row_bytes, Py_ssize_t j, int bits) {
+    Py_ssize_t bit = j * bits, byte = bit >> 3;
+    unsigned v = row[byte] | (byte + 1 < row_bytes ? (unsigned)row[byte + 1] << 8 : 0u);
+    return (int)((v >> (bit & 7)) & ((1u << bits) - 1));
+}
+
+static float dot_portable(const scan_args *a, const uint8_t *row, const float *q, Py_ssize_t from, float *lanes) {
+    for (Py_ssize_t j = from; j < a->dim; j++)
+        lanes[j & 7] = fmaf(q[j], a->centroids[code_at(row, a->row_bytes, j, a->row_bits)], lanes[j & 7]);
+    return lanes_sum(lanes);
+}
+
+#ifdef TQ_X86
+__attribute__((target("avx2,fma"))) static float dot_avx2(const scan_args *a, const uint8_t *row, const float *q) {
+    const int bits = a->row_bits;
+    const __m256 low = _mm256_loadu_ps(a->centroids), high = _mm256_loadu_ps(a->centroids + 8);
+    const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    __m256 acc = _mm256_setzero_ps();
+    Py_ssize_t j = 0;
+    /* Codes j .. j+7 fill exactly `bits` bytes; a 4-byte load takes them (the bits above are masked
+     * off) while it stays inside the row; the rest goes to the scalar loop. */
+    for (; j + 8 <= a->dim && j * bits / 8 + 4 <= a->row_bytes; j += 8) {
+        uint32_t word;
+        memcpy(&word, row + j * bits / 8, 4);
+        __m256i code = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), mask);
+        __m256 c = _mm256_permutevar8x32_ps(low, code);
+        if (bits == 4)  /* 16 entries: the high half where bit 3 (moved to the sign bit) is set */
+            c = _mm256_blendv_ps(c, _mm256_permutevar8x32_ps(high, code),
+                                 _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), c, acc);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    return dot_portable(a, row, q, j, lanes);
+}
+#endif
+
+/* Row v's exact dot product: from the codes and centroids where given, else from the float tables. */
+static inline float exact_dot(const scan_args *a, Py_ssize_t q, Py_ssize_t block, int v) {
+    if (a->rowcodes) {
+        const uint8_t *row = a->rowcodes + (block * BLOCK + v) * a->row_bytes;
+        const float *qr = a->rotated + q * a->dim;
+#ifdef TQ_X86
+        if (a->avx2) return dot_avx2(a, row, qr);
+#endif
+        float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        return dot_portable(a, row, qr, 0, lanes);
+    }
     const float *flut = a->fluts + q * a->ncols * 32;
     const uint8_t *col = a->codes + block * a->ncols * BLOCK + v;
     /* Four partial sums: one chain of dependent float adds would cost ~4 cycles per nibble. */
@@ -101,7 +163,13 @@ static inline void exact_offer(const scan_args *a, Py_ssize_t q, Py_ssize_t bloc
         part[0] += flut[col[0] & 15];
         part[1] += flut[16 + (col[0] >> 4)];
     }
-    float dot = (part[0] + part[1]) + (part[2] + part[3]);
+    return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
+/* Offer row v's exact score to q's heap. */
+static inline void exact_offer(const scan_args *a, Py_ssize_t q, Py_ssize_t block, int v) {
+    float *hs = a->out_s + q * a->kp;
+    float dot = exact_dot(a, q, block, v);
     Py_ssize_t slot = block * BLOCK + slot_of(v);
     float s;
     if (a->row_norm2)
@@ -279,21 +347,22 @@ static PyObject *release(Py_buffer *bufs, int held, int ok) {
 static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"codes", "ncols", "nblocks", "b0", "b1", "luts", "fluts", "delta", "bias", "tol", "eps",
                              "row_scale", "row_norm2", "query_norm2", "out_scores", "out_ids", "exact_count",
-                             "portable", NULL};
+                             "portable", "rowcodes", "rotated", "centroids", "row_bits", NULL};
     PyObject *codes, *luts, *fluts, *delta, *bias, *tol, *eps, *row_scale, *row_norm2, *query_norm2;
-    PyObject *out_s, *out_i, *exact_count;
+    PyObject *out_s, *out_i, *exact_count, *rowcodes = Py_None, *rotated = Py_None, *centroids = Py_None;
     Py_ssize_t ncols, nblocks, b0, b1;
-    int portable = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnnnnOOOOOOOOOOOO|p", kwlist, &codes, &ncols, &nblocks, &b0, &b1,
-                                     &luts, &fluts, &delta, &bias, &tol, &eps, &row_scale, &row_norm2, &query_norm2,
-                                     &out_s, &out_i, &exact_count, &portable))
+    int portable = 0, row_bits = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnnnnOOOOOOOOOOOO|pOOOi", kwlist, &codes, &ncols, &nblocks, &b0,
+                                     &b1, &luts, &fluts, &delta, &bias, &tol, &eps, &row_scale, &row_norm2,
+                                     &query_norm2, &out_s, &out_i, &exact_count, &portable, &rowcodes, &rotated,
+                                     &centroids, &row_bits))
         return NULL;
     Py_ssize_t n = nblocks * BLOCK;
     if (ncols < 1 || nblocks < 0 || b0 < 0 || b1 < b0 || b1 > nblocks) {
         PyErr_SetString(PyExc_ValueError, "scan: inconsistent ncols / nblocks / block range");
         return NULL;
     }
-    Py_buffer bufs[16];
+    Py_buffer bufs[20];
     int held = 0, ok = 0;
     scan_args a;
     memset(&a, 0, sizeof(a));
@@ -337,15 +406,45 @@ static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
         NEXT(query_norm2, 0, a.nq * (Py_ssize_t)sizeof(float), "query_norm2")
         a.query_norm2 = v->buf;
     }
+    if (rowcodes != Py_None) {
+        /* The rotated queries fix dim; the codes hold ceil(dim * row_bits / 8) bytes per row for at
+         * least every row of the blocks but the last one's padding. */
+        if (row_bits < 1 || row_bits > 4) {
+            PyErr_SetString(PyExc_ValueError, "scan: row_bits must be 1..4 with rowcodes");
+            goto done;
+        }
+        a.row_bits = row_bits;
+        if (PyObject_GetBuffer(rotated, &bufs[held], PyBUF_C_CONTIGUOUS) < 0) goto done;
+        a.rotated = bufs[held].buf;
+        a.dim = a.nq ? bufs[held].len / (Py_ssize_t)sizeof(float) / a.nq : 0;
+        held++;
+        a.row_bytes = (a.dim * row_bits + 7) / 8;
+        if (a.nq && (a.dim < 1 || a.dim * a.nq * (Py_ssize_t)sizeof(float) != bufs[held - 1].len)) {
+            PyErr_SetString(PyExc_ValueError, "scan: rotated must be float32 [nq][dim]");
+            goto done;
+        }
+        NEXT(centroids, 0, 16 * (Py_ssize_t)sizeof(float), "centroids")
+        a.centroids = v->buf;
+        if (PyObject_GetBuffer(rowcodes, &bufs[held], PyBUF_C_CONTIGUOUS) < 0) goto done;
+        a.rowcodes = bufs[held].buf;
+        held++;
+        if (a.nq && (a.row_bytes < 1 || bufs[held - 1].len % a.row_bytes || bufs[held - 1].len / a.row_bytes <= (nblocks - 1) * BLOCK)) {
+            PyErr_SetString(PyExc_ValueError, "scan: rowcodes must be uint8 [rows][row bytes] covering every block");
+            goto done;
+        }
+    }
 #undef NEXT
     a.delta = bufs[0].buf;
     a.out_s = bufs[1].buf;
     a.ncols = ncols;
     a.b0 = b0;
     a.b1 = b1;
+#ifdef TQ_X86
+    a.avx2 = !portable && have_avx2();
+#endif
     Py_BEGIN_ALLOW_THREADS
 #ifdef TQ_X86
-    if (!portable && have_avx2())
+    if (a.avx2)
         scan_avx2(&a);
     else
 #endif

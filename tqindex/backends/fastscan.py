@@ -159,7 +159,7 @@ def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
     return luts, fluts, delta, bias, tol, magnitude
 
 
-def _scan_segment(layout, segment, tables, query_norm2, metric, k, portable, threads):
+def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metric, k, portable, threads):
     """Exact top k of one segment: (scores (nq, k) float32, positions (nq, k) int64), unsorted."""
     luts, fluts, delta, bias, tol, eps = tables
     nq = len(delta)
@@ -169,6 +169,14 @@ def _scan_segment(layout, segment, tables, query_norm2, metric, k, portable, thr
     if segment.deleted is not None:
         row_scale = np.where(_to_slots(np.asarray(segment.deleted), nblocks, False), np.float32(np.nan), row_scale)
     row_norm2 = layout["norm2"] if metric == "l2" else None
+    extra = {}
+    if len(quantizer.groups) == 1:
+        # One code group: rows are rescored straight from the row-major codes (a SIMD decode-and-dot,
+        # ~3x faster than summing 2·ncols float table entries).
+        g = quantizer.groups[0]
+        centroids = np.zeros(16, np.float32)
+        centroids[: len(g.centroids)] = g.centroids.numpy()
+        extra = {"rowcodes": np.asarray(segment.encoded.codes), "centroids": centroids, "row_bits": g.bits}
 
     def run(q0, q1, b0, b1):
         out_s = np.full((q1 - q0, k), -np.inf, dtype=np.float32)
@@ -177,7 +185,7 @@ def _scan_segment(layout, segment, tables, query_norm2, metric, k, portable, thr
         native.kernels.scan(layout["blocks"], layout["ncols"], nblocks, b0, b1, luts[q0:q1], fluts[q0:q1],
                             delta[q0:q1], bias[q0:q1], tol[q0:q1], eps[q0:q1], row_scale, row_norm2,
                             None if query_norm2 is None else query_norm2[q0:q1], out_s, out_i, count,
-                            portable=portable)
+                            portable=portable, **(dict(extra, rotated=rotated[q0:q1]) if extra else {}))
         return out_s, out_i, count
 
     if nq >= threads:
@@ -204,6 +212,7 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
     """
     nq = rotated.shape[0]
     threads = threads or torch.get_num_threads()
+    q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
     luts, fluts, delta, bias, tol, magnitude = quantized_luts(quantizer, rotated.contiguous())
     factor = 2.0 if metric == "l2" else 1.0
     qn2 = query_sq_norms.numpy().astype(np.float32) if metric == "l2" else None
@@ -216,8 +225,8 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
             # Room for float32 rounding in a score: 1e-5 of the size of the terms it is made of.
             eps = 1e-5 * (factor * layout["max_scale"] * magnitude
                           + ((layout["max_norm2"] + qn2) if metric == "l2" else 0.0))
-            s, p, count = _scan_segment(layout, seg, (luts, fluts, delta, bias, tol, eps.astype(np.float32)),
-                                        qn2, metric, k, portable, threads)
+            tables = (luts, fluts, delta, bias, tol, eps.astype(np.float32))
+            s, p, count = _scan_segment(quantizer, layout, seg, tables, q, qn2, metric, k, portable, threads)
             scores.append(s)
             positions.append(np.where(p >= 0, p + offset, -1))
             exact += int(count.sum())
