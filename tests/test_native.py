@@ -85,8 +85,11 @@ def test_native_encode_rejects_bad_buffers():
 
 
 def _oracle_tables(quantizer, q):
-    """float64 tables by direct enumeration of each nibble's codes (independent of the kernel)."""
-    tables = []
+    """float64 tables by direct enumeration of each nibble's codes (independent of the kernel), in
+    the kernel's order: one 16-entry table per nibble (a 5-bit group's padded with zero tables to a
+    multiple of 8 nibbles; an even count in all), then the tables of codes 16-31 of the 5-bit
+    nibbles. Returns (tables (nibbles, 16), the number of 5-bit nibbles)."""
+    tables, upper = [], []
     for g in quantizer.groups:
         per = 4 // g.bits if g.bits in (1, 2) else 1
         c = g.centroids.numpy().astype(np.float64)
@@ -94,29 +97,41 @@ def _oracle_tables(quantizer, q):
             coords = list(range(j, min(j + per, g.stop)))
             tables.append([sum(q[jj] * c[(v >> (t * g.bits)) & ((1 << g.bits) - 1)] for t, jj in enumerate(coords))
                            for v in range(16)])
+            if g.bits == 5:
+                upper.append([q[j] * c[16 + v] for v in range(16)])
+        while g.bits == 5 and len(upper) % 8:
+            tables.append([0.0] * 16)
+            upper.append([0.0] * 16)
     if len(tables) % 2:
         tables.append([0.0] * 16)
-    return np.array(tables)
+    return np.array(tables + upper), len(upper)
 
 
 @needs_native
-@pytest.mark.parametrize("d,bits", [(3, 1), (3, 4), (97, 2), (97, 3), (50, 2.5), (384, 4), (200, 3.75), (13, 1.4)])
+@pytest.mark.parametrize("d,bits", [(3, 1), (3, 4), (97, 2), (97, 3), (50, 2.5), (384, 4), (200, 3.75), (13, 1.4),
+                                    (97, 5), (200, 4.33), (13, 4.5)])
 def test_query_tables_match_oracle_and_bound_the_rounding(d, bits):
     quantizer = TurboQuantizer(dim=d, bits=bits, seed=1)
     rng = np.random.default_rng(d)
     q = rng.standard_normal((6, d)).astype(np.float32)
     luts, fluts, delta, bias, tol, magnitude = fastscan.quantized_luts(quantizer, torch.from_numpy(q))
     for i in range(len(q)):
-        oracle = _oracle_tables(quantizer, q[i].astype(np.float64))
+        oracle, wide = _oracle_tables(quantizer, q[i].astype(np.float64))
         np.testing.assert_allclose(fluts[i], oracle, rtol=1e-5, atol=1e-6 * np.abs(oracle).max())
-        shift = oracle.min(axis=1, keepdims=True)
-        np.testing.assert_allclose(delta[i], (oracle - shift).max() / native.kernels.LUT_MAX, rtol=1e-5)
+        # A 5-bit nibble's two tables are one table of 32 entries.
+        main = len(oracle) - wide
+        entries = np.concatenate([oracle[:main], np.full((main, 16), np.nan)], axis=1)
+        entries[:wide, 16:] = oracle[main:]
+        quantized = np.concatenate([luts[i][:main], np.zeros((main, 16), np.uint8)], axis=1).astype(np.float64)
+        quantized[:wide, 16:] = luts[i][main:]
+        shift = np.nanmin(entries, axis=1, keepdims=True)
+        np.testing.assert_allclose(delta[i], np.nanmax(entries - shift) / native.kernels.LUT_MAX, rtol=1e-5)
         np.testing.assert_allclose(bias[i], shift.sum(), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(magnitude[i], np.abs(oracle).max(axis=1).sum(), rtol=1e-5)
-        assert np.abs(luts[i].astype(int) - np.round((oracle - shift) / delta[i])).max() <= 1
+        np.testing.assert_allclose(magnitude[i], np.nanmax(np.abs(entries), axis=1).sum(), rtol=1e-5)
+        assert np.nanmax(np.abs(quantized - np.round((entries - shift) / delta[i]))) <= 1
         # The bound: any choice of one value per nibble moves the sum by at most tol.
-        worst = np.abs(luts[i] * np.float64(delta[i]) + shift - oracle)
-        assert worst.max(axis=1).sum() <= tol[i] * (1 + 1e-4) + 1e-7
+        worst = np.abs(quantized * np.float64(delta[i]) + shift - entries)
+        assert np.nanmax(worst, axis=1).sum() <= tol[i] * (1 + 1e-4) + 1e-7
 
 
 def _torch_scan(index, queries, k):
@@ -141,7 +156,7 @@ def _all_scores(index, queries):
 
 @needs_avx2
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 2.5, 3.75])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 2.5, 3.75, 4.33, 5])
 @pytest.mark.parametrize("d", [97, 384])
 def test_fast_scan_equals_torch_scan(metric, bits, d):
     rng = np.random.default_rng(int(d + 7 * bits))
@@ -170,10 +185,11 @@ def test_fast_scan_equals_torch_scan(metric, bits, d):
 
 @needs_avx2
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-@pytest.mark.parametrize("bits,d", [(3.5, 200), (1, 203), (2, 203), (3, 203), (4, 203)])
+@pytest.mark.parametrize("bits,d", [(3.5, 200), (1, 203), (2, 203), (3, 203), (4, 203), (4.5, 203), (5, 203)])
 def test_avx2_and_portable_kernels_agree_exactly(metric, bits, d):
-    # Whole widths rescore from the row-major codes (SIMD decode-and-dot), 3.5 bits from the tables;
-    # d = 203 leaves a tail after the last full group of 8 codes.
+    # Whole widths 1-4 rescore from the row-major codes (SIMD decode-and-dot), the others from the
+    # tables; d = 203 leaves a tail after the last full group of 8 codes (and 5-bit codes whose
+    # count is not a multiple of 8).
     rng = np.random.default_rng(11)
     x, _ = clustered(rng, 2500, d, clusters=40, spread=0.6)
     index = Index(dim=d, bits=bits, metric=metric)
@@ -219,3 +235,19 @@ def test_fast_scan_handles_empty_and_tiny_segments():
 def test_torch_only_environment_turns_kernels_off(torch_only):
     assert not native.enabled() and not fastscan.available()
     assert os.environ["TQINDEX_NATIVE"] == "0"
+
+
+@needs_native
+def test_fast_scan_covers_codes_up_to_5_bits():
+    def quantizer(bits, variant="mse"):
+        return TurboQuantizer(dim=40, bits=bits, variant=variant)
+
+    assert all(fastscan.supports(quantizer(b)) for b in (1, 2.5, 4, 4.33, 5))
+    assert not fastscan.supports(quantizer(5.5))        # a 6-bit group
+    assert not fastscan.supports(quantizer(4, "prod"))
+    q = np.zeros((1, 40), np.float32)
+    out = [np.zeros((1, 2 * 24, 16), np.uint8), np.zeros((1, 2 * 24, 16), np.float32)] + \
+        [np.zeros(1, np.float32) for _ in range(4)]
+    g = quantizer(5).groups[0]
+    with pytest.raises(ValueError, match="wcols"):     # the wide columns must be a multiple of 4
+        native.kernels.tables(q, 40, 1, [(0, 40, 5, 1, g.centroids.numpy())], 22, *out, 2)

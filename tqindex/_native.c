@@ -25,6 +25,13 @@
  * The AVX2 path looks 32 nibbles up at once with vpshufb (one table per 128-bit lane, the same
  * table broadcast to both) and sums in 16-bit lanes; it is chosen at run time when the CPU has
  * AVX2. The portable path computes the very same integer sums, so both give identical results.
+ *
+ * Wide codes (5 bits). A group of 5-bit codes takes the first `wcols` columns (a multiple of 4;
+ * its nibble count padded to a multiple of 8 with zero tables): each nibble holds a code's low 4
+ * bits, and after the ncols nibble columns each block has wcols/4 "mask" columns whose byte i has
+ * bit t set when the 5th bit of wide nibble 8u+t (mask column u) of vector i is set. A wide nibble
+ * m has 32 table entries: the usual 16 for codes 0-15 and 16 more, for codes 16-31, at table index
+ * 2*ncols + m; the kernel blends the two lookups by the mask.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -49,11 +56,12 @@
 #define MAX_TILE 4
 
 typedef struct {
-    const uint8_t *codes;      /* [nblocks][ncols][32] */
-    Py_ssize_t ncols;          /* columns per block */
+    const uint8_t *codes;      /* [nblocks][ncols + wcols/4][32] */
+    Py_ssize_t ncols;          /* nibble columns per block */
+    Py_ssize_t wcols;          /* of which the first wcols hold 5-bit codes (a multiple of 4) */
     Py_ssize_t b0, b1;         /* block range to scan */
-    const uint8_t *luts;       /* [nq][2*ncols][16] */
-    const float *fluts;        /* [nq][2*ncols][16] */
+    const uint8_t *luts;       /* [nq][2*(ncols + wcols)][16] */
+    const float *fluts;        /* [nq][2*(ncols + wcols)][16] */
     const float *delta, *bias; /* [nq] */
     const float *tol, *eps;    /* [nq]: bound on |approx - exact| dot, and room for float rounding of a score */
     const float *row_scale;    /* [nblocks * 32], slot order, NaN where deleted or padding */
@@ -90,6 +98,15 @@ static inline void heap_replace_top(float *hs, int64_t *hi, Py_ssize_t k, float 
 }
 
 static inline int slot_of(int v) { return 16 * (v & 1) + 8 * (v >= 16) + ((v & 15) >> 1); }
+
+/* Bytes of one block of codes, and of one query's tables (in entries). */
+static inline Py_ssize_t block_bytes(const scan_args *a) { return (a->ncols + a->wcols / 4) * BLOCK; }
+static inline Py_ssize_t table_entries(const scan_args *a) { return (a->ncols + a->wcols) * 32; }
+
+/* The 5th bits of wide nibbles 2c and 2c + 1 of vector v, as 0 or 1. */
+static inline int wide_bit(const uint8_t *blk, const scan_args *a, Py_ssize_t c, int v, int half) {
+    return (blk[(a->ncols + (c >> 2)) * BLOCK + v] >> (2 * (c & 3) + half)) & 1;
+}
 
 /* Exact <q, y~> of one row with a single code group of b = 1..4 bits, as sum_j q_j * centroid(code_j):
  * lane l of eight accumulates the j = l mod 8 terms with fused multiply-adds in increasing j, then a
@@ -148,11 +165,18 @@ static inline float exact_dot(const scan_args *a, Py_ssize_t q, Py_ssize_t block
         float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         return dot_portable(a, row, qr, 0, lanes);
     }
-    const float *flut = a->fluts + q * a->ncols * 32;
-    const uint8_t *col = a->codes + block * a->ncols * BLOCK + v;
+    const float *flut = a->fluts + q * table_entries(a);
+    const uint8_t *blk = a->codes + block * block_bytes(a);
+    const uint8_t *col = blk + v;
     /* Four partial sums: one chain of dependent float adds would cost ~4 cycles per nibble. */
     float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     Py_ssize_t c = 0;
+    /* Wide columns: a nibble whose 5th bit is set reads its upper table, 2*ncols nibbles on. */
+    const Py_ssize_t upper = 2 * a->ncols * 16;
+    for (; c < a->wcols; c++, col += BLOCK, flut += 32) {
+        part[c & 1] += flut[(col[0] & 15) + (wide_bit(blk, a, c, v, 0) ? upper : 0)];
+        part[2 + (c & 1)] += flut[16 + (col[0] >> 4) + (wide_bit(blk, a, c, v, 1) ? upper : 0)];
+    }
     for (; c + 2 <= a->ncols; c += 2, col += 2 * BLOCK, flut += 64) {
         part[0] += flut[col[0] & 15];
         part[1] += flut[16 + (col[0] >> 4)];
@@ -197,10 +221,17 @@ static inline void offer_block(const scan_args *a, Py_ssize_t q, Py_ssize_t bloc
 }
 
 static void block_sums_portable(const scan_args *a, Py_ssize_t q, Py_ssize_t block, uint32_t *sums) {
-    const uint8_t *blk = a->codes + block * a->ncols * BLOCK;
-    const uint8_t *lut = a->luts + q * a->ncols * 32;
+    const uint8_t *blk = a->codes + block * block_bytes(a);
+    const uint8_t *lut = a->luts + q * table_entries(a);
+    const Py_ssize_t upper = 2 * a->ncols * 16;
     for (int v = 0; v < BLOCK; v++) sums[v] = 0;
-    for (Py_ssize_t c = 0; c < a->ncols; c++) {
+    for (Py_ssize_t c = 0; c < a->wcols; c++) {
+        const uint8_t *col = blk + c * BLOCK, *l0 = lut + c * 32, *l1 = l0 + 16;
+        for (int v = 0; v < BLOCK; v++)
+            sums[v] += (uint32_t)l0[(col[v] & 15) + (wide_bit(blk, a, c, v, 0) ? upper : 0)] +
+                       l1[(col[v] >> 4) + (wide_bit(blk, a, c, v, 1) ? upper : 0)];
+    }
+    for (Py_ssize_t c = a->wcols; c < a->ncols; c++) {
         const uint8_t *col = blk + c * BLOCK, *l0 = lut + c * 32, *l1 = l0 + 16;
         for (int v = 0; v < BLOCK; v++) sums[v] += (uint32_t)l0[col[v] & 15] + l1[col[v] >> 4];
     }
@@ -222,11 +253,12 @@ static void scan_portable(const scan_args *a) {
 /* Sums of `tile` queries (compile-time constant after inlining) over one block. */
 __attribute__((target("avx2,fma"), always_inline)) static inline void block_sums_avx2(
         const scan_args *a, Py_ssize_t q0, const int tile, Py_ssize_t block, __m256i sums[][4]) {
-    const uint8_t *blk = a->codes + block * a->ncols * BLOCK;
+    const uint8_t *blk = a->codes + block * block_bytes(a);
     const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const Py_ssize_t upper = 2 * a->ncols * 16;
     const uint8_t *lut[MAX_TILE];
     for (int t = 0; t < tile; t++) {
-        lut[t] = a->luts + (q0 + t) * a->ncols * 32;
+        lut[t] = a->luts + (q0 + t) * table_entries(a);
         for (int g = 0; g < 4; g++) sums[t][g] = _mm256_setzero_si256();
     }
     for (Py_ssize_t c0 = 0; c0 < a->ncols; c0 += CHUNK_COLS) {
@@ -234,7 +266,31 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void block_sums
         /* acc: 16-bit lanes holding even + 256 * odd byte sums (mod 2^16); odd: the odd sums alone. */
         __m256i acc[MAX_TILE], odd[MAX_TILE];
         for (int t = 0; t < tile; t++) acc[t] = odd[t] = _mm256_setzero_si256();
-        for (Py_ssize_t c = c0; c < c1; c++) {
+        Py_ssize_t c = c0;
+        for (; c < c1 && c < a->wcols; c++) {
+            /* Wide column: each nibble's lookup comes from its lower or upper table by its 5th bit. */
+            __m256i v = _mm256_loadu_si256((const __m256i *)(blk + c * BLOCK));
+            __m256i lo = _mm256_and_si256(v, low4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            __m256i bits = _mm256_loadu_si256((const __m256i *)(blk + (a->ncols + (c >> 2)) * BLOCK));
+            __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * (c & 3)))), b1 = _mm256_set1_epi8((char)(2 << (2 * (c & 3))));
+            __m256i m0 = _mm256_cmpeq_epi8(_mm256_and_si256(bits, b0), b0);
+            __m256i m1 = _mm256_cmpeq_epi8(_mm256_and_si256(bits, b1), b1);
+            for (int t = 0; t < tile; t++) {
+                const uint8_t *l = lut[t] + c * 32;
+                __m256i r0 = _mm256_blendv_epi8(
+                    _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)l)), lo),
+                    _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + upper))), lo), m0);
+                __m256i r1 = _mm256_blendv_epi8(
+                    _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + 16))), hi),
+                    _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + upper + 16))), hi),
+                    m1);
+                __m256i r = _mm256_add_epi8(r0, r1);
+                acc[t] = _mm256_add_epi16(acc[t], r);
+                odd[t] = _mm256_add_epi16(odd[t], _mm256_srli_epi16(r, 8));
+            }
+        }
+        for (; c < c1; c++) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(blk + c * BLOCK));
             __m256i lo = _mm256_and_si256(v, low4);
             __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
@@ -347,19 +403,19 @@ static PyObject *release(Py_buffer *bufs, int held, int ok) {
 static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"codes", "ncols", "nblocks", "b0", "b1", "luts", "fluts", "delta", "bias", "tol", "eps",
                              "row_scale", "row_norm2", "query_norm2", "out_scores", "out_ids", "exact_count",
-                             "portable", "rowcodes", "rotated", "centroids", "row_bits", NULL};
+                             "portable", "rowcodes", "rotated", "centroids", "row_bits", "wcols", NULL};
     PyObject *codes, *luts, *fluts, *delta, *bias, *tol, *eps, *row_scale, *row_norm2, *query_norm2;
     PyObject *out_s, *out_i, *exact_count, *rowcodes = Py_None, *rotated = Py_None, *centroids = Py_None;
-    Py_ssize_t ncols, nblocks, b0, b1;
+    Py_ssize_t ncols, nblocks, b0, b1, wcols = 0;
     int portable = 0, row_bits = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnnnnOOOOOOOOOOOO|pOOOi", kwlist, &codes, &ncols, &nblocks, &b0,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnnnnOOOOOOOOOOOO|pOOOin", kwlist, &codes, &ncols, &nblocks, &b0,
                                      &b1, &luts, &fluts, &delta, &bias, &tol, &eps, &row_scale, &row_norm2,
                                      &query_norm2, &out_s, &out_i, &exact_count, &portable, &rowcodes, &rotated,
-                                     &centroids, &row_bits))
+                                     &centroids, &row_bits, &wcols))
         return NULL;
     Py_ssize_t n = nblocks * BLOCK;
-    if (ncols < 1 || nblocks < 0 || b0 < 0 || b1 < b0 || b1 > nblocks) {
-        PyErr_SetString(PyExc_ValueError, "scan: inconsistent ncols / nblocks / block range");
+    if (ncols < 1 || nblocks < 0 || b0 < 0 || b1 < b0 || b1 > nblocks || wcols < 0 || wcols % 4 || wcols > ncols) {
+        PyErr_SetString(PyExc_ValueError, "scan: inconsistent ncols / wcols / nblocks / block range");
         return NULL;
     }
     Py_buffer bufs[20];
@@ -382,11 +438,11 @@ static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     v = &bufs[held];                                                   \
     if (get_buffer(obj, v, w, nbytes, name) < 0) goto done;            \
     held++;
-    NEXT(codes, 0, nblocks * ncols * BLOCK, "codes")
+    NEXT(codes, 0, nblocks * (ncols + wcols / 4) * BLOCK, "codes")
     a.codes = v->buf;
-    NEXT(luts, 0, a.nq * ncols * 32, "luts")
+    NEXT(luts, 0, a.nq * (ncols + wcols) * 32, "luts")
     a.luts = v->buf;
-    NEXT(fluts, 0, a.nq * ncols * 32 * (Py_ssize_t)sizeof(float), "fluts")
+    NEXT(fluts, 0, a.nq * (ncols + wcols) * 32 * (Py_ssize_t)sizeof(float), "fluts")
     a.fluts = v->buf;
     NEXT(bias, 0, a.nq * (Py_ssize_t)sizeof(float), "bias")
     a.bias = v->buf;
@@ -437,6 +493,7 @@ static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     a.delta = bufs[0].buf;
     a.out_s = bufs[1].buf;
     a.ncols = ncols;
+    a.wcols = wcols;
     a.b0 = b0;
     a.b1 = b1;
 #ifdef TQ_X86
@@ -549,23 +606,30 @@ done:
 }
 
 /* ---- query tables -------------------------------------------------------------------------------
- * tables(rotated, dim, nq, groups, ncols, luts, fluts, delta, bias, tol, magnitude): for each query
- * (float32 [nq][dim]) and nibble m, fluts[m][v] = sum_t q[j_t] * centroid(code_t(v)) with the
+ * tables(rotated, dim, nq, groups, ncols, luts, fluts, delta, bias, tol, magnitude, wcols=0): for each
+ * query (float32 [nq][dim]) and nibble m, fluts[m][v] = sum_t q[j_t] * centroid(code_t(v)) with the
  * group's `per` codes of `bits` bits packed in v (coordinates past the group's end count 0; nibbles
- * past the last group, padding, are all 0). luts = round((fluts - min_v) / delta), delta =
- * max_m span_m / LUT_MAX; bias = sum_m min_v; tol = sum_m max_v |delta * luts - (fluts - min_v)|, the
- * most rounding can move a dot product; magnitude = sum_m max_v |fluts|. */
+ * past the last group, padding, are all 0). A 5-bit group (first, one code per nibble, its nibbles
+ * padded to 2*wcols) also has fluts[2*ncols + m][v] = q[j] * centroid(16 + v). Every nibble's
+ * entries (16, or 32 for a wide one) are shifted by their minimum and quantized with one step:
+ * luts = round((fluts - min) / delta), delta = max_m span_m / LUT_MAX; bias = sum_m min_m; tol =
+ * sum_m max_v |delta * luts - (fluts - min_m)|, the most rounding can move a dot product;
+ * magnitude = sum_m max_v |fluts|. */
 typedef struct {
     Py_ssize_t start, stop, bits, per;
     const float *centroids;
 } nibble_group;
 
 static void query_tables(const float *q, const nibble_group *groups, int ngroups, Py_ssize_t nibbles,
-                         uint8_t *lut, float *flut, float *delta, float *bias, float *tol, float *magnitude) {
+                         Py_ssize_t wide, uint8_t *lut, float *flut, float *delta, float *bias, float *tol,
+                         float *magnitude) {
+    /* Nibble m's entries: flut[m*16 ..] (16), and for m < wide also flut[(nibbles + m)*16 ..] (16 more). */
+    memset(flut, 0, (size_t)(nibbles + wide) * 16 * sizeof(float));
     Py_ssize_t m = 0;
     for (int gi = 0; gi < ngroups; gi++) {
         const nibble_group *g = &groups[gi];
         const int mask = (1 << g->bits) - 1;
+        Py_ssize_t first = m;
         for (Py_ssize_t j = g->start; j < g->stop; j += g->per, m++) {
             float *row = flut + m * 16;
             for (int v = 0; v < 16; v++) {
@@ -573,19 +637,22 @@ static void query_tables(const float *q, const nibble_group *groups, int ngroups
                 for (int t = 0; t < g->per && j + t < g->stop; t++)
                     sum += q[j + t] * g->centroids[(v >> (t * g->bits)) & mask];
                 row[v] = sum;
+                if (g->bits == 5) flut[(nibbles + m) * 16 + v] = q[j] * g->centroids[16 + v];
             }
         }
+        if (g->bits == 5) m = first + wide;  /* the wide group's zero padding */
     }
-    for (; m < nibbles; m++) memset(flut + m * 16, 0, 16 * sizeof(float));
     float span = 0.0f, shift_sum = 0.0f, mag = 0.0f;
     for (m = 0; m < nibbles; m++) {
-        const float *row = flut + m * 16;
-        float lo = row[0], hi = row[0], big = fabsf(row[0]);
-        for (int v = 1; v < 16; v++) {
-            lo = row[v] < lo ? row[v] : lo;
-            hi = row[v] > hi ? row[v] : hi;
-            big = fabsf(row[v]) > big ? fabsf(row[v]) : big;
-        }
+        const float *parts[2] = {flut + m * 16, flut + (nibbles + m) * 16};
+        float lo = parts[0][0], hi = parts[0][0], big = fabsf(parts[0][0]);
+        for (int p = 0; p < (m < wide ? 2 : 1); p++)
+            for (int v = 0; v < 16; v++) {
+                const float x = parts[p][v];
+                lo = x < lo ? x : lo;
+                hi = x > hi ? x : hi;
+                big = fabsf(x) > big ? fabsf(x) : big;
+            }
         span = hi - lo > span ? hi - lo : span;
         shift_sum += lo;
         mag += big;
@@ -593,16 +660,19 @@ static void query_tables(const float *q, const nibble_group *groups, int ngroups
     const float step = span > 0.0f ? span / (float)LUT_MAX : 1.0f;
     float err_sum = 0.0f;
     for (m = 0; m < nibbles; m++) {
-        const float *row = flut + m * 16;
-        float lo = row[0], worst = 0.0f;
-        for (int v = 1; v < 16; v++) lo = row[v] < lo ? row[v] : lo;
-        for (int v = 0; v < 16; v++) {
-            float level = rintf((row[v] - lo) / step);
-            level = level < 0.0f ? 0.0f : (level > (float)LUT_MAX ? (float)LUT_MAX : level);
-            lut[m * 16 + v] = (uint8_t)level;
-            float err = fabsf(level * step - (row[v] - lo));
-            worst = err > worst ? err : worst;
-        }
+        const Py_ssize_t at[2] = {m * 16, (nibbles + m) * 16};
+        const int nparts = m < wide ? 2 : 1;
+        float lo = flut[at[0]], worst = 0.0f;
+        for (int p = 0; p < nparts; p++)
+            for (int v = 0; v < 16; v++) lo = flut[at[p] + v] < lo ? flut[at[p] + v] : lo;
+        for (int p = 0; p < nparts; p++)
+            for (int v = 0; v < 16; v++) {
+                float level = rintf((flut[at[p] + v] - lo) / step);
+                level = level < 0.0f ? 0.0f : (level > (float)LUT_MAX ? (float)LUT_MAX : level);
+                lut[at[p] + v] = (uint8_t)level;
+                float err = fabsf(level * step - (flut[at[p] + v] - lo));
+                worst = err > worst ? err : worst;
+            }
         err_sum += worst;
     }
     *delta = step;
@@ -613,13 +683,14 @@ static void query_tables(const float *q, const nibble_group *groups, int ngroups
 
 static PyObject *tables(PyObject *self, PyObject *args) {
     PyObject *rotated, *groups, *luts, *fluts, *delta, *bias, *tol, *magnitude;
-    Py_ssize_t dim, nq, ncols;
-    if (!PyArg_ParseTuple(args, "OnnO!nOOOOOO", &rotated, &dim, &nq, &PyList_Type, &groups, &ncols, &luts, &fluts,
-                          &delta, &bias, &tol, &magnitude))
+    Py_ssize_t dim, nq, ncols, wcols = 0;
+    if (!PyArg_ParseTuple(args, "OnnO!nOOOOOO|n", &rotated, &dim, &nq, &PyList_Type, &groups, &ncols, &luts, &fluts,
+                          &delta, &bias, &tol, &magnitude, &wcols))
         return NULL;
     int ngroups = (int)PyList_GET_SIZE(groups);
-    if (ngroups < 1 || ngroups > 8 || dim < 1 || nq < 0 || ncols < 1) {
-        PyErr_SetString(PyExc_ValueError, "tables: need 1..8 groups, dim >= 1, nq >= 0, ncols >= 1");
+    if (ngroups < 1 || ngroups > 8 || dim < 1 || nq < 0 || ncols < 1 || wcols < 0 || wcols % 4 || wcols > ncols) {
+        PyErr_SetString(PyExc_ValueError, "tables: need 1..8 groups, dim >= 1, nq >= 0, ncols >= 1, "
+                                          "wcols a multiple of 4 in [0, ncols]");
         return NULL;
     }
     nibble_group g[8];
@@ -631,26 +702,33 @@ static PyObject *tables(PyObject *self, PyObject *args) {
         if (!PyArg_ParseTuple(PyList_GET_ITEM(groups, i), "nnnnO", &g[i].start, &g[i].stop, &g[i].bits, &g[i].per,
                               &cen))
             goto done;
-        if (g[i].bits < 1 || g[i].bits > 4 || g[i].per < 1 || g[i].per * g[i].bits > 4 || g[i].start < 0 ||
-            g[i].stop > dim || g[i].stop < g[i].start) {
+        /* A 5-bit group: first, one code per nibble, fitting the 2*wcols wide nibbles. */
+        int wide_ok = g[i].bits != 5 || (i == 0 && g[i].per == 1 && g[i].stop - g[i].start <= 2 * wcols);
+        if (g[i].bits < 1 || g[i].bits > 5 || g[i].per < 1 || (g[i].bits < 5 && g[i].per * g[i].bits > 4) ||
+            !wide_ok || g[i].start < 0 || g[i].stop > dim || g[i].stop < g[i].start) {
             PyErr_SetString(PyExc_ValueError, "tables: bad group");
             goto done;
         }
         if (get_buffer(cen, &bufs[held], 0, ((Py_ssize_t)1 << g[i].bits) * (Py_ssize_t)sizeof(float), "centroids") < 0)
             goto done;
         g[i].centroids = bufs[held++].buf;
-        nibbles += (g[i].stop - g[i].start + g[i].per - 1) / g[i].per;
+        nibbles += g[i].bits == 5 ? 2 * wcols : (g[i].stop - g[i].start + g[i].per - 1) / g[i].per;
+    }
+    if (wcols && g[0].bits != 5) {
+        PyErr_SetString(PyExc_ValueError, "tables: wcols > 0 needs a first group of 5 bits");
+        goto done;
     }
     if (nibbles > 2 * ncols) {
         PyErr_SetString(PyExc_ValueError, "tables: the groups need more nibbles than 2 * ncols");
         goto done;
     }
     nibbles = 2 * ncols;
+    const Py_ssize_t entries = (nibbles + 2 * wcols) * 16;
     if (get_buffer(rotated, &bufs[held], 0, nq * dim * (Py_ssize_t)sizeof(float), "rotated") < 0) goto done;
     const float *qp = bufs[held++].buf;
-    if (get_buffer(luts, &bufs[held], 1, nq * nibbles * 16, "luts") < 0) goto done;
+    if (get_buffer(luts, &bufs[held], 1, nq * entries, "luts") < 0) goto done;
     uint8_t *lp = bufs[held++].buf;
-    if (get_buffer(fluts, &bufs[held], 1, nq * nibbles * 16 * (Py_ssize_t)sizeof(float), "fluts") < 0) goto done;
+    if (get_buffer(fluts, &bufs[held], 1, nq * entries * (Py_ssize_t)sizeof(float), "fluts") < 0) goto done;
     float *fp = bufs[held++].buf;
     float *outs[4];
     PyObject *objs[4] = {delta, bias, tol, magnitude};
@@ -661,7 +739,7 @@ static PyObject *tables(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < nq; i++)
-        query_tables(qp + i * dim, g, ngroups, nibbles, lp + i * nibbles * 16, fp + i * nibbles * 16, outs[0] + i,
+        query_tables(qp + i * dim, g, ngroups, nibbles, 2 * wcols, lp + i * entries, fp + i * entries, outs[0] + i,
                      outs[1] + i, outs[2] + i, outs[3] + i);
     Py_END_ALLOW_THREADS
     ok = 1;
@@ -676,7 +754,8 @@ static PyObject *simd(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"scan", (PyCFunction)(void (*)(void))scan, METH_VARARGS | METH_KEYWORDS,
      "scan(codes, ncols, nblocks, b0, b1, luts, fluts, delta, bias, tol, eps, row_scale, row_norm2, query_norm2, "
-     "out_scores, out_ids, exact_count, portable=False)\n\nOffer blocks [b0, b1) of every query to its "
+     "out_scores, out_ids, exact_count, portable=False, rowcodes=None, rotated=None, centroids=None, row_bits=0, "
+     "wcols=0)\n\nOffer blocks [b0, b1) of every query to its "
      "min-heap of exact scores in out_scores/out_ids (float32/int64 [nq][k], initialised by the caller); adds "
      "the number of exact evaluations to exact_count (int64 [nq]). Releases the GIL."},
     {"encode", encode, METH_VARARGS,
@@ -684,8 +763,9 @@ static PyMethodDef methods[] = {
      "(groups: list of (start, stop, bits, byte_offset, boundaries, centroids)) and their alignment "
      "<y, y_tilde>. Releases the GIL."},
     {"tables", tables, METH_VARARGS,
-     "tables(rotated, dim, nq, groups, ncols, luts, fluts, delta, bias, tol, magnitude)\n\nPer-query lookup "
-     "tables for scan (groups: list of (start, stop, bits, codes_per_nibble, centroids)). Releases the GIL."},
+     "tables(rotated, dim, nq, groups, ncols, luts, fluts, delta, bias, tol, magnitude, wcols=0)\n\nPer-query "
+     "lookup tables for scan (groups: list of (start, stop, bits, codes_per_nibble, centroids); a first group of "
+     "5 bits takes 2*wcols nibbles and has upper tables). Releases the GIL."},
     {"simd", simd, METH_NOARGS, "'avx2' when the AVX2 kernel runs on this CPU, else 'portable'."},
     {NULL, NULL, 0, NULL}};
 

@@ -4,7 +4,9 @@ How a search runs
 -----------------
 1. Each segment's mse codes are regrouped once into "nibbles" of 4 bits (one code of 3-4 bits, two
    of 2 bits or four of 1 bit) and stored in blocks of 32 vectors (the kernel's layout); the
-   layout is cached on the segment.
+   layout is cached on the segment. 5-bit codes (whole width 5, or the wider group of a width
+   between 4 and 5) keep their low 4 bits in a nibble and their 5th bits in mask columns; their
+   nibbles have 32-entry tables, and the kernel blends the two lookups by the mask.
 2. Per query, nibble m gets a 16-entry float table L[m][v] = Σ_t (Πq)_j · c(code_t(v)), the exact
    contribution of every value the nibble can take; the tables are shifted per nibble and
    quantized to 0..127 with one step δ per query.
@@ -15,9 +17,9 @@ How a search runs
    offered to the query's heap.
 
 So the results are the torch scan's (the same estimator, float32) up to float rounding of the
-sums, and the uint8 pass only saves work. The mse variant uses it when every code is 1-4 bits
-(whole widths 1-4, fractional widths below 4); prod, wider codes, GPUs and an install without the
-compiled extension use `backends.cpu.scan_topk`. TQINDEX_NATIVE=0 turns it off.
+sums, and the uint8 pass only saves work. The mse variant uses it when every code is 1-5 bits
+(widths up to 5); prod, wider codes, GPUs and an install without the compiled extension use
+`backends.cpu.scan_topk`. TQINDEX_NATIVE=0 turns it off.
 """
 
 from __future__ import annotations
@@ -42,8 +44,13 @@ def available() -> bool:
     return native.enabled() and native.simd() == "avx2"
 
 
+WIDE_BITS = 5
+
+
 def supports(quantizer: TurboQuantizer) -> bool:
-    return quantizer.variant == "mse" and bool(quantizer.groups) and all(g.bits <= 4 for g in quantizer.groups)
+    # Groups are ordered widest first, so a 5-bit group, if any, is the first (the kernel's layout).
+    return quantizer.variant == "mse" and bool(quantizer.groups) and \
+        all(g.bits <= 4 or (g.bits == WIDE_BITS and i == 0) for i, g in enumerate(quantizer.groups))
 
 
 def _nibble_plan(quantizer: TurboQuantizer) -> list[tuple[int, int, int, int]]:
@@ -51,8 +58,16 @@ def _nibble_plan(quantizer: TurboQuantizer) -> list[tuple[int, int, int, int]]:
     return [(g.start, g.stop, g.bits, 4 // g.bits if g.bits in (1, 2) else 1) for g in quantizer.groups]
 
 
+def _wide_cols(quantizer: TurboQuantizer) -> int:
+    """Columns of 5-bit codes (the first group's, its nibbles padded to a multiple of 8), or 0."""
+    g = quantizer.groups[0]
+    return 4 * -(-(g.stop - g.start) // 8) if g.bits == WIDE_BITS else 0
+
+
 def _nibble_count(quantizer: TurboQuantizer) -> int:
-    return sum(-(-(stop - start) // per) for start, stop, _, per in _nibble_plan(quantizer))
+    wide = 2 * _wide_cols(quantizer)
+    return sum(wide if bits == WIDE_BITS else -(-(stop - start) // per)
+               for start, stop, bits, per in _nibble_plan(quantizer))
 
 
 # Slot order (see _native.c): slot 8g + j of a block holds row 2j + 16·(g & 1) + (g >> 1).
@@ -68,19 +83,26 @@ def _to_slots(values: np.ndarray, nblocks: int, fill) -> np.ndarray:
 
 
 def _nibbles(quantizer: TurboQuantizer, codes: np.ndarray) -> np.ndarray:
-    """Packed codes (n, code_bytes) → (n, ncols) bytes: nibble 2c in the low half, 2c + 1 in the high."""
+    """Packed codes (n, code_bytes) → (n, ncols + wcols/4) bytes: nibble 2c in the low half of
+    column c, 2c + 1 in the high; then, for 5-bit codes, mask column u with bit t = the 5th bit of
+    wide nibble 8u + t."""
     if len(quantizer.groups) == 1 and quantizer.groups[0].bits in (1, 2, 4):
         # The packed bitstream (tqindex.packing) already is this: byte c holds codes in the order and
         # at the shifts the nibbles use, zero-padded at the end.
         return np.asarray(codes)
     idx = quantizer.unpack(codes)
     n = idx.shape[0]
-    nibbles = []
+    nibbles, masks = [], []
+    wide = 2 * _wide_cols(quantizer)
     for start, stop, bits, per in _nibble_plan(quantizer):
         part = idx[:, start:stop]
-        width = -(-(stop - start) // per) * per
+        width = wide if bits == WIDE_BITS else -(-(stop - start) // per) * per
         if width != part.shape[1]:
             part = np.concatenate([part, np.zeros((n, width - part.shape[1]), np.uint8)], axis=1)
+        if bits == WIDE_BITS:
+            high = (part >> 4).reshape(n, -1, 8)
+            masks.append(np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8), axis=2).astype(np.uint8))
+            part = part & 15
         part = part.reshape(n, -1, per)
         nib = part[:, :, 0].copy()
         for t in range(1, per):
@@ -89,7 +111,7 @@ def _nibbles(quantizer: TurboQuantizer, codes: np.ndarray) -> np.ndarray:
     nib = np.concatenate(nibbles, axis=1)
     if nib.shape[1] % 2:  # an odd nibble count: the last byte's high half is a zero nibble with a zero table
         nib = np.concatenate([nib, np.zeros((n, 1), np.uint8)], axis=1)
-    return nib[:, 0::2] | (nib[:, 1::2] << 4)
+    return np.concatenate([nib[:, 0::2] | (nib[:, 1::2] << 4)] + masks, axis=1)
 
 
 def segment_layout(quantizer: TurboQuantizer, segment: Segment, metric: str) -> dict:
@@ -97,26 +119,29 @@ def segment_layout(quantizer: TurboQuantizer, segment: Segment, metric: str) -> 
 
     Returns
     -------
-    dict with blocks (nblocks, ncols, 32) uint8, ncols, n, scale ((nblocks·32,) float32 in slot
-    order, NaN for padding), max_scale, and for "l2" norm2 (‖x‖² in slot order) and max_norm2
-    (the maxima size the rounding room)
+    dict with blocks (nblocks, ncols + wcols/4, 32) uint8, ncols (nibble columns), wcols (of which
+    5-bit), n, scale ((nblocks·32,) float32 in slot order, NaN for padding), max_scale, and for
+    "l2" norm2 (‖x‖² in slot order) and max_norm2 (the maxima size the rounding room)
     """
     layout = segment.device_cache.get("fastscan")
     if layout is None:
         codes = np.asarray(segment.encoded.codes)
         n = len(codes)
         ncols = -(-_nibble_count(quantizer) // 2)
+        wcols = _wide_cols(quantizer)
+        width = ncols + wcols // 4
         nblocks = -(-n // BLOCK)
-        blocks = np.zeros((nblocks, ncols, BLOCK), np.uint8)
+        blocks = np.zeros((nblocks, width, BLOCK), np.uint8)
         for start in range(0, n, _LAYOUT_CHUNK):
             part = _nibbles(quantizer, codes[start:start + _LAYOUT_CHUNK])
             rows = len(part)
-            padded = np.zeros((-(-rows // BLOCK) * BLOCK, ncols), np.uint8)
-            padded[:rows] = part
+            padded = np.zeros((-(-rows // BLOCK) * BLOCK, width), np.uint8)
+            padded[:rows, :part.shape[1]] = part
             first = start // BLOCK
-            blocks[first:first + len(padded) // BLOCK] = padded.reshape(-1, BLOCK, ncols).transpose(0, 2, 1)
+            blocks[first:first + len(padded) // BLOCK] = padded.reshape(-1, BLOCK, width).transpose(0, 2, 1)
         scale = np.asarray(segment.encoded.scale, dtype=np.float32)
-        layout = {"blocks": blocks, "ncols": ncols, "n": n, "scale": _to_slots(scale, nblocks, np.nan),
+        layout = {"blocks": blocks, "ncols": ncols, "wcols": wcols, "n": n,
+                  "scale": _to_slots(scale, nblocks, np.nan),
                   "max_scale": float(np.abs(scale).max()) if n else 0.0}
         segment.device_cache["fastscan"] = layout
     if metric == "l2" and "norm2" not in layout:
@@ -136,8 +161,9 @@ def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
 
     Returns
     -------
-    luts : (nq, 2·ncols, 16) uint8, quantized tables
-    fluts : (nq, 2·ncols, 16) float32, exact tables L[m][v] = Σ_t (Πq)_j · c(code_t(v))
+    luts : (nq, 2·(ncols + wcols), 16) uint8, quantized tables
+    fluts : (nq, 2·(ncols + wcols), 16) float32, exact tables L[m][v] = Σ_t (Πq)_j · c(code_t(v)); a
+        5-bit nibble m's entries for codes 16-31 are at index 2·ncols + m
     delta : (nq,) float32, the quantization step (largest per-nibble span / LUT_MAX, 127: 7-bit
         entries let the kernel add a column's two lookups in 8 bits)
     bias : (nq,) float32, Σ_m min_v L[m][v] (each table is shifted to start at 0)
@@ -148,14 +174,15 @@ def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
     q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
     nq = q.shape[0]
     ncols = -(-_nibble_count(quantizer) // 2)
-    luts = np.empty((nq, 2 * ncols, 16), np.uint8)
-    fluts = np.empty((nq, 2 * ncols, 16), np.float32)
+    wcols = _wide_cols(quantizer)
+    luts = np.empty((nq, 2 * (ncols + wcols), 16), np.uint8)
+    fluts = np.empty((nq, 2 * (ncols + wcols), 16), np.float32)
     delta, bias, tol, magnitude = (np.empty(nq, np.float32) for _ in range(4))
     groups = [(start, stop, bits, per, g.centroids.numpy())
               for (start, stop, bits, per), g in zip(_nibble_plan(quantizer), quantizer.groups)]
     native.parallel_ranges(nq, lambda a, b: native.kernels.tables(
         q[a:b], quantizer.dim, b - a, groups, ncols, luts[a:b], fluts[a:b], delta[a:b], bias[a:b], tol[a:b],
-        magnitude[a:b]), min_per_thread=64)
+        magnitude[a:b], wcols), min_per_thread=64)
     return luts, fluts, delta, bias, tol, magnitude
 
 
@@ -169,14 +196,14 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
     if segment.deleted is not None:
         row_scale = np.where(_to_slots(np.asarray(segment.deleted), nblocks, False), np.float32(np.nan), row_scale)
     row_norm2 = layout["norm2"] if metric == "l2" else None
-    extra = {}
-    if len(quantizer.groups) == 1:
+    extra = {"wcols": layout["wcols"]}
+    if len(quantizer.groups) == 1 and quantizer.groups[0].bits <= 4:
         # One code group: rows are rescored straight from the row-major codes (a SIMD decode-and-dot,
         # ~3x faster than summing 2·ncols float table entries).
         g = quantizer.groups[0]
         centroids = np.zeros(16, np.float32)
         centroids[: len(g.centroids)] = g.centroids.numpy()
-        extra = {"rowcodes": np.asarray(segment.encoded.codes), "centroids": centroids, "row_bits": g.bits}
+        extra.update(rowcodes=np.asarray(segment.encoded.codes), centroids=centroids, row_bits=g.bits)
 
     def run(q0, q1, b0, b1):
         out_s = np.full((q1 - q0, k), -np.inf, dtype=np.float32)
@@ -185,7 +212,7 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
         native.kernels.scan(layout["blocks"], layout["ncols"], nblocks, b0, b1, luts[q0:q1], fluts[q0:q1],
                             delta[q0:q1], bias[q0:q1], tol[q0:q1], eps[q0:q1], row_scale, row_norm2,
                             None if query_norm2 is None else query_norm2[q0:q1], out_s, out_i, count,
-                            portable=portable, **(dict(extra, rotated=rotated[q0:q1]) if extra else {}))
+                            portable=portable, **(dict(extra, rotated=rotated[q0:q1]) if "rowcodes" in extra else extra))
         return out_s, out_i, count
 
     if nq >= threads:
