@@ -228,7 +228,19 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10, help="k of the timed search (recall@10 from its first 10)")
     parser.add_argument("--only", nargs="+", default=None, metavar="METHOD",
                         help="run only these methods (names as in the table, e.g. tqindex-mse turbovec)")
+    parser.add_argument("--render", default=None, metavar="JSON",
+                        help="rewrite the table of an earlier run from its JSON (no measurement)")
     args = parser.parse_args()
+    if args.render:
+        import json
+        from pathlib import Path
+        saved = json.loads(Path(args.render).read_text())
+        ds = load_dataset(args.dataset)
+        table = render_table(ds, saved["rows"], saved["n"], saved["queries"], saved["threads"], saved.get("k", 10),
+                             command=saved["command"])
+        Path(args.render).with_suffix(".md").write_text(table)
+        print(table)
+        return
 
     import torch
     if args.threads:
@@ -268,9 +280,7 @@ def main() -> None:
         for r in rows:
             if r["bits"] == bits and not r["method"].startswith("tqindex") and "exact" not in r["method"] \
                     and "skipped" not in r:
-                # Serialised-size differences leave a few thousandths of a byte of fixed parts (e.g.
-                # turbovec: 17.9989 B for 14 B of codes + a 4-byte scale): whole bytes, rounded down.
-                budgets.setdefault(int(r["bytes_per_vector"] + 0.01), r["method"].split("(")[0].strip())
+                budgets.setdefault(_budget(r), r["method"].split("(")[0].strip())  # see _budget
         for budget, peer in sorted(budgets.items()):
             if budget != ours["bytes_per_vector"]:
                 try:
@@ -325,10 +335,10 @@ def run_method(method, bits, x, q, gt_ids, gt_scores, repeat, k_timed=10) -> dic
     return row
 
 
-def render_table(ds, rows, n, nq, threads, k_timed=10) -> str:
+def render_table(ds, rows, n, nq, threads, k_timed=10, command=None) -> str:
     from common import command_line
     from tqindex import native
-    lines = [f"`{command_line()}` — {ds.name}, n={n}, d={ds.dim}, {nq} queries, {threads} threads; recall@10 and "
+    lines = [f"`{command or command_line()}` — {ds.name}, n={n}, d={ds.dim}, {nq} queries, {threads} threads; recall@10 and "
              f"QPS from the same k={k_timed} batch search (median of timed runs); rerank rows rescore {k_timed}·m "
              f"candidates with float32 vectors kept beside the codes. tqindex native kernels: "
              f"{native.simd() or 'not built'}. Seeds: tqindex's figures are for rotation seed 0 (the default); "
@@ -356,7 +366,7 @@ def render_table(ds, rows, n, nq, threads, k_timed=10) -> str:
         peers = [r for r in rows if r["bits"] == bits and not r["method"].startswith("tqindex") and "skipped" not in r
                  and "exact" not in r["method"]]
         for p in peers:
-            fit = [r for r in ours if r["bytes_per_vector"] <= p["bytes_per_vector"]]
+            fit = [r for r in ours if r["bytes_per_vector"] <= _budget(p)]
             head = f"- {bits} bits, {p['method']} ({p['bytes_per_vector']:.0f} B/vec, recall@10 {p['recall@10']:.4f}, " \
                    f"Recall@1@10 {p['recall_1@10']:.4f}, {p['qps']:,.0f} QPS): "
             if not fit:
@@ -378,6 +388,13 @@ def render_table(ds, rows, n, nq, threads, k_timed=10) -> str:
                 text += "no tqindex row within its memory reaches its recall@10, so no speed comparison."
             lines.append(text)
     return "\n".join(lines) + "\n"
+
+
+def _budget(row) -> int:
+    """A peer's bytes per vector in whole bytes. Serialised-size differences leave a few thousandths
+    of a byte of fixed parts (turbovec: 17.9989 B for 14 B of codes + a 4-byte scale): rounded down
+    after that margin."""
+    return int(row["bytes_per_vector"] + 0.01)
 
 
 def _spread(row) -> str:
