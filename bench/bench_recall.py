@@ -15,6 +15,10 @@ stores per vector besides codes, ids among them). A peer that rejects the datase
 needs a multiple of 8, rabitqlib at least 64) runs on zero-padded vectors: the same inner products, and
 its bytes per vector include the padding's codes.
 
+tqindex also runs at each peer's bytes per vector (the widest fractional width that fits, `bits_for_bytes`),
+once with its per-vector scale in float32 (the default) and once in float16 ("fp16-scale": 2 bytes more
+for codes, for a relative error of at most 2^-11 on each score).
+
 tqindex's figures are for rotation seed 0, the default; the rows of its default configuration also
 give recall over other seeds (--seeds), since which rotation is drawn moves recall, most at small d.
 """
@@ -47,12 +51,15 @@ class Method:
 class TQ(Method):
     seeds = 1  # rotation seeds the default configuration's rows are also measured at (--seeds)
 
-    def __init__(self, bits, dim, variant="mse", rescale=True, rerank=0, center=False, width=None, budget_of=None):
+    def __init__(self, bits, dim, variant="mse", rescale=True, rerank=0, center=False, width=None, budget_of=None,
+                 scale_dtype="float32"):
         label = f"tqindex-{variant}" + ("" if rescale or variant == "prod" else "-plain") + \
             ("+center" if center else "") + (f"+rerank{rerank}" if rerank else "") + \
-            (f" {width:.3g}b ({budget_of})" if budget_of else "")
+            (f" {width:.3g}b" if budget_of else "") + (" fp16-scale" if scale_dtype == "float16" else "") + \
+            (f" ({budget_of})" if budget_of else "")
         super().__init__(label, bits)
-        self.kw = dict(dim=dim, bits=width or bits, variant=variant, rescale=rescale, keep_vectors=bool(rerank))
+        self.kw = dict(dim=dim, bits=width or bits, variant=variant, rescale=rescale, keep_vectors=bool(rerank),
+                       scale_dtype=scale_dtype)
         self.rerank = rerank
         self.center = center
         self.trains = center  # the mean of a sample is data-dependent: reported as training
@@ -272,7 +279,8 @@ def main() -> None:
             if args.only is None or method.name in args.only or method.name.split(" (")[0] in args.only:
                 rows.append(run_method(method, bits, x, q, gt_ids, gt_scores, args.repeat, args.k))
         # tqindex at each peer's own bytes per vector (fractional bits): the comparison at equal
-        # memory. A budget equal to tqindex's whole-bit size already has its row.
+        # memory, with the scale stored in float32 (a budget equal to tqindex's whole-bit size
+        # already has its row) and in float16 (2 bytes more for codes).
         ours = next((r for r in rows if r["bits"] == bits and r["method"] == "tqindex-mse"), None)
         if ours is None:
             continue
@@ -282,15 +290,17 @@ def main() -> None:
                     and "skipped" not in r:
                 budgets.setdefault(_budget(r), r["method"].split("(")[0].strip())  # see _budget
         for budget, peer in sorted(budgets.items()):
-            if budget != ours["bytes_per_vector"]:
+            for scale_dtype in ("float32", "float16"):
+                if scale_dtype == "float32" and budget == ours["bytes_per_vector"]:
+                    continue
                 try:
-                    width = bits_for_bytes(x.shape[1], budget)
+                    width = bits_for_bytes(x.shape[1], budget, scale_dtype=scale_dtype)
                 except ValueError:  # not even 1 bit fits
                     continue
-                if width in args.bits:  # a whole width this run measures anyway (verdicts look across widths)
+                if width in args.bits and scale_dtype == "float32":  # measured anyway (verdicts look across widths)
                     continue
-                rows.append(run_method(TQ(bits, x.shape[1], width=width, budget_of=f"{budget} B = {peer}"),
-                                       bits, x, q, gt_ids, gt_scores, args.repeat, args.k))
+                rows.append(run_method(TQ(bits, x.shape[1], width=width, budget_of=f"{budget} B = {peer}",
+                                          scale_dtype=scale_dtype), bits, x, q, gt_ids, gt_scores, args.repeat, args.k))
 
     tag = ds.name + (f"-{args.tag}" if args.tag else "")
     table = render_table(ds, rows, len(x), len(q), threads, args.k)

@@ -25,6 +25,8 @@ def test_bench_on_a_small_file(tmp_path, capsys):
     assert main(["bench", "--dataset", str(path), "--variant", "prod", "--bits", "3", "--rerank", "4",
                  "--repeat", "1"]) == 0
     assert "rerank x4" in capsys.readouterr().out
+    assert main(["bench", "--dataset", str(path), "--bits", "4", "--scale-dtype", "float16", "--repeat", "1"]) == 0
+    assert "bytes/vector 18" in capsys.readouterr().out
 
 
 def test_info_describes_a_saved_index(tmp_path, capsys):

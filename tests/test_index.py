@@ -40,27 +40,37 @@ def _reference_scores(index: Index, x: np.ndarray, queries: np.ndarray) -> np.nd
     if index.variant == "mse":
         unit_hat = reference.dequantize_mse(idx, np.ones(len(x)), pi, index.bits)
         factor = norms / np.sum(unit_hat * unit, axis=1) if index.rescale else norms
+        if index.scale_dtype == "float16":
+            # The stored scale, rounded from a float32 computation (test_quantizer checks the rounding):
+            # recomputing it in float64 could round the other way at a float16 midpoint.
+            factor = segment.encoded.scale.astype(np.float64)
         ip = (q64 @ unit_hat.T) * factor
     else:
         base = reference.dequantize_mse(idx, np.ones(len(x)), pi, mse_bits) if mse_bits else 0 * unit
         rnorm = np.linalg.norm(unit - base, axis=1)
         signs = unpack_codes(segment.encoded.qjl, 1, index.dim).astype(np.int8) * 2 - 1
-        ip = q64 @ reference.dequantize_prod(idx, signs, rnorm, norms, pi, index.bits, index.seed).T
+        # prod's scale is ‖x‖ (stored float16 or float32; see the mse branch for why the stored one).
+        scale = segment.encoded.scale.astype(np.float64) if index.scale_dtype == "float16" else norms
+        ip = q64 @ reference.dequantize_prod(idx, signs, rnorm, scale, pi, index.bits, index.seed).T
     if index.metric == "l2":
+        if index.scale_dtype == "float16" and segment.encoded.norm is None:  # the scale stands in for ‖x‖
+            norms = segment.encoded.scale.astype(np.float64)
         return (q64 ** 2).sum(1)[:, None] + norms[None, :] ** 2 - 2 * ip
     return ip
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
-@pytest.mark.parametrize("variant,bits", [("mse", 1), ("mse", 3), ("mse", 4), ("prod", 2), ("prod", 4),
-                                          ("mse", 2.5), ("prod", 3.25)])
+@pytest.mark.parametrize("variant,bits,scale_dtype", [
+    ("mse", 1, "float32"), ("mse", 3, "float32"), ("mse", 4, "float32"), ("prod", 2, "float32"),
+    ("prod", 4, "float32"), ("mse", 2.5, "float32"), ("prod", 3.25, "float32"),
+    ("mse", 2.52, "float16"), ("mse", 4, "float16"), ("prod", 3, "float16")])
 @pytest.mark.parametrize("d", [97, 1000])
-def test_search_equals_reference_topk(metric, variant, bits, d):
+def test_search_equals_reference_topk(metric, variant, bits, scale_dtype, d):
     rng = np.random.default_rng(int(d * 10 + 4 * bits))
     n = 1237  # not a multiple of any block size
     x = (rng.standard_normal((n, d)) * rng.uniform(0.5, 2.0, (n, 1))).astype(np.float32)
     queries = rng.standard_normal((13, d)).astype(np.float32)
-    index = Index(dim=d, bits=bits, metric=metric, variant=variant, seed=4)
+    index = Index(dim=d, bits=bits, metric=metric, variant=variant, seed=4, scale_dtype=scale_dtype)
     index.add(x)
     result = index.search(queries, 25)
     ref = _reference_scores(index, x, queries)
@@ -151,6 +161,37 @@ def test_bad_add_raises_and_leaves_index_unchanged(make, kwargs, exc, match):
     np.testing.assert_array_equal(before[2], after[2])
 
 
+@pytest.mark.parametrize("factor", [1e5, 1e-6])
+def test_float16_scale_out_of_range_raises_and_leaves_index_unchanged(factor):
+    rng = np.random.default_rng(6)
+    index = Index(dim=16, bits=3, keep_vectors=True, scale_dtype="float16")
+    index.add(rng.standard_normal((40, 16)).astype(np.float32))
+    probe = rng.standard_normal((3, 16)).astype(np.float32)
+    before = _snapshot(index, probe)
+    batch = rng.standard_normal((5, 16)).astype(np.float32)
+    batch[2] *= factor
+    with pytest.raises(ValueError, match=r"scale_dtype='float16'.*row 2 of the batch.*scale_dtype='float32'"):
+        index.add(batch, ids=np.arange(100, 105))
+    after = _snapshot(index, probe)
+    assert before[0] == after[0] and before[3] == after[3]
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_array_equal(before[2], after[2])
+    assert 100 not in index
+
+
+def test_float16_scale_saves_two_bytes_per_vector():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1000, 50)).astype(np.float32)
+    sizes = {}
+    for dtype in ("float32", "float16"):
+        index = Index(dim=50, bits=2, scale_dtype=dtype)
+        index.add(x)
+        sizes[dtype] = (index.bytes_per_vector(), index.memory_bytes())
+    assert sizes["float32"][0] - sizes["float16"][0] == 2
+    assert sizes["float32"][1] - sizes["float16"][1] == 2 * len(x)
+    assert Index(dim=50, scale_dtype=np.float16).scale_dtype == Index(dim=50, scale_dtype="f2").scale_dtype == "float16"
+
+
 def test_cosine_rejects_zero_vector():
     index = Index(dim=4, metric="cosine")
     with pytest.raises(ValueError, match="row 1 is zero"):
@@ -184,6 +225,7 @@ def test_bad_search_arguments(kwargs, exc, match):
     ({"dim": 8, "device": "tpu"}, "device"), ({"dim": 8, "bits": 8.5}, "bits"),
     ({"dim": 8, "bits": float("nan")}, "bits"), ({"dim": 8, "bits": "4"}, "bits"), ({"dim": 8, "bits": True}, "bits"),
     ({"dim": 8, "bits": 1.5, "variant": "prod"}, "needs bits >= 2"),
+    ({"dim": 8, "scale_dtype": "bfloat16"}, "scale_dtype"), ({"dim": 8, "scale_dtype": np.float64}, "scale_dtype"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -143,21 +143,61 @@ def test_rescale_is_unbiased_for_unit_vectors():
         assert biased == expect_bias
 
 
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("dim,nbytes,metric,variant", [(384, 116, "ip", "mse"), (384, 164, "ip", "mse"),
                                                        (50, 34, "ip", "mse"), (97, 30, "l2", "mse"),
                                                        (384, 200, "ip", "prod"), (3, 5, "ip", "mse")])
-def test_bits_for_bytes_is_the_widest_width_that_fits(dim, nbytes, metric, variant):
-    bits = bits_for_bytes(dim, nbytes, metric=metric, variant=variant)
-    q = TurboQuantizer(dim=dim, bits=bits, variant=variant)
+def test_bits_for_bytes_is_the_widest_width_that_fits(dim, nbytes, metric, variant, scale_dtype):
+    bits = bits_for_bytes(dim, nbytes, metric=metric, variant=variant, scale_dtype=scale_dtype)
+    q = TurboQuantizer(dim=dim, bits=bits, variant=variant, scale_dtype=scale_dtype)
     assert q.bytes_per_vector(metric) <= nbytes
     # One more coordinate at the higher width (or one more whole bit) no longer fits.
     wider = bits + 1 / dim
     if wider <= 8:
-        assert TurboQuantizer(dim=dim, bits=wider, variant=variant).bytes_per_vector(metric) > nbytes
+        wide = TurboQuantizer(dim=dim, bits=wider, variant=variant, scale_dtype=scale_dtype)
+        assert wide.bytes_per_vector(metric) > nbytes
 
 
 def test_bits_for_bytes_known_values_and_errors():
     assert bits_for_bytes(384, 116) == 2 + 128 / 384          # 112 B of codes + 4 B of scale
     assert bits_for_bytes(384, 100) == 2
+    assert bits_for_bytes(384, 116, scale_dtype="float16") == 2 + 144 / 384  # 114 B of codes + 2 B
+    # d = 50 in 18 B with a float16 scale: 26 coordinates at 3 bits (10 B) + 24 at 2 bits (6 B).
+    assert bits_for_bytes(50, 18, scale_dtype="float16") == 2 + 26 / 50
+    with pytest.raises(ValueError, match="scale_dtype"):
+        bits_for_bytes(384, 100, scale_dtype="bfloat16")
     with pytest.raises(ValueError, match="no bit width fits"):
         bits_for_bytes(384, 40)
+
+
+@pytest.mark.parametrize("variant,bits", [("mse", 2), ("mse", 3.4), ("prod", 3)])
+def test_float16_scale_is_the_float32_scale_rounded(variant, bits):
+    # Same codes and other fields; the scale is the float32 one rounded to nearest float16, so each
+    # score moves by a relative 2⁻¹¹ at most (float16 has an 11-bit significand).
+    d = 97
+    rng = np.random.default_rng(11)
+    x = torch.from_numpy((rng.standard_normal((300, d)) * rng.uniform(0.01, 300, (300, 1))).astype(np.float32))
+    wide = TurboQuantizer(dim=d, bits=bits, variant=variant, seed=2).encode(x)
+    half = TurboQuantizer(dim=d, bits=bits, variant=variant, seed=2, scale_dtype="float16").encode(x)
+    assert half.scale.dtype == np.float16 and wide.scale.dtype == np.float32
+    np.testing.assert_array_equal(half.scale, wide.scale.astype(np.float16))
+    assert np.all(np.abs(half.scale.astype(np.float64) / wide.scale - 1) <= 2.0 ** -11)
+    for name in ("codes", "qjl", "residual_norm"):
+        a, b = getattr(half, name), getattr(wide, name)
+        assert (a is None and b is None) or np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("norm,ok", [(0.0, True), (6.2e-5, True), (65000.0, True), (6.0e-5, False),
+                                     (1e-9, False), (70000.0, False), (1e30, False)])
+def test_float16_scale_refuses_what_it_cannot_hold(norm, ok):
+    d = 16
+    x = np.zeros((3, d), np.float32)
+    x[:, 0] = 1.0
+    x[1] *= 0
+    x[1, 3] = norm
+    q = TurboQuantizer(dim=d, bits=4, scale_dtype="float16", rescale=False)  # the scale is ‖x‖ itself
+    if ok:
+        assert np.isfinite(q.encode(torch.from_numpy(x)).scale).all()
+    else:
+        with pytest.raises(ValueError, match=r"float16.*row 1 of the batch"):
+            q.encode(torch.from_numpy(x))

@@ -255,6 +255,32 @@ def test_corruption_gives_clear_error(pristine, tmp_path, kind, how, where):
         assert "format version 99" in message
 
 
+@pytest.mark.parametrize("metric,variant,bits", [("ip", "mse", 2.52), ("l2", "mse", 4), ("cosine", "prod", 3)])
+def test_float16_scale_round_trips_as_a_float16_column(tmp_path, metric, variant, bits):
+    import pyarrow.ipc as ipc
+    x = _data(700, 50)
+    index = Index(dim=50, bits=bits, metric=metric, variant=variant, scale_dtype="float16")
+    index.add(x[:400])
+    index.save(tmp_path / "ix")
+    index.add(x[400:])  # a second shard, appended to the saved index
+    index.save()
+    index.close()
+    for shard in (tmp_path / "ix" / SHARDS).glob("rows-*.arrow"):
+        schema = ipc.open_file(str(shard)).schema
+        assert str(schema.field("scale").type) == "halffloat"
+        assert "norm" not in schema.names or str(schema.field("norm").type) == "float"  # ‖x‖ stays float32
+    for mmap in (True, False):
+        loaded = Index.load(tmp_path / "ix", mmap=mmap)
+        assert loaded.scale_dtype == "float16" and loaded.params() == index.params()
+        a, b = index.search(x[:20], 15), loaded.search(x[:20], 15)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        loaded.close()
+    with pytest.raises(ValueError, match="different parameters.*scale_dtype"):
+        Index.open(tmp_path / "ix", dim=50, bits=bits, metric=metric, variant=variant, scale_dtype="float32")
+    Index.open(tmp_path / "ix", dim=50, bits=bits, metric=metric, variant=variant, scale_dtype=np.float16).close()
+
+
 def test_load_checks_shard_schema(tmp_path):
     import pyarrow as pa
     import pyarrow.ipc as ipc

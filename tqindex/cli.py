@@ -23,7 +23,7 @@ def _bench(args) -> int:
     k_max = 100
     gt_ids, gt_scores = ds.groundtruth(k_max), ds.groundtruth_scores(k_max)
     index = Index(dim=ds.dim, bits=args.bits, metric=ds.metric, variant=args.variant, seed=args.seed,
-                  keep_vectors=args.rerank > 0)
+                  keep_vectors=args.rerank > 0, scale_dtype=args.scale_dtype)
     start = time.perf_counter()
     with tqdm(total=len(ds), desc=f"indexing {args.variant} {args.bits}-bit", unit="vec") as bar:
         for block in ds.database_iterator(args.add_batch):
@@ -85,6 +85,8 @@ def main(argv=None) -> int:
                             "(.hdf5 ann-benchmarks, .parquet, .npy, .fvecs, .fbin)")
     bench.add_argument("--bits", type=_bits, default=4, help="bits per coordinate: 1..8, or fractional, e.g. 2.5")
     bench.add_argument("--variant", choices=["mse", "prod"], default="mse")
+    bench.add_argument("--scale-dtype", choices=["float32", "float16"], default="float32",
+                       help="storage of the per-vector scale (float16: 2 bytes less per vector)")
     bench.add_argument("--rerank", type=int, default=0)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--repeat", type=int, default=3, help="timed search repetitions (median reported)")

@@ -12,7 +12,7 @@ from . import storage
 from .backends import fastscan
 from .backends.cpu import BlockDecoder, scan_topk
 from .codebook import CODEBOOK_VERSION
-from .quantizer import VARIANTS, EncodedVectors, TurboQuantizer
+from .quantizer import VARIANTS, EncodedVectors, TurboQuantizer, scale_dtype_name
 from .rotation import ROTATION_KINDS
 from .segment import Segment
 from .validation import array_kind, as_float_matrix, as_id_array, check_k, to_kind
@@ -75,6 +75,10 @@ class Index:
     rotation : {"dense", "hadamard"}
     rescale : bool
         mse only: unbiased per-vector score scaling (see `tqindex.quantizer`).
+    scale_dtype : {"float32", "float16"}
+        How the per-vector score scale is stored. "float16" frees 2 bytes per vector (pass it to
+        `bits_for_bytes` too, to spend them on codes) at a relative error ≤ 2⁻¹¹ per score, and
+        refuses vectors whose norm is outside about [6.1e-5, 65504] (see `tqindex.quantizer`).
     center : array (dim,), optional
         A vector c subtracted from every vector (and, for "l2", query) before quantization; scores
         are corrected exactly (⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩). With c near the data's mean, the
@@ -84,7 +88,7 @@ class Index:
 
     def __init__(self, *, dim: int, bits: int = 4, metric: str = "ip", variant: str = "mse", seed: int = 0,
                  keep_vectors: bool = False, device: str = "cpu", rotation: str = "dense", rescale: bool = True,
-                 center=None):
+                 scale_dtype: str = "float32", center=None):
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 2:
             raise ValueError(f"dim must be an integer >= 2, got {dim!r}")
         if isinstance(bits, bool) or not isinstance(bits, numbers.Real) or not 1 <= bits <= 8:
@@ -97,10 +101,11 @@ class Index:
             raise ValueError(f"unknown rotation {rotation!r}; expected one of {ROTATION_KINDS}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        scale_dtype = scale_dtype_name(scale_dtype)
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}; expected one of {DEVICES}")
         self._quantizer = TurboQuantizer(dim=int(dim), bits=bits, variant=variant, seed=int(seed),
-                                         rotation=rotation, rescale=rescale)
+                                         rotation=rotation, rescale=rescale, scale_dtype=scale_dtype)
         self._decoder = BlockDecoder(self._quantizer)
         self._center = None
         if center is not None:
@@ -149,6 +154,10 @@ class Index:
         return self._quantizer.rescale
 
     @property
+    def scale_dtype(self) -> str:
+        return self._quantizer.scale_dtype
+
+    @property
     def center(self) -> np.ndarray | None:
         """The centering vector (dim,) float32, or None."""
         return None if self._center is None else self._center.numpy().copy()
@@ -174,7 +183,7 @@ class Index:
     def params(self) -> dict:
         """Everything needed to reproduce this index's codes (what the manifest stores)."""
         return {"dim": self.dim, "bits": self.bits, "metric": self.metric, "variant": self.variant,
-                "seed": self.seed, "rotation": self.rotation, "rescale": self.rescale,
+                "seed": self.seed, "rotation": self.rotation, "rescale": self.rescale, "scale_dtype": self.scale_dtype,
                 "center": None if self._center is None else self._center.tolist(),
                 "keep_vectors": self.keep_vectors, "codebook_version": CODEBOOK_VERSION}
 

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from .codebook import CODEBOOK_VERSION, effective_bits
-from .quantizer import EncodedVectors
+from .quantizer import EncodedVectors, scale_dtype_name
 from .segment import Segment
 
 __all__ = ["FORMAT_VERSION", "IndexFormatError", "IndexLockedError", "Store", "save", "load", "open_index"]
@@ -89,7 +89,8 @@ def _canonical(body: dict) -> bytes:
 
 # -- schemas ------------------------------------------------------------------------------------
 def _rows_schema(params: dict, code_bytes: int, qjl_bytes: int, stores_norm: bool) -> pa.Schema:
-    fields = [pa.field("id", pa.int64(), nullable=False), pa.field("scale", pa.float32(), nullable=False)]
+    scale_type = pa.float16() if params.get("scale_dtype", "float32") == "float16" else pa.float32()
+    fields = [pa.field("id", pa.int64(), nullable=False), pa.field("scale", scale_type, nullable=False)]
     if stores_norm:
         fields.append(pa.field("norm", pa.float32(), nullable=False))
     if code_bytes:
@@ -304,7 +305,8 @@ def save(index, path=None) -> None:
 def _write_segment(shard_dir: Path, segment: Segment, schema: pa.Schema, dim: int) -> dict:
     uid = uuid.uuid4().hex
     enc = segment.encoded
-    columns = [pa.array(np.asarray(segment.ids), pa.int64()), pa.array(np.asarray(enc.scale), pa.float32())]
+    columns = [pa.array(np.asarray(segment.ids), pa.int64()),
+               pa.array(np.asarray(enc.scale), schema.field("scale").type)]
     if "norm" in schema.names:
         columns.append(pa.array(np.asarray(enc.norm), pa.float32()))
     if "codes" in schema.names:
@@ -344,7 +346,9 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
     try:
         index = cls(dim=params["dim"], bits=params["bits"], metric=params["metric"], variant=params["variant"],
                     seed=params["seed"], keep_vectors=params["keep_vectors"], rotation=params["rotation"],
-                    rescale=params["rescale"], center=params.get("center"))
+                    rescale=params["rescale"], center=params.get("center"),
+                    # Indexes saved before scale_dtype existed stored float32 scales.
+                    scale_dtype=params.get("scale_dtype", "float32"))
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexFormatError(f"manifest {path / MANIFEST} has invalid parameters {params}: {exc}") from None
     q = index._quantizer
@@ -400,6 +404,8 @@ def open_index(cls, path, **params):
         stored = index.params()
         if "bits" in params:  # compare the width realised: 2.33 and 2 + 128/384 are the same index
             params["bits"] = effective_bits(index.dim, params["bits"])
+        if "scale_dtype" in params:  # np.float16 and "f2" name the same index as "float16"
+            params["scale_dtype"] = scale_dtype_name(params["scale_dtype"])
         clash = {k: (v, stored[k]) for k, v in params.items() if k in stored and stored[k] != v}
         if clash:
             raise ValueError(f"index at {path} was built with different parameters (given, stored): {clash}")

@@ -107,6 +107,7 @@ def segment_tensors(segment: Segment, device: torch.device) -> dict:
                                          _tensor(getattr(enc, name)).to(device) for name in _FIELDS}
         out = dict(segment.device_cache[key])
     out["deleted"] = None if segment.deleted is None else _tensor(segment.deleted).to(device)
+    out["scale"] = out["scale"].float()  # float16-stored scales are exact in float32 (no-op for float32)
     return out
 
 
