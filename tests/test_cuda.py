@@ -47,6 +47,16 @@ def test_gpu_equals_cpu(bits, variant, metric, d):
         assert_topk_matches(res.ids, res.scores, ref, rtol=1e-4, higher_is_better=metric != "l2")
 
 
+@pytest.mark.parametrize("variant,bits", [("mse", 2.52), ("prod", 3)])
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_gpu_equals_cpu_with_float16_scale(variant, bits, metric):
+    x, cpu, gpu = _pair(97, bits, variant, metric, n=3001, scale_dtype="float16")
+    queries = np.random.default_rng(1).standard_normal((37, 97)).astype(np.float32)
+    ref = _all_scores(cpu, queries)
+    res = gpu.search(queries, 10)
+    assert_topk_matches(res.ids, res.scores, ref, rtol=1e-4, higher_is_better=metric != "l2")
+
+
 @pytest.mark.parametrize("nq", [1, 16, 256, 4096, 10_000])
 def test_many_queries_and_device_arrays(nq):
     x, cpu, gpu = _pair(384, 4, "mse", "ip", n=20_011)

@@ -4,7 +4,9 @@ Directory layout (format version 1)::
 
     <index>/MANIFEST.json        the committed state; replaced atomically
     <index>/LOCK                 flock()ed by the one writer
-    <index>/shards/rows-<uid>.arrow     id, norm, scale, codes[, qjl, residual_norm]
+    <index>/shards/rows-<uid>.arrow     id, scale[, norm], codes[, qjl, residual_norm]
+                                        (scale: float32, or float16 where the manifest's
+                                        params say scale_dtype "float16"; absent means float32)
     <index>/shards/vectors-<uid>.arrow  kept full-precision vectors (only read by rerank)
     <index>/shards/deleted-<uid>.arrow  row numbers removed from one rows shard (tombstones)
 
