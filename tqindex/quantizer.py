@@ -229,17 +229,17 @@ class TurboQuantizer:
             return scale
         info = np.finfo(np.float16)
         magnitude = np.abs(scale)
-        # Above max by less than half a step still rounds to max: compare after rounding.
+        # Above max by less than half a step still rounds to max: judge overflow after rounding.
         with np.errstate(over="ignore"):
-            overflows = ~np.isfinite(magnitude.astype(np.float16))
-        bad = np.flatnonzero((magnitude != 0) & ((magnitude < info.smallest_normal) | overflows))
+            half = scale.astype(np.float16)
+        bad = np.flatnonzero((magnitude != 0) & ((magnitude < info.smallest_normal) | ~np.isfinite(half)))
         if len(bad):
             row = int(bad[0])
             raise ValueError(f"scale_dtype='float16' holds per-vector scales (≈ vector norms) in "
                              f"[{float(info.smallest_normal):.3g}, {float(info.max):.0f}] or 0; row {row} of the batch "
                              f"has scale {float(scale[row]):.6g} ({len(bad)} rows outside): use "
                              f"scale_dtype='float32' or rescale the vectors")
-        return scale.astype(np.float16)
+        return half
 
     def _encode_chunk(self, x: torch.Tensor) -> EncodedVectors:
         n = x.shape[0]

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from .codebook import CODEBOOK_VERSION, effective_bits
-from .quantizer import EncodedVectors, scale_dtype_name
+from .quantizer import SCALE_DTYPES, EncodedVectors, scale_dtype_name
 from .segment import Segment
 
 __all__ = ["FORMAT_VERSION", "IndexFormatError", "IndexLockedError", "Store", "save", "load", "open_index"]
@@ -91,7 +91,7 @@ def _canonical(body: dict) -> bytes:
 
 # -- schemas ------------------------------------------------------------------------------------
 def _rows_schema(params: dict, code_bytes: int, qjl_bytes: int, stores_norm: bool) -> pa.Schema:
-    scale_type = pa.float16() if params.get("scale_dtype", "float32") == "float16" else pa.float32()
+    scale_type = pa.from_numpy_dtype(SCALE_DTYPES[params.get("scale_dtype", "float32")])
     fields = [pa.field("id", pa.int64(), nullable=False), pa.field("scale", scale_type, nullable=False)]
     if stores_norm:
         fields.append(pa.field("norm", pa.float32(), nullable=False))

@@ -94,20 +94,28 @@ _FIELDS = ("codes", "scale", "norm", "qjl", "residual_norm")
 
 
 def segment_tensors(segment: Segment, device: torch.device) -> dict:
-    """The segment's arrays as tensors on `device`: zero-copy views on the CPU, uploaded once and
-    cached on the segment for a GPU (segments are immutable but for the deletion mask, which is
-    uploaded on every scan)."""
+    """The segment's arrays as tensors on `device`: zero-copy views on the CPU (a float16 scale is
+    converted to float32 per call), uploaded once and cached on the segment for a GPU (segments are
+    immutable but for the deletion mask, which is uploaded on every scan)."""
     enc = segment.encoded
+
+    def field(name):
+        array = getattr(enc, name)
+        if array is None:
+            return None
+        t = _tensor(array).to(device)
+        # float16-stored scales are exact in float32 (a no-op for float32 ones); on a GPU this runs
+        # once, when the cache is filled, not per search.
+        return t.float() if name == "scale" else t
+
     if device.type == "cpu":
-        out = {name: None if getattr(enc, name) is None else _tensor(getattr(enc, name)) for name in _FIELDS}
+        out = {name: field(name) for name in _FIELDS}
     else:
         key = str(device)
         if key not in segment.device_cache:
-            segment.device_cache[key] = {name: None if getattr(enc, name) is None else
-                                         _tensor(getattr(enc, name)).to(device) for name in _FIELDS}
+            segment.device_cache[key] = {name: field(name) for name in _FIELDS}
         out = dict(segment.device_cache[key])
     out["deleted"] = None if segment.deleted is None else _tensor(segment.deleted).to(device)
-    out["scale"] = out["scale"].float()  # float16-stored scales are exact in float32 (no-op for float32)
     return out
 
 
