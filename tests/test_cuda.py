@@ -1,6 +1,6 @@
 """GPU search against the CPU path (the CPU path is itself tested against the reference oracle).
 
-Run wherever an NVIDIA GPU and a CUDA build of torch exist; skipped elsewhere (conftest).
+Run wherever an NVIDIA GPU, a CUDA build of torch and CuPy exist; skipped elsewhere (conftest).
 """
 
 import numpy as np
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tqindex import Index
+from tqindex.backends import cuda as gpu_backend
 
 from conftest import assert_topk_matches
 
@@ -32,19 +33,45 @@ def _all_scores(index: Index, queries: np.ndarray) -> np.ndarray:
     return out
 
 
+def _expected_kernel(index: Index, nq: int) -> str:
+    q = index._quantizer
+    whole = q.variant == "mse" and len(q.groups) == 1 and q.groups[0].bits in (1, 2, 4)
+    if whole and nq >= gpu_backend.GEMM_MIN_BATCH and index.metric != "l2":
+        return "gemm"
+    return "mma" if whole and nq >= gpu_backend.MMA_MIN_BATCH else "lut"
+
+
+@pytest.fixture(params=["dense", "sampled"])
+def budget(request, monkeypatch):
+    """'sampled' shrinks the candidate budget so that thresholds come from a row sample and the
+    buffers overflow and are rerun; 'dense' lets every row be emitted."""
+    if request.param == "sampled":
+        monkeypatch.setattr(gpu_backend.GpuScanner, "_budget_entries", staticmethod(lambda device: 2000))
+        monkeypatch.setattr(gpu_backend, "_CAP_FACTOR", 1)
+        monkeypatch.setattr(gpu_backend, "_CAP_SLACK", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("variant", ["mse", "prod"])
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 @pytest.mark.parametrize("d", [97, 1000, 1536])
-def test_gpu_equals_cpu(bits, variant, metric, d):
+def test_gpu_equals_cpu(bits, variant, metric, d, budget):
     if variant == "prod" and bits == 1 and d == 1536:
         pytest.skip("covered at smaller d")
     x, cpu, gpu = _pair(d, bits, variant, metric, n=3001)
     queries = np.random.default_rng(1).standard_normal((37, d)).astype(np.float32)
     ref = _all_scores(cpu, queries)
-    for k in (1, 10, 1024):
-        res = gpu.search(queries, k)
-        assert_topk_matches(res.ids, res.scores, ref, rtol=1e-4, higher_is_better=metric != "l2")
+    reruns = 0
+    for nq in (1, 5, 37):
+        for k in (1, 10, 1024):
+            res = gpu.search(queries[:nq], k)
+            assert gpu_backend.last_stats["kernel"] == _expected_kernel(gpu, nq)
+            assert gpu_backend.last_stats["sampled"] == (budget == "sampled")
+            reruns += gpu_backend.last_stats["overflow_reruns"]
+            assert_topk_matches(res.ids, res.scores, ref[:nq], rtol=1e-4, higher_is_better=metric != "l2")
+    if budget == "sampled":
+        assert reruns > 0  # buffers of ~k·step slots overflow: the rerun path was taken
 
 
 @pytest.mark.parametrize("variant,bits", [("mse", 2.52), ("prod", 3)])
@@ -55,6 +82,54 @@ def test_gpu_equals_cpu_with_float16_scale(variant, bits, metric):
     ref = _all_scores(cpu, queries)
     res = gpu.search(queries, 10)
     assert_topk_matches(res.ids, res.scores, ref, rtol=1e-4, higher_is_better=metric != "l2")
+
+
+@pytest.mark.parametrize("path", ["lut", "mma", "gemm"])
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("d", [97, 1536])
+def test_each_path_equals_cpu(path, bits, metric, d, budget, monkeypatch):
+    if path == "gemm" and metric == "l2":
+        pytest.skip("the GEMM path serves ip and cosine")
+    monkeypatch.setattr(gpu_backend.GpuScanner, "force", path)
+    x, cpu, gpu = _pair(d, bits, "mse", metric, n=5003)
+    queries = np.random.default_rng(7).standard_normal((150, d)).astype(np.float32)
+    ref = _all_scores(cpu, queries)
+    for nq, k in ((1, 10), (9, 1), (150, 10), (150, 700)):
+        res = gpu.search(queries[:nq], k)
+        assert gpu_backend.last_stats["kernel"] == path
+        assert_topk_matches(res.ids, res.scores, ref[:nq], rtol=1e-4, higher_is_better=metric != "l2")
+
+
+@pytest.mark.parametrize("path", ["mma", "gemm"])
+def test_tensor_core_certificate_mostly_holds_and_its_fallback_is_exact(path, monkeypatch):
+    monkeypatch.setattr(gpu_backend.GpuScanner, "force", path)
+    x, cpu, gpu = _pair(384, 4, "mse", "ip", n=20_011)
+    queries = np.random.default_rng(5).standard_normal((300, 384)).astype(np.float32)
+    ref = _all_scores(cpu, queries[:40])
+    res = gpu.search(queries, 10)
+    assert gpu_backend.last_stats["kernel"] == path
+    assert gpu_backend.last_stats["uncertified"] <= 3  # the bound is ~1e-3 of a score: rarely binding
+    assert_topk_matches(res.ids[:40], res.scores[:40], ref, rtol=1e-4)
+    # An error bound so large that no answer can be certified: every query must take the exact rerun.
+    real = gpu_backend.GpuScanner._mma_error_bound
+    monkeypatch.setattr(gpu_backend.GpuScanner, "_mma_error_bound",
+                        lambda self, rotated, parts, **kw: real(self, rotated, parts, **kw) * 1e4)
+    res = gpu.search(queries[:40], 10)
+    assert gpu_backend.last_stats["uncertified"] == 40
+    assert_topk_matches(res.ids, res.scores, ref, rtol=1e-4)
+
+
+def test_zero_and_huge_queries():
+    x, cpu, gpu = _pair(128, 4, "mse", "ip", n=1000)
+    queries = np.random.default_rng(4).standard_normal((16, 128)).astype(np.float32)
+    queries[0] = 0
+    queries[1] *= 1e30  # beyond float16: the kernel's queries are scaled to max |q_j| = 1 first
+    ref = _all_scores(cpu, queries)
+    res = gpu.search(queries, 5)
+    assert np.isfinite(res.scores).all()
+    assert_topk_matches(res.ids[1:], res.scores[1:], ref[1:], rtol=1e-4)
+    np.testing.assert_array_equal(res.scores[0], 0)
 
 
 @pytest.mark.parametrize("nq", [1, 16, 256, 4096, 10_000])
@@ -69,10 +144,50 @@ def test_many_queries_and_device_arrays(nq):
     assert agree > 0.99  # the rest are near-ties within float rounding
 
 
-def test_gpu_sees_removals_and_appends():
-    x, cpu, gpu = _pair(64, 4, "mse", "ip", n=2000, keep_vectors=True)
+def test_cupy_queries_stay_on_the_device():
+    cupy = pytest.importorskip("cupy")
+    x, cpu, gpu = _pair(97, 2, "mse", "cosine", n=2000)
+    queries = np.random.default_rng(3).standard_normal((20, 97)).astype(np.float32)
+    res = gpu.search(cupy.asarray(queries), 7)
+    assert isinstance(res.ids, cupy.ndarray)
+    assert_topk_matches(cupy.asnumpy(res.ids), cupy.asnumpy(res.scores), _all_scores(cpu, queries))
+
+
+def test_torch_scan_on_the_gpu_still_matches(monkeypatch):
+    monkeypatch.setenv("TQINDEX_CUDA_KERNELS", "0")
+    x, cpu, gpu = _pair(97, 3, "prod", "l2", n=3001)
+    queries = np.random.default_rng(1).standard_normal((9, 97)).astype(np.float32)
+    res = gpu.search(queries, 10)
+    assert_topk_matches(res.ids, res.scores, _all_scores(cpu, queries), higher_is_better=False)
+
+
+def test_gpu_sees_removals_and_appends(budget):
+    # l2: each appended copy of a removed row is its own query's nearest row (distance 0).
+    x, cpu, gpu = _pair(64, 4, "mse", "l2", n=2000, keep_vectors=True)
     gpu.remove(np.arange(100))
     gpu.add(x[:5], ids=[10_000, 10_001, 10_002, 10_003, 10_004])
     res = gpu.search(x[:5], 3, rerank=4)
     assert res.ids[:, 0].tolist() == [10_000, 10_001, 10_002, 10_003, 10_004]
-    assert not np.isin(np.arange(100), gpu.search(x[:50], 50).ids).any()
+    for nq in (3, 50):
+        assert not np.isin(np.arange(100), gpu.search(x[:nq], 50).ids).any()
+    cpu.remove(np.arange(100))
+    cpu.add(x[:5], ids=[10_000, 10_001, 10_002, 10_003, 10_004])
+    queries = np.random.default_rng(6).standard_normal((12, 64)).astype(np.float32)
+    ref = cpu.search(queries, 1950)
+    res = gpu.search(queries, 1950)  # more than the 1905 live rows: padded with -1 / inf
+    np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-4, atol=1e-4)
+    assert (res.ids[:, 1905:] == -1).all() and (res.ids[:, :1905] >= 0).all()
+
+
+def test_error_without_cupy_names_it(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "cupy" or name.startswith("cupy."):
+            raise ImportError("no cupy here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(RuntimeError, match="CuPy"):
+        Index(dim=8, bits=4, device="cuda")

@@ -11,6 +11,7 @@ import torch
 from . import storage
 from .backends import fastscan
 from .backends.cpu import BlockDecoder, scan_topk
+from .backends.cuda import enabled as cuda_enabled
 from .codebook import CODEBOOK_VERSION
 from .quantizer import VARIANTS, EncodedVectors, TurboQuantizer, scale_dtype_name
 from .rotation import ROTATION_KINDS
@@ -107,6 +108,7 @@ class Index:
         self._quantizer = TurboQuantizer(dim=int(dim), bits=bits, variant=variant, seed=int(seed),
                                          rotation=rotation, rescale=rescale, scale_dtype=scale_dtype)
         self._decoder = BlockDecoder(self._quantizer)
+        self._gpu = None  # backends.cuda.GpuScanner, made on the first GPU search
         self._center = None
         if center is not None:
             c, _ = as_float_matrix(center, int(dim), name="center")
@@ -336,7 +338,10 @@ class Index:
                                        or batch_size <= 0):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         kind = array_kind(queries)
-        q, was_1d = as_float_matrix(queries, self.dim, name="queries", allow_empty=True)
+        on_gpu = self._device == "cuda"
+        q, was_1d = as_float_matrix(queries, self.dim, name="queries", allow_empty=True, keep_device=on_gpu)
+        if on_gpu:
+            q = q.cuda()  # a no-op for queries already on the GPU
         if self._metric == "cosine":
             norms = torch.linalg.vector_norm(q, dim=1, keepdim=True)
             q = q / torch.where(norms > 0, norms, torch.ones_like(norms))
@@ -367,24 +372,31 @@ class Index:
     def _scan(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         offset = None
         if self._center is not None:
+            center = self._center.to(q.device)
             if self._metric == "l2":
-                q = q - self._center      # ‖q − x‖ = ‖(q − c) − (x − c)‖
+                q = q - center      # ‖q − x‖ = ‖(q − c) − (x − c)‖
             else:
-                offset = q @ self._center  # ⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩
+                offset = q @ center  # ⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩
         rotated, projected = self._quantizer.prepare_queries(q)
         sq_norms = q.square().sum(dim=1)
         if self._device == "cpu" and fastscan.available() and fastscan.supports(self._quantizer):
             scores, positions = fastscan.scan_topk_fast(self._quantizer, self._segments, rotated, sq_norms, k,
                                                         self._metric)
+        elif self._device == "cuda" and cuda_enabled():
+            if self._gpu is None:
+                from .backends.cuda import GpuScanner
+                self._gpu = GpuScanner(self._quantizer, self._metric)
+            scores, positions = self._gpu.search(self._segments, rotated, projected, sq_norms, k)
         else:
             scores, positions = scan_topk(self._quantizer, self._decoder, self._segments, rotated, projected,
                                           sq_norms, k, self._metric, device=self._device)
         if offset is not None:
-            scores += offset[:, None]
-        return scores, positions
+            scores = scores + offset[:, None].to(scores.device)
+        return scores.cpu(), positions.cpu()
 
     def _rerank(self, q: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, k: int):
         """Rescore candidate positions with full-precision vectors; exact top-k of those."""
+        q = q.cpu()  # the full-precision vectors stay in host memory
         pos = positions.numpy()
         valid = pos >= 0
         exact = torch.full(pos.shape, -torch.inf, dtype=torch.float32)

@@ -326,5 +326,12 @@ class TurboQuantizer:
     def prepare_queries(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rotate queries once: returns (Πq, G·Πq or None), both float32 (nq, d)."""
         rotated = self.rotation.apply(q)
-        projected = rotated @ self.qjl_matrix.T if self.variant == "prod" else None
+        projected = None
+        if self.variant == "prod":
+            if self.qjl_matrix.device != q.device:  # GPU queries: keep a copy of G there
+                if getattr(self, "_qjl_on", (None,))[0] != q.device:
+                    self._qjl_on = (q.device, self.qjl_matrix.to(q.device))
+                projected = rotated @ self._qjl_on[1].T
+            else:
+                projected = rotated @ self.qjl_matrix.T
         return rotated, projected

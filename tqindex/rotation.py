@@ -105,8 +105,11 @@ class Rotation:
         return x
 
     def _dense_t(self, x: torch.Tensor) -> torch.Tensor:
-        m = self._matrix_t.get(x.dtype, self._matrix_t[torch.float32])
-        return m.to(dtype=x.dtype, device=x.device)
+        key = (x.dtype, x.device)
+        if key not in self._matrix_t:  # e.g. the float32 matrix on a GPU: copied there once
+            self._matrix_t[key] = self._matrix_t.get(x.dtype, self._matrix_t[torch.float32]).to(
+                dtype=x.dtype, device=x.device)
+        return self._matrix_t[key]
 
     def _hadamard_halves(self, y: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         m, d = self._block, self.dim

@@ -31,17 +31,23 @@ def to_kind(array: np.ndarray, kind: str, like=None):
     return array
 
 
-def as_float_matrix(x, dim: int, *, name: str = "vectors", allow_empty: bool = False) -> tuple[torch.Tensor, bool]:
-    """Coerce to a contiguous float32 CPU tensor of shape (n, dim).
+def as_float_matrix(x, dim: int, *, name: str = "vectors", allow_empty: bool = False,
+                    keep_device: bool = False) -> tuple[torch.Tensor, bool]:
+    """Coerce to a contiguous float32 tensor of shape (n, dim), on the CPU.
 
     Accepts numpy arrays, torch tensors (float16/bfloat16/float32/float64), CuPy arrays and nested
-    sequences. A 1-D input is one vector. Returns (tensor, was_1d).
+    sequences. A 1-D input is one vector. Returns (tensor, was_1d). With `keep_device`, torch CUDA
+    tensors and CuPy arrays stay on their GPU (CuPy through DLPack, no copy to the host).
     """
     kind = array_kind(x)
+    if kind == "cupy" and keep_device:
+        if x.dtype.kind != "f":
+            raise TypeError(f"{name} must have a floating dtype (float16/32/64), got {x.dtype}")
+        x, kind = torch.from_dlpack(x), "torch"
     if kind == "torch":
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise TypeError(f"{name} must have a floating dtype (float16/32/64), got torch {x.dtype}")
-        t = x.detach().to("cpu", torch.float32)
+        t = x.detach().to(x.device if keep_device and x.is_cuda else "cpu", torch.float32)
     else:
         if kind == "cupy":
             x = x.get()

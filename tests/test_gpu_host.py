@@ -1,0 +1,177 @@
+"""The GPU search's host side, run on the CPU: kernel layout, query tables, sampled thresholds,
+buffer overflow reruns, the tensor-core error certificate and the GEMM path's merging.
+
+The CUDA kernels are replaced by torch transcriptions of their contracts (kernels/tq_scan.cu):
+they decode the codes from the GPU word layout the host builds, so the layout is checked too.
+The kernels themselves are compared with the CPU scan in test_cuda.py, on a GPU.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from tqindex import Index
+from tqindex.backends import cuda as gpu_backend
+from tqindex.backends.cuda import GpuScanner, kernel_dir, regions
+
+from conftest import assert_topk_matches
+
+
+def _unit_values(data: dict, region, n: int) -> torch.Tensor:
+    """(n, units) unit values of a region, read back from the interleaved words."""
+    words = data["words"].permute(1, 0, 2).reshape(n, -1).numpy().view(np.uint32)
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")
+    span = bits[:, 32 * region.woff:32 * region.woff + 32 * region.chunks * region.bits].astype(np.int64)
+    return torch.from_numpy((span.reshape(n, -1, region.unit) << np.arange(region.unit)).sum(-1))
+
+
+def _codes(scanner: GpuScanner, data: dict) -> torch.Tensor:
+    r, n = scanner.regions[0], data["n"]
+    per = 4 // r.bits
+    nibbles = _unit_values(data, r, n)
+    return ((nibbles[:, :, None] >> (torch.arange(per) * r.bits)) & ((1 << r.bits) - 1)).reshape(n, -1)
+
+
+def fake_launch_scan(self, prep, part, qsq, tau, use_mma, step, count, cap, dense_offset, counts, scores, pos):
+    data, offset, deleted = part
+    n, nq = data["n"], qsq.shape[0]
+    if use_mma:  # fp16 operands, fp32 sums: the approximation the certificate has to cover
+        deq = self.q.groups[0].centroids.half().float()[_codes(self, data)]
+        qh = prep["qh"][:nq, :deq.shape[1]].float()
+        s = (qh @ deq.T) * prep["qmul"][:, None] * data["scale"]
+    else:
+        acc, accq = torch.zeros(nq, n), torch.zeros(nq, n)
+        for r in self.regions:
+            values = _unit_values(data, r, n)
+            index = r.loff + torch.arange(values.shape[1])[None, :] * (1 << r.unit) + values
+            part_sum = prep["luts"][:, index.reshape(-1)].reshape(nq, n, -1).sum(-1)
+            if r.qjl:
+                accq += part_sum
+            else:
+                acc += part_sum
+        s = acc * data["scale"]
+        if data["qjlmul"] is not None:
+            s = s + accq * (data["qjlmul"] * data["scale"])
+    if data["normsq"] is not None:
+        s = 2 * s - data["normsq"] - qsq[:, None]
+    rows = torch.arange(count) * step
+    s = s[:, rows]
+    live = torch.ones(count, dtype=torch.bool) if deleted is None else ~deleted.bool()[rows]
+    if dense_offset >= 0:
+        scores[:, dense_offset:dense_offset + count] = torch.where(live, s, -torch.inf)
+        pos[:, dense_offset:dense_offset + count] = rows + offset
+        return
+    for q in range(nq):
+        hit = torch.nonzero(live & (s[q] >= tau[q])).flatten()
+        first = int(counts[q])
+        kept = hit[:max(0, cap - first)]
+        scores[q, first:first + len(kept)] = s[q, kept]
+        pos[q, first:first + len(kept)] = kept + offset
+        counts[q] += len(hit)
+
+
+def fake_dequant(self, data, start, rows, out, inv_smax):
+    codes = _codes(self, data)[start:start + rows]
+    out[:rows] = (self.q.groups[0].centroids[codes] * (data["scale"][start:start + rows] * inv_smax)[:, None]).half()
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    monkeypatch.setattr(GpuScanner, "_launch_scan", fake_launch_scan)
+    monkeypatch.setattr(GpuScanner, "_dequant", fake_dequant)
+    monkeypatch.setattr(GpuScanner, "_budget_entries", staticmethod(lambda device: 10 ** 8))
+
+
+def _index_and_reference(d, bits, variant, metric, nq=12):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3001, d)) * rng.uniform(0.5, 2, (3001, 1))).astype(np.float32)
+    index = Index(dim=d, bits=bits, variant=variant, metric=metric, seed=3)
+    index.add(x)
+    index.remove(np.arange(0, 3001, 7))
+    index.add(x[:40], ids=np.arange(5000, 5040))  # a second segment
+    queries = rng.standard_normal((nq, d)).astype(np.float32)
+    res = index.search(queries, len(index))  # the CPU scan: every row's score
+    ref = np.full((nq, 5040), np.inf if metric == "l2" else -np.inf)
+    np.put_along_axis(ref, res.ids, res.scores, axis=1)
+    if metric == "cosine":
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    return index, queries, ref
+
+
+def _gpu_search(index, queries, k):
+    scanner = GpuScanner(index._quantizer, index.metric)
+    q = torch.from_numpy(queries)
+    rotated, projected = index._quantizer.prepare_queries(q)
+    scores, positions = scanner.search(index._segments, rotated, projected, q.square().sum(1), k)
+    ids = index._ids_array()[positions.numpy()]
+    ids[positions.numpy() < 0] = -1
+    sign = -1 if index.metric == "l2" else 1
+    return ids, sign * scores.numpy()
+
+
+@pytest.mark.parametrize("variant,bits,metric,path", [
+    ("mse", 4, "ip", "lut"), ("mse", 3, "l2", "lut"), ("mse", 2.52, "cosine", "lut"), ("prod", 3, "ip", "lut"),
+    ("prod", 2, "l2", "lut"), ("mse", 4, "ip", "mma"), ("mse", 2, "l2", "mma"), ("mse", 1, "cosine", "mma"),
+    ("mse", 4, "ip", "gemm"), ("mse", 2, "cosine", "gemm")])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_host_pipeline_equals_cpu_scan(fake_kernels, monkeypatch, variant, bits, metric, path, sampled):
+    monkeypatch.setattr(GpuScanner, "force", path)
+    if sampled:  # thresholds from a row sample, tiny buffers that overflow and are rerun
+        monkeypatch.setattr(GpuScanner, "_budget_entries", staticmethod(lambda device: 2000))
+        monkeypatch.setattr(gpu_backend, "_CAP_FACTOR", 1)
+        monkeypatch.setattr(gpu_backend, "_CAP_SLACK", 0)
+    index, queries, ref = _index_and_reference(97, bits, variant, metric)
+    reruns = 0
+    for nq, k in ((1, 1), (12, 10), (12, 300), (3, 2700)):  # 2700: more than the live rows
+        ids, scores = _gpu_search(index, queries[:nq], k)
+        assert gpu_backend.last_stats["kernel"] == path
+        reruns += gpu_backend.last_stats["overflow_reruns"]
+        live = len(index)
+        assert (ids[:, min(k, live):] == -1).all()
+        assert_topk_matches(ids[:, :min(k, live)], scores[:, :min(k, live)], ref[:nq],
+                            higher_is_better=metric != "l2")
+    if sampled and path != "gemm":
+        assert gpu_backend.last_stats["sampled"] and reruns > 0
+
+
+def test_failed_certificates_fall_back_to_the_exact_scan(fake_kernels, monkeypatch):
+    monkeypatch.setattr(GpuScanner, "force", "mma")
+    index, queries, ref = _index_and_reference(97, 4, "mse", "ip")
+    real = GpuScanner._mma_error_bound
+    monkeypatch.setattr(GpuScanner, "_mma_error_bound", lambda self, *a, **kw: real(self, *a, **kw) * 1e4)
+    ids, scores = _gpu_search(index, queries, 10)
+    assert gpu_backend.last_stats["uncertified"] == len(queries)
+    assert_topk_matches(ids, scores, ref)
+
+
+def test_error_bound_covers_fp16_rounding():
+    """The bound must exceed the actual difference between fp16-operand and float32 scores."""
+    rng = np.random.default_rng(1)
+    for d, bits in ((97, 4), (1536, 2), (300, 1)):
+        index = Index(dim=d, bits=bits, seed=2)
+        index.add(rng.standard_normal((500, d)).astype(np.float32) * 30)
+        scanner = GpuScanner(index._quantizer, "ip")
+        data = scanner.segment_data(index._segments[0], torch.device("cpu"))
+        q = torch.from_numpy(rng.standard_normal((20, d)).astype(np.float32)) * rng.uniform(1e-3, 1e3)
+        rotated, _ = index._quantizer.prepare_queries(q)
+        prep = scanner._prepare_mma(rotated)
+        cent = index._quantizer.groups[0].centroids
+        codes = _codes(scanner, data)[:, :d].long()
+        exact = (rotated.double() @ cent[codes].double().T) * data["scale"].double()
+        approx = (prep["qh"][:20, :d].double() @ cent.half().double()[codes].T) * prep["qmul"].double()[:, None] \
+            * data["scale"].double()
+        bound = scanner._mma_error_bound(rotated, [(data, 0, None)]).double()
+        worst = ((approx - exact).abs().amax(dim=1) / bound).max()
+        assert 0 < worst < 1, f"d={d} bits={bits}: error / bound = {worst:.3f}"
+
+
+def test_layout_and_kernel_source():
+    assert (kernel_dir() / "tq_scan.cu").is_file()
+    for d, bits, variant in ((97, 3, "mse"), (1536, 4, "mse"), (1000, 2.52, "mse"), (130, 3, "prod"), (64, 1, "prod")):
+        q = Index(dim=d, bits=bits, variant=variant)._quantizer
+        regs = regions(q)
+        assert [r.qjl for r in regs] == [False] * len(q.groups) + [True] * (variant == "prod")
+        for r, nxt in zip(regs, regs[1:] + [None]):
+            assert r.woff % 4 == 0 and r.words >= r.chunks * r.bits and r.chunks * 32 >= r.stop - r.start
+            if nxt is not None:
+                assert nxt.woff == r.woff + r.words and nxt.loff == r.loff + r.lut_floats
