@@ -1,6 +1,6 @@
 """GPU search with the CUDA kernels of ``kernels/tq_scan.cu``, loaded by CuPy.
 
-Imported only when a caller asks for device="cuda", so CPU use never imports CuPy.
+CuPy is imported only when a kernel is compiled or launched, so CPU use never imports it.
 
 What lives on the GPU
 ---------------------
@@ -14,12 +14,15 @@ How a batch of queries is searched
    table of exact float sums per 4-bit nibble (`_luts`) and run ``tq_lut_scan`` (one thread per
    row, the table in shared memory). Larger batches of whole-bit mse codes (1, 2 or 4 bits) run
    ``tq_mma_scan``: tiles of codes are dequantized to fp16 in shared memory and multiplied with
-   the queries on tensor cores.
-2. Neither kernel writes the nq × n score matrix. Both emit only rows scoring at least a per-query
-   threshold τ into a small candidate buffer. τ comes from a strided sample of the rows scored
-   first by the same kernel (τ = −inf): the k-th best sample score is a lower bound of the k-th
-   best over all rows, so every true top-k row is emitted. If a query emits more rows than its
-   buffer holds, the pass is rerun with a buffer of the counted size.
+   the queries on tensor cores. From `GEMM_MIN_BATCH` queries (ip, cosine), ``tq_dequant`` writes
+   fp16 row blocks (scale folded in) that cuBLAS multiplies with the queries (`_search_gemm`).
+2. Neither scan kernel writes the nq × n score matrix. Both emit only rows scoring at least a
+   per-query threshold τ into a small candidate buffer. τ comes from a strided sample of the rows
+   scored first by the same kernel in "dense" mode (fixed slots, no threshold): the k-th best
+   sample score is a lower bound of the k-th best over all rows, so every true top-k row is
+   emitted. If a query emits more rows than its buffer holds, the pass is rerun with a buffer of
+   the counted size. Small indexes are scored densely in one pass. The GEMM path writes one row
+   block's fp16 scores at a time and keeps the best 2k + 49 per query.
 3. Table scores are exact float32 (the torch scan's estimator up to summation order): the top k of
    the candidates is the answer. Tensor-core scores are approximate; their error is at most
    E = S·Σ_j |q_j|·|c_j|·ε (fp16 rounding of q and of the centroids, fp32 accumulation; see
@@ -48,7 +51,7 @@ from ..segment import Segment
 
 __all__ = ["require", "kernel_dir", "GpuScanner", "enabled", "last_stats"]
 
-#: What the last batch did (for tests and benchmarks): kernel ("lut" or "mma"), whether the rows
+#: What the last batch did (for tests and benchmarks): kernel ("lut", "mma" or "gemm"), whether the rows
 #: were sampled for a threshold, reruns after a buffer overflow, queries rerun after a failed certificate.
 last_stats = {"kernel": None, "sampled": False, "overflow_reruns": 0, "uncertified": 0}
 
