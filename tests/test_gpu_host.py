@@ -175,3 +175,21 @@ def test_layout_and_kernel_source():
             assert r.woff % 4 == 0 and r.words >= r.chunks * r.bits and r.chunks * 32 >= r.stop - r.start
             if nxt is not None:
                 assert nxt.woff == r.woff + r.words and nxt.loff == r.loff + r.lut_floats
+
+
+@pytest.mark.parametrize("path", ["lut", "mma", "gemm"])
+def test_removed_segments_zero_vectors_and_short_indexes(fake_kernels, monkeypatch, path):
+    monkeypatch.setattr(GpuScanner, "force", path)
+    rng = np.random.default_rng(3)
+    index = Index(dim=40, bits=2, metric="ip")
+    index.add(rng.standard_normal((50, 40)).astype(np.float32))
+    index.remove(np.arange(50))                      # a segment with no live row
+    index.add(np.zeros((3, 40), dtype=np.float32))   # scale 0: every score 0
+    index.add(rng.standard_normal((4, 40)).astype(np.float32))
+    queries = rng.standard_normal((9, 40)).astype(np.float32)
+    ids, scores = _gpu_search(index, queries, 20)
+    ref = index.search(queries, 20)                  # the CPU scan
+    np.testing.assert_array_equal(ids[:, 7:], -1)
+    np.testing.assert_allclose(scores, ref.scores, rtol=1e-4, atol=1e-6)
+    for row, ref_row in zip(ids[:, :7], ref.ids[:, :7]):
+        assert set(row) == set(ref_row)
