@@ -12,8 +12,9 @@
 // i.e. 16-byte columns of all rows one after another, so that consecutive threads (rows) read
 // consecutive 16 bytes: every load of a warp is one 512-byte coalesced transaction.
 //
-// Scoring (both kernels emit, never write a score matrix)
-// -------------------------------------------------------
+// Scoring (the two scan kernels, tq_lut_scan and tq_mma_scan, emit; neither writes a score matrix;
+// tq_dequant, at the end, only feeds the host's cuBLAS path)
+// ------------------------------------------------------------------------------------------------
 // score(q, r) = scale[r] * <Πq, ỹ_r>  (+ scale[r] * qjlmul[r] * <GΠq, signs_r> for prod)
 // and for l2: 2 * score - normsq[r] - qsq[q]. A row is emitted for query q only if its score is at
 // least tau[q]; emitted (score, position) pairs go to slot atomicAdd(&counts[q], 1) of the query's
