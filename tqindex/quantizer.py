@@ -187,6 +187,7 @@ class TurboQuantizer:
             self.qjl_scale = math.sqrt(math.pi / 2) / self.dim
         else:
             self.qjl_matrix = None
+        self._qjl_by_device: dict = {}
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -328,10 +329,7 @@ class TurboQuantizer:
         rotated = self.rotation.apply(q)
         projected = None
         if self.variant == "prod":
-            if self.qjl_matrix.device != q.device:  # GPU queries: keep a copy of G there
-                if getattr(self, "_qjl_on", (None,))[0] != q.device:
-                    self._qjl_on = (q.device, self.qjl_matrix.to(q.device))
-                projected = rotated @ self._qjl_on[1].T
-            else:
-                projected = rotated @ self.qjl_matrix.T
+            if q.device not in self._qjl_by_device:  # GPU queries: G copied there once
+                self._qjl_by_device[q.device] = self.qjl_matrix.to(q.device)
+            projected = rotated @ self._qjl_by_device[q.device].T
         return rotated, projected

@@ -48,6 +48,7 @@ import torch
 
 from ..quantizer import TurboQuantizer
 from ..segment import Segment
+from .cpu import BlockDecoder, _tensor
 
 __all__ = ["require", "kernel_dir", "GpuScanner", "enabled", "last_stats"]
 
@@ -159,6 +160,8 @@ class GpuScanner:
         self.lut_shared = self.lut_floats * 4 <= _LUT_SHARED_BYTES
         g = quantizer.groups
         self.mma_bits = g[0].bits if (quantizer.variant == "mse" and len(g) == 1 and g[0].bits in (1, 2, 4)) else 0
+        # Its (256, 8/b) byte → centroids tables serve the tensor-core paths too; it decodes rescored rows.
+        self._decoder = BlockDecoder(quantizer)
         self._tables: dict = {}
 
     # -- compilation ---------------------------------------------------------------------------
@@ -208,11 +211,11 @@ class GpuScanner:
         if key not in self._tables:
             t = {}
             if self.mma_bits:
-                b = self.mma_bits
-                cent = self.q.groups[0].centroids.to(device)
-                per = 8 // b
-                v = torch.arange(256, device=device)[:, None] >> (torch.arange(per, device=device) * b)
-                t["byte_table"] = cent[v & ((1 << b) - 1)].half().contiguous()  # (256, 8/b)
+                decoder_tables = self._decoder.tables(device)
+                cent = decoder_tables["centroids"][0]
+                byte_centroids = decoder_tables["byte_tables"][0]  # (256, 8/b) float32
+                t["byte_table"] = byte_centroids.half().contiguous()
+                t["byte_sq"] = byte_centroids.square().sum(dim=1)              # Σ c² of a code byte
                 t["centroids"] = cent.contiguous()
                 t["cmax"] = float(cent.abs().max())
             self._tables[key] = t
@@ -221,7 +224,6 @@ class GpuScanner:
     # -- segments ------------------------------------------------------------------------------
     def segment_data(self, segment: Segment, device: torch.device) -> dict:
         """Upload a segment in the kernel layout (cached on the segment, per device)."""
-        from .cpu import _tensor
         key = "kernels:" + str(device)
         if key in segment.device_cache:
             return segment.device_cache[key]
@@ -250,10 +252,7 @@ class GpuScanner:
     def _ynorm_max(self, words: torch.Tensor, device: torch.device) -> float:
         """max over rows of ‖ỹ‖ (unit-scale centroids), for the tensor-core error bound: a 256-entry
         table gives each code byte's Σ c², summed per row a block at a time."""
-        b = self.mma_bits
-        cent = self.q.groups[0].centroids.to(device)
-        v = torch.arange(256, device=device)[:, None] >> (torch.arange(8 // b, device=device) * b)
-        byte_sq = cent[v & ((1 << b) - 1)].square().sum(dim=1)
+        byte_sq = self._device_tables(device)["byte_sq"]
         nbytes = self.regions[0].src_nbytes
         best = 0.0
         for a in range(0, words.shape[1], 1 << 17):
@@ -273,15 +272,12 @@ class GpuScanner:
         """
         device = rotated.device
         nq = rotated.shape[0]
-        segs = [(s, self.segment_data(s, device)) for s in segments if len(s)]
-        offsets, total = [], 0
+        parts, total = [], 0  # (uploaded data, first position, deletion mask) of each non-empty segment
         for s in segments:
-            offsets.append(total)
+            if len(s):
+                deleted = None if s.deleted is None else torch.from_numpy(s.deleted).to(device).view(torch.uint8)
+                parts.append((self.segment_data(s, device), total, deleted))
             total += len(s)
-        offsets = [o for s, o in zip(segments, offsets) if len(s)]
-        deleted = [None if s.deleted is None else torch.from_numpy(s.deleted).to(device).view(torch.uint8)
-                   for s, _ in segs]
-        parts = [(d, o, m) for (s, d), o, m in zip(segs, offsets, deleted)]
         best_s = torch.full((nq, k), -torch.inf, dtype=torch.float32, device=device)
         best_p = torch.full((nq, k), -1, dtype=torch.int64, device=device)
         if not parts or nq == 0:
@@ -372,7 +368,7 @@ class GpuScanner:
         err = self._mma_error_bound(rotated, parts, extra_rel=2.0 ** -11)  # + rounding of the fp16 output
         take = _keep(k) + 1
         rows = max(1 << 14, min(1 << 20, (1 << 30) // (2 * max(nq, 1))))  # a block's fp16 scores ≤ 1 GiB
-        rows = min(rows, max(len_ for len_ in (data["n"] for data, _, _ in parts)))
+        rows = min(rows, max(data["n"] for data, _, _ in parts))
         deq = torch.empty((rows, kdim), dtype=torch.float16, device=device)
         best_v = torch.empty((nq, 0), dtype=torch.float16, device=device)
         best_p = torch.empty((nq, 0), dtype=torch.int64, device=device)
@@ -514,10 +510,6 @@ class GpuScanner:
 
     def exact_scores(self, parts, rotated, qsq, positions) -> torch.Tensor:
         """Exact float32 scores (the torch scan's estimator) of given rows: positions (nq, m), −1 = none."""
-        from .cpu import BlockDecoder
-        if "decoder" not in self._tables:
-            self._tables["decoder"] = BlockDecoder(self.q)
-        decoder = self._tables["decoder"]
         nq, m = positions.shape
         out = torch.full((nq, m), -torch.inf, dtype=torch.float32, device=rotated.device)
         flat = positions.reshape(-1)
@@ -529,7 +521,7 @@ class GpuScanner:
                 w = data["words"][:, rows, :].permute(1, 0, 2).reshape(len(rows), -1).contiguous()
                 raw = w.view(torch.uint8)
                 codes = torch.cat([raw[:, 4 * r.woff:4 * r.woff + r.src_nbytes] for r in self.regions if not r.qjl], 1)
-                y = decoder.decode(codes)
+                y = self._decoder.decode(codes)
                 qrows = idx // m
                 s = (y * rotated[qrows]).sum(dim=1) * data["scale"][rows]
                 if data["normsq"] is not None:
