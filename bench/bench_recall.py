@@ -35,6 +35,7 @@ import numpy as np
 from common import RESULTS, median_time, write_json
 
 from tqindex import Index, bits_for_bytes
+from tqindex.codebook import VQ_BITS
 from tqindex.data import load_dataset, recall_1_at_k, recall_at_k
 
 K_CURVE = [1, 2, 4, 8, 16, 32, 64]
@@ -54,19 +55,20 @@ class TQ(Method):
     seeds = 1  # rotation seeds the default configuration's rows are also measured at (--seeds)
 
     def __init__(self, bits, dim, variant="mse", rescale=True, rerank=0, center=False, width=None, budget_of=None,
-                 scale_dtype="float32"):
+                 scale_dtype="float32", codebook="vq"):
         label = f"tqindex-{variant}" + ("" if rescale or variant == "prod" else "-plain") + \
+            ("-scalar" if codebook == "scalar" else "") + \
             ("+center" if center else "") + (f"+rerank{rerank}" if rerank else "") + \
             (f" {width:.3g}b" if budget_of else "") + (" fp16-scale" if scale_dtype == "float16" else "") + \
             (f" ({budget_of})" if budget_of else "")
         super().__init__(label, bits)
         self.kw = dict(dim=dim, bits=width or bits, variant=variant, rescale=rescale, keep_vectors=bool(rerank),
-                       scale_dtype=scale_dtype)
+                       scale_dtype=scale_dtype, codebook=codebook)
         self.rerank = rerank
         self.center = center
         self.trains = center  # the mean of a sample is data-dependent: reported as training
         # The default configuration's rows also report their spread over rotation seeds.
-        self.spread = variant == "mse" and rescale and not rerank and not center
+        self.spread = variant == "mse" and rescale and not rerank and not center and codebook == "vq"
         if variant == "prod" and bits < 2:
             self.skip = "prod needs >= 2 bits"
 
@@ -232,6 +234,8 @@ class Flat(FaissMethod):
 
 def methods_for(bits: int, dim: int, args) -> list[Method]:
     out = [TQ(bits, dim), TQ(bits, dim, rescale=False), TQ(bits, dim, variant="prod"), TQ(bits, dim, center=True)]
+    if bits in VQ_BITS:  # the paper's per-coordinate codebook, where the default's block codebook differs
+        out.insert(1, TQ(bits, dim, codebook="scalar"))
     if not args.no_peers:
         out += [FaissRaBitQ(bits, dim, qb=8), FaissRaBitQ(bits, dim, qb=4), RaBitQLib(bits, dim), TurboVec(bits, dim),
                 FaissPQ(bits, dim, nbits=8), FaissPQ(bits, dim, nbits=4)]

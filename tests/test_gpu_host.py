@@ -32,11 +32,22 @@ def _codes(scanner: GpuScanner, data: dict) -> torch.Tensor:
     return ((nibbles[:, :, None] >> (torch.arange(per) * r.bits)) & ((1 << r.bits) - 1)).reshape(n, -1)
 
 
+def _byte_decoded(scanner: GpuScanner, data: dict, half: bool = True) -> torch.Tensor:
+    """(n, 8/b · code bytes) what the fused kernel dequantizes: each code byte read back from the
+    words and mapped through the byte table (fp16; or the float32 one it was rounded from)."""
+    n = data["n"]
+    raw = data["words"].permute(1, 0, 2).reshape(n, -1).contiguous().view(torch.uint8)
+    raw = raw[:, :scanner.regions[0].src_nbytes].long()
+    table = scanner._device_tables(torch.device("cpu"))["byte_table"] if half else \
+        scanner._decoder.tables(torch.device("cpu"))["byte_tables"][0]
+    return table[raw].reshape(n, -1).float()
+
+
 def fake_launch_scan(self, prep, part, qsq, tau, use_mma, step, count, cap, dense_offset, counts, scores, pos):
     data, offset, deleted = part
     n, nq = data["n"], qsq.shape[0]
     if use_mma:  # fp16 operands, fp32 sums: the approximation the certificate has to cover
-        deq = self.q.groups[0].centroids.half().float()[_codes(self, data)]
+        deq = _byte_decoded(self, data)
         qh = prep["qh"][:nq, :deq.shape[1]].float()
         s = (qh @ deq.T) * prep["qmul"][:, None] * data["scale"]
     else:
@@ -82,10 +93,10 @@ def fake_kernels(monkeypatch):
     monkeypatch.setattr(GpuScanner, "_budget_entries", staticmethod(lambda device: 10 ** 8))
 
 
-def _index_and_reference(d, bits, variant, metric, nq=12):
+def _index_and_reference(d, bits, variant, metric, nq=12, codebook="vq"):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((3001, d)) * rng.uniform(0.5, 2, (3001, 1))).astype(np.float32)
-    index = Index(dim=d, bits=bits, variant=variant, metric=metric, seed=3)
+    index = Index(dim=d, bits=bits, variant=variant, metric=metric, seed=3, codebook=codebook)
     index.add(x)
     index.remove(np.arange(0, 3001, 7))
     index.add(x[:40], ids=np.arange(5000, 5040))  # a second segment
@@ -109,18 +120,24 @@ def _gpu_search(index, queries, k):
     return ids, sign * scores.numpy()
 
 
-@pytest.mark.parametrize("variant,bits,metric,path", [
-    ("mse", 4, "ip", "lut"), ("mse", 3, "l2", "lut"), ("mse", 2.52, "cosine", "lut"), ("prod", 3, "ip", "lut"),
-    ("prod", 2, "l2", "lut"), ("mse", 4, "ip", "mma"), ("mse", 2, "l2", "mma"), ("mse", 1, "cosine", "mma"),
-    ("mse", 4, "ip", "gemm"), ("mse", 2, "cosine", "gemm")])
+# d = 97 leaves 1- and 2-bit groups of odd length scalar under codebook="vq"; d = 96 gives them
+# block codebooks (2 or 4 coordinates per codeword).
+@pytest.mark.parametrize("variant,bits,metric,path,d,codebook", [
+    ("mse", 4, "ip", "lut", 97, "vq"), ("mse", 3, "l2", "lut", 97, "vq"), ("mse", 2.52, "cosine", "lut", 97, "vq"),
+    ("prod", 3, "ip", "lut", 97, "vq"), ("prod", 2, "l2", "lut", 97, "vq"), ("mse", 4, "ip", "mma", 97, "vq"),
+    ("mse", 2, "l2", "mma", 97, "vq"), ("mse", 1, "cosine", "mma", 97, "vq"), ("mse", 4, "ip", "gemm", 97, "vq"),
+    ("mse", 2, "cosine", "gemm", 97, "vq"), ("mse", 2, "ip", "lut", 96, "vq"), ("mse", 1, "l2", "lut", 96, "vq"),
+    ("prod", 3, "cosine", "lut", 96, "vq"), ("mse", 2.5, "ip", "lut", 96, "vq"), ("mse", 2, "l2", "mma", 96, "vq"),
+    ("mse", 1, "ip", "mma", 96, "vq"), ("mse", 2, "ip", "gemm", 96, "scalar")])
 @pytest.mark.parametrize("sampled", [False, True])
-def test_host_pipeline_equals_cpu_scan(fake_kernels, monkeypatch, variant, bits, metric, path, sampled):
+def test_host_pipeline_equals_cpu_scan(fake_kernels, monkeypatch, variant, bits, metric, path, d, codebook, sampled):
     monkeypatch.setattr(GpuScanner, "force", path)
     if sampled:  # thresholds from a row sample, tiny buffers that overflow and are rerun
         monkeypatch.setattr(GpuScanner, "_budget_entries", staticmethod(lambda device: 2000))
         monkeypatch.setattr(gpu_backend, "_CAP_FACTOR", 1)
         monkeypatch.setattr(gpu_backend, "_CAP_SLACK", 0)
-    index, queries, ref = _index_and_reference(97, bits, variant, metric)
+    index, queries, ref = _index_and_reference(d, bits, variant, metric, codebook=codebook)
+    assert any(g.block > 1 for g in index._quantizer.groups) == (d == 96 and codebook == "vq")
     reruns = 0
     for nq, k in ((1, 1), (12, 10), (12, 300), (3, 2700)):  # 2700: more than the live rows
         ids, scores = _gpu_search(index, queries[:nq], k)
@@ -147,19 +164,18 @@ def test_failed_certificates_fall_back_to_the_exact_scan(fake_kernels, monkeypat
 def test_error_bound_covers_fp16_rounding():
     """The bound must exceed the actual difference between fp16-operand and float32 scores."""
     rng = np.random.default_rng(1)
-    for d, bits in ((97, 4), (1536, 2), (300, 1)):
-        index = Index(dim=d, bits=bits, seed=2)
+    for d, bits, codebook in ((97, 4, "vq"), (1536, 2, "vq"), (300, 1, "vq"), (1536, 2, "scalar"), (300, 1, "scalar")):
+        index = Index(dim=d, bits=bits, seed=2, codebook=codebook)
         index.add(rng.standard_normal((500, d)).astype(np.float32) * 30)
         scanner = GpuScanner(index._quantizer, "ip")
         data = scanner.segment_data(index._segments[0], torch.device("cpu"))
         q = torch.from_numpy(rng.standard_normal((20, d)).astype(np.float32)) * rng.uniform(1e-3, 1e3)
         rotated, _ = index._quantizer.prepare_queries(q)
         prep = scanner._prepare_mma(rotated)
-        cent = index._quantizer.groups[0].centroids
-        codes = _codes(scanner, data)[:, :d].long()
-        exact = (rotated.double() @ cent[codes].double().T) * data["scale"].double()
-        approx = (prep["qh"][:20, :d].double() @ cent.half().double()[codes].T) * prep["qmul"].double()[:, None] \
+        exact = (rotated.double() @ _byte_decoded(scanner, data, half=False)[:, :d].double().T) \
             * data["scale"].double()
+        approx = (prep["qh"][:20, :d].double() @ _byte_decoded(scanner, data)[:, :d].double().T) \
+            * prep["qmul"].double()[:, None] * data["scale"].double()
         bound = scanner._mma_error_bound(rotated, [(data, 0, None)]).double()
         worst = ((approx - exact).abs().amax(dim=1) / bound).max()
         assert 0 < worst < 1, f"d={d} bits={bits}: error / bound = {worst:.3f}"
@@ -177,11 +193,12 @@ def test_layout_and_kernel_source():
                 assert nxt.woff == r.woff + r.words and nxt.loff == r.loff + r.lut_floats
 
 
-@pytest.mark.parametrize("path", ["lut", "mma", "gemm"])
-def test_removed_segments_zero_vectors_and_short_indexes(fake_kernels, monkeypatch, path):
+@pytest.mark.parametrize("path,codebook", [("lut", "vq"), ("mma", "vq"), ("lut", "scalar"), ("mma", "scalar"),
+                                           ("gemm", "scalar")])
+def test_removed_segments_zero_vectors_and_short_indexes(fake_kernels, monkeypatch, path, codebook):
     monkeypatch.setattr(GpuScanner, "force", path)
     rng = np.random.default_rng(3)
-    index = Index(dim=40, bits=2, metric="ip")
+    index = Index(dim=40, bits=2, metric="ip", codebook=codebook)
     index.add(rng.standard_normal((50, 40)).astype(np.float32))
     index.remove(np.arange(50))                      # a segment with no live row
     index.add(np.zeros((3, 40), dtype=np.float32))   # scale 0: every score 0
@@ -193,3 +210,13 @@ def test_removed_segments_zero_vectors_and_short_indexes(fake_kernels, monkeypat
     np.testing.assert_allclose(scores, ref.scores, rtol=1e-4, atol=1e-6)
     for row, ref_row in zip(ids[:, :7], ref.ids[:, :7]):
         assert set(row) == set(ref_row)
+
+
+def test_gemm_path_refuses_block_codebooks():
+    """tq_dequant decodes scalar centroids only: block codebooks never take the GEMM path."""
+    vq = GpuScanner(Index(dim=96, bits=2, codebook="vq")._quantizer, "ip")
+    scalar = GpuScanner(Index(dim=96, bits=2, codebook="scalar")._quantizer, "ip")
+    assert vq.path_for(gpu_backend.GEMM_MIN_BATCH) == "mma" and scalar.path_for(gpu_backend.GEMM_MIN_BATCH) == "gemm"
+    vq.force = "gemm"
+    with pytest.raises(ValueError, match="gemm"):
+        vq.path_for(4096)

@@ -38,7 +38,7 @@ def _reference_scores(index: Index, x: np.ndarray, queries: np.ndarray) -> np.nd
     mse_bits = index.bits if index.variant == "mse" else index.bits - 1
     idx = index._quantizer.unpack(segment.encoded.codes).astype(np.int64) if mse_bits else None
     if index.variant == "mse":
-        unit_hat = reference.dequantize_mse(idx, np.ones(len(x)), pi, index.bits)
+        unit_hat = reference.dequantize_mse(idx, np.ones(len(x)), pi, index.bits, index.codebook)
         factor = norms / np.sum(unit_hat * unit, axis=1) if index.rescale else norms
         if index.scale_dtype == "float16":
             # The stored scale, rounded from a float32 computation (test_quantizer checks the rounding):
@@ -46,12 +46,12 @@ def _reference_scores(index: Index, x: np.ndarray, queries: np.ndarray) -> np.nd
             factor = segment.encoded.scale.astype(np.float64)
         ip = (q64 @ unit_hat.T) * factor
     else:
-        base = reference.dequantize_mse(idx, np.ones(len(x)), pi, mse_bits) if mse_bits else 0 * unit
+        base = reference.dequantize_mse(idx, np.ones(len(x)), pi, mse_bits, index.codebook) if mse_bits else 0 * unit
         rnorm = np.linalg.norm(unit - base, axis=1)
         signs = unpack_codes(segment.encoded.qjl, 1, index.dim).astype(np.int8) * 2 - 1
         # prod's scale is ‖x‖ (stored float16 or float32; see the mse branch for why the stored one).
         scale = segment.encoded.scale.astype(np.float64) if index.scale_dtype == "float16" else norms
-        ip = q64 @ reference.dequantize_prod(idx, signs, rnorm, scale, pi, index.bits, index.seed).T
+        ip = q64 @ reference.dequantize_prod(idx, signs, rnorm, scale, pi, index.bits, index.seed, index.codebook).T
     if index.metric == "l2":
         if index.scale_dtype == "float16" and segment.encoded.norm is None:  # the scale stands in for ‖x‖
             norms = segment.encoded.scale.astype(np.float64)
@@ -60,17 +60,21 @@ def _reference_scores(index: Index, x: np.ndarray, queries: np.ndarray) -> np.nd
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
-@pytest.mark.parametrize("variant,bits,scale_dtype", [
-    ("mse", 1, "float32"), ("mse", 3, "float32"), ("mse", 4, "float32"), ("prod", 2, "float32"),
-    ("prod", 4, "float32"), ("mse", 2.5, "float32"), ("prod", 3.25, "float32"),
-    ("mse", 2.52, "float16"), ("mse", 4, "float16"), ("prod", 3, "float16")])
+@pytest.mark.parametrize("variant,bits,scale_dtype,codebook", [
+    ("mse", 1, "float32", "vq"), ("mse", 1, "float32", "scalar"), ("mse", 2, "float32", "vq"),
+    ("mse", 2, "float32", "scalar"), ("mse", 3, "float32", "vq"), ("mse", 4, "float32", "vq"),
+    ("prod", 2, "float32", "vq"), ("prod", 3, "float32", "vq"), ("prod", 3, "float32", "scalar"),
+    ("prod", 4, "float32", "vq"), ("mse", 2.5, "float32", "vq"), ("mse", 2.5, "float32", "scalar"),
+    ("prod", 3.25, "float32", "vq"), ("mse", 2.52, "float16", "vq"), ("mse", 4, "float16", "vq"),
+    ("prod", 3, "float16", "vq")])
 @pytest.mark.parametrize("d", [97, 1000])
-def test_search_equals_reference_topk(metric, variant, bits, scale_dtype, d):
+def test_search_equals_reference_topk(metric, variant, bits, scale_dtype, codebook, d):
     rng = np.random.default_rng(int(d * 10 + 4 * bits))
     n = 1237  # not a multiple of any block size
     x = (rng.standard_normal((n, d)) * rng.uniform(0.5, 2.0, (n, 1))).astype(np.float32)
     queries = rng.standard_normal((13, d)).astype(np.float32)
-    index = Index(dim=d, bits=bits, metric=metric, variant=variant, seed=4, scale_dtype=scale_dtype)
+    index = Index(dim=d, bits=bits, metric=metric, variant=variant, seed=4, scale_dtype=scale_dtype,
+                  codebook=codebook)
     index.add(x)
     result = index.search(queries, 25)
     ref = _reference_scores(index, x, queries)

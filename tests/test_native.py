@@ -14,8 +14,8 @@ import torch
 from tqindex import Index, native
 from tqindex.backends import fastscan
 from tqindex.backends.cpu import BlockDecoder, scan_topk
-from tqindex.packing import pack_codes
-from tqindex.quantizer import TurboQuantizer
+from tqindex.packing import pack_codes, unpack_codes
+from tqindex.quantizer import TurboQuantizer, _nearest_codes
 
 from conftest import assert_topk_matches, clustered
 
@@ -37,11 +37,13 @@ def torch_only(monkeypatch):
 
 @needs_native
 @pytest.mark.parametrize("d", [3, 97, 1000])
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8, 2.5, 3.3])
-def test_native_encode_equals_torch(d, bits, monkeypatch):
+@pytest.mark.parametrize("bits,codebook", [(1, "scalar"), (2, "scalar"), (3, "scalar"), (4, "scalar"), (5, "scalar"),
+                                           (8, "scalar"), (2.5, "scalar"), (3.3, "scalar"), (1, "vq"), (2, "vq"),
+                                           (2.5, "vq"), (1.3, "vq")])
+def test_native_encode_equals_torch(d, bits, codebook, monkeypatch):
     rng = np.random.default_rng(int(d * 10 + bits * 3))
     x = torch.from_numpy((rng.standard_normal((700, d)) * rng.uniform(0.1, 5, (700, 1))).astype(np.float32))
-    q = TurboQuantizer(dim=d, bits=bits, seed=3)
+    q = TurboQuantizer(dim=d, bits=bits, seed=3, codebook=codebook)
     fast = q.encode(x)
     monkeypatch.setenv("TQINDEX_NATIVE", "0")
     slow = q.encode(x)
@@ -49,6 +51,33 @@ def test_native_encode_equals_torch(d, bits, monkeypatch):
     np.testing.assert_array_equal(fast.norm, slow.norm)
     # ⟨y, ỹ⟩ is summed in float64 by the kernel and in float32 by torch.
     np.testing.assert_allclose(fast.scale, slow.scale, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [1, 2])
+def test_native_block_encode_on_ties(bits):
+    """Blocks equidistant from several codewords (exactly on a codeword, at the origin, midway
+    between two codewords): the lowest codeword index wins, as in the torch encoder."""
+    q = TurboQuantizer(dim=32, bits=bits, codebook="vq")
+    (g,) = q.groups
+    w = g.codewords
+    blocks = [w[3], w[7], torch.zeros(g.block), (w[1] + w[2]) / 2, (w[5] + w[9]) / 2, w[0] * 1e-30]
+    gen = torch.Generator().manual_seed(bits)
+    y = torch.stack([torch.cat([blocks[i] for i in torch.randint(len(blocks), (32 // g.block,), generator=gen)])
+                     for _ in range(40)])
+    expected = pack_codes(_nearest_codes(y, g).to(torch.uint8), bits).numpy()
+    codes = np.zeros_like(expected)
+    alignment = np.zeros(40, np.float32)
+    native.kernels.encode(y.numpy(), 32, 40, [(0, 32, bits, 0, g.boundaries.numpy(), g.centroids.numpy(), g.block,
+                                               w.numpy())], codes, alignment)
+    np.testing.assert_array_equal(codes, expected)
+    # Exactly on codeword v: that codeword (no other is at distance 0).
+    words = unpack_codes(torch.from_numpy(codes), bits, 32).long().reshape(40, -1, g.block)
+    index = sum(words[:, :, t] << (t * bits) for t in range(g.block))
+    on_word = (y.reshape(40, -1, g.block) == w[3]).all(dim=2)
+    assert (index[on_word] == 3).all()
+    np.testing.assert_allclose(alignment, (y * g.reconstruct(unpack_codes(torch.from_numpy(codes), bits, 32))).sum(1),
+                               rtol=1e-5, atol=1e-6)
 
 
 @needs_native
@@ -93,10 +122,14 @@ def _oracle_tables(quantizer, q):
     for g in quantizer.groups:
         per = 4 // g.bits if g.bits in (1, 2) else 1
         c = g.centroids.numpy().astype(np.float64)
+        words = g.codewords.numpy().astype(np.float64)
         for j in range(g.start, g.stop, per):
             coords = list(range(j, min(j + per, g.stop)))
-            tables.append([sum(q[jj] * c[(v >> (t * g.bits)) & ((1 << g.bits) - 1)] for t, jj in enumerate(coords))
-                           for v in range(16)])
+            if g.block > 1:  # nibble value v is codeword v
+                tables.append([sum(q[jj] * words[v, t] for t, jj in enumerate(coords)) for v in range(16)])
+            else:
+                tables.append([sum(q[jj] * c[(v >> (t * g.bits)) & ((1 << g.bits) - 1)]
+                                   for t, jj in enumerate(coords)) for v in range(16)])
             if g.bits == 5:
                 upper.append([q[j] * c[16 + v] for v in range(16)])
         while g.bits == 5 and len(upper) % 8:
@@ -109,9 +142,10 @@ def _oracle_tables(quantizer, q):
 
 @needs_native
 @pytest.mark.parametrize("d,bits", [(3, 1), (3, 4), (97, 2), (97, 3), (50, 2.5), (384, 4), (200, 3.75), (13, 1.4),
-                                    (97, 5), (200, 4.33), (13, 4.5)])
-def test_query_tables_match_oracle_and_bound_the_rounding(d, bits):
-    quantizer = TurboQuantizer(dim=d, bits=bits, seed=1)
+                                    (97, 5), (200, 4.33), (13, 4.5), (96, 2), (200, 1), (98, 2.5)])
+@pytest.mark.parametrize("codebook", ["scalar", "vq"])
+def test_query_tables_match_oracle_and_bound_the_rounding(d, bits, codebook):
+    quantizer = TurboQuantizer(dim=d, bits=bits, seed=1, codebook=codebook)
     rng = np.random.default_rng(d)
     q = rng.standard_normal((6, d)).astype(np.float32)
     luts, fluts, delta, bias, tol, magnitude = fastscan.quantized_luts(quantizer, torch.from_numpy(q))
@@ -185,7 +219,8 @@ def test_fast_scan_equals_torch_scan(metric, bits, d):
 
 @needs_avx2
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-@pytest.mark.parametrize("bits,d", [(3.5, 200), (1, 203), (2, 203), (3, 203), (4, 203), (4.5, 203), (5, 203)])
+@pytest.mark.parametrize("bits,d", [(3.5, 200), (1, 203), (2, 203), (3, 203), (4, 203), (4.5, 203), (5, 203),
+                                    (1, 204), (2, 202), (2.5, 202)])
 def test_avx2_and_portable_kernels_agree_exactly(metric, bits, d):
     # Whole widths 1-4 rescore from the row-major codes (SIMD decode-and-dot), the others from the
     # tables; d = 203 leaves a tail after the last full group of 8 codes (and 5-bit codes whose

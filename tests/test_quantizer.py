@@ -65,39 +65,47 @@ def _rotated_unit(q: TurboQuantizer, x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("d", [3, 97, 1000])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 2.5, 3.3, 7.9])
-def test_mse_codes_equal_reference(d, bits):
+@pytest.mark.parametrize("codebook", ["scalar", "vq"])
+def test_mse_codes_equal_reference(d, bits, codebook):
+    if codebook == "vq" and bits not in (1, 2, 2.5, 3.3):
+        pytest.skip("widths without a 1- or 2-bit group are scalar under either codebook")
     rng = np.random.default_rng(int(d + 10 * bits))
     x = (rng.standard_normal((64, d)) * rng.uniform(0.1, 10, (64, 1))).astype(np.float32)
-    q = TurboQuantizer(dim=d, bits=bits, variant="mse", seed=2)
+    q = TurboQuantizer(dim=d, bits=bits, variant="mse", seed=2, codebook=codebook)
     enc = q.encode(torch.from_numpy(x))
-    ref_idx, ref_norms = reference.quantize_mse(x, q.rotation.matrix(), bits)
+    ref_idx, ref_norms = reference.quantize_mse(x, q.rotation.matrix(), bits, codebook)
     fast_idx = q.unpack(enc.codes).astype(np.int64)
-    # Tie-aware: codes may differ only where the coordinate lies within float32 rounding of a
-    # decision boundary, and then only to the neighbouring cell.
+    # Tie-aware: codes may differ only where the coordinate (block) lies within float32 rounding of
+    # a decision boundary (equidistant from two codewords), and then only to the neighbouring cell.
     differ = fast_idx != ref_idx
     y = _rotated_unit(q, x.astype(np.float64))
-    for cols, centroids in reference.coordinate_codebooks(d, bits):
-        bad = differ[:, cols]
-        if bad.any():
-            boundaries = (centroids[1:] + centroids[:-1]) / 2
-            gap = np.min(np.abs(y[:, cols][bad][:, None] - boundaries[None, :]), axis=1)
-            assert np.all(gap < 1e-5) and np.all(np.abs(fast_idx[:, cols][bad] - ref_idx[:, cols][bad]) == 1)
+    for cols, b, words in reference.coordinate_codebooks(d, bits, codebook):
+        block = words.shape[1]
+        bad = differ[:, cols].reshape(len(x), -1, block).any(axis=2)
+        if not bad.any():
+            continue
+        blocks = y[:, cols].reshape(len(x), -1, block)[bad]
+        dist = np.sort(np.sum((blocks[:, None, :] - words[None]) ** 2, axis=2), axis=1)
+        assert np.all(dist[:, 1] - dist[:, 0] < 1e-5 * np.sqrt(dist[:, 1]))
+        if block == 1:
+            assert np.all(np.abs(fast_idx[:, cols][differ[:, cols]] - ref_idx[:, cols][differ[:, cols]]) == 1)
     assert differ.mean() < 1e-3
     np.testing.assert_allclose(enc.norm, ref_norms, rtol=1e-5)
     # Reconstructions agree to float32 precision wherever codes agree.
     fast_hat = q.decode(enc)
-    ref_hat = reference.dequantize_mse(fast_idx, ref_norms, q.rotation.matrix(), bits)
+    ref_hat = reference.dequantize_mse(fast_idx, ref_norms, q.rotation.matrix(), bits, codebook)
     np.testing.assert_allclose(fast_hat, ref_hat, rtol=1e-4, atol=1e-5 * np.abs(ref_hat).max())
 
 
 @pytest.mark.parametrize("d", [3, 97, 1000])
-@pytest.mark.parametrize("bits", [1, 2, 4, 3.5])
-def test_prod_codes_equal_reference(d, bits):
+@pytest.mark.parametrize("bits,codebook", [(1, "scalar"), (2, "scalar"), (4, "scalar"), (3.5, "scalar"),
+                                           (2, "vq"), (3, "vq"), (3.5, "vq")])
+def test_prod_codes_equal_reference(d, bits, codebook):
     rng = np.random.default_rng(int(7 * d + 10 * bits))
     x = rng.standard_normal((48, d)).astype(np.float32)
-    q = TurboQuantizer(dim=d, bits=bits, variant="prod", seed=9)
+    q = TurboQuantizer(dim=d, bits=bits, variant="prod", seed=9, codebook=codebook)
     enc = q.encode(torch.from_numpy(x))
-    idx, qjl, rnorm, norms = reference.quantize_prod(x, q.rotation.matrix(), bits, seed=9)
+    idx, qjl, rnorm, norms = reference.quantize_prod(x, q.rotation.matrix(), bits, seed=9, codebook=codebook)
     if bits > 1:
         fast_idx = q.unpack(enc.codes).astype(np.int64)
         assert np.mean(fast_idx != idx) < 1e-3
@@ -107,12 +115,13 @@ def test_prod_codes_equal_reference(d, bits):
     # Tie-aware: a sign may differ only where the projection S·r is within rounding of zero.
     s = reference.qjl_gaussian(d, 9) @ q.rotation.matrix()
     proj = (x / np.linalg.norm(x, axis=1, keepdims=True) - (0 if bits == 1 else reference.dequantize_mse(
-        idx, np.ones(len(x)), q.rotation.matrix(), bits - 1))) @ s.T
+        idx, np.ones(len(x)), q.rotation.matrix(), bits - 1, codebook))) @ s.T
     differ = fast_signs != qjl
     assert np.all(np.abs(proj[differ]) < 1e-4 * np.sqrt(d))
     np.testing.assert_allclose(enc.residual_norm, rnorm, rtol=1e-4, atol=1e-6)
     fast_hat = q.decode(enc)
-    ref_hat = reference.dequantize_prod(idx, qjl, rnorm, norms, q.rotation.matrix(), bits, seed=9)
+    ref_hat = reference.dequantize_prod(idx, qjl, rnorm, norms, q.rotation.matrix(), bits, seed=9,
+                                        codebook=codebook)
     if not differ.any():
         np.testing.assert_allclose(fast_hat, ref_hat, rtol=1e-4, atol=1e-4 * np.abs(ref_hat).max())
 

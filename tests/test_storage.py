@@ -308,6 +308,7 @@ def test_frozen_v1_fixture_loads_with_same_results():
     fixture = HERE / "fixtures" / "v1"
     expected = json.loads((fixture / "expected.json").read_text())
     index = Index.load(fixture / "index")
+    assert index.codebook == "scalar"  # saved before block codebooks: its codes are scalar ones
     queries = np.asarray(expected["queries"], dtype=np.float32)
     result = index.search(queries, expected["k"])
     np.testing.assert_array_equal(result.ids, expected["ids"])
@@ -395,3 +396,21 @@ def test_center_round_trips(tmp_path):
     a, b = index.search(x[:5], 10), loaded.search(x[:5], 10)
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_array_equal(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("codebook", ["vq", "scalar"])
+def test_codebook_round_trips_and_is_checked_on_open(tmp_path, codebook):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 64)).astype(np.float32)
+    index = Index(dim=64, bits=2, codebook=codebook, seed=1)
+    index.add(x)
+    assert (index._quantizer.groups[0].block > 1) == (codebook == "vq")
+    index.save(tmp_path / "ix")
+    loaded = Index.load(tmp_path / "ix")
+    assert loaded.codebook == codebook and loaded.params() == index.params()
+    a, b = index.search(x[:7], 10), loaded.search(x[:7], 10)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    other = "scalar" if codebook == "vq" else "vq"
+    with pytest.raises(ValueError, match="codebook"):
+        Index.open(tmp_path / "ix", dim=64, bits=2, codebook=other)

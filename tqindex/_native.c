@@ -517,11 +517,32 @@ done:
  * vectors), each group (start, stop, bits, byte_offset, boundaries float32[2^bits - 1], centroids
  * float32[2^bits]) writes code j = #{boundaries < y_j} (torch.bucketize's rule: the first boundary
  * >= y) into the row's little-endian bitstream at byte_offset (tqindex/packing.py layout), and
- * alignment[row] = sum_j y_j * centroid(code_j) (float32, summed in float64). */
+ * alignment[row] = sum_j y_j * centroid(code_j) (float32, summed in float64). A group tuple may add
+ * (block, codewords float32[2^(bits*block)][block]): with block > 1, each run of `block` coordinates
+ * takes the codeword v nearest in squared distance (summed in coordinate order in float32; the lowest
+ * v wins ties, as quantizer._nearest_codes), written as `block` codes of `bits` bits (v's low bits
+ * first), and adds its dot product with the codeword to the alignment. */
 typedef struct {
-    Py_ssize_t start, stop, bits, offset;
-    const float *boundaries, *centroids;
+    Py_ssize_t start, stop, bits, offset, block;
+    const float *boundaries, *centroids, *codewords;
 } code_group;
+
+/* The codeword of g nearest to y[0 .. block). */
+static inline int nearest_word(const code_group *g, const float *y) {
+    const int words = 1 << (g->bits * g->block);
+    int best = 0;
+    float best_d = INFINITY;
+    for (int v = 0; v < words; v++) {
+        const float *w = g->codewords + v * g->block;
+        float d = (y[0] - w[0]) * (y[0] - w[0]);
+        for (Py_ssize_t t = 1; t < g->block; t++) d += (y[t] - w[t]) * (y[t] - w[t]);
+        if (d < best_d) {
+            best_d = d;
+            best = v;
+        }
+    }
+    return best;
+}
 
 static void encode_rows(const float *y, Py_ssize_t dim, Py_ssize_t rows, const code_group *groups, int ngroups,
                         uint8_t *codes, Py_ssize_t row_bytes, float *alignment) {
@@ -534,6 +555,23 @@ static void encode_rows(const float *y, Py_ssize_t dim, Py_ssize_t rows, const c
             uint8_t *dst = out + g->offset;
             uint64_t acc = 0;
             int filled = 0;
+            if (g->block > 1) {
+                const int width = (int)(g->bits * g->block);  /* 4: whole nibbles, never split */
+                for (Py_ssize_t j = g->start; j < g->stop; j += g->block) {
+                    const int v = nearest_word(g, yr + j);
+                    const float *w = g->codewords + v * g->block;
+                    for (Py_ssize_t t = 0; t < g->block; t++) dot += (double)yr[j + t] * w[t];
+                    acc |= (uint64_t)v << filled;
+                    filled += width;
+                    while (filled >= 8) {
+                        *dst++ = (uint8_t)acc;
+                        acc >>= 8;
+                        filled -= 8;
+                    }
+                }
+                if (filled) *dst = (uint8_t)acc;
+                continue;
+            }
             for (Py_ssize_t j = g->start; j < g->stop; j++) {
                 const float v = yr[j];
                 /* Branch-free search over the 2^bits - 1 sorted boundaries (a complete binary tree):
@@ -566,15 +604,19 @@ static PyObject *encode(PyObject *self, PyObject *args) {
         return NULL;
     }
     code_group g[8];
-    Py_buffer bufs[4 + 16];
+    Py_buffer bufs[4 + 24];
     int held = 0, ok = 0;
     Py_ssize_t row_bytes = 0;
     for (int i = 0; i < ngroups; i++) {
-        PyObject *bnd, *cen;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(groups, i), "nnnnOO", &g[i].start, &g[i].stop, &g[i].bits, &g[i].offset,
-                              &bnd, &cen))
+        PyObject *bnd, *cen, *words = NULL;
+        g[i].block = 1;
+        g[i].codewords = NULL;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(groups, i), "nnnnOO|nO", &g[i].start, &g[i].stop, &g[i].bits,
+                              &g[i].offset, &bnd, &cen, &g[i].block, &words))
             goto done;
-        if (g[i].bits < 1 || g[i].bits > 8 || g[i].start < 0 || g[i].stop > dim || g[i].stop < g[i].start) {
+        if (g[i].bits < 1 || g[i].bits > 8 || g[i].start < 0 || g[i].stop > dim || g[i].stop < g[i].start ||
+            g[i].block < 1 || (g[i].block > 1 && (g[i].bits * g[i].block != 4 || !words ||
+                                                  (g[i].stop - g[i].start) % g[i].block))) {
             PyErr_SetString(PyExc_ValueError, "encode: bad group");
             goto done;
         }
@@ -583,6 +625,11 @@ static PyObject *encode(PyObject *self, PyObject *args) {
         g[i].boundaries = bufs[held++].buf;
         if (get_buffer(cen, &bufs[held], 0, levels * (Py_ssize_t)sizeof(float), "centroids") < 0) goto done;
         g[i].centroids = bufs[held++].buf;
+        if (g[i].block > 1) {
+            if (get_buffer(words, &bufs[held], 0, 16 * g[i].block * (Py_ssize_t)sizeof(float), "codewords") < 0)
+                goto done;
+            g[i].codewords = bufs[held++].buf;
+        }
         Py_ssize_t end = g[i].offset + ((g[i].stop - g[i].start) * g[i].bits + 7) / 8;
         if (end > row_bytes) row_bytes = end;
     }
@@ -614,10 +661,11 @@ done:
  * entries (16, or 32 for a wide one) are shifted by their minimum and quantized with one step:
  * luts = round((fluts - min) / delta), delta = max_m span_m / LUT_MAX; bias = sum_m min_m; tol =
  * sum_m max_v |delta * luts - (fluts - min_m)|, the most rounding can move a dot product;
- * magnitude = sum_m max_v |fluts|. */
+ * magnitude = sum_m max_v |fluts|. A group tuple may add codewords (float32 [16][per], a block
+ * codebook whose blocks are the group's nibbles): then fluts[m][v] = sum_t q[j_t] * codewords[v][t]. */
 typedef struct {
     Py_ssize_t start, stop, bits, per;
-    const float *centroids;
+    const float *centroids, *codewords;
 } nibble_group;
 
 static void query_tables(const float *q, const nibble_group *groups, int ngroups, Py_ssize_t nibbles,
@@ -635,7 +683,8 @@ static void query_tables(const float *q, const nibble_group *groups, int ngroups
             for (int v = 0; v < 16; v++) {
                 float sum = 0.0f;
                 for (int t = 0; t < g->per && j + t < g->stop; t++)
-                    sum += q[j + t] * g->centroids[(v >> (t * g->bits)) & mask];
+                    sum += q[j + t] * (g->codewords ? g->codewords[v * g->per + t]
+                                                    : g->centroids[(v >> (t * g->bits)) & mask]);
                 row[v] = sum;
                 if (g->bits == 5) flut[(nibbles + m) * 16 + v] = q[j] * g->centroids[16 + v];
             }
@@ -694,24 +743,30 @@ static PyObject *tables(PyObject *self, PyObject *args) {
         return NULL;
     }
     nibble_group g[8];
-    Py_buffer bufs[8 + 8];
+    Py_buffer bufs[8 + 16];
     int held = 0, ok = 0;
     Py_ssize_t nibbles = 0;
     for (int i = 0; i < ngroups; i++) {
-        PyObject *cen;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(groups, i), "nnnnO", &g[i].start, &g[i].stop, &g[i].bits, &g[i].per,
-                              &cen))
+        PyObject *cen, *words = NULL;
+        g[i].codewords = NULL;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(groups, i), "nnnnO|O", &g[i].start, &g[i].stop, &g[i].bits, &g[i].per,
+                              &cen, &words))
             goto done;
         /* A 5-bit group: first, one code per nibble, fitting the 2*wcols wide nibbles. */
         int wide_ok = g[i].bits != 5 || (i == 0 && g[i].per == 1 && g[i].stop - g[i].start <= 2 * wcols);
         if (g[i].bits < 1 || g[i].bits > 5 || g[i].per < 1 || (g[i].bits < 5 && g[i].per * g[i].bits > 4) ||
-            !wide_ok || g[i].start < 0 || g[i].stop > dim || g[i].stop < g[i].start) {
+            !wide_ok || g[i].start < 0 || g[i].stop > dim || g[i].stop < g[i].start ||
+            (words && (g[i].bits * g[i].per != 4 || (g[i].stop - g[i].start) % g[i].per))) {
             PyErr_SetString(PyExc_ValueError, "tables: bad group");
             goto done;
         }
         if (get_buffer(cen, &bufs[held], 0, ((Py_ssize_t)1 << g[i].bits) * (Py_ssize_t)sizeof(float), "centroids") < 0)
             goto done;
         g[i].centroids = bufs[held++].buf;
+        if (words) {
+            if (get_buffer(words, &bufs[held], 0, 16 * g[i].per * (Py_ssize_t)sizeof(float), "codewords") < 0) goto done;
+            g[i].codewords = bufs[held++].buf;
+        }
         nibbles += g[i].bits == 5 ? 2 * wcols : (g[i].stop - g[i].start + g[i].per - 1) / g[i].per;
     }
     if (wcols && g[0].bits != 5) {

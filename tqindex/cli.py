@@ -23,7 +23,7 @@ def _bench(args) -> int:
     k_max = 100
     gt_ids, gt_scores = ds.groundtruth(k_max), ds.groundtruth_scores(k_max)
     index = Index(dim=ds.dim, bits=args.bits, metric=ds.metric, variant=args.variant, seed=args.seed,
-                  keep_vectors=args.rerank > 0, scale_dtype=args.scale_dtype)
+                  keep_vectors=args.rerank > 0, scale_dtype=args.scale_dtype, codebook=args.codebook)
     start = time.perf_counter()
     with tqdm(total=len(ds), desc=f"indexing {args.variant} {args.bits}-bit", unit="vec") as bar:
         for block in ds.database_iterator(args.add_batch):
@@ -39,7 +39,7 @@ def _bench(args) -> int:
     search_s = float(np.median(timings))
     report = {
         "dataset": ds.name, "n": len(ds), "dim": ds.dim, "metric": ds.metric, "queries": len(queries),
-        "bits": args.bits, "variant": args.variant, "rerank": args.rerank, "seed": args.seed,
+        "bits": args.bits, "variant": args.variant, "codebook": args.codebook, "rerank": args.rerank, "seed": args.seed,
         "recall@1": recall_at_k(result.ids, gt_ids, 1, gt_scores, ds.metric),
         "recall@10": recall_at_k(result.ids, gt_ids, 10, gt_scores, ds.metric),
         "recall@100": recall_at_k(result.ids, gt_ids, 100, gt_scores, ds.metric),
@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     bench.add_argument("--variant", choices=["mse", "prod"], default="mse")
     bench.add_argument("--scale-dtype", choices=["float32", "float16"], default="float32",
                        help="storage of the per-vector scale (float16: 2 bytes less per vector)")
+    bench.add_argument("--codebook", choices=["vq", "scalar"], default="vq",
+                       help="block codebooks for 1- and 2-bit codes (vq) or the paper's scalar one")
     bench.add_argument("--rerank", type=int, default=0)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--repeat", type=int, default=3, help="timed search repetitions (median reported)")

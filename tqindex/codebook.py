@@ -20,7 +20,8 @@ import functools
 
 import numpy as np
 
-__all__ = ["CODEBOOK_VERSION", "Codebook", "lloyd_max_codebook", "split_bits", "effective_bits"]
+__all__ = ["CODEBOOK_VERSION", "VQ_BITS", "BlockCodebook", "Codebook", "block_codebook", "lloyd_max_codebook", "split_bits",
+           "effective_bits", "vq_block"]
 
 #: Bump when the construction below changes in a way that can change codes of a saved index.
 CODEBOOK_VERSION = 1
@@ -152,3 +153,118 @@ def _cell_means(cuts: np.ndarray, x: np.ndarray, cum_w: np.ndarray, cum_wx: np.n
     mass = np.diff(np.concatenate([[0.0], np.interp(cuts, x, cum_w), [1.0]]))
     moment = np.diff(np.concatenate([[0.0], np.interp(cuts, x, cum_wx), [cum_wx[-1]]]))
     return moment / np.maximum(mass, 1e-300)
+
+
+# -- block (vector) codebooks -------------------------------------------------------------------
+#: Widths that get a block codebook with codebook="vq": 16 codewords over 4 // bits coordinates,
+#: so one codeword is exactly one 4-bit nibble of packed codes (the fast scan's table unit).
+VQ_BITS = (1, 2)
+_VQ_SAMPLES = 1 << 15
+_VQ_STARTS = 4
+_VQ_ITERATIONS = 200
+_VQ_REFINE = 25
+
+
+class BlockCodebook:
+    """16 codewords for a block of `block` consecutive rotated coordinates.
+
+    Attributes
+    ----------
+    codewords : np.ndarray, shape (2**(bits·block), block), float64
+        Codeword v reconstructs coordinate t of the block as codewords[v, t]; packed, v's bits
+        (v >> t·bits) & (2**bits − 1) are stored as coordinate t's `bits`-bit code, so the packed
+        layout is the scalar one and a nibble of packed codes is one codeword index.
+    mse : float
+        Expected squared error per coordinate (unit-vector scale), estimated on the design sample.
+    """
+
+    __slots__ = ("dim", "bits", "block", "codewords", "mse")
+
+    def __init__(self, dim: int, bits: int, block: int, codewords: np.ndarray, mse: float):
+        self.dim, self.bits, self.block = dim, bits, block
+        self.codewords = np.asarray(codewords, dtype=np.float64)
+        self.codewords.setflags(write=False)
+        self.mse = float(mse)
+
+    def __repr__(self) -> str:
+        return (f"BlockCodebook(dim={self.dim}, bits={self.bits}, block={self.block}, "
+                f"mse_per_vector={self.mse * self.dim:.5f})")
+
+
+def vq_block(dim: int, bits: int) -> int:
+    """Coordinates per codeword of the block codebook at this width (4 // bits), or 1 where it has
+    none: widths outside VQ_BITS, and dim < 8, where a block would be a large share of the sphere."""
+    return 4 // bits if bits in VQ_BITS and dim >= 8 else 1
+
+
+def _sphere_block_sample(dim: int, block: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` draws of `block` coordinates of a uniform point on S^(dim-1): a uniform direction in
+    R^block times a radius with r² ~ Beta(block/2, (dim − block)/2), the exact law of the block's
+    squared length."""
+    g = rng.standard_normal((count, block))
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    return g * np.sqrt(rng.beta(block / 2, (dim - block) / 2, count))[:, None]
+
+
+@functools.lru_cache(maxsize=None)
+def block_codebook(dim: int, bits: int) -> BlockCodebook:
+    """The 16-codeword quantizer for blocks of 4 // bits rotated coordinates (bits 1 or 2).
+
+    After the rotation any `block` coordinates of a unit vector have a known, rotation-invariant
+    joint law (see `_sphere_block_sample`); Lloyd's algorithm on a fixed-seed sample of that law
+    (not of any data) gives codewords whose MSE is below the product of scalar Lloyd-Max codebooks
+    at the same rate (≈ 0.107 against 0.117 per unit vector at 2 bits, 0.340 against 0.361 at 1),
+    with the same code size and the same 16-entry table per nibble at search time. Deterministic
+    (fixed seeds), cached in memory.
+    """
+    block = vq_block(dim, bits)
+    if block == 1:
+        raise ValueError(f"no block codebook for bits={bits!r} at dim={dim!r} (needs bits in {VQ_BITS}, dim >= 8)")
+    rng = np.random.Generator(np.random.PCG64([0x7471, dim, bits]))
+    sample = _sphere_block_sample(dim, block, _VQ_SAMPLES, rng)
+    # Start from the best shape for the large-dim limit (coordinates N(0, 1/dim)): it is near the
+    # optimum at every dim, so Lloyd needs few steps here.
+    words, err = _lloyd(sample, _gaussian_shape(block) / np.sqrt(dim), _VQ_REFINE)
+    return BlockCodebook(dim, bits, block, words, err / block)
+
+
+@functools.lru_cache(maxsize=None)
+def _gaussian_shape(block: int) -> np.ndarray:
+    """16 codewords for N(0, I_block): the best of a few k-means++-seeded Lloyd runs."""
+    rng = np.random.Generator(np.random.PCG64([0x7471, block]))
+    sample = rng.standard_normal((_VQ_SAMPLES, block))
+    runs = [_lloyd(sample, _kmeanspp(sample, 16, rng)) for _ in range(_VQ_STARTS)]
+    return min(runs, key=lambda run: run[1])[0]
+
+
+def _lloyd(sample: np.ndarray, words: np.ndarray, iterations: int = _VQ_ITERATIONS) -> tuple[np.ndarray, float]:
+    """Lloyd's iterations from `words` until the assignment repeats (at most `iterations`);
+    returns (codewords, mean squared error per sample)."""
+    assign = None
+    for _ in range(iterations):
+        previous, assign = assign, _nearest(sample, words)
+        if previous is not None and np.array_equal(previous, assign):
+            break  # a fixed point of Lloyd's map
+        counts = np.bincount(assign, minlength=len(words))
+        sums = np.stack([np.bincount(assign, weights=sample[:, t], minlength=len(words))
+                         for t in range(sample.shape[1])], axis=1)
+        words = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], words)
+    err = float(np.mean(np.sum((sample - words[_nearest(sample, words)]) ** 2, axis=1)))
+    return words, err
+
+
+def _nearest(points: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """Index of the nearest codeword to each point (ties: the lowest index)."""
+    d2 = np.sum(words ** 2, axis=1)[None, :] - 2.0 * points @ words.T
+    return np.argmin(d2, axis=1)
+
+
+def _kmeanspp(points: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding: each next seed drawn with probability ∝ squared distance to the chosen."""
+    chosen = [points[rng.integers(len(points))]]
+    d2 = np.sum((points - chosen[0]) ** 2, axis=1)
+    for _ in range(count - 1):
+        nxt = points[rng.choice(len(points), p=d2 / d2.sum())]
+        chosen.append(nxt)
+        d2 = np.minimum(d2, np.sum((points - nxt) ** 2, axis=1))
+    return np.array(chosen)

@@ -13,7 +13,7 @@ from .backends import fastscan
 from .backends.cpu import BlockDecoder, scan_topk
 from .backends.cuda import enabled as cuda_enabled
 from .codebook import CODEBOOK_VERSION
-from .quantizer import VARIANTS, EncodedVectors, TurboQuantizer, scale_dtype_name
+from .quantizer import CODEBOOKS, VARIANTS, EncodedVectors, TurboQuantizer, scale_dtype_name
 from .rotation import ROTATION_KINDS
 from .segment import Segment
 from .validation import array_kind, as_float_matrix, as_id_array, check_k, to_kind
@@ -85,11 +85,16 @@ class Index:
         are corrected exactly (⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩). With c near the data's mean, the
         quantized residuals are shorter and more isotropic. Off by default: tqindex needs no
         training, and a mean is data-dependent (compute it from any sample you trust).
+    codebook : {"vq", "scalar"}
+        "scalar" is the paper's per-coordinate Lloyd-Max codebook. "vq" (the default) codes each
+        nibble of 1- or 2-bit codes (4 or 2 rotated coordinates) with one of 16 codewords designed
+        for those coordinates' exact joint law: no training, same bytes and search cost, 8–9% less
+        MSE (`tqindex.codebook.block_codebook`). Other widths are the same under both.
     """
 
     def __init__(self, *, dim: int, bits: int = 4, metric: str = "ip", variant: str = "mse", seed: int = 0,
                  keep_vectors: bool = False, device: str = "cpu", rotation: str = "dense", rescale: bool = True,
-                 scale_dtype: str = "float32", center=None):
+                 scale_dtype: str = "float32", center=None, codebook: str = "vq"):
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 2:
             raise ValueError(f"dim must be an integer >= 2, got {dim!r}")
         if isinstance(bits, bool) or not isinstance(bits, numbers.Real) or not 1 <= bits <= 8:
@@ -100,13 +105,16 @@ class Index:
             raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
         if rotation not in ROTATION_KINDS:
             raise ValueError(f"unknown rotation {rotation!r}; expected one of {ROTATION_KINDS}")
+        if codebook not in CODEBOOKS:
+            raise ValueError(f"unknown codebook {codebook!r}; expected one of {CODEBOOKS}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         scale_dtype = scale_dtype_name(scale_dtype)
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}; expected one of {DEVICES}")
         self._quantizer = TurboQuantizer(dim=int(dim), bits=bits, variant=variant, seed=int(seed),
-                                         rotation=rotation, rescale=rescale, scale_dtype=scale_dtype)
+                                         rotation=rotation, rescale=rescale, scale_dtype=scale_dtype,
+                                         codebook=codebook)
         self._decoder = BlockDecoder(self._quantizer)
         self._gpu = None  # backends.cuda.GpuScanner, made on the first GPU search
         self._center = None
@@ -160,6 +168,10 @@ class Index:
         return self._quantizer.scale_dtype
 
     @property
+    def codebook(self) -> str:
+        return self._quantizer.codebook
+
+    @property
     def center(self) -> np.ndarray | None:
         """The centering vector (dim,) float32, or None."""
         return None if self._center is None else self._center.numpy().copy()
@@ -186,7 +198,7 @@ class Index:
         """Everything needed to reproduce this index's codes (what the manifest stores)."""
         return {"dim": self.dim, "bits": self.bits, "metric": self.metric, "variant": self.variant,
                 "seed": self.seed, "rotation": self.rotation, "rescale": self.rescale, "scale_dtype": self.scale_dtype,
-                "center": None if self._center is None else self._center.tolist(),
+                "codebook": self.codebook, "center": None if self._center is None else self._center.tolist(),
                 "keep_vectors": self.keep_vectors, "codebook_version": CODEBOOK_VERSION}
 
     def __len__(self) -> int:

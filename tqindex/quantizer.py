@@ -29,14 +29,20 @@ import numpy as np
 import torch
 
 from . import native
-from .codebook import effective_bits, lloyd_max_codebook, split_bits
+from .codebook import block_codebook, effective_bits, lloyd_max_codebook, split_bits, vq_block
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .reference import qjl_gaussian
 from .rotation import make_rotation
 
-__all__ = ["SCALE_DTYPES", "VARIANTS", "CodeGroup", "EncodedVectors", "TurboQuantizer", "bits_for_bytes"]
+__all__ = ["CODEBOOKS", "SCALE_DTYPES", "VARIANTS", "CodeGroup", "EncodedVectors", "TurboQuantizer", "bits_for_bytes"]
 
 VARIANTS = ("mse", "prod")
+
+#: Codebook kinds. "scalar": the paper's Lloyd-Max codebook per coordinate. "vq": where a group is
+#: coded with 1 or 2 bits, blocks of 4 // bits consecutive coordinates (one nibble of packed codes)
+#: share a 16-codeword quantizer designed for their exact joint law (`codebook.block_codebook`):
+#: the same bytes and search tables, 8-9% less MSE. Other widths are scalar under either kind.
+CODEBOOKS = ("vq", "scalar")
 
 # Storage types of the per-vector `scale`. float16 keeps every scale in its normal range
 # [2⁻¹⁴, 65504] (or 0) to relative precision 2⁻¹¹; encoding refuses rows outside it rather than
@@ -90,8 +96,19 @@ class CodeGroup:
     bits: int
     offset: int
     nbytes: int
-    centroids: torch.Tensor   # (2**bits,) float32
+    centroids: torch.Tensor   # (2**bits,) float32, the scalar codebook
     boundaries: torch.Tensor  # (2**bits − 1,) float32
+    block: int = 1            # coordinates per codeword: 1 (scalar), or 4 // bits with codebook="vq"
+    codewords: torch.Tensor | None = None  # (2**(bits·block), block) float32; block 1: centroids[:, None]
+
+    def reconstruct(self, idx: torch.Tensor) -> torch.Tensor:
+        """Per-coordinate codes (n, stop − start) integer → the group's ỹ part, float32."""
+        if self.block == 1:
+            return self.centroids.to(idx.device)[idx.long()]
+        n = idx.shape[0]
+        blocks = idx.long().reshape(n, -1, self.block)
+        word = sum(blocks[:, :, t] << (t * self.bits) for t in range(self.block))
+        return self.codewords.to(idx.device)[word].reshape(n, -1)
 
 
 def _mse_layout(dim: int, bits, variant: str) -> list[tuple[int, int, int]]:
@@ -158,12 +175,19 @@ class TurboQuantizer:
         mse only: store the unbiasing factor ‖x‖/⟨y, ỹ⟩ as the score scale (see module notes).
     scale_dtype : {"float32", "float16"}
         How `scale` is stored (see module notes).
+    codebook : {"vq", "scalar"}
+        See `CODEBOOKS`. A 1- or 2-bit group uses blocks only when its length is a multiple of
+        the block (and dim ≥ 8); otherwise it stays scalar.
     """
 
     def __init__(self, *, dim: int, bits: int, variant: str = "mse", seed: int = 0,
-                 rotation: str = "dense", rescale: bool = True, scale_dtype: str = "float32"):
+                 rotation: str = "dense", rescale: bool = True, scale_dtype: str = "float32",
+                 codebook: str = "scalar"):
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        if codebook not in CODEBOOKS:
+            raise ValueError(f"unknown codebook {codebook!r}; expected one of {CODEBOOKS}")
+        self.codebook = codebook
         self.scale_dtype = scale_dtype_name(scale_dtype)
         if not isinstance(dim, (int, np.integer)) or dim < 2:
             raise ValueError(f"dim must be an integer >= 2, got {dim!r}")
@@ -176,11 +200,16 @@ class TurboQuantizer:
         self.groups: list[CodeGroup] = []
         offset = 0
         for start, stop, width in layout:
-            codebook = lloyd_max_codebook(self.dim, width)
+            scalar = lloyd_max_codebook(self.dim, width)
+            centroids = torch.from_numpy(scalar.centroids.astype(np.float32))
+            block = vq_block(self.dim, width) if codebook == "vq" else 1
+            if (stop - start) % block:
+                block = 1  # blocks must tile the group (see `codebook`)
+            words = centroids[:, None] if block == 1 else \
+                torch.from_numpy(block_codebook(self.dim, width).codewords.astype(np.float32))
             nbytes = packed_row_bytes(stop - start, width)
-            self.groups.append(CodeGroup(start, stop, width, offset, nbytes,
-                                         torch.from_numpy(codebook.centroids.astype(np.float32)),
-                                         torch.from_numpy(codebook.boundaries.astype(np.float32))))
+            self.groups.append(CodeGroup(start, stop, width, offset, nbytes, centroids,
+                                         torch.from_numpy(scalar.boundaries.astype(np.float32)), block, words))
             offset += nbytes
         if variant == "prod":
             self.qjl_matrix = torch.from_numpy(qjl_gaussian(self.dim, self.seed).astype(np.float32))  # G
@@ -252,16 +281,19 @@ class TurboQuantizer:
             # One pass per row in C: codes and ⟨y, ỹ⟩ (bucketize + gather + pack in torch take ~5x longer).
             y_np = y.contiguous().numpy()
             alignment = np.empty(n, dtype=np.float32)
-            specs = [(g.start, g.stop, g.bits, g.offset, g.boundaries.numpy(), g.centroids.numpy())
-                     for g in self.groups]
+            specs = [(g.start, g.stop, g.bits, g.offset, g.boundaries.numpy(), g.centroids.numpy(),
+                      g.block, g.codewords.numpy()) for g in self.groups]
             native.parallel_ranges(n, lambda a, b: native.kernels.encode(
                 y_np[a:b], self.dim, b - a, specs, codes[a:b], alignment[a:b]), min_per_thread=1024)
             return self._finish(codes, norms, torch.from_numpy(alignment))
         y_tilde = torch.zeros_like(y)
         for g in self.groups:
             part = y[:, g.start:g.stop].contiguous()
-            idx = torch.bucketize(part, g.boundaries)  # first boundary ≥ y: the nearest centroid
-            y_tilde[:, g.start:g.stop] = g.centroids[idx]
+            if g.block == 1:
+                idx = torch.bucketize(part, g.boundaries)  # first boundary ≥ y: the nearest centroid
+            else:
+                idx = _nearest_codes(part, g)
+            y_tilde[:, g.start:g.stop] = g.reconstruct(idx)
             codes[:, g.offset:g.offset + g.nbytes] = pack_codes(idx.to(torch.uint8), g.bits).numpy()
         encoded = self._finish(codes, norms, (y * y_tilde).sum(dim=1))
         if self.variant == "prod":
@@ -289,15 +321,16 @@ class TurboQuantizer:
         idx = self.unpack(codes).long()
         y_tilde = torch.zeros((codes.shape[0], self.dim), dtype=torch.float32)
         for g in self.groups:
-            y_tilde[:, g.start:g.stop] = g.centroids[idx[:, g.start:g.stop]]
+            y_tilde[:, g.start:g.stop] = g.reconstruct(idx[:, g.start:g.stop])
         if self.variant == "prod":
             signs = unpack_codes(qjl, 1, self.dim).to(torch.float32) * 2 - 1
             y_tilde = y_tilde + self.qjl_scale * residual_norm[:, None] * (signs @ self.qjl_matrix)
         return y_tilde
 
     def unpack(self, codes):
-        """Packed mse codes (n, code_bytes) uint8 → centroid indices (n, d) uint8 (numpy or torch
-        like the input; all zero when there is no mse stage)."""
+        """Packed mse codes (n, code_bytes) uint8 → per-coordinate codes (n, d) uint8 (numpy or
+        torch like the input; all zero when there is no mse stage). For a block group, coordinate
+        t of a block holds bits t·b.. of its codeword index (see `CodeGroup.reconstruct`)."""
         as_numpy = isinstance(codes, np.ndarray)
         if as_numpy:
             with warnings.catch_warnings():  # memory-mapped codes are read-only; they are only read here
@@ -333,3 +366,25 @@ class TurboQuantizer:
                 self._qjl_by_device[q.device] = self.qjl_matrix.to(q.device)
             projected = rotated @ self._qjl_by_device[q.device].T
         return rotated, projected
+
+
+def _nearest_codes(part: torch.Tensor, g: CodeGroup) -> torch.Tensor:
+    """(n, stop − start) rotated coordinates of a block group → per-coordinate codes (int64): each
+    block's nearest codeword (squared distance; ties: the lowest index), split into `bits`-bit
+    fields."""
+    n = part.shape[0]
+    blocks = part.reshape(-1, g.block)
+    words = g.codewords.to(part.device)
+    # One codeword at a time keeps memory at O(blocks); sums in coordinate order and a strict "<"
+    # (the lowest index wins ties) are the C encoder's rule, so both give the same codes.
+    best = torch.full((blocks.shape[0],), float("inf"), device=part.device)
+    word = torch.zeros(blocks.shape[0], dtype=torch.int64, device=part.device)
+    for v in range(words.shape[0]):
+        dist = (blocks[:, 0] - words[v, 0]).square()
+        for t in range(1, g.block):
+            dist = dist + (blocks[:, t] - words[v, t]).square()
+        closer = dist < best
+        best = torch.where(closer, dist, best)
+        word = torch.where(closer, v, word)
+    shifts = torch.arange(g.block, device=part.device) * g.bits
+    return ((word[:, None] >> shifts) & ((1 << g.bits) - 1)).reshape(n, -1)

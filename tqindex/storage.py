@@ -350,7 +350,9 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
                     seed=params["seed"], keep_vectors=params["keep_vectors"], rotation=params["rotation"],
                     rescale=params["rescale"], center=params.get("center"),
                     # Indexes saved before scale_dtype existed stored float32 scales.
-                    scale_dtype=params.get("scale_dtype", "float32"))
+                    scale_dtype=params.get("scale_dtype", "float32"),
+                    # ... and before codebook existed, the scalar codebook.
+                    codebook=params.get("codebook", "scalar"))
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexFormatError(f"manifest {path / MANIFEST} has invalid parameters {params}: {exc}") from None
     q = index._quantizer

@@ -36,8 +36,9 @@ def _tensor(array) -> torch.Tensor:
 class BlockDecoder:
     """Decodes packed mse codes to rotated unit-scale centroids ỹ, fast.
 
-    For b ∈ {1, 2, 4, 8} a 256-entry table maps each code byte straight to its 8/b centroids, so a
-    block is decoded with a single gather and no bit twiddling; other widths unpack then gather.
+    For b ∈ {1, 2, 4, 8} a 256-entry table maps each code byte straight to its 8/b centroids (for a
+    block codebook, its two codewords), so a block is decoded with a single gather and no bit
+    twiddling; other widths unpack then gather.
     Each code group (one, or two for fractional bits) is decoded on its own. Tables are kept per
     device.
     """
@@ -51,7 +52,10 @@ class BlockDecoder:
                 per_byte = 8 // g.bits
                 byte_values = torch.arange(256, dtype=torch.int64)
                 shifts = torch.arange(per_byte, dtype=torch.int64) * g.bits
-                table = g.centroids[(byte_values[:, None] >> shifts) & ((1 << g.bits) - 1)].contiguous()
+                if g.block == 1:
+                    table = g.centroids[(byte_values[:, None] >> shifts) & ((1 << g.bits) - 1)].contiguous()
+                else:  # a byte is two whole codewords (a block is one nibble)
+                    table = torch.cat([g.codewords[byte_values & 15], g.codewords[byte_values >> 4]], dim=1)
             self.byte_tables.append(table)  # (256, 8 // bits) or None
         self._tables: dict[torch.device, dict] = {}
 
@@ -78,7 +82,8 @@ class BlockDecoder:
                 # embedding() is a plain row gather, about twice as fast as advanced indexing here.
                 parts.append(torch.nn.functional.embedding(group_codes.int(), byte_table).view(n, -1)[:, :width])
             else:
-                parts.append(centroids[unpack_codes(group_codes, g.bits, width).long()])
+                parts.append(g.reconstruct(unpack_codes(group_codes, g.bits, width)) if g.block > 1 else
+                             centroids[unpack_codes(group_codes, g.bits, width).long()])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

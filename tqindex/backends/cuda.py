@@ -160,6 +160,9 @@ class GpuScanner:
         self.lut_shared = self.lut_floats * 4 <= _LUT_SHARED_BYTES
         g = quantizer.groups
         self.mma_bits = g[0].bits if (quantizer.variant == "mse" and len(g) == 1 and g[0].bits in (1, 2, 4)) else 0
+        # tq_dequant decodes one scalar centroid per code; block codebooks (whose byte tables the
+        # fused kernel reads like any other) are left to the table and fused kernels.
+        self.gemm_ok = bool(self.mma_bits) and g[0].block == 1 and metric != "l2"
         # Its (256, 8/b) byte → centroids tables serve the tensor-core paths too; it decodes rescored rows.
         self._decoder = BlockDecoder(quantizer)
         self._tables: dict = {}
@@ -217,7 +220,7 @@ class GpuScanner:
                 t["byte_table"] = byte_centroids.half().contiguous()
                 t["byte_sq"] = byte_centroids.square().sum(dim=1)              # Σ c² of a code byte
                 t["centroids"] = cent.contiguous()
-                t["cmax"] = float(cent.abs().max())
+                t["cmax"] = float(byte_centroids.abs().max())  # every value a coordinate can decode to
             self._tables[key] = t
         return self._tables[key]
 
@@ -304,13 +307,14 @@ class GpuScanner:
     def path_for(self, nq: int) -> str:
         """The kernel for a batch of nq queries: the table scan for few queries; for whole-bit mse
         codes (1, 2, 4 bits) the fused tensor-core scan from MMA_MIN_BATCH queries, and from
-        GEMM_MIN_BATCH on (ip/cosine) fp16 dequantization of row blocks + a cuBLAS GEMM."""
+        GEMM_MIN_BATCH on (ip/cosine, scalar codebooks) fp16 dequantization of row blocks + a
+        cuBLAS GEMM."""
         if self.force is not None:
-            ok = {"lut": True, "mma": bool(self.mma_bits), "gemm": bool(self.mma_bits) and self.metric != "l2"}
+            ok = {"lut": True, "mma": bool(self.mma_bits), "gemm": self.gemm_ok}
             if not ok[self.force]:
                 raise ValueError(f"path {self.force!r} does not support this index")
             return self.force
-        if self.mma_bits and nq >= GEMM_MIN_BATCH and self.metric != "l2":
+        if self.gemm_ok and nq >= GEMM_MIN_BATCH:
             return "gemm"
         return "mma" if self.mma_bits and nq >= MMA_MIN_BATCH else "lut"
 
@@ -556,7 +560,8 @@ def _luts(quantizer: TurboQuantizer, regs: list[Region], rotated: torch.Tensor,
     """Per-query tables of the table kernel: (nq, Σ lut_floats) float32.
 
     For a nibble unit (b ∈ {1, 2, 4}: 4/b codes) and each of its 16 values v, the entry is
-    Σ_t q_{j+t} · c(code_t(v)); for wider codes, q_j · c(v). Coordinates past the group's end are
+    Σ_t q_{j+t} · c(code_t(v)) (for a block codebook, Σ_t q_{j+t} · codeword_v[t]); for wider codes,
+    q_j · c(v). Coordinates past the group's end are
     zero, so the zero-padded codes of the last chunk add nothing. Products and sums are done
     elementwise in float32 (no TF32 matmul).
     """
@@ -564,16 +569,20 @@ def _luts(quantizer: TurboQuantizer, regs: list[Region], rotated: torch.Tensor,
     parts = []
     groups = iter(quantizer.groups)
     for r in regs:
+        words = None
         if r.qjl:
             q, cent = projected, torch.tensor([-1.0, 1.0], device=device)
         else:
-            q, cent = rotated, next(groups).centroids.to(device)
+            g = next(groups)
+            q, cent = rotated, g.centroids.to(device)
+            if g.block > 1:  # a block codebook: nibble v is codeword v (its block is the unit's 4/b codes)
+                words = g.codewords.to(device)
         qg = torch.zeros((nq, r.chunks * 32), dtype=torch.float32, device=device)
         qg[:, :r.stop - r.start] = q[:, r.start:r.stop]
         if r.unit == 4:
             per = 4 // r.bits
             v = torch.arange(16, device=device)[:, None] >> (torch.arange(per, device=device) * r.bits)
-            table = cent[v & ((1 << r.bits) - 1)]                         # (16, per)
+            table = cent[v & ((1 << r.bits) - 1)] if words is None else words  # (16, per)
             lut = (qg.view(nq, -1, 1, per) * table[None, None]).sum(dim=3)  # (nq, units, 16)
         else:
             lut = qg[:, :, None] * cent[None, None, :]

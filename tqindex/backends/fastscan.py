@@ -178,7 +178,7 @@ def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
     luts = np.empty((nq, 2 * (ncols + wcols), 16), np.uint8)
     fluts = np.empty((nq, 2 * (ncols + wcols), 16), np.float32)
     delta, bias, tol, magnitude = (np.empty(nq, np.float32) for _ in range(4))
-    groups = [(start, stop, bits, per, g.centroids.numpy())
+    groups = [(start, stop, bits, per, g.centroids.numpy()) + ((g.codewords.numpy(),) if g.block > 1 else ())
               for (start, stop, bits, per), g in zip(_nibble_plan(quantizer), quantizer.groups)]
     native.parallel_ranges(nq, lambda a, b: native.kernels.tables(
         q[a:b], quantizer.dim, b - a, groups, ncols, luts[a:b], fluts[a:b], delta[a:b], bias[a:b], tol[a:b],
@@ -197,9 +197,10 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
         row_scale = np.where(_to_slots(np.asarray(segment.deleted), nblocks, False), np.float32(np.nan), row_scale)
     row_norm2 = layout["norm2"] if metric == "l2" else None
     extra = {"wcols": layout["wcols"]}
-    if len(quantizer.groups) == 1 and quantizer.groups[0].bits <= 4:
-        # One code group: rows are rescored straight from the row-major codes (a SIMD decode-and-dot,
-        # ~3x faster than summing 2·ncols float table entries).
+    if len(quantizer.groups) == 1 and quantizer.groups[0].bits <= 4 and quantizer.groups[0].block == 1:
+        # One scalar code group: rows are rescored straight from the row-major codes (a SIMD
+        # decode-and-dot, ~3x faster than summing 2·ncols float table entries). Block codebooks
+        # rescore from the float tables, whose entries already hold each codeword's dot product.
         g = quantizer.groups[0]
         centroids = np.zeros(16, np.float32)
         centroids[: len(g.centroids)] = g.centroids.numpy()
