@@ -126,7 +126,7 @@ def _gpu_search(index, queries, k):
     ("mse", 4, "ip", "lut", 97, "vq"), ("mse", 3, "l2", "lut", 97, "vq"), ("mse", 2.52, "cosine", "lut", 97, "vq"),
     ("prod", 3, "ip", "lut", 97, "vq"), ("prod", 2, "l2", "lut", 97, "vq"), ("mse", 4, "ip", "mma", 97, "vq"),
     ("mse", 2, "l2", "mma", 97, "vq"), ("mse", 1, "cosine", "mma", 97, "vq"), ("mse", 4, "ip", "gemm", 97, "vq"),
-    ("mse", 2, "cosine", "gemm", 97, "vq"), ("mse", 2, "ip", "lut", 96, "vq"), ("mse", 1, "l2", "lut", 96, "vq"),
+    ("mse", 2, "cosine", "gemm", 97, "vq"), ("mse", 2, "ip", "lut", 96, "vq"), ("mse", 1, "cosine", "lut", 96, "vq"),
     ("prod", 3, "cosine", "lut", 96, "vq"), ("mse", 2.5, "ip", "lut", 96, "vq"), ("mse", 2, "l2", "mma", 96, "vq"),
     ("mse", 1, "ip", "mma", 96, "vq"), ("mse", 2, "ip", "gemm", 96, "scalar")])
 @pytest.mark.parametrize("sampled", [False, True])

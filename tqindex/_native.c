@@ -525,24 +525,30 @@ done:
 typedef struct {
     Py_ssize_t start, stop, bits, offset, block;
     const float *boundaries, *centroids, *codewords;
+    float wt[4][16]; /* block codebooks: codewords transposed, wt[t][v] = codewords[v][t] */
 } code_group;
 
-/* The codeword of g nearest to y[0 .. block). */
-static inline int nearest_word(const code_group *g, const float *y) {
-    const int words = 1 << (g->bits * g->block);
-    int best = 0;
-    float best_d = INFINITY;
-    for (int v = 0; v < words; v++) {
-        const float *w = g->codewords + v * g->block;
-        float d = (y[0] - w[0]) * (y[0] - w[0]);
-        for (Py_ssize_t t = 1; t < g->block; t++) d += (y[t] - w[t]) * (y[t] - w[t]);
-        if (d < best_d) {
-            best_d = d;
-            best = v;
-        }
+/* The codeword of a block codebook nearest to y[0 .. BLK): all 16 distances (a loop the compiler
+ * vectorizes over v), then a branch-free first-minimum scan. */
+#define NEAREST_WORD(BLK)                                                         \
+    static inline int nearest_word##BLK(const float (*wt)[16], const float *y) {  \
+        float d[16];                                                              \
+        for (int v = 0; v < 16; v++) {                                            \
+            float acc = (y[0] - wt[0][v]) * (y[0] - wt[0][v]);                    \
+            for (int t = 1; t < BLK; t++) acc += (y[t] - wt[t][v]) * (y[t] - wt[t][v]); \
+            d[v] = acc;                                                           \
+        }                                                                         \
+        int best = 0;                                                             \
+        float best_d = d[0];                                                      \
+        for (int v = 1; v < 16; v++) {                                            \
+            const int closer = d[v] < best_d;                                     \
+            best_d = closer ? d[v] : best_d;                                      \
+            best = closer ? v : best;                                             \
+        }                                                                         \
+        return best;                                                              \
     }
-    return best;
-}
+NEAREST_WORD(2)
+NEAREST_WORD(4)
 
 static void encode_rows(const float *y, Py_ssize_t dim, Py_ssize_t rows, const code_group *groups, int ngroups,
                         uint8_t *codes, Py_ssize_t row_bytes, float *alignment) {
@@ -558,7 +564,7 @@ static void encode_rows(const float *y, Py_ssize_t dim, Py_ssize_t rows, const c
             if (g->block > 1) {
                 const int width = (int)(g->bits * g->block);  /* 4: whole nibbles, never split */
                 for (Py_ssize_t j = g->start; j < g->stop; j += g->block) {
-                    const int v = nearest_word(g, yr + j);
+                    const int v = g->block == 2 ? nearest_word2(g->wt, yr + j) : nearest_word4(g->wt, yr + j);
                     const float *w = g->codewords + v * g->block;
                     for (Py_ssize_t t = 0; t < g->block; t++) dot += (double)yr[j + t] * w[t];
                     acc |= (uint64_t)v << filled;
@@ -629,6 +635,8 @@ static PyObject *encode(PyObject *self, PyObject *args) {
             if (get_buffer(words, &bufs[held], 0, 16 * g[i].block * (Py_ssize_t)sizeof(float), "codewords") < 0)
                 goto done;
             g[i].codewords = bufs[held++].buf;
+            for (int v = 0; v < 16; v++)
+                for (Py_ssize_t t = 0; t < g[i].block; t++) g[i].wt[t][v] = g[i].codewords[v * g[i].block + t];
         }
         Py_ssize_t end = g[i].offset + ((g[i].stop - g[i].start) * g[i].bits + 7) / 8;
         if (end > row_bytes) row_bytes = end;
