@@ -161,6 +161,8 @@ def _cell_means(cuts: np.ndarray, x: np.ndarray, cum_w: np.ndarray, cum_wx: np.n
 VQ_BITS = (1, 2)
 _VQ_SAMPLES = 1 << 17
 _VQ_REFINE = 10
+_VQ_REFINE_BELOW = 64
+_VQ_MSE_SAMPLES = 1 << 15
 
 
 class BlockCodebook:
@@ -173,7 +175,7 @@ class BlockCodebook:
         (v >> t·bits) & (2**bits − 1) are stored as coordinate t's `bits`-bit code, so the packed
         layout is the scalar one and a nibble of packed codes is one codeword index.
     mse : float
-        Expected squared error per coordinate (unit-vector scale), estimated on the design sample.
+        Expected squared error per coordinate (unit-vector scale), estimated on 2^15 draws of the law.
     """
 
     __slots__ = ("dim", "bits", "block", "codewords", "mse")
@@ -210,7 +212,8 @@ def block_codebook(dim: int, bits: int) -> BlockCodebook:
 
     After the rotation any `block` coordinates of a unit vector have a known, rotation-invariant
     joint law (see `_sphere_block_sample`); Lloyd's algorithm on a fixed-seed sample of that law
-    (not of any data), started from the large-dim optimum `_GAUSSIAN_SHAPES`, gives codewords whose MSE is below the product of scalar Lloyd-Max codebooks
+    (not of any data), started from the large-dim optimum `_GAUSSIAN_SHAPES` (used as is from
+    d = 64 on), gives codewords whose MSE is below the product of scalar Lloyd-Max codebooks
     at the same rate (≈ 0.107 against 0.117 per unit vector at 2 bits, 0.340 against 0.361 at 1),
     with the same code size and the same 16-entry table per nibble at search time. Deterministic
     (fixed seeds), cached in memory.
@@ -219,10 +222,14 @@ def block_codebook(dim: int, bits: int) -> BlockCodebook:
     if block == 1:
         raise ValueError(f"no block codebook for bits={bits!r} at dim={dim!r} (needs bits in {VQ_BITS}, dim >= 8)")
     rng = np.random.Generator(np.random.PCG64([0x7471, dim, bits]))
-    sample = _sphere_block_sample(dim, block, _VQ_SAMPLES, rng)
-    # Start from the best shape for the large-dim limit (coordinates N(0, 1/dim)): it is near the
-    # optimum at every dim, so Lloyd needs few steps here.
-    words, err = _lloyd(sample, _gaussian_shape(block) / np.sqrt(dim), _VQ_REFINE)
+    words = _gaussian_shape(block) / np.sqrt(dim)  # the large-dim limit: coordinates N(0, 1/dim)
+    if dim < _VQ_REFINE_BELOW:
+        # Small dims: Lloyd from that shape on a sample of the exact law (at d = 8, 2 bits, MSE
+        # 0.0907 → 0.0875). From d = 64 on, refining on 2^17 draws changes the MSE by less than its
+        # own sampling noise (±0.0003), so the scaled shape is used as is and costs nothing.
+        words, _ = _lloyd(_sphere_block_sample(dim, block, _VQ_SAMPLES, rng), words, _VQ_REFINE)
+    sample = _sphere_block_sample(dim, block, _VQ_MSE_SAMPLES, rng)
+    err = float(np.mean(np.sum((sample - words[_nearest(sample, words)]) ** 2, axis=1)))
     return BlockCodebook(dim, bits, block, words, err / block)
 
 
