@@ -56,14 +56,18 @@ def test_native_encode_equals_torch(d, bits, codebook, monkeypatch):
 @needs_native
 @pytest.mark.parametrize("bits", [1, 2])
 def test_native_block_encode_on_ties(bits):
-    """Blocks equidistant from several codewords (exactly on a codeword, at the origin, midway
-    between two codewords): the lowest codeword index wins, as in the torch encoder."""
-    q = TurboQuantizer(dim=32, bits=bits, codebook="vq")
-    (g,) = q.groups
-    w = g.codewords
-    blocks = [w[3], w[7], torch.zeros(g.block), (w[1] + w[2]) / 2, (w[5] + w[9]) / 2, w[0] * 1e-30]
+    """Exact ties: a codebook with duplicated codewords (5 = 9, 3 = 12), blocks on and near them.
+    The lowest index must win, in C as in the torch encoder (a kernel returning the last minimum
+    fails here)."""
+    import dataclasses
+
+    (g,) = TurboQuantizer(dim=32, bits=bits, codebook="vq").groups
+    w = g.codewords.clone()
+    w[9], w[12] = w[5], w[3]
+    g = dataclasses.replace(g, codewords=w)
     gen = torch.Generator().manual_seed(bits)
-    y = torch.stack([torch.cat([blocks[i] for i in torch.randint(len(blocks), (32 // g.block,), generator=gen)])
+    near = [w[5], w[3], w[5] + 1e-4, w[3] - 1e-4, w[7], torch.zeros(g.block)]
+    y = torch.stack([torch.cat([near[i] for i in torch.randint(len(near), (32 // g.block,), generator=gen)])
                      for _ in range(40)])
     expected = pack_codes(_nearest_codes(y, g).to(torch.uint8), bits).numpy()
     codes = np.zeros_like(expected)
@@ -71,11 +75,10 @@ def test_native_block_encode_on_ties(bits):
     native.kernels.encode(y.numpy(), 32, 40, [(0, 32, bits, 0, g.boundaries.numpy(), g.centroids.numpy(), g.block,
                                                w.numpy())], codes, alignment)
     np.testing.assert_array_equal(codes, expected)
-    # Exactly on codeword v: that codeword (no other is at distance 0).
     words = unpack_codes(torch.from_numpy(codes), bits, 32).long().reshape(40, -1, g.block)
     index = sum(words[:, :, t] << (t * bits) for t in range(g.block))
-    on_word = (y.reshape(40, -1, g.block) == w[3]).all(dim=2)
-    assert (index[on_word] == 3).all()
+    assert not np.isin(index.numpy(), [9, 12]).any()  # the duplicates' higher indices never win
+    assert (index[(y.reshape(40, -1, g.block) == w[5]).all(dim=2)] == 5).all()
     np.testing.assert_allclose(alignment, (y * g.reconstruct(unpack_codes(torch.from_numpy(codes), bits, 32))).sum(1),
                                rtol=1e-5, atol=1e-6)
 
