@@ -54,6 +54,23 @@ def test_native_encode_equals_torch(d, bits, codebook, monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("d", [97, 1000])
+@pytest.mark.parametrize("bits,codebook", [(2, "vq"), (3, "vq"), (3, "scalar"), (3.5, "vq"), (1, "vq")])
+def test_native_encode_equals_torch_for_prod(d, bits, codebook, monkeypatch):
+    """prod's mse stage is encoded in C too; its residual, QJL signs and ‖r‖ then follow in torch."""
+    rng = np.random.default_rng(int(d + bits * 7))
+    x = torch.from_numpy((rng.standard_normal((300, d)) * rng.uniform(0.1, 5, (300, 1))).astype(np.float32))
+    q = TurboQuantizer(dim=d, bits=bits, variant="prod", seed=4, codebook=codebook)
+    fast = q.encode(x)
+    monkeypatch.setenv("TQINDEX_NATIVE", "0")
+    slow = q.encode(x)
+    np.testing.assert_array_equal(fast.codes, slow.codes)
+    np.testing.assert_array_equal(fast.qjl, slow.qjl)
+    np.testing.assert_array_equal(fast.residual_norm, slow.residual_norm)
+    np.testing.assert_array_equal(fast.scale, slow.scale)
+
+
+@needs_native
 @pytest.mark.parametrize("bits", [1, 2])
 def test_native_block_encode_on_ties(bits):
     """Exact ties: a codebook with duplicated codewords (5 = 9, 3 = 12), blocks on and near them.

@@ -277,7 +277,7 @@ class TurboQuantizer:
         unit = x / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
         y = self.rotation.apply(unit)
         codes = np.zeros((n, self.code_bytes), dtype=np.uint8)
-        if self.variant == "mse" and native.enabled() and y.device.type == "cpu":
+        if self.groups and native.enabled() and y.device.type == "cpu":
             # One pass per row in C: codes and ⟨y, ỹ⟩ (bucketize + gather + pack in torch take ~5x longer).
             y_np = y.contiguous().numpy()
             alignment = np.empty(n, dtype=np.float32)
@@ -285,17 +285,21 @@ class TurboQuantizer:
                       g.block, g.codewords.numpy()) for g in self.groups]
             native.parallel_ranges(n, lambda a, b: native.kernels.encode(
                 y_np[a:b], self.dim, b - a, specs, codes[a:b], alignment[a:b]), min_per_thread=1024)
-            return self._finish(codes, norms, torch.from_numpy(alignment))
-        y_tilde = torch.zeros_like(y)
-        for g in self.groups:
-            part = y[:, g.start:g.stop].contiguous()
-            if g.block == 1:
-                idx = torch.bucketize(part, g.boundaries)  # first boundary ≥ y: the nearest centroid
-            else:
-                idx = _nearest_codes(part, g)
-            y_tilde[:, g.start:g.stop] = g.reconstruct(idx)
-            codes[:, g.offset:g.offset + g.nbytes] = pack_codes(idx.to(torch.uint8), g.bits).numpy()
-        encoded = self._finish(codes, norms, (y * y_tilde).sum(dim=1))
+            encoded = self._finish(codes, norms, torch.from_numpy(alignment))
+            if self.variant == "mse":
+                return encoded
+            y_tilde = self.rotated_reconstruction(torch.from_numpy(codes))  # prod: the mse stage's ỹ
+        else:
+            y_tilde = torch.zeros_like(y)
+            for g in self.groups:
+                part = y[:, g.start:g.stop].contiguous()
+                if g.block == 1:
+                    idx = torch.bucketize(part, g.boundaries)  # first boundary ≥ y: the nearest centroid
+                else:
+                    idx = _nearest_codes(part, g)
+                y_tilde[:, g.start:g.stop] = g.reconstruct(idx)
+                codes[:, g.offset:g.offset + g.nbytes] = pack_codes(idx.to(torch.uint8), g.bits).numpy()
+            encoded = self._finish(codes, norms, (y * y_tilde).sum(dim=1))
         if self.variant == "prod":
             residual = y - y_tilde
             signs = (residual @ self.qjl_matrix.T) >= 0
@@ -316,13 +320,14 @@ class TurboQuantizer:
                                residual_norm: torch.Tensor | None = None) -> torch.Tensor:
         """ỹ for unit vectors in the rotated domain, float32 (n, d).
 
-        For "prod" this includes the QJL term √(π/2)/d · ‖r‖ · Gᵀ·signs.
+        For "prod" this includes the QJL term √(π/2)/d · ‖r‖ · Gᵀ·signs (left out when `qjl` is None:
+        the mse stage alone).
         """
         idx = self.unpack(codes).long()
         y_tilde = torch.zeros((codes.shape[0], self.dim), dtype=torch.float32)
         for g in self.groups:
             y_tilde[:, g.start:g.stop] = g.reconstruct(idx[:, g.start:g.stop])
-        if self.variant == "prod":
+        if self.variant == "prod" and qjl is not None:
             signs = unpack_codes(qjl, 1, self.dim).to(torch.float32) * 2 - 1
             y_tilde = y_tilde + self.qjl_scale * residual_norm[:, None] * (signs @ self.qjl_matrix)
         return y_tilde
