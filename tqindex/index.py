@@ -88,8 +88,9 @@ class Index:
     codebook : {"vq", "scalar"}
         "scalar" is the paper's per-coordinate Lloyd-Max codebook. "vq" (the default) codes each
         nibble of 1- or 2-bit codes (4 or 2 rotated coordinates) with one of 16 codewords designed
-        for those coordinates' exact joint law: no training, same bytes and search cost, 8–9% less
-        MSE (`tqindex.codebook.block_codebook`). Other widths are the same under both.
+        for those coordinates' exact joint law: no training, the same bytes and search tables, 6–9%
+        less MSE (`tqindex.codebook.block_codebook`). Groups the blocks do not tile (odd length at
+        2 bits, not a multiple of 4 at 1), dim < 8 and widths of 3 bits or more are scalar under both.
     """
 
     def __init__(self, *, dim: int, bits: int = 4, metric: str = "ip", variant: str = "mse", seed: int = 0,

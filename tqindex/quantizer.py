@@ -41,7 +41,7 @@ VARIANTS = ("mse", "prod")
 #: Codebook kinds. "scalar": the paper's Lloyd-Max codebook per coordinate. "vq": where a group is
 #: coded with 1 or 2 bits, blocks of 4 // bits consecutive coordinates (one nibble of packed codes)
 #: share a 16-codeword quantizer designed for their exact joint law (`codebook.block_codebook`):
-#: the same bytes and search tables, 8-9% less MSE. Other widths are scalar under either kind.
+#: the same bytes and search tables, 6-9% less MSE. Other widths are scalar under either kind.
 CODEBOOKS = ("vq", "scalar")
 
 # Storage types of the per-vector `scale`. float16 keeps every scale in its normal range
