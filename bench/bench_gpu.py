@@ -75,8 +75,8 @@ def copy_bandwidth() -> float:
     return 2 * (2 << 30) / t
 
 
-def synthetic_index(n: int, dim: int, bits: int, seed: int) -> Index:
-    index = Index(dim=dim, bits=bits, device="cuda", seed=seed)
+def synthetic_index(n: int, dim: int, bits: int, seed: int, codebook: str) -> Index:
+    index = Index(dim=dim, bits=bits, device="cuda", seed=seed, codebook=codebook)
     rng = np.random.default_rng(seed)
     code_bytes = index._quantizer.code_bytes
     codes = np.empty((n, code_bytes), dtype=np.uint8)
@@ -105,13 +105,13 @@ def brute_force(x16: torch.Tensor, q: torch.Tensor, k: int):
 
 
 def run(n: int, dim: int, bits: int, k: int, batches: list[int], copy_bw: float, seed: int,
-        profile: bool = False) -> dict:
-    out = {"n": n, "dim": dim, "bits": bits, "k": k}
+        codebook: str, profile: bool = False) -> dict:
+    out = {"n": n, "dim": dim, "bits": bits, "k": k, "codebook": codebook}
     rng = np.random.default_rng(seed + 1)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    index = synthetic_index(n, dim, bits, seed)
+    index = synthetic_index(n, dim, bits, seed, codebook)
     q1 = rng.standard_normal((1, dim)).astype(np.float32)
     start = time.perf_counter()
     index.search(q1, k)
@@ -176,7 +176,8 @@ def run(n: int, dim: int, bits: int, k: int, batches: list[int], copy_bw: float,
 
 
 def table(rows: list[dict], device: str, copy_bw: float) -> str:
-    lines = [f"GPU: {device}; copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)", "",
+    lines = [f"GPU: {device}; copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write); "
+             f"codebook {rows[0]['codebook']!r}", "",
              "| n × d | bits | scan GB/s (of copy) | 1-query latency | batch | tqindex QPS | torch fp16 QPS | ratio "
              "| kernel | QPS by kernel (table / fused mma / gemm) | peak B/vec tq / fp16 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -202,6 +203,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256, 4096])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--codebook", choices=["vq", "scalar"], default="vq",
+                        help="Index codebook (the default's; block codebooks apply at 1 and 2 bits)")
     parser.add_argument("--profile", action="store_true", help="print a torch profile of single-query search")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -211,7 +214,7 @@ def main() -> None:
     rows = []
     for n in args.n:
         for bits in args.bits:
-            rows.append(run(n, args.dim, bits, args.k, args.batches, copy_bw, args.seed, args.profile))
+            rows.append(run(n, args.dim, bits, args.k, args.batches, copy_bw, args.seed, args.codebook, args.profile))
             print(table(rows[-1:], device, copy_bw), flush=True)
     text = table(rows, device, copy_bw)
     name = "gpu" + (f"-{args.tag}" if args.tag else "")

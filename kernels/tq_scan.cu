@@ -297,14 +297,17 @@ extern "C" __global__ void __launch_bounds__(256) tq_mma_scan(
     }
 }
 
-// Large batches: rows [row0, row0 + rows) dequantized to fp16 rows of ldo halves, each centroid
-// multiplied by scale[r] * inv_smax (<= 1, rounded once), for a cuBLAS GEMM with the queries.
+// Large batches: rows [row0, row0 + rows) dequantized to fp16 rows of ldo halves, each decoded
+// value multiplied by scale[r] * inv_smax (<= 1, rounded once), for a cuBLAS GEMM with the queries.
+// Decoding goes through the byte table (256 x 8/MMA_BITS floats: the values of a code byte's
+// coordinates, in order), as in tq_mma_scan, so scalar and block codebooks decode alike.
 // One thread per (row, chunk), rows fastest, so that a warp's code loads are coalesced.
 extern "C" __global__ void __launch_bounds__(256) tq_dequant(
     const u32* __restrict__ words, i64 n, const float* __restrict__ scale, float inv_smax,
-    const float* __restrict__ centroids, i64 row0, i64 rows, __half* __restrict__ out, int ldo) {
-    __shared__ float cent[1 << MMA_BITS];
-    if (threadIdx.x < (1 << MMA_BITS)) cent[threadIdx.x] = centroids[threadIdx.x];
+    const float* __restrict__ byte_table, i64 row0, i64 rows, __half* __restrict__ out, int ldo) {
+    constexpr int VPB = HALVES_PER_BYTE;  // coordinates per code byte
+    __shared__ float table[256 * VPB];
+    for (int i = threadIdx.x; i < 256 * VPB; i += blockDim.x) table[i] = byte_table[i];
     __syncthreads();
     const i64 total = rows * MMA_CHUNKS;
     for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
@@ -314,14 +317,18 @@ extern "C" __global__ void __launch_bounds__(256) tq_dequant(
         u32 w[MMA_BITS];
         load_chunk<MMA_BITS>(words, n, r, c * MMA_BITS, w);
         const float s = scale[r] * inv_smax;
+        float v[32];
+#pragma unroll
+        for (int j = 0; j < 4 * MMA_BITS; ++j) {  // the chunk's 4b bytes, little-endian in its words
+            const u32 byte = (w[j >> 2] >> (8 * (j & 3))) & 0xffu;
+#pragma unroll
+            for (int i = 0; i < VPB; ++i) v[j * VPB + i] = table[byte * VPB + i];
+        }
         u32 h[16];
 #pragma unroll
-        for (int t = 0; t < 32; t += 2) {
-            const int b0 = t * MMA_BITS, b1 = (t + 1) * MMA_BITS;
-            const u32 v0 = (w[b0 >> 5] >> (b0 & 31)) & ((1u << MMA_BITS) - 1);
-            const u32 v1 = (w[b1 >> 5] >> (b1 & 31)) & ((1u << MMA_BITS) - 1);
-            const __half2 pair = __floats2half2_rn(cent[v0] * s, cent[v1] * s);
-            h[t / 2] = *reinterpret_cast<const u32*>(&pair);
+        for (int t = 0; t < 16; ++t) {
+            const __half2 pair = __floats2half2_rn(v[2 * t] * s, v[2 * t + 1] * s);
+            h[t] = *reinterpret_cast<const u32*>(&pair);
         }
         uint4* dst = reinterpret_cast<uint4*>(out + row * ldo + c * 32);
 #pragma unroll

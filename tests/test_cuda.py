@@ -94,8 +94,6 @@ def test_each_path_equals_cpu(path, bits, metric, d, codebook, budget, monkeypat
         pytest.skip("the GEMM path serves ip and cosine")
     if codebook == "scalar" and (bits == 4 or d == 97):
         pytest.skip("the same codes as codebook='vq' (no block codebook at this width or odd group)")
-    if path == "gemm" and codebook == "vq" and bits < 4 and d == 1536:
-        pytest.skip("the GEMM path serves scalar codebooks")
     monkeypatch.setattr(gpu_backend.GpuScanner, "force", path)
     x, cpu, gpu = _pair(d, bits, "mse", metric, n=5003, codebook=codebook)
     queries = np.random.default_rng(7).standard_normal((150, d)).astype(np.float32)

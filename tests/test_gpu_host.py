@@ -25,13 +25,6 @@ def _unit_values(data: dict, region, n: int) -> torch.Tensor:
     return torch.from_numpy((span.reshape(n, -1, region.unit) << np.arange(region.unit)).sum(-1))
 
 
-def _codes(scanner: GpuScanner, data: dict) -> torch.Tensor:
-    r, n = scanner.regions[0], data["n"]
-    per = 4 // r.bits
-    nibbles = _unit_values(data, r, n)
-    return ((nibbles[:, :, None] >> (torch.arange(per) * r.bits)) & ((1 << r.bits) - 1)).reshape(n, -1)
-
-
 def _byte_decoded(scanner: GpuScanner, data: dict, half: bool = True) -> torch.Tensor:
     """(n, 8/b · code bytes) what the fused kernel dequantizes: each code byte read back from the
     words and mapped through the byte table (fp16; or the float32 one it was rounded from)."""
@@ -82,8 +75,9 @@ def fake_launch_scan(self, prep, part, qsq, tau, use_mma, step, count, cap, dens
 
 
 def fake_dequant(self, data, start, rows, out, inv_smax):
-    codes = _codes(self, data)[start:start + rows]
-    out[:rows] = (self.q.groups[0].centroids[codes] * (data["scale"][start:start + rows] * inv_smax)[:, None]).half()
+    """tq_dequant's contract: each code byte through the float32 byte table, times scale / S, to fp16."""
+    deq = _byte_decoded(self, data, half=False)[start:start + rows]
+    out[:rows, :deq.shape[1]] = (deq * (data["scale"][start:start + rows] * inv_smax)[:, None]).half()
 
 
 @pytest.fixture
@@ -128,7 +122,8 @@ def _gpu_search(index, queries, k):
     ("mse", 2, "l2", "mma", 97, "vq"), ("mse", 1, "cosine", "mma", 97, "vq"), ("mse", 4, "ip", "gemm", 97, "vq"),
     ("mse", 2, "cosine", "gemm", 97, "vq"), ("mse", 2, "ip", "lut", 96, "vq"), ("mse", 1, "cosine", "lut", 96, "vq"),
     ("prod", 3, "cosine", "lut", 96, "vq"), ("mse", 2.5, "ip", "lut", 96, "vq"), ("mse", 2, "l2", "mma", 96, "vq"),
-    ("mse", 1, "ip", "mma", 96, "vq"), ("mse", 2, "ip", "gemm", 96, "scalar")])
+    ("mse", 1, "ip", "mma", 96, "vq"), ("mse", 2, "ip", "gemm", 96, "vq"), ("mse", 1, "cosine", "gemm", 96, "vq"),
+    ("mse", 2, "ip", "gemm", 96, "scalar")])
 @pytest.mark.parametrize("sampled", [False, True])
 def test_host_pipeline_equals_cpu_scan(fake_kernels, monkeypatch, variant, bits, metric, path, d, codebook, sampled):
     monkeypatch.setattr(GpuScanner, "force", path)
@@ -194,7 +189,7 @@ def test_layout_and_kernel_source():
 
 
 @pytest.mark.parametrize("path,codebook", [("lut", "vq"), ("mma", "vq"), ("lut", "scalar"), ("mma", "scalar"),
-                                           ("gemm", "scalar")])
+                                           ("gemm", "vq"), ("gemm", "scalar")])
 def test_removed_segments_zero_vectors_and_short_indexes(fake_kernels, monkeypatch, path, codebook):
     monkeypatch.setattr(GpuScanner, "force", path)
     rng = np.random.default_rng(3)
@@ -212,11 +207,18 @@ def test_removed_segments_zero_vectors_and_short_indexes(fake_kernels, monkeypat
         assert set(row) == set(ref_row)
 
 
-def test_gemm_path_refuses_block_codebooks():
-    """tq_dequant decodes scalar centroids only: block codebooks never take the GEMM path."""
-    vq = GpuScanner(Index(dim=96, bits=2, codebook="vq")._quantizer, "ip")
-    scalar = GpuScanner(Index(dim=96, bits=2, codebook="scalar")._quantizer, "ip")
-    assert vq.path_for(gpu_backend.GEMM_MIN_BATCH) == "mma" and scalar.path_for(gpu_backend.GEMM_MIN_BATCH) == "gemm"
-    vq.force = "gemm"
+def test_path_choice_by_batch_size_codebook_and_metric():
+    """Large batches take the GEMM path for either codebook (tq_dequant reads byte tables); l2 and
+    prod never do, and forcing a path an index cannot take raises."""
+    for codebook in ("vq", "scalar"):
+        scanner = GpuScanner(Index(dim=96, bits=2, codebook=codebook)._quantizer, "ip")
+        assert [scanner.path_for(nq) for nq in (1, gpu_backend.MMA_MIN_BATCH, gpu_backend.GEMM_MIN_BATCH)] == \
+            ["lut", "mma", "gemm"]
+    l2 = GpuScanner(Index(dim=96, bits=2, metric="l2")._quantizer, "l2")
+    prod = GpuScanner(Index(dim=96, bits=3, variant="prod")._quantizer, "ip")
+    assert l2.path_for(4096) == "mma" and prod.path_for(4096) == "lut"
+    l2.force, prod.force = "gemm", "mma"
     with pytest.raises(ValueError, match="gemm"):
-        vq.path_for(4096)
+        l2.path_for(4096)
+    with pytest.raises(ValueError, match="mma"):
+        prod.path_for(4096)

@@ -160,9 +160,8 @@ class GpuScanner:
         self.lut_shared = self.lut_floats * 4 <= _LUT_SHARED_BYTES
         g = quantizer.groups
         self.mma_bits = g[0].bits if (quantizer.variant == "mse" and len(g) == 1 and g[0].bits in (1, 2, 4)) else 0
-        # tq_dequant decodes one scalar centroid per code; block codebooks (whose byte tables the
-        # fused kernel reads like any other) are left to the table and fused kernels.
-        self.gemm_ok = bool(self.mma_bits) and g[0].block == 1 and metric != "l2"
+        # Both tensor-core paths decode through byte tables, so block codebooks take them too.
+        self.gemm_ok = bool(self.mma_bits) and metric != "l2"
         # Its (256, 8/b) byte → centroids tables serve the tensor-core paths too; it decodes rescored rows.
         self._decoder = BlockDecoder(quantizer)
         self._tables: dict = {}
@@ -215,11 +214,10 @@ class GpuScanner:
             t = {}
             if self.mma_bits:
                 decoder_tables = self._decoder.tables(device)
-                cent = decoder_tables["centroids"][0]
                 byte_centroids = decoder_tables["byte_tables"][0]  # (256, 8/b) float32
-                t["byte_table"] = byte_centroids.half().contiguous()
+                t["byte_table"] = byte_centroids.half().contiguous()       # the fused kernel's
+                t["byte_table32"] = byte_centroids.contiguous()            # tq_dequant's
                 t["byte_sq"] = byte_centroids.square().sum(dim=1)              # Σ c² of a code byte
-                t["centroids"] = cent.contiguous()
                 t["cmax"] = float(byte_centroids.abs().max())  # every value a coordinate can decode to
             self._tables[key] = t
         return self._tables[key]
@@ -307,7 +305,7 @@ class GpuScanner:
     def path_for(self, nq: int) -> str:
         """The kernel for a batch of nq queries: the table scan for few queries; for whole-bit mse
         codes (1, 2, 4 bits) the fused tensor-core scan from MMA_MIN_BATCH queries, and from
-        GEMM_MIN_BATCH on (ip/cosine, scalar codebooks) fp16 dequantization of row blocks + a
+        GEMM_MIN_BATCH on (ip/cosine) fp16 dequantization of row blocks + a
         cuBLAS GEMM."""
         if self.force is not None:
             ok = {"lut": True, "mma": bool(self.mma_bits), "gemm": self.gemm_ok}
@@ -397,10 +395,11 @@ class GpuScanner:
         return self._rescore_certified(parts, rotated, None, qsq, k, approx, best_p, tau, err, budget)
 
     def _dequant(self, data, start, rows, out, inv_smax):
-        """out[:rows] = fp16(centroid · scale / S) of rows [start, start + rows) (tq_dequant)."""
+        """out[:rows] = fp16(decoded value · scale / S) of rows [start, start + rows) (tq_dequant; the
+        float32 byte table decodes scalar and block codebooks alike)."""
         device, chunks = out.device, self.regions[0].chunks
-        cent = self._device_tables(device)["centroids"]
-        args = (_ptr(data["words"]), np.int64(data["n"]), _ptr(data["scale"]), np.float32(inv_smax), _ptr(cent),
+        table = self._device_tables(device)["byte_table32"]
+        args = (_ptr(data["words"]), np.int64(data["n"]), _ptr(data["scale"]), np.float32(inv_smax), _ptr(table),
                 np.int64(start), np.int64(rows), _ptr(out), np.int32(out.shape[1]))
         grid = min(-(-rows * chunks // 256), 64 * _sm_count(device))
         self._launch(self._function("tq_dequant", 16), (grid,), (256,), args)
