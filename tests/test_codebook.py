@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tqindex.codebook import block_codebook, lloyd_max_codebook, vq_block
+from tqindex.codebook import block_codebook, lloyd_max_codebook, plane_codebook, vq_block
 
 # The paper's figures (Gaussian limit, units of 1/sqrt(d)), quoted to 4 decimals.
 PAPER = {1: ["0.7979"], 2: ["0.4528", "1.510"],
@@ -131,3 +131,33 @@ def test_stored_gaussian_shapes_are_as_good_as_a_fresh_design(block):
     assert stored <= mse(fresh) * 1.002
     scalar_gaussian = {2: 0.11748, 4: 0.36338}[block]  # Lloyd-Max for N(0, 1) at 2 and 1 bits
     assert stored < 0.95 * scalar_gaussian
+
+
+@pytest.mark.parametrize("d", [2, 3, 50, 384, 1536])
+def test_plane_codebook_structure_and_mse(d):
+    cb = plane_codebook(d)
+    c = cb.centroids
+    assert len(c) == 32 and np.all(np.diff(c) > 0)
+    np.testing.assert_allclose(c, -c[::-1], atol=1e-12)           # symmetric, like the density
+    np.testing.assert_allclose(c[0::2], cb.low, atol=0)
+    np.testing.assert_allclose(c[1::2] - c[0::2], cb.step, rtol=1e-12, atol=1e-15)  # level 2n + p = low_n + p·step
+    np.testing.assert_allclose(cb.boundaries, (c[1:] + c[:-1]) / 2)
+    lloyd4, lloyd5 = lloyd_max_codebook(d, 4).mse, lloyd_max_codebook(d, 5).mse
+    # A constrained 32-level codebook: no better than Lloyd-Max's, far better than 16 levels.
+    assert lloyd5 * (1 - 1e-9) <= cb.mse < 1.2 * lloyd5 and cb.mse < lloyd4 / 3
+    # Optimality of step for its cells: the mean error of the odd levels' cells, moved onto the even
+    # ones, is zero (the normal equation of step), checked on exact samples within 5 standard errors.
+    rng = np.random.default_rng(1)
+    samples = np.sqrt(rng.beta(0.5, (d - 1) / 2, 400_000)) * rng.choice([-1, 1], 400_000)
+    level = np.searchsorted(cb.boundaries, samples)
+    err = samples - c[level]
+    odd = level % 2 == 1
+    assert abs(err[odd].mean()) < 5 * err[odd].std() / np.sqrt(odd.sum()) + 1e-12
+    # ... and each pair's mean error is zero (the normal equation of low_n).
+    for n in range(16):
+        pair = level // 2 == n
+        if pair.sum() > 100:
+            assert abs(err[pair].mean()) < 5 * err[pair].std() / np.sqrt(pair.sum()) + 1e-12
+    # MSE against samples (d >= 50, where the estimate is tight).
+    if d >= 50:
+        assert np.mean(err ** 2) == pytest.approx(cb.mse, rel=0.02)

@@ -140,6 +140,12 @@ def _oracle_tables(quantizer, q):
     nibbles. Returns (tables (nibbles, 16), the number of 5-bit nibbles)."""
     tables, upper = [], []
     for g in quantizer.groups:
+        if g.plane:  # c[2n + p] = c[2n] + p·step: the high bits' 4-bit tables, then the low bits as 1-bit codes
+            low = g.centroids.numpy()[0::2].astype(np.float64)
+            tables += [[q[j] * low[v] for v in range(16)] for j in range(g.start, g.stop)]
+            tables += [[sum(q[jj] * g.plane_step * ((v >> t) & 1) for t, jj in enumerate(range(j, min(j + 4, g.stop))))
+                        for v in range(16)] for j in range(g.start, g.stop, 4)]
+            continue
         per = 4 // g.bits if g.bits in (1, 2) else 1
         c = g.centroids.numpy().astype(np.float64)
         words = g.codewords.numpy().astype(np.float64)

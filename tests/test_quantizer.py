@@ -64,11 +64,11 @@ def _rotated_unit(q: TurboQuantizer, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("d", [3, 97, 1000])
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 2.5, 3.3, 7.9])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 2.5, 3.3, 7.9, 5, 4.4])
 @pytest.mark.parametrize("codebook", ["scalar", "vq"])
 def test_mse_codes_equal_reference(d, bits, codebook):
-    if codebook == "vq" and bits not in (1, 2, 2.5, 3.3):
-        pytest.skip("widths without a 1- or 2-bit group are scalar under either codebook")
+    if codebook == "vq" and bits not in (1, 2, 2.5, 3.3, 5, 4.4):
+        pytest.skip("widths without a 1-, 2- or 5-bit group are Lloyd-Max under either codebook")
     rng = np.random.default_rng(int(d + 10 * bits))
     x = (rng.standard_normal((64, d)) * rng.uniform(0.1, 10, (64, 1))).astype(np.float32)
     q = TurboQuantizer(dim=d, bits=bits, variant="mse", seed=2, codebook=codebook)
@@ -210,3 +210,23 @@ def test_float16_scale_refuses_what_it_cannot_hold(norm, ok):
     else:
         with pytest.raises(ValueError, match=r"float16.*row 1 of the batch"):
             q.encode(torch.from_numpy(x))
+
+
+@pytest.mark.parametrize("d", [3, 50, 1000])
+def test_codebook_version_1_keeps_lloyd_max_for_5_bit_codes(d):
+    """Indexes saved under codebook version 1 keep their codes' meaning: 5-bit groups are Lloyd-Max
+    there, bit-plane from version 2 on (codebook="vq" only)."""
+    from tqindex.codebook import lloyd_max_codebook, plane_codebook
+    for bits in (5, 4.5):
+        v1 = TurboQuantizer(dim=d, bits=bits, codebook="vq", codebook_version=1)
+        v2 = TurboQuantizer(dim=d, bits=bits, codebook="vq")
+        scalar = TurboQuantizer(dim=d, bits=bits, codebook="scalar")
+        assert v2.codebook_version == 2 and v2.groups[0].plane and not v1.groups[0].plane
+        assert not scalar.groups[0].plane
+        np.testing.assert_array_equal(v1.groups[0].centroids.numpy(), lloyd_max_codebook(d, 5).centroids.astype(np.float32))
+        np.testing.assert_array_equal(v2.groups[0].centroids.numpy(), plane_codebook(d).centroids.astype(np.float32))
+        if len(v2.groups) > 1:  # the 4-bit group is the same under both versions
+            np.testing.assert_array_equal(v1.groups[1].centroids.numpy(), v2.groups[1].centroids.numpy())
+    for bad in (0, 3, True, "2"):
+        with pytest.raises(ValueError, match="codebook_version"):
+            TurboQuantizer(dim=d, bits=5, codebook_version=bad)

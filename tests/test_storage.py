@@ -414,3 +414,33 @@ def test_codebook_round_trips_and_is_checked_on_open(tmp_path, codebook):
     other = "scalar" if codebook == "vq" else "vq"
     with pytest.raises(ValueError, match="codebook"):
         Index.open(tmp_path / "ix", dim=64, bits=2, codebook=other)
+
+
+def test_codebook_version_round_trips_and_unknown_versions_are_refused(tmp_path):
+    """An index saved under codebook version 1 (Lloyd-Max 5-bit codes under "vq") loads as version 1
+    and searches as it did; the current version's index uses bit-plane 5-bit codes; a manifest
+    naming a version this tqindex cannot build is refused, naming it."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((400, 50)).astype(np.float32)
+    results = {}
+    for version in (1, 2):
+        index = Index(dim=50, bits=4.5, codebook_version=version, seed=3)
+        index.add(x)
+        index.save(tmp_path / f"v{version}")
+        loaded = Index.load(tmp_path / f"v{version}")
+        assert loaded.params()["codebook_version"] == version
+        assert loaded._quantizer.groups[0].plane == (version == 2)
+        a, b = index.search(x[:9], 10), loaded.search(x[:9], 10)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        results[version] = a
+    assert not np.array_equal(results[1].scores, results[2].scores)  # the versions code differently
+    with pytest.raises(ValueError, match="codebook_version"):
+        Index.open(tmp_path / "v1", dim=50, bits=4.5, codebook_version=2)
+    manifest = tmp_path / "v1" / MANIFEST
+    doc = json.loads(manifest.read_text())
+    doc["body"]["params"]["codebook_version"] = 99
+    doc["crc32"] = zlib.crc32(_canonical(doc["body"]))
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(IndexFormatError, match="codebook version 99"):
+        Index.load(tmp_path / "v1")

@@ -21,11 +21,16 @@ import functools
 
 import numpy as np
 
-__all__ = ["CODEBOOK_VERSION", "VQ_BITS", "BlockCodebook", "Codebook", "block_codebook", "lloyd_max_codebook", "split_bits",
-           "effective_bits", "vq_block"]
+__all__ = ["CODEBOOK_VERSION", "CODEBOOK_VERSIONS", "PLANE_BITS", "VQ_BITS", "BlockCodebook", "Codebook",
+           "PlaneCodebook", "block_codebook", "lloyd_max_codebook", "plane_codebook", "split_bits", "effective_bits",
+           "vq_block"]
 
 #: Bump when the construction below changes in a way that can change codes of a saved index.
-CODEBOOK_VERSION = 1
+#: 1: Lloyd-Max scalar codebooks, block codebooks at 1-2 bits under codebook="vq".
+#: 2: and, under codebook="vq", the bit-plane codebook (`plane_codebook`) for 5-bit codes.
+CODEBOOK_VERSION = 2
+#: Versions this tqindex can still build (and so load indexes of).
+CODEBOOK_VERSIONS = (1, 2)
 
 _GRID_POINTS = 200_001
 _MAX_ITERATIONS = 10_000
@@ -154,6 +159,79 @@ def _cell_means(cuts: np.ndarray, x: np.ndarray, cum_w: np.ndarray, cum_wx: np.n
     mass = np.diff(np.concatenate([[0.0], np.interp(cuts, x, cum_w), [1.0]]))
     moment = np.diff(np.concatenate([[0.0], np.interp(cuts, x, cum_wx), [cum_wx[-1]]]))
     return moment / np.maximum(mass, 1e-300)
+
+
+# -- bit-plane codebook -------------------------------------------------------------------------
+#: Width of the bit-plane codebook under codebook="vq" (codebook version >= 2).
+PLANE_BITS = 5
+
+
+class PlaneCodebook(Codebook):
+    """A sorted scalar codebook of 2**bits levels whose level 2n + p is low[n] + p · step.
+
+    The lowest bit p of a code then adds p · step whatever the other bits are, so a coordinate's
+    contribution q_j · c(code) splits into q_j · low[code >> 1] + (code & 1) · q_j · step: a table
+    over the (bits − 1)-bit part and a "bit plane" whose bits, four coordinates to a nibble, are
+    looked up like 1-bit codes. At 5 bits that is one 4-bit nibble per coordinate plus a quarter
+    nibble, instead of 32-entry tables (`tqindex.backends.fastscan`).
+    """
+
+    __slots__ = ("low", "step")
+
+    def __init__(self, dim: int, bits: int, low: np.ndarray, step: float, mse: float):
+        centroids = (np.asarray(low, dtype=np.float64)[:, None] + np.array([0.0, step])).reshape(-1)
+        super().__init__(dim, bits, centroids, mse)
+        self.low = np.asarray(low, dtype=np.float64)
+        self.low.setflags(write=False)
+        self.step = float(step)
+
+
+@functools.lru_cache(maxsize=None)
+def plane_codebook(dim: int, bits: int = PLANE_BITS) -> PlaneCodebook:
+    """The MSE-optimal codebook of the form c[2n + p] = low[n] + p · step for the coordinate
+    density of a random unit vector in R^dim (same quadrature as `lloyd_max_codebook`).
+
+    Alternates, from the Lloyd-Max codebook: nearest-level cells, then the least-squares (low,
+    step) for those cells (their normal equations, solved exactly), with the density's symmetry
+    enforced. At d = 1536 and 5 bits its MSE is about 17% above Lloyd-Max's
+    (0.0029 against 0.0025 per vector) and a third of the 4-bit codebook's.
+    """
+    if not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 8:
+        raise ValueError(f"plane codebook bits must be an integer in 2..8, got {bits!r}")
+    start = lloyd_max_codebook(dim, int(bits))  # also checks dim
+    dim, bits = int(dim), int(bits)
+    x, g = _quadrature(dim)
+    cum_w = np.concatenate([[0.0], np.cumsum((g[1:] + g[:-1]) / 2)])
+    gx = g * x
+    cum_wx = np.concatenate([[0.0], np.cumsum((gx[1:] + gx[:-1]) / 2)])
+    cum_wx /= cum_w[-1]
+    cum_w /= cum_w[-1]
+    low, step = start.centroids[0::2].copy(), float(np.mean(np.diff(start.centroids)[0::2]))
+    for _ in range(_MAX_ITERATIONS):
+        levels = (low[:, None] + np.array([0.0, step])).reshape(-1)
+        cuts = np.interp((levels[1:] + levels[:-1]) / 2, x, cum_w), np.interp((levels[1:] + levels[:-1]) / 2, x, cum_wx)
+        mass = np.diff(np.concatenate([[0.0], cuts[0], [1.0]]))
+        moment = np.diff(np.concatenate([[0.0], cuts[1], [cum_wx[-1]]]))
+        m0, m1 = mass[0::2], mass[1::2]
+        s = moment[0::2] + moment[1::2]
+        # The (low, step) minimising Σ_n Σ_p ∫_cell (x − low_n − p·step)² for these cells, from the
+        # normal equations: low_n = (s_n − m1_n·step) / m_n, then step in closed form.
+        m = np.maximum(m0 + m1, 1e-300)
+        new_step = float((np.sum(moment[1::2]) - np.sum(m1 * s / m)) / max(np.sum(m1) - np.sum(m1 * m1 / m), 1e-300))
+        new_low = (s - m1 * new_step) / m
+        # Symmetric density, symmetric optimum: level v mirrors level 2^bits − 1 − v.
+        levels = (new_low[:, None] + np.array([0.0, new_step])).reshape(-1)
+        levels = (levels - levels[::-1]) / 2
+        new_low, new_step = levels[0::2], float(np.mean(levels[1::2] - levels[0::2]))
+        delta = max(np.max(np.abs(new_low - low)), abs(new_step - step))
+        low, step = new_low, new_step
+        if delta < _TOLERANCE:
+            break
+    levels = (low[:, None] + np.array([0.0, step])).reshape(-1)
+    cells = np.searchsorted((levels[1:] + levels[:-1]) / 2, x)
+    sq_err = g * (x - levels[cells]) ** 2
+    mse = float(np.sum((sq_err[1:] + sq_err[:-1]) / 2) / np.sum((g[1:] + g[:-1]) / 2))
+    return PlaneCodebook(dim, bits, low, step, mse)
 
 
 # -- block (vector) codebooks -------------------------------------------------------------------

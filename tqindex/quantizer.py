@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from . import native
-from .codebook import block_codebook, effective_bits, lloyd_max_codebook, split_bits, vq_block
+from .codebook import (CODEBOOK_VERSION, CODEBOOK_VERSIONS, PLANE_BITS, block_codebook, effective_bits,
+                       lloyd_max_codebook, plane_codebook, split_bits, vq_block)
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .reference import qjl_gaussian
 from .rotation import make_rotation
@@ -41,7 +42,10 @@ VARIANTS = ("mse", "prod")
 #: Codebook kinds. "scalar": the paper's Lloyd-Max codebook per coordinate. "vq": where a group is
 #: coded with 1 or 2 bits, blocks of 4 // bits consecutive coordinates (one nibble of packed codes)
 #: share a 16-codeword quantizer designed for their exact joint law (`codebook.block_codebook`):
-#: the same bytes and search tables, 6-9% less MSE. Other widths are scalar under either kind.
+#: the same bytes and search tables, 6-9% less MSE. And (codebook version 2) 5-bit codes use the
+#: bit-plane codebook (`codebook.plane_codebook`): 17% more MSE than Lloyd-Max at those coordinates,
+#: but scanned as 4-bit codes plus a plane of 1-bit ones instead of 32-entry tables. Other widths
+#: are Lloyd-Max under either kind.
 CODEBOOKS = ("vq", "scalar")
 
 # Storage types of the per-vector `scale`. float16 keeps every scale in its normal range
@@ -100,6 +104,8 @@ class CodeGroup:
     boundaries: torch.Tensor  # (2**bits − 1,) float32
     block: int = 1            # coordinates per codeword: 1 (scalar), or 4 // bits with codebook="vq"
     codewords: torch.Tensor | None = None  # (2**(bits·block), block) float32; block 1: centroids[:, None]
+    plane: bool = False       # centroids[2n + p] = centroids[2n] + p · plane_step (`codebook.PlaneCodebook`)
+    plane_step: float = 0.0
 
     def reconstruct(self, idx: torch.Tensor) -> torch.Tensor:
         """Per-coordinate codes (n, stop − start) integer → the group's ỹ part, float32."""
@@ -178,16 +184,21 @@ class TurboQuantizer:
     codebook : {"vq", "scalar"}
         See `CODEBOOKS`. A 1- or 2-bit group uses blocks only when its length is a multiple of
         the block (and dim ≥ 8); otherwise it stays scalar.
+    codebook_version : int
+        Which construction to follow (`tqindex.codebook.CODEBOOK_VERSION`); older ones rebuild the
+        codes of indexes saved by older tqindex versions.
     """
 
     def __init__(self, *, dim: int, bits: int, variant: str = "mse", seed: int = 0,
                  rotation: str = "dense", rescale: bool = True, scale_dtype: str = "float32",
-                 codebook: str = "scalar"):
+                 codebook: str = "scalar", codebook_version: int = CODEBOOK_VERSION):
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
         if codebook not in CODEBOOKS:
             raise ValueError(f"unknown codebook {codebook!r}; expected one of {CODEBOOKS}")
-        self.codebook = codebook
+        if isinstance(codebook_version, bool) or codebook_version not in CODEBOOK_VERSIONS:
+            raise ValueError(f"unknown codebook_version {codebook_version!r}; this tqindex builds {CODEBOOK_VERSIONS}")
+        self.codebook, self.codebook_version = codebook, int(codebook_version)
         self.scale_dtype = scale_dtype_name(scale_dtype)
         if not isinstance(dim, (int, np.integer)) or dim < 2:
             raise ValueError(f"dim must be an integer >= 2, got {dim!r}")
@@ -200,7 +211,8 @@ class TurboQuantizer:
         self.groups: list[CodeGroup] = []
         offset = 0
         for start, stop, width in layout:
-            scalar = lloyd_max_codebook(self.dim, width)
+            plane = codebook == "vq" and width == PLANE_BITS and self.codebook_version >= 2
+            scalar = plane_codebook(self.dim, width) if plane else lloyd_max_codebook(self.dim, width)
             centroids = torch.from_numpy(scalar.centroids.astype(np.float32))
             block = vq_block(self.dim, width) if codebook == "vq" else 1
             if (stop - start) % block:
@@ -209,7 +221,8 @@ class TurboQuantizer:
                 torch.from_numpy(block_codebook(self.dim, width).codewords.astype(np.float32))
             nbytes = packed_row_bytes(stop - start, width)
             self.groups.append(CodeGroup(start, stop, width, offset, nbytes, centroids,
-                                         torch.from_numpy(scalar.boundaries.astype(np.float32)), block, words))
+                                         torch.from_numpy(scalar.boundaries.astype(np.float32)), block, words,
+                                         plane, float(np.float32(scalar.step)) if plane else 0.0))
             offset += nbytes
         if variant == "prod":
             self.qjl_matrix = torch.from_numpy(qjl_gaussian(self.dim, self.seed).astype(np.float32))  # G

@@ -8,7 +8,8 @@ Conventions shared with the fast path (they define the codes, so both must agree
 - Π is ``Rotation.matrix()``; the codebook is ``lloyd_max_codebook(d, b)``, or with
   ``codebook="vq"`` and b ∈ {1, 2} ``block_codebook(d, b)`` over blocks of 4/b consecutive
   coordinates (where they tile the group), whose codeword index v is stored as the block's codes
-  (coordinate t gets bits t·b.. of v).
+  (coordinate t gets bits t·b.. of v); with ``codebook="vq"``, codebook version ≥ 2 and b = 5,
+  ``plane_codebook(d)`` (a scalar codebook too).
 - The QJL matrix is S = G·Π with G ~ N(0, 1)^{d×d} drawn from ``seeded_rng(seed, "qjl", d)``.
   S is then itself i.i.d. N(0, 1) (Π is orthogonal and independent of G), as the paper requires; the
   factorisation lets the fast path apply G to the residual in the rotated domain.
@@ -19,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .codebook import block_codebook, lloyd_max_codebook, split_bits, vq_block
+from .codebook import CODEBOOK_VERSION, PLANE_BITS, block_codebook, lloyd_max_codebook, plane_codebook, split_bits, \
+    vq_block
 from .rotation import seeded_rng
 
 __all__ = ["coordinate_codebooks", "qjl_gaussian", "quantize_mse", "dequantize_mse", "quantize_prod", "dequantize_prod"]
@@ -30,7 +32,8 @@ def qjl_gaussian(dim: int, seed: int) -> np.ndarray:
     return seeded_rng(seed, "qjl", dim).standard_normal((dim, dim))
 
 
-def coordinate_codebooks(dim: int, bits, codebook: str = "scalar") -> list[tuple[slice, int, np.ndarray]]:
+def coordinate_codebooks(dim: int, bits, codebook: str = "scalar",
+                         codebook_version: int = CODEBOOK_VERSION) -> list[tuple[slice, int, np.ndarray]]:
     """(coordinates, bits, codewords (levels, block)) triples: one codebook for whole `bits`; for
     fractional `bits`, the first coordinates use the (base + 1)-bit codebook and the rest the
     base-bit one (`split_bits`). Scalar codebooks have block 1 (codewords = centroids[:, None])."""
@@ -41,12 +44,15 @@ def coordinate_codebooks(dim: int, bits, codebook: str = "scalar") -> list[tuple
             block = vq_block(dim, b) if codebook == "vq" else 1
             if block > 1 and (s.stop - s.start) % block == 0:
                 out.append((s, b, block_codebook(dim, b).codewords))
+            elif codebook == "vq" and b == PLANE_BITS and codebook_version >= 2:
+                out.append((s, b, plane_codebook(dim, b).centroids[:, None]))
             else:
                 out.append((s, b, lloyd_max_codebook(dim, b).centroids[:, None]))
     return out
 
 
-def quantize_mse(x: np.ndarray, rotation: np.ndarray, bits, codebook: str = "scalar"):
+def quantize_mse(x: np.ndarray, rotation: np.ndarray, bits, codebook: str = "scalar",
+                 codebook_version: int = CODEBOOK_VERSION):
     """Algorithm 1, Quant_mse.
 
     Parameters
@@ -67,7 +73,7 @@ def quantize_mse(x: np.ndarray, rotation: np.ndarray, bits, codebook: str = "sca
     unit = x / np.where(norms > 0, norms, 1.0)[:, None]
     y = unit @ rotation.T                                            # y ← Π·x
     idx = np.zeros(y.shape, dtype=np.int64)
-    for cols, b, words in coordinate_codebooks(d, bits, codebook):
+    for cols, b, words in coordinate_codebooks(d, bits, codebook, codebook_version):
         block = words.shape[1]
         blocks = y[:, cols].reshape(len(y), -1, 1, block)
         word = np.argmin(np.sum((blocks - words) ** 2, axis=3), axis=2)  # v ← argmin_v ‖y_block − w_v‖
@@ -76,10 +82,10 @@ def quantize_mse(x: np.ndarray, rotation: np.ndarray, bits, codebook: str = "sca
 
 
 def dequantize_mse(idx: np.ndarray, norms: np.ndarray, rotation: np.ndarray, bits,
-                   codebook: str = "scalar") -> np.ndarray:
+                   codebook: str = "scalar", codebook_version: int = CODEBOOK_VERSION) -> np.ndarray:
     """Algorithm 1, DeQuant_mse: x̃ = ‖x‖ · Πᵀ·ỹ with ỹ_j = c_{idx_j} (a block: ỹ_block = w_v)."""
     y_tilde = np.zeros(idx.shape)
-    for cols, b, words in coordinate_codebooks(idx.shape[1], bits, codebook):
+    for cols, b, words in coordinate_codebooks(idx.shape[1], bits, codebook, codebook_version):
         block = words.shape[1]
         codes = idx[:, cols].reshape(len(idx), -1, block)
         word = np.sum(codes << (b * np.arange(block)), axis=2)

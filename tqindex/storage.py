@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .codebook import CODEBOOK_VERSION, effective_bits
+from .codebook import CODEBOOK_VERSIONS, effective_bits
 from .quantizer import SCALE_DTYPES, EncodedVectors, scale_dtype_name
 from .segment import Segment
 
@@ -222,9 +222,9 @@ def _read_manifest(path: Path) -> dict:
         raise IndexFormatError(f"checksum mismatch in manifest {manifest_path}: the file is corrupted")
     if body.get("format") != "tqindex" or not isinstance(version, int):
         raise IndexFormatError(f"manifest {manifest_path} is not a tqindex manifest")
-    if body["params"].get("codebook_version") != CODEBOOK_VERSION:
+    if body["params"].get("codebook_version") not in CODEBOOK_VERSIONS:
         raise IndexFormatError(f"manifest {manifest_path} uses codebook version "
-                               f"{body['params'].get('codebook_version')}, this tqindex has {CODEBOOK_VERSION}")
+                               f"{body['params'].get('codebook_version')}, this tqindex builds {CODEBOOK_VERSIONS}")
     return body
 
 
@@ -352,7 +352,7 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
                     # Indexes saved before scale_dtype existed stored float32 scales.
                     scale_dtype=params.get("scale_dtype", "float32"),
                     # ... and before codebook existed, the scalar codebook.
-                    codebook=params.get("codebook", "scalar"))
+                    codebook=params.get("codebook", "scalar"), codebook_version=params["codebook_version"])
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexFormatError(f"manifest {path / MANIFEST} has invalid parameters {params}: {exc}") from None
     q = index._quantizer

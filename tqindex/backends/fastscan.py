@@ -48,26 +48,39 @@ WIDE_BITS = 5
 
 
 def supports(quantizer: TurboQuantizer) -> bool:
-    # Groups are ordered widest first, so a 5-bit group, if any, is the first (the kernel's layout).
+    # Groups are ordered widest first, so a 5-bit group, if any, is the first (the kernel's layout);
+    # a bit-plane one is scanned as a 4-bit and a 1-bit part.
     return quantizer.variant == "mse" and bool(quantizer.groups) and \
-        all(g.bits <= 4 or (g.bits == WIDE_BITS and i == 0) for i, g in enumerate(quantizer.groups))
+        all(g.bits <= 4 or (g.bits == WIDE_BITS and (i == 0 or g.plane)) for i, g in enumerate(quantizer.groups))
 
 
-def _nibble_plan(quantizer: TurboQuantizer) -> list[tuple[int, int, int, int]]:
-    """(start, stop, bits, codes per nibble) for each code group."""
-    return [(g.start, g.stop, g.bits, 4 // g.bits if g.bits in (1, 2) else 1) for g in quantizer.groups]
+def _nibble_plan(quantizer: TurboQuantizer) -> list[tuple]:
+    """What the kernel scans, in nibble order: (start, stop, bits, codes per nibble, centroids
+    float32 (2**bits,), codewords float32 (16, per) or None, part) per code group. `part` picks the
+    values from the per-coordinate codes: None (the code), "high" (code >> 1) or "low" (code & 1).
+    A bit-plane group (`CodeGroup.plane`) gives two: its codes' high bits with the centroids
+    low[n] = centroids[2n], and their lowest bits as 1-bit codes with centroids (0, step)."""
+    plan = []
+    for g in quantizer.groups:
+        if g.plane:
+            plan.append((g.start, g.stop, g.bits - 1, 1, np.ascontiguousarray(g.centroids.numpy()[0::2]), None, "high"))
+            plan.append((g.start, g.stop, 1, 4, np.array([0.0, g.plane_step], np.float32), None, "low"))
+        else:
+            plan.append((g.start, g.stop, g.bits, 4 // g.bits if g.bits in (1, 2) else 1, g.centroids.numpy(),
+                         g.codewords.numpy() if g.block > 1 else None, None))
+    return plan
 
 
 def _wide_cols(quantizer: TurboQuantizer) -> int:
     """Columns of 5-bit codes (the first group's, its nibbles padded to a multiple of 8), or 0."""
     g = quantizer.groups[0]
-    return 4 * -(-(g.stop - g.start) // 8) if g.bits == WIDE_BITS else 0
+    return 4 * -(-(g.stop - g.start) // 8) if g.bits == WIDE_BITS and not g.plane else 0
 
 
 def _nibble_count(quantizer: TurboQuantizer) -> int:
     wide = 2 * _wide_cols(quantizer)
     return sum(wide if bits == WIDE_BITS else -(-(stop - start) // per)
-               for start, stop, bits, per in _nibble_plan(quantizer))
+               for start, stop, bits, per, *_ in _nibble_plan(quantizer))
 
 
 # Slot order (see _native.c): slot 8g + j of a block holds row 2j + 16·(g & 1) + (g >> 1).
@@ -94,8 +107,10 @@ def _nibbles(quantizer: TurboQuantizer, codes: np.ndarray) -> np.ndarray:
     n = idx.shape[0]
     nibbles, masks = [], []
     wide = 2 * _wide_cols(quantizer)
-    for start, stop, bits, per in _nibble_plan(quantizer):
+    for start, stop, bits, per, _, _, pick in _nibble_plan(quantizer):
         part = idx[:, start:stop]
+        if pick is not None:
+            part = part >> 1 if pick == "high" else part & 1
         width = wide if bits == WIDE_BITS else -(-(stop - start) // per) * per
         if width != part.shape[1]:
             part = np.concatenate([part, np.zeros((n, width - part.shape[1]), np.uint8)], axis=1)
@@ -178,8 +193,8 @@ def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
     luts = np.empty((nq, 2 * (ncols + wcols), 16), np.uint8)
     fluts = np.empty((nq, 2 * (ncols + wcols), 16), np.float32)
     delta, bias, tol, magnitude = (np.empty(nq, np.float32) for _ in range(4))
-    groups = [(start, stop, bits, per, g.centroids.numpy()) + ((g.codewords.numpy(),) if g.block > 1 else ())
-              for (start, stop, bits, per), g in zip(_nibble_plan(quantizer), quantizer.groups)]
+    groups = [(start, stop, bits, per, centroids) + (() if words is None else (words,))
+              for start, stop, bits, per, centroids, words, _ in _nibble_plan(quantizer)]
     native.parallel_ranges(nq, lambda a, b: native.kernels.tables(
         q[a:b], quantizer.dim, b - a, groups, ncols, luts[a:b], fluts[a:b], delta[a:b], bias[a:b], tol[a:b],
         magnitude[a:b], wcols), min_per_thread=64)
