@@ -36,7 +36,7 @@ def _all_scores(index: Index, queries: np.ndarray) -> np.ndarray:
 def _expected_kernel(index: Index, nq: int) -> str:
     q = index._quantizer
     whole = q.variant == "mse" and len(q.groups) == 1 and q.groups[0].bits in (1, 2, 4)
-    if whole and q.groups[0].block == 1 and nq >= gpu_backend.GEMM_MIN_BATCH and index.metric != "l2":
+    if whole and nq >= gpu_backend.GEMM_MIN_BATCH and index.metric != "l2":
         return "gemm"
     return "mma" if whole and nq >= gpu_backend.MMA_MIN_BATCH else "lut"
 
@@ -72,6 +72,20 @@ def test_gpu_equals_cpu(bits, variant, metric, d, budget):
             assert_topk_matches(res.ids, res.scores, ref[:nq], rtol=1e-4, higher_is_better=metric != "l2")
     if budget == "sampled":
         assert reruns > 0  # buffers of ~k·step slots overflow: the rerun path was taken
+
+
+@pytest.mark.parametrize("bits", [5, 4.48])
+@pytest.mark.parametrize("codebook,version", [("vq", 2), ("vq", 1), ("scalar", 2)])
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_gpu_equals_cpu_for_5_bit_codebooks(bits, codebook, version, metric):
+    """Bit-plane (vq, version 2) and Lloyd-Max 5-bit codes: the table kernel reads either codebook."""
+    x, cpu, gpu = _pair(97, bits, "mse", metric, n=3001, codebook=codebook, codebook_version=version)
+    assert gpu._quantizer.groups[0].plane == (codebook == "vq" and version == 2)
+    queries = np.random.default_rng(2).standard_normal((37, 97)).astype(np.float32)
+    ref = _all_scores(cpu, queries)
+    for nq, k in ((1, 10), (37, 100)):
+        res = gpu.search(queries[:nq], k)
+        assert_topk_matches(res.ids, res.scores, ref[:nq], rtol=1e-4, higher_is_better=metric != "l2")
 
 
 @pytest.mark.parametrize("variant,bits", [("mse", 2.52), ("prod", 3)])

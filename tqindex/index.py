@@ -92,8 +92,8 @@ class Index:
         less MSE (`tqindex.codebook.block_codebook`). Groups the blocks do not tile (odd length at
         2 bits, not a multiple of 4 at 1), dim < 8 and widths of 3 bits or more are scalar under both,
         except 5-bit codes: under "vq" they use the bit-plane codebook (`codebook.plane_codebook`),
-        scanned as 4-bit codes plus a plane of 1-bit ones (about 1.3x faster at 5 bits) for 17% more
-        MSE at those coordinates than Lloyd-Max's.
+        scanned as 4-bit codes plus a plane of 1-bit ones (1.5-1.7x the QPS at 5 bits in
+        `bench/bench_codebooks.py`) for 17% more MSE at those coordinates than Lloyd-Max's.
     codebook_version : int
         The codebook construction (`tqindex.CODEBOOK_VERSION`, the latest, by default); loading an
         index saved by an older tqindex passes its version, so that its codes keep their meaning.

@@ -5,8 +5,11 @@ How a search runs
 1. Each segment's mse codes are regrouped once into "nibbles" of 4 bits (one code of 3-4 bits, two
    of 2 bits or four of 1 bit) and stored in blocks of 32 vectors (the kernel's layout); the
    layout is cached on the segment. 5-bit codes (whole width 5, or the wider group of a width
-   between 4 and 5) keep their low 4 bits in a nibble and their 5th bits in mask columns; their
-   nibbles have 32-entry tables, and the kernel blends the two lookups by the mask.
+   between 4 and 5) with the bit-plane codebook (codebook="vq", `CodeGroup.plane`) are scanned as
+   two groups: their high 4 bits, one nibble each, and their lowest bits as 1-bit codes, four to a
+   nibble (level 2n + p is low[n] + p·step, so the two parts add). Lloyd-Max 5-bit codes keep their
+   low 4 bits in a nibble and their 5th bits in mask columns; their nibbles have 32-entry tables,
+   and the kernel blends the two lookups by the mask.
 2. Per query, nibble m gets a 16-entry float table L[m][v] = Σ_t (Πq)_j · c(code_t(v)), the exact
    contribution of every value the nibble can take; the tables are shifted per nibble and
    quantized to 0..127 with one step δ per query.
