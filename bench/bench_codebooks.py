@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
-from common import RESULTS, command_line, write_json
+from common import RESULTS, command_line, load_ip_dataset, write_json
 
 from tqindex import CODEBOOK_VERSION, Index
-from tqindex.data import load_dataset, recall_1_at_k, recall_at_k
+from tqindex.data import recall_1_at_k, recall_at_k
 
 CONFIGS = [("vq", CODEBOOK_VERSION), ("vq", 1), ("scalar", CODEBOOK_VERSION)]
 
@@ -36,12 +36,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    ds = load_dataset(args.dataset)
-    x = np.ascontiguousarray(np.asarray(ds.database()), dtype=np.float32)
-    q = np.ascontiguousarray(ds.queries(), dtype=np.float32)
-    if ds.metric == "cosine":
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    ds, x, q = load_ip_dataset(args.dataset)
     gt = ds.groundtruth(args.k)
     dim = x.shape[1]
     print(f"{ds.name}: n={len(x)} d={dim} queries={len(q)}", flush=True)

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from common import RESULTS, median_time, write_json
+from common import RESULTS, load_ip_dataset, median_time, write_json
 
 from tqindex import Index, bits_for_bytes
 from tqindex.codebook import VQ_BITS
@@ -284,14 +284,7 @@ def main() -> None:
         if not args.no_peers:
             raise SystemExit("faiss-cpu is not installed: pip install -e '.[bench]' (or pass --no-peers)")
 
-    ds = load_dataset(args.dataset)
-    x = np.ascontiguousarray(np.asarray(ds.database()), dtype=np.float32)
-    q = np.ascontiguousarray(ds.queries(), dtype=np.float32)
-    if ds.metric == "cosine":
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
-    elif ds.metric != "ip":
-        raise SystemExit(f"{ds.name}: metric {ds.metric!r}; this benchmark compares inner-product search")
+    ds, x, q = load_ip_dataset(args.dataset)
     gt_ids, gt_scores = ds.groundtruth(100), ds.groundtruth_scores(100)
     print(f"{ds.name}: n={len(x)} d={x.shape[1]} queries={len(q)} metric={ds.metric} threads={threads}", flush=True)
 

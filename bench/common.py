@@ -38,6 +38,21 @@ def environment() -> dict:
     return env
 
 
+def load_ip_dataset(name: str):
+    """(dataset, database, queries) as float32, for inner-product search: cosine datasets normalised
+    once up front (their inner products are then the cosines); other metrics are refused."""
+    from tqindex.data import load_dataset
+    ds = load_dataset(name)
+    x = np.ascontiguousarray(np.asarray(ds.database()), dtype=np.float32)
+    q = np.ascontiguousarray(ds.queries(), dtype=np.float32)
+    if ds.metric == "cosine":
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    elif ds.metric != "ip":
+        raise SystemExit(f"{ds.name}: metric {ds.metric!r}; this benchmark compares inner-product search")
+    return ds, x, q
+
+
 def median_time(fn, repeat: int) -> tuple[float, object]:
     """Median wall time of `repeat` calls (after one untimed warm-up call); returns (seconds, last result)."""
     result = fn()

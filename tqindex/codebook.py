@@ -127,15 +127,7 @@ def lloyd_max_codebook(dim: int, bits: int) -> Codebook:
     if not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
         raise ValueError(f"codebook bits must be an integer in 1..8, got {bits!r}")
     dim, bits = int(dim), int(bits)
-    x, g = _quadrature(dim)
-    # Trapezoid-rule cumulative mass and first moment at the grid points, interpolated linearly in
-    # between: the Lloyd map is then continuous in the cut points, so its iterations converge
-    # instead of cycling between grid points.
-    cum_w = np.concatenate([[0.0], np.cumsum((g[1:] + g[:-1]) / 2)])
-    gx = g * x
-    cum_wx = np.concatenate([[0.0], np.cumsum((gx[1:] + gx[:-1]) / 2)])
-    cum_wx /= cum_w[-1]
-    cum_w /= cum_w[-1]
+    x, g, cum_w, cum_wx = _cumulative(dim)
     levels = 1 << bits
 
     # Start from the centroids of equal-probability cells: close to optimal, so few iterations.
@@ -148,10 +140,27 @@ def lloyd_max_codebook(dim: int, bits: int) -> Codebook:
         centroids = updated
         if delta < _TOLERANCE:
             break
-    cuts = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, x)
-    sq_err = g * (x - centroids[cuts]) ** 2
-    mse = float(np.sum((sq_err[1:] + sq_err[:-1]) / 2) / np.sum((g[1:] + g[:-1]) / 2))
-    return Codebook(dim, bits, centroids, mse)
+    return Codebook(dim, bits, centroids, _mse(centroids, x, g))
+
+
+def _cumulative(dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The quadrature grid x, density g, and the normalised cumulative mass and first moment at x.
+
+    Trapezoid-rule sums at the grid points, interpolated linearly in between by the callers: the
+    Lloyd map is then continuous in the cut points, so its iterations converge instead of cycling
+    between grid points."""
+    x, g = _quadrature(dim)
+    cum_w = np.concatenate([[0.0], np.cumsum((g[1:] + g[:-1]) / 2)])
+    gx = g * x
+    cum_wx = np.concatenate([[0.0], np.cumsum((gx[1:] + gx[:-1]) / 2)])
+    return x, g, cum_w / cum_w[-1], cum_wx / cum_w[-1]
+
+
+def _mse(levels: np.ndarray, x: np.ndarray, g: np.ndarray) -> float:
+    """E[(x − nearest level)²] under the density g on the grid x (trapezoid rule)."""
+    cells = np.searchsorted((levels[1:] + levels[:-1]) / 2, x)
+    sq_err = g * (x - levels[cells]) ** 2
+    return float(np.sum((sq_err[1:] + sq_err[:-1]) / 2) / np.sum((g[1:] + g[:-1]) / 2))
 
 
 def _cell_means(cuts: np.ndarray, x: np.ndarray, cum_w: np.ndarray, cum_wx: np.ndarray) -> np.ndarray:
@@ -200,12 +209,7 @@ def plane_codebook(dim: int, bits: int = PLANE_BITS) -> PlaneCodebook:
         raise ValueError(f"plane codebook bits must be an integer in 2..8, got {bits!r}")
     start = lloyd_max_codebook(dim, int(bits))  # also checks dim
     dim, bits = int(dim), int(bits)
-    x, g = _quadrature(dim)
-    cum_w = np.concatenate([[0.0], np.cumsum((g[1:] + g[:-1]) / 2)])
-    gx = g * x
-    cum_wx = np.concatenate([[0.0], np.cumsum((gx[1:] + gx[:-1]) / 2)])
-    cum_wx /= cum_w[-1]
-    cum_w /= cum_w[-1]
+    x, g, cum_w, cum_wx = _cumulative(dim)
     low, step = start.centroids[0::2].copy(), float(np.mean(np.diff(start.centroids)[0::2]))
     for _ in range(_MAX_ITERATIONS):
         levels = (low[:, None] + np.array([0.0, step])).reshape(-1)
@@ -227,11 +231,7 @@ def plane_codebook(dim: int, bits: int = PLANE_BITS) -> PlaneCodebook:
         low, step = new_low, new_step
         if delta < _TOLERANCE:
             break
-    levels = (low[:, None] + np.array([0.0, step])).reshape(-1)
-    cells = np.searchsorted((levels[1:] + levels[:-1]) / 2, x)
-    sq_err = g * (x - levels[cells]) ** 2
-    mse = float(np.sum((sq_err[1:] + sq_err[:-1]) / 2) / np.sum((g[1:] + g[:-1]) / 2))
-    return PlaneCodebook(dim, bits, low, step, mse)
+    return PlaneCodebook(dim, bits, low, step, _mse((low[:, None] + np.array([0.0, step])).reshape(-1), x, g))
 
 
 # -- block (vector) codebooks -------------------------------------------------------------------
