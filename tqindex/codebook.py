@@ -163,10 +163,17 @@ def _mse(levels: np.ndarray, x: np.ndarray, g: np.ndarray) -> float:
     return float(np.sum((sq_err[1:] + sq_err[:-1]) / 2) / np.sum((g[1:] + g[:-1]) / 2))
 
 
-def _cell_means(cuts: np.ndarray, x: np.ndarray, cum_w: np.ndarray, cum_wx: np.ndarray) -> np.ndarray:
-    """Conditional means E[x | cell] of the cells split at the ascending points `cuts`."""
+def _cell_mass_moment(cuts: np.ndarray, x: np.ndarray, cum_w: np.ndarray,
+                      cum_wx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Probability mass and first moment of the cells split at the ascending points `cuts`."""
     mass = np.diff(np.concatenate([[0.0], np.interp(cuts, x, cum_w), [1.0]]))
     moment = np.diff(np.concatenate([[0.0], np.interp(cuts, x, cum_wx), [cum_wx[-1]]]))
+    return mass, moment
+
+
+def _cell_means(cuts: np.ndarray, x: np.ndarray, cum_w: np.ndarray, cum_wx: np.ndarray) -> np.ndarray:
+    """Conditional means E[x | cell] of the cells split at the ascending points `cuts`."""
+    mass, moment = _cell_mass_moment(cuts, x, cum_w, cum_wx)
     return moment / np.maximum(mass, 1e-300)
 
 
@@ -188,11 +195,15 @@ class PlaneCodebook(Codebook):
     __slots__ = ("low", "step")
 
     def __init__(self, dim: int, bits: int, low: np.ndarray, step: float, mse: float):
-        centroids = (np.asarray(low, dtype=np.float64)[:, None] + np.array([0.0, step])).reshape(-1)
-        super().__init__(dim, bits, centroids, mse)
+        super().__init__(dim, bits, _plane_levels(np.asarray(low, dtype=np.float64), step), mse)
         self.low = np.asarray(low, dtype=np.float64)
         self.low.setflags(write=False)
         self.step = float(step)
+
+
+def _plane_levels(low: np.ndarray, step: float) -> np.ndarray:
+    """Levels 2n + p = low[n] + p · step, ascending when step is below every gap of `low`."""
+    return (low[:, None] + np.array([0.0, step])).reshape(-1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,10 +223,8 @@ def plane_codebook(dim: int, bits: int = PLANE_BITS) -> PlaneCodebook:
     x, g, cum_w, cum_wx = _cumulative(dim)
     low, step = start.centroids[0::2].copy(), float(np.mean(np.diff(start.centroids)[0::2]))
     for _ in range(_MAX_ITERATIONS):
-        levels = (low[:, None] + np.array([0.0, step])).reshape(-1)
-        cuts = np.interp((levels[1:] + levels[:-1]) / 2, x, cum_w), np.interp((levels[1:] + levels[:-1]) / 2, x, cum_wx)
-        mass = np.diff(np.concatenate([[0.0], cuts[0], [1.0]]))
-        moment = np.diff(np.concatenate([[0.0], cuts[1], [cum_wx[-1]]]))
+        levels = _plane_levels(low, step)
+        mass, moment = _cell_mass_moment((levels[1:] + levels[:-1]) / 2, x, cum_w, cum_wx)
         m0, m1 = mass[0::2], mass[1::2]
         s = moment[0::2] + moment[1::2]
         # The (low, step) minimising Σ_n Σ_p ∫_cell (x − low_n − p·step)² for these cells, from the
@@ -224,14 +233,14 @@ def plane_codebook(dim: int, bits: int = PLANE_BITS) -> PlaneCodebook:
         new_step = float((np.sum(moment[1::2]) - np.sum(m1 * s / m)) / max(np.sum(m1) - np.sum(m1 * m1 / m), 1e-300))
         new_low = (s - m1 * new_step) / m
         # Symmetric density, symmetric optimum: level v mirrors level 2^bits − 1 − v.
-        levels = (new_low[:, None] + np.array([0.0, new_step])).reshape(-1)
+        levels = _plane_levels(new_low, new_step)
         levels = (levels - levels[::-1]) / 2
         new_low, new_step = levels[0::2], float(np.mean(levels[1::2] - levels[0::2]))
         delta = max(np.max(np.abs(new_low - low)), abs(new_step - step))
         low, step = new_low, new_step
         if delta < _TOLERANCE:
             break
-    return PlaneCodebook(dim, bits, low, step, _mse((low[:, None] + np.array([0.0, step])).reshape(-1), x, g))
+    return PlaneCodebook(dim, bits, low, step, _mse(_plane_levels(low, step), x, g))
 
 
 # -- block (vector) codebooks -------------------------------------------------------------------

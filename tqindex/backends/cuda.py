@@ -305,8 +305,7 @@ class GpuScanner:
     def path_for(self, nq: int) -> str:
         """The kernel for a batch of nq queries: the table scan for few queries; for whole-bit mse
         codes (1, 2, 4 bits) the fused tensor-core scan from MMA_MIN_BATCH queries, and from
-        GEMM_MIN_BATCH on (ip/cosine) fp16 dequantization of row blocks + a
-        cuBLAS GEMM."""
+        GEMM_MIN_BATCH on (ip/cosine) fp16 dequantization of row blocks + a cuBLAS GEMM."""
         if self.force is not None:
             ok = {"lut": True, "mma": bool(self.mma_bits), "gemm": self.gemm_ok}
             if not ok[self.force]:
