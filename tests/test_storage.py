@@ -353,37 +353,48 @@ def _check_state(path: Path, committed: int) -> int:
     return batches
 
 
+def _crash_plan(kills: int) -> list[tuple[int, str]]:
+    """(save number, phase) of each kill: every phase in turn, at the child's 1st, 2nd or 3rd save,
+    so most children commit once or twice before they die."""
+    phases = crash_worker.PHASES
+    return [(1 + (i // len(phases)) % 3, phases[i % len(phases)]) for i in range(kills)]
+
+
 def test_crash_safety_under_sigkill(tmp_path):
+    """SIGKILL a committing writer at chosen points of its commit; the directory must always load as
+    the last or the next committed state. Each kill lands where the child stopped itself (SIGSTOP
+    at a phase of its save), so which kills land mid-commit does not depend on machine speed."""
     path = tmp_path / "ix"
     server = subprocess.Popen([sys.executable, str(HERE / "crash_worker.py"), str(path)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, bufsize=1)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(l.strip()) for l in server.stdout], daemon=True).start()
     assert lines.get(timeout=120) == "ready"
-    rng = np.random.default_rng(0)
-    committed, kills, mid_run_kills = 0, 0, 0
+    plan = _crash_plan(63)
+    committed, stopped_at = 0, []
     try:
-        while kills < 60:
-            server.stdin.write("go\n")
+        for target, phase in plan:
+            server.stdin.write(f"go {target} {phase}\n")
             server.stdin.flush()
-            line = lines.get(timeout=60)
+            line = lines.get(timeout=120)
             assert line.startswith("pid "), line
             pid = int(line.split()[1])
-            # Most kills land while the child is committing in a loop; some during its start-up.
-            time.sleep(rng.uniform(0.0, 0.25) if kills % 4 else rng.uniform(0.0, 0.02))
-            os.kill(pid, signal.SIGKILL)
-            kills += 1
-            seen_commit = False
-            while (line := lines.get(timeout=60)) != "dead":
+            while not (line := lines.get(timeout=120)).startswith("stop "):
                 assert line.startswith("commit "), line
                 committed = int(line.split()[1])
-                seen_commit = True
-            mid_run_kills += seen_commit
+            stopped_at.append(line.split()[1])
+            os.kill(pid, signal.SIGKILL)
+            assert lines.get(timeout=120) == "dead"
             committed = _check_state(path, committed)
     finally:
         server.stdin.close()
         server.wait(timeout=60)
-    assert kills >= 50 and mid_run_kills >= 20 and committed >= 20
+    # Where a phase is not on a save's path (nothing to collect), the child stops when save() returns.
+    for (_, phase), where in zip(plan, stopped_at):
+        assert where == phase or (phase == "gc" and where == "returned"), (phase, where)
+    mid_commit = sum(where in crash_worker.MID_COMMIT for where in stopped_at)
+    planned = sum(phase in crash_worker.MID_COMMIT and phase != "gc" for _, phase in plan)
+    assert planned == 36 and mid_commit >= planned and committed >= 40, (mid_commit, committed)
 
 
 def test_center_round_trips(tmp_path):

@@ -245,10 +245,14 @@ def _collect_garbage(path: Path, body: dict) -> None:
                 keep.add(entry[part]["name"])
     for file in (path / SHARDS).iterdir():
         if file.name not in keep:
-            try:
-                file.unlink()
-            except FileNotFoundError:
-                pass
+            _unlink_quietly(file)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 # -- save ---------------------------------------------------------------------------------------
