@@ -21,8 +21,8 @@ import numpy as np
 
 from common import RESULTS, command_line, load_ip_dataset, write_json
 
-from tqindex import CODEBOOK_VERSION, Index
-from tqindex.data import recall_1_at_k, recall_at_k
+from tqindex import CODEBOOK_VERSION, Index, QuantizerOptions
+from tqindex.datasets import recall_1_at_k, recall_at_k
 
 CONFIGS = [("vq", CODEBOOK_VERSION), ("vq", 1), ("scalar", CODEBOOK_VERSION)]
 
@@ -45,7 +45,8 @@ def main() -> None:
     for bits in args.bits:
         seen = set()
         for codebook, version in CONFIGS:
-            index = Index(dim=dim, bits=bits, codebook=codebook, codebook_version=version, seed=args.seed)
+            index = Index(dim=dim, bits=bits, seed=args.seed,
+                          options=QuantizerOptions(codebook=codebook, codebook_version=version))
             # Configurations whose codebooks coincide at this width (e.g. no 5-bit group) are one row.
             key = tuple(g.centroids.numpy().tobytes() + (g.codewords.numpy().tobytes()) for g in index._quantizer.groups)
             if key in seen:

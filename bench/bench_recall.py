@@ -36,7 +36,7 @@ from common import RESULTS, load_ip_dataset, median_time, write_json
 
 from tqindex import Index, bits_for_bytes
 from tqindex.codebook import VQ_BITS
-from tqindex.data import load_dataset, recall_1_at_k, recall_at_k
+from tqindex.datasets import load_dataset, recall_1_at_k, recall_at_k
 
 K_CURVE = [1, 2, 4, 8, 16, 32, 64]
 

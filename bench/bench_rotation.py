@@ -27,7 +27,7 @@ def inputs(d: int, n: int, dataset: str | None):
     out = {"random unit": x / np.linalg.norm(x, axis=1, keepdims=True),
            "one-hot": np.eye(d)[rng.integers(0, d, n)]}
     if dataset:
-        from tqindex.data import load_dataset
+        from tqindex.datasets import load_dataset
         db = np.asarray(load_dataset(dataset).database()[:n], dtype=np.float64)
         if db.shape[1] == d:
             out["embeddings"] = db / np.linalg.norm(db, axis=1, keepdims=True)

@@ -26,7 +26,6 @@ from tqindex import Index
 
 LOAD_PROBE = r"""
 import json, sys, time
-sys.path.insert(0, {root!r})
 import numpy as np
 from tqindex import Index
 def rss_kb():  # current resident set (not the peak, which imports already set)
@@ -54,7 +53,6 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to write the index (default: a temporary folder)")
     args = parser.parse_args()
 
-    root = Path(__file__).resolve().parent.parent
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="tqindex-bench-"))
     path = workdir / "index"
     rng = np.random.default_rng(0)
@@ -81,7 +79,7 @@ def main() -> None:
     expected = payload + per_vector_meta
     loads = {}
     for mmap, verify in [(True, False), (True, True), (False, True)]:
-        code = LOAD_PROBE.format(root=str(root), path=str(path), mmap=mmap, verify=verify, dim=args.dim)
+        code = LOAD_PROBE.format(path=str(path), mmap=mmap, verify=verify, dim=args.dim)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         loads[f"mmap={mmap},verify={verify}"] = json.loads(out.stdout.strip().splitlines()[-1])
 

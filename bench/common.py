@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 
 def command_line() -> str:
@@ -41,7 +40,7 @@ def environment() -> dict:
 def load_ip_dataset(name: str):
     """(dataset, database, queries) as float32, for inner-product search: cosine datasets normalised
     once up front (their inner products are then the cosines); other metrics are refused."""
-    from tqindex.data import load_dataset
+    from tqindex.datasets import load_dataset
     ds = load_dataset(name)
     x = np.ascontiguousarray(np.asarray(ds.database()), dtype=np.float32)
     q = np.ascontiguousarray(ds.queries(), dtype=np.float32)

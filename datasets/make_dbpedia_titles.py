@@ -4,12 +4,8 @@
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tqindex import dbpedia  # noqa: E402
+from tqindex.datasets import dbpedia
 
 
 def main() -> None:

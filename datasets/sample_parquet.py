@@ -6,14 +6,10 @@ As in the paper: n database vectors and distinct queries drawn without replaceme
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tqindex.data import read_parquet_embeddings, write_ann_benchmarks  # noqa: E402
+from tqindex.datasets import read_parquet_embeddings, write_ann_benchmarks
 
 
 def main() -> None:

@@ -16,8 +16,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tqindex import Index, storage  # noqa: E402
+from tqindex import Index, storage
 
 DIM, BITS, BATCH = 16, 3, 37
 PARAMS = dict(dim=DIM, bits=BITS, variant="mse", metric="ip", seed=11, keep_vectors=True)

@@ -4,7 +4,7 @@ import numpy as np
 
 from tqindex import Index
 from tqindex.cli import main
-from tqindex.data import write_ann_benchmarks
+from tqindex.datasets import write_ann_benchmarks
 
 
 def test_bench_on_a_small_file(tmp_path, capsys):

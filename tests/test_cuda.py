@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from tqindex import Index
+from tqindex import Index, QuantizerOptions
 from tqindex.backends import cuda as gpu_backend
+from tqindex.backends.cuda import scanner as gpu_scanner
 
 from conftest import assert_topk_matches
 
@@ -47,8 +48,8 @@ def budget(request, monkeypatch):
     buffers overflow and are rerun; 'dense' lets every row be emitted."""
     if request.param == "sampled":
         monkeypatch.setattr(gpu_backend.GpuScanner, "_budget_entries", staticmethod(lambda device: 2000))
-        monkeypatch.setattr(gpu_backend, "_CAP_FACTOR", 1)
-        monkeypatch.setattr(gpu_backend, "_CAP_SLACK", 0)
+        monkeypatch.setattr(gpu_scanner, "_CAP_FACTOR", 1)
+        monkeypatch.setattr(gpu_scanner, "_CAP_SLACK", 0)
     return request.param
 
 
@@ -66,9 +67,10 @@ def test_gpu_equals_cpu(bits, variant, metric, d, budget):
     for nq in (1, 5, 37):
         for k in (1, 10, 1024):
             res = gpu.search(queries[:nq], k)
-            assert gpu_backend.last_stats["kernel"] == _expected_kernel(gpu, nq)
-            assert gpu_backend.last_stats["sampled"] == (budget == "sampled")
-            reruns += gpu_backend.last_stats["overflow_reruns"]
+            stats = gpu._backend("cuda").last_stats
+            assert stats["kernel"] == _expected_kernel(gpu, nq)
+            assert stats["sampled"] == (budget == "sampled")
+            reruns += stats["overflow_reruns"]
             assert_topk_matches(res.ids, res.scores, ref[:nq], rtol=1e-4, higher_is_better=metric != "l2")
     if budget == "sampled":
         assert reruns > 0  # buffers of ~k·step slots overflow: the rerun path was taken
@@ -79,7 +81,8 @@ def test_gpu_equals_cpu(bits, variant, metric, d, budget):
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_gpu_equals_cpu_for_5_bit_codebooks(bits, codebook, version, metric):
     """Bit-plane (vq, version 2) and Lloyd-Max 5-bit codes: the table kernel reads either codebook."""
-    x, cpu, gpu = _pair(97, bits, "mse", metric, n=3001, codebook=codebook, codebook_version=version)
+    x, cpu, gpu = _pair(97, bits, "mse", metric, n=3001,
+                        options=QuantizerOptions(codebook=codebook, codebook_version=version))
     assert gpu._quantizer.groups[0].plane == (codebook == "vq" and version == 2)
     queries = np.random.default_rng(2).standard_normal((37, 97)).astype(np.float32)
     ref = _all_scores(cpu, queries)
@@ -108,32 +111,33 @@ def test_each_path_equals_cpu(path, bits, metric, d, codebook, budget, monkeypat
         pytest.skip("the GEMM path serves ip and cosine")
     if codebook == "scalar" and (bits == 4 or d == 97):
         pytest.skip("the same codes as codebook='vq' (no block codebook at this width or odd group)")
-    monkeypatch.setattr(gpu_backend.GpuScanner, "force", path)
     x, cpu, gpu = _pair(d, bits, "mse", metric, n=5003, codebook=codebook)
+    gpu._backend("cuda").force = path
     queries = np.random.default_rng(7).standard_normal((150, d)).astype(np.float32)
     ref = _all_scores(cpu, queries)
     for nq, k in ((1, 10), (9, 1), (150, 10), (150, 700)):
         res = gpu.search(queries[:nq], k)
-        assert gpu_backend.last_stats["kernel"] == path
+        assert gpu._backend("cuda").last_stats["kernel"] == path
         assert_topk_matches(res.ids, res.scores, ref[:nq], rtol=1e-4, higher_is_better=metric != "l2")
 
 
 @pytest.mark.parametrize("path", ["mma", "gemm"])
 def test_tensor_core_certificate_mostly_holds_and_its_fallback_is_exact(path, monkeypatch):
-    monkeypatch.setattr(gpu_backend.GpuScanner, "force", path)
     x, cpu, gpu = _pair(384, 4, "mse", "ip", n=20_011)
+    scanner = gpu._backend("cuda")
+    scanner.force = path
     queries = np.random.default_rng(5).standard_normal((300, 384)).astype(np.float32)
     ref = _all_scores(cpu, queries[:40])
     res = gpu.search(queries, 10)
-    assert gpu_backend.last_stats["kernel"] == path
-    assert gpu_backend.last_stats["uncertified"] <= 3  # the bound is ~1e-3 of a score: rarely binding
+    assert scanner.last_stats["kernel"] == path
+    assert scanner.last_stats["uncertified"] <= 3  # the bound is ~1e-3 of a score: rarely binding
     assert_topk_matches(res.ids[:40], res.scores[:40], ref, rtol=1e-4)
     # An error bound so large that no answer can be certified: every query must take the exact rerun.
     real = gpu_backend.GpuScanner._mma_error_bound
     monkeypatch.setattr(gpu_backend.GpuScanner, "_mma_error_bound",
                         lambda self, rotated, parts, **kw: real(self, rotated, parts, **kw) * 1e4)
     res = gpu.search(queries[:40], 10)
-    assert gpu_backend.last_stats["uncertified"] == 40
+    assert scanner.last_stats["uncertified"] == 40
     assert_topk_matches(res.ids, res.scores, ref, rtol=1e-4)
 
 

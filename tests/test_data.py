@@ -3,7 +3,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tqindex.data import (AnnBenchmarksDataset, ArrayDataset, exact_knn, load_dataset, read_bin,
+from tqindex.datasets import (AnnBenchmarksDataset, ArrayDataset, exact_knn, load_dataset, read_bin,
                           read_parquet_embeddings, read_vecs, recall_1_at_k, recall_at_k, write_ann_benchmarks,
                           write_bin, write_vecs)
 

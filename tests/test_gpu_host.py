@@ -12,7 +12,8 @@ import torch
 
 from tqindex import Index
 from tqindex.backends import cuda as gpu_backend
-from tqindex.backends.cuda import GpuScanner, kernel_dir, regions
+from tqindex.backends.cuda import GpuScanner, kernel_source, regions
+from tqindex.backends.cuda import scanner as gpu_scanner
 
 from conftest import assert_topk_matches
 
@@ -103,15 +104,16 @@ def _index_and_reference(d, bits, variant, metric, nq=12, codebook="vq"):
     return index, queries, ref
 
 
-def _gpu_search(index, queries, k):
+def _gpu_search(index, queries, k, path=None):
+    """(ids, scores, the scanner's stats) of a GpuScanner search on the CPU, `path` forced."""
     scanner = GpuScanner(index._quantizer, index.metric)
+    scanner.force = path
     q = torch.from_numpy(queries)
     rotated, projected = index._quantizer.prepare_queries(q)
     scores, positions = scanner.search(index._segments, rotated, projected, q.square().sum(1), k)
-    ids = index._ids_array()[positions.numpy()]
-    ids[positions.numpy() < 0] = -1
+    ids = index._ids.ids_at(positions.numpy())
     sign = -1 if index.metric == "l2" else 1
-    return ids, sign * scores.numpy()
+    return ids, sign * scores.numpy(), scanner.last_stats
 
 
 # d = 97 leaves 1- and 2-bit groups of odd length scalar under codebook="vq"; d = 96 gives them
@@ -126,33 +128,31 @@ def _gpu_search(index, queries, k):
     ("mse", 2, "ip", "gemm", 96, "scalar")])
 @pytest.mark.parametrize("sampled", [False, True])
 def test_host_pipeline_equals_cpu_scan(fake_kernels, monkeypatch, variant, bits, metric, path, d, codebook, sampled):
-    monkeypatch.setattr(GpuScanner, "force", path)
     if sampled:  # thresholds from a row sample, tiny buffers that overflow and are rerun
         monkeypatch.setattr(GpuScanner, "_budget_entries", staticmethod(lambda device: 2000))
-        monkeypatch.setattr(gpu_backend, "_CAP_FACTOR", 1)
-        monkeypatch.setattr(gpu_backend, "_CAP_SLACK", 0)
+        monkeypatch.setattr(gpu_scanner, "_CAP_FACTOR", 1)
+        monkeypatch.setattr(gpu_scanner, "_CAP_SLACK", 0)
     index, queries, ref = _index_and_reference(d, bits, variant, metric, codebook=codebook)
     assert any(g.block > 1 for g in index._quantizer.groups) == (d == 96 and codebook == "vq")
     reruns = 0
     for nq, k in ((1, 1), (12, 10), (12, 300), (3, 2700)):  # 2700: more than the live rows
-        ids, scores = _gpu_search(index, queries[:nq], k)
-        assert gpu_backend.last_stats["kernel"] == path
-        reruns += gpu_backend.last_stats["overflow_reruns"]
+        ids, scores, stats = _gpu_search(index, queries[:nq], k, path)
+        assert stats["kernel"] == path
+        reruns += stats["overflow_reruns"]
         live = len(index)
         assert (ids[:, min(k, live):] == -1).all()
         assert_topk_matches(ids[:, :min(k, live)], scores[:, :min(k, live)], ref[:nq],
                             higher_is_better=metric != "l2")
     if sampled and path != "gemm":
-        assert gpu_backend.last_stats["sampled"] and reruns > 0
+        assert stats["sampled"] and reruns > 0
 
 
 def test_failed_certificates_fall_back_to_the_exact_scan(fake_kernels, monkeypatch):
-    monkeypatch.setattr(GpuScanner, "force", "mma")
     index, queries, ref = _index_and_reference(97, 4, "mse", "ip")
     real = GpuScanner._mma_error_bound
     monkeypatch.setattr(GpuScanner, "_mma_error_bound", lambda self, *a, **kw: real(self, *a, **kw) * 1e4)
-    ids, scores = _gpu_search(index, queries, 10)
-    assert gpu_backend.last_stats["uncertified"] == len(queries)
+    ids, scores, stats = _gpu_search(index, queries, 10, "mma")
+    assert stats["uncertified"] == len(queries)
     assert_topk_matches(ids, scores, ref)
 
 
@@ -177,7 +177,8 @@ def test_error_bound_covers_fp16_rounding():
 
 
 def test_layout_and_kernel_source():
-    assert (kernel_dir() / "tq_scan.cu").is_file()
+    source = kernel_source()  # found through importlib.resources (package data), not a path guess
+    assert all(f" {name}(" in source for name in ("tq_lut_scan", "tq_mma_scan", "tq_dequant"))
     for d, bits, variant in ((97, 3, "mse"), (1536, 4, "mse"), (1000, 2.52, "mse"), (130, 3, "prod"), (64, 1, "prod")):
         q = Index(dim=d, bits=bits, variant=variant)._quantizer
         regs = regions(q)
@@ -191,7 +192,6 @@ def test_layout_and_kernel_source():
 @pytest.mark.parametrize("path,codebook", [("lut", "vq"), ("mma", "vq"), ("lut", "scalar"), ("mma", "scalar"),
                                            ("gemm", "vq"), ("gemm", "scalar")])
 def test_removed_segments_zero_vectors_and_short_indexes(fake_kernels, monkeypatch, path, codebook):
-    monkeypatch.setattr(GpuScanner, "force", path)
     rng = np.random.default_rng(3)
     index = Index(dim=40, bits=2, metric="ip", codebook=codebook)
     index.add(rng.standard_normal((50, 40)).astype(np.float32))
@@ -199,7 +199,7 @@ def test_removed_segments_zero_vectors_and_short_indexes(fake_kernels, monkeypat
     index.add(np.zeros((3, 40), dtype=np.float32))   # scale 0: every score 0
     index.add(rng.standard_normal((4, 40)).astype(np.float32))
     queries = rng.standard_normal((9, 40)).astype(np.float32)
-    ids, scores = _gpu_search(index, queries, 20)
+    ids, scores, _ = _gpu_search(index, queries, 20, path)
     ref = index.search(queries, 20)                  # the CPU scan
     np.testing.assert_array_equal(ids[:, 7:], -1)
     np.testing.assert_allclose(scores, ref.scores, rtol=1e-4, atol=1e-6)

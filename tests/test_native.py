@@ -13,9 +13,9 @@ import torch
 
 from tqindex import Index, native
 from tqindex.backends import fastscan
-from tqindex.backends.cpu import BlockDecoder, scan_topk
+from tqindex.backends.torch_scan import BlockDecoder, scan_topk
 from tqindex.packing import pack_codes, unpack_codes
-from tqindex.quantizer import TurboQuantizer, _nearest_codes
+from tqindex.quantizer import TurboQuantizer
 
 from conftest import assert_topk_matches, clustered
 
@@ -86,7 +86,7 @@ def test_native_block_encode_on_ties(bits):
     near = [w[5], w[3], w[5] + 1e-4, w[3] - 1e-4, w[7], torch.zeros(g.block)]
     y = torch.stack([torch.cat([near[i] for i in torch.randint(len(near), (32 // g.block,), generator=gen)])
                      for _ in range(40)])
-    expected = pack_codes(_nearest_codes(y, g).to(torch.uint8), bits).numpy()
+    expected = pack_codes(g.nearest(y).to(torch.uint8), bits).numpy()
     codes = np.zeros_like(expected)
     alignment = np.zeros(40, np.float32)
     native.kernels.encode(y.numpy(), 32, 40, [(0, 32, bits, 0, g.boundaries.numpy(), g.centroids.numpy(), g.block,
@@ -105,7 +105,7 @@ def test_native_block_encode_on_ties(bits):
 def test_native_encode_on_boundaries(bits):
     # Values exactly on a decision boundary go to the lower cell (torch.bucketize's rule), and
     # values beyond the outer centroids to the end cells.
-    q = TurboQuantizer(dim=16, bits=bits)
+    q = TurboQuantizer(dim=16, bits=bits, codebook="scalar")
     (g,) = q.groups
     values = torch.cat([g.boundaries, g.centroids, torch.tensor([-1.0, 1.0, 0.0, -0.0])])
     y = values[torch.randint(len(values), (64, 16), generator=torch.Generator().manual_seed(bits))]
@@ -121,7 +121,7 @@ def test_native_encode_on_boundaries(bits):
 
 @needs_native
 def test_native_encode_rejects_bad_buffers():
-    g = TurboQuantizer(dim=8, bits=2).groups[0]
+    g = TurboQuantizer(dim=8, bits=2, codebook="scalar").groups[0]
     spec = [(0, 8, 2, 0, g.boundaries.numpy(), g.centroids.numpy())]
     y = np.zeros((4, 8), np.float32)
     with pytest.raises(ValueError, match="y"):
@@ -143,7 +143,7 @@ def _oracle_tables(quantizer, q):
         if g.plane:  # c[2n + p] = c[2n] + p·step: the high bits' 4-bit tables, then the low bits as 1-bit codes
             low = g.centroids.numpy()[0::2].astype(np.float64)
             tables += [[q[j] * low[v] for v in range(16)] for j in range(g.start, g.stop)]
-            tables += [[sum(q[jj] * g.plane_step * ((v >> t) & 1) for t, jj in enumerate(range(j, min(j + 4, g.stop))))
+            tables += [[sum(q[jj] * g.kind.step * ((v >> t) & 1) for t, jj in enumerate(range(j, min(j + 4, g.stop))))
                         for v in range(16)] for j in range(g.start, g.stop, 4)]
             continue
         per = 4 // g.bits if g.bits in (1, 2) else 1
@@ -239,8 +239,9 @@ def test_fast_scan_equals_torch_scan(metric, bits, d):
             assert_topk_matches(pos.numpy(), scores.numpy(), ref, rtol=2e-5)
             assert not np.isin(pos.numpy(), np.arange(0, 3001, 7)).any(), "a deleted row was returned"
     # The uint8 pass must actually prune: exact sums for a small share of the rows only.
-    fastscan.scan_topk_fast(index._quantizer, index._segments, rotated[:20], sq[:20], 10, metric)
-    assert fastscan.last_stats["exact_per_query"] < 0.25 * len(x)
+    stats = {}
+    fastscan.scan_topk_fast(index._quantizer, index._segments, rotated[:20], sq[:20], 10, metric, stats=stats)
+    assert stats["queries"] == 20 and stats["exact_per_query"] < 0.25 * len(x)
 
 
 @needs_avx2
@@ -272,12 +273,13 @@ def test_index_search_uses_fast_scan_and_matches_torch(monkeypatch):
     x, _ = clustered(rng, 5000, 64, clusters=100)
     index = Index(dim=64, bits=4, keep_vectors=True)
     index.add(x)
+    scanner = index._backend("fastscan")
     fast = index.search(x[:50], 10, rerank=2)
-    assert fastscan.last_stats["queries"] == 50
+    assert index._scanner() is scanner and scanner.last_stats["queries"] == 50
     monkeypatch.setenv("TQINDEX_NATIVE", "0")
-    fastscan.last_stats["queries"] = 0
+    scanner.last_stats = {}
     slow = index.search(x[:50], 10, rerank=2)
-    assert fastscan.last_stats["queries"] == 0
+    assert index._scanner().name == "torch" and scanner.last_stats == {}
     np.testing.assert_array_equal(fast.ids, slow.ids)
     np.testing.assert_allclose(fast.scores, slow.scores, rtol=1e-5)
 
@@ -293,15 +295,24 @@ def test_fast_scan_handles_empty_and_tiny_segments():
     assert (result.ids[:, 2:] == -1).all() and np.isinf(result.scores[:, 2:]).all()
 
 
-def test_torch_only_environment_turns_kernels_off(torch_only):
+def test_torch_only_environment_turns_kernels_off(torch_only, monkeypatch):
     assert not native.enabled() and not fastscan.available()
-    assert os.environ["TQINDEX_NATIVE"] == "0"
+
+    class Untouchable:  # any use of the compiled kernels fails the test
+        def __getattr__(self, name):
+            raise AssertionError(f"native kernel {name} called with TQINDEX_NATIVE=0")
+
+    monkeypatch.setattr(native, "kernels", Untouchable())
+    index = Index(dim=32, bits=2)
+    index.add(np.random.default_rng(0).standard_normal((200, 32)).astype(np.float32))
+    assert index._scanner().name == "torch"
+    assert index.search(np.ones(32, np.float32), 5).ids.shape == (5,)
 
 
 @needs_native
 def test_fast_scan_covers_codes_up_to_5_bits():
     def quantizer(bits, variant="mse"):
-        return TurboQuantizer(dim=40, bits=bits, variant=variant)
+        return TurboQuantizer(dim=40, bits=bits, variant=variant, codebook="scalar")  # 5 bits: the masked layout
 
     assert all(fastscan.supports(quantizer(b)) for b in (1, 2.5, 4, 4.33, 5))
     assert not fastscan.supports(quantizer(5.5))        # a 6-bit group

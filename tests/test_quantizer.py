@@ -15,7 +15,7 @@ PAPER_MSE = {1: 0.3634, 2: 0.1175, 3: 0.0345, 4: 0.0095}
 def test_mse_distortion_matches_paper(bits):
     d, n = 1536, 400
     x = unit_rows(np.random.default_rng(bits), n, d).astype(np.float32)
-    q = TurboQuantizer(dim=d, bits=bits, variant="mse", seed=1)
+    q = TurboQuantizer(dim=d, bits=bits, variant="mse", seed=1, codebook="scalar")
     x_hat = q.decode(q.encode(torch.from_numpy(x)))
     mse = np.mean(np.sum((x - x_hat) ** 2, axis=1))
     # Within 2% of the paper's figure; the sampling error of the mean over 400 vectors of d = 1536
@@ -30,7 +30,7 @@ def test_fractional_bits_distortion_interpolates(bits):
     d, n = 1536, 400
     base, frac = int(bits), bits - int(bits)
     x = unit_rows(np.random.default_rng(int(bits * 4)), n, d).astype(np.float32)
-    q = TurboQuantizer(dim=d, bits=bits, variant="mse", seed=1)
+    q = TurboQuantizer(dim=d, bits=bits, variant="mse", seed=1, codebook="scalar")
     assert q.bits == bits and q.code_bytes == int(d * frac) * (base + 1) // 8 + int(d * (1 - frac)) * base // 8
     x_hat = q.decode(q.encode(torch.from_numpy(x)))
     mse = np.mean(np.sum((x - x_hat) ** 2, axis=1))
@@ -43,7 +43,7 @@ def test_prod_inner_products_unbiased_with_theoretical_variance(bits):
     rng = np.random.default_rng(10 + bits)
     x = unit_rows(rng, n, d)
     y = unit_rows(rng, n, d)  # one query per vector: n independent pairs
-    q = TurboQuantizer(dim=d, bits=bits, variant="prod", seed=5)
+    q = TurboQuantizer(dim=d, bits=bits, variant="prod", seed=5, codebook="scalar")
     enc = q.encode(torch.from_numpy(x.astype(np.float32)))
     x_hat = q.decode(enc).astype(np.float64)
     err = np.sum(y * x_hat, axis=1) - np.sum(y * x, axis=1)
@@ -67,12 +67,15 @@ def _rotated_unit(q: TurboQuantizer, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 2.5, 3.3, 7.9, 5, 4.4])
 @pytest.mark.parametrize("codebook", ["scalar", "vq"])
 def test_mse_codes_equal_reference(d, bits, codebook):
-    if codebook == "vq" and bits not in (1, 2, 2.5, 3.3, 5, 4.4):
-        pytest.skip("widths without a 1-, 2- or 5-bit group are Lloyd-Max under either codebook")
     rng = np.random.default_rng(int(d + 10 * bits))
     x = (rng.standard_normal((64, d)) * rng.uniform(0.1, 10, (64, 1))).astype(np.float32)
     q = TurboQuantizer(dim=d, bits=bits, variant="mse", seed=2, codebook=codebook)
     enc = q.encode(torch.from_numpy(x))
+    if codebook == "vq" and bits not in (1, 2, 2.5, 3.3, 5, 4.4):
+        # Widths without a 1-, 2- or 5-bit group are Lloyd-Max under either codebook: same codes.
+        scalar = TurboQuantizer(dim=d, bits=bits, variant="mse", seed=2, codebook="scalar")
+        assert all(g.kind.name == "scalar" for g in q.groups)
+        np.testing.assert_array_equal(enc.codes, scalar.encode(torch.from_numpy(x)).codes)
     ref_idx, ref_norms = reference.quantize_mse(x, q.rotation.matrix(), bits, codebook)
     fast_idx = q.unpack(enc.codes).astype(np.int64)
     # Tie-aware: codes may differ only where the coordinate (block) lies within float32 rounding of
@@ -127,7 +130,7 @@ def test_prod_codes_equal_reference(d, bits, codebook):
 
 
 def test_zero_vector_encodes_to_zero():
-    q = TurboQuantizer(dim=16, bits=3, variant="mse")
+    q = TurboQuantizer(dim=16, bits=3, variant="mse", codebook="scalar")
     enc = q.encode(torch.zeros((2, 16)))
     assert np.all(enc.norm == 0) and np.all(q.decode(enc) == 0)
 
@@ -142,7 +145,7 @@ def test_rescale_is_unbiased_for_unit_vectors():
     # Queries correlated with their vector, so the true inner products are far from 0.
     y = 0.8 * x + 0.6 * y
     for rescale, expect_bias in [(True, False), (False, True)]:
-        q = TurboQuantizer(dim=d, bits=2, variant="mse", seed=1, rescale=rescale)
+        q = TurboQuantizer(dim=d, bits=2, variant="mse", seed=1, rescale=rescale, codebook="scalar")
         enc = q.encode(torch.from_numpy(x))
         rotated, _ = q.prepare_queries(torch.from_numpy(y.astype(np.float32)))
         y_tilde = q.rotated_reconstruction(torch.from_numpy(enc.codes))
@@ -158,12 +161,12 @@ def test_rescale_is_unbiased_for_unit_vectors():
                                                        (384, 200, "ip", "prod"), (3, 5, "ip", "mse")])
 def test_bits_for_bytes_is_the_widest_width_that_fits(dim, nbytes, metric, variant, scale_dtype):
     bits = bits_for_bytes(dim, nbytes, metric=metric, variant=variant, scale_dtype=scale_dtype)
-    q = TurboQuantizer(dim=dim, bits=bits, variant=variant, scale_dtype=scale_dtype)
+    q = TurboQuantizer(dim=dim, bits=bits, variant=variant, scale_dtype=scale_dtype, codebook="scalar")
     assert q.bytes_per_vector(metric) <= nbytes
     # One more coordinate at the higher width (or one more whole bit) no longer fits.
     wider = bits + 1 / dim
     if wider <= 8:
-        wide = TurboQuantizer(dim=dim, bits=wider, variant=variant, scale_dtype=scale_dtype)
+        wide = TurboQuantizer(dim=dim, bits=wider, variant=variant, scale_dtype=scale_dtype, codebook="scalar")
         assert wide.bytes_per_vector(metric) > nbytes
 
 
@@ -186,8 +189,8 @@ def test_float16_scale_is_the_float32_scale_rounded(variant, bits):
     d = 97
     rng = np.random.default_rng(11)
     x = torch.from_numpy((rng.standard_normal((300, d)) * rng.uniform(0.01, 300, (300, 1))).astype(np.float32))
-    wide = TurboQuantizer(dim=d, bits=bits, variant=variant, seed=2).encode(x)
-    half = TurboQuantizer(dim=d, bits=bits, variant=variant, seed=2, scale_dtype="float16").encode(x)
+    wide = TurboQuantizer(dim=d, bits=bits, variant=variant, seed=2, codebook="scalar").encode(x)
+    half = TurboQuantizer(dim=d, bits=bits, variant=variant, seed=2, scale_dtype="float16", codebook="scalar").encode(x)
     assert half.scale.dtype == np.float16 and wide.scale.dtype == np.float32
     np.testing.assert_array_equal(half.scale, wide.scale.astype(np.float16))
     assert np.all(np.abs(half.scale.astype(np.float64) / wide.scale - 1) <= 2.0 ** -11)
@@ -204,7 +207,7 @@ def test_float16_scale_refuses_what_it_cannot_hold(norm, ok):
     x[:, 0] = 1.0
     x[1] *= 0
     x[1, 3] = norm
-    q = TurboQuantizer(dim=d, bits=4, scale_dtype="float16", rescale=False)  # the scale is ‖x‖ itself
+    q = TurboQuantizer(dim=d, bits=4, scale_dtype="float16", rescale=False, codebook="scalar")  # the scale is ‖x‖ itself
     if ok:
         assert np.isfinite(q.encode(torch.from_numpy(x)).scale).all()
     else:

@@ -5,12 +5,13 @@ Lloyd-Max codebook quantizes any data. Search is asymmetric (full-precision quer
 codes), with optional full-precision rerank, and indexes persist as Arrow shards.
 """
 
-from .codebook import CODEBOOK_VERSION, lloyd_max_codebook
-from .index import METRICS, Index, SearchResult
+from .codebook import CODEBOOK_VERSION, CODEBOOK_VERSIONS, lloyd_max_codebook
+from .index import METRICS, Index, QuantizerOptions, SearchResult
 from .quantizer import SCALE_DTYPES, VARIANTS, TurboQuantizer, bits_for_bytes
 from .storage import FORMAT_VERSION, IndexFormatError, IndexLockedError
 
 __version__ = "0.1.0"
 
-__all__ = ["CODEBOOK_VERSION", "FORMAT_VERSION", "METRICS", "SCALE_DTYPES", "VARIANTS", "Index", "IndexFormatError",
-           "IndexLockedError", "SearchResult", "TurboQuantizer", "bits_for_bytes", "lloyd_max_codebook", "__version__"]
+__all__ = ["CODEBOOK_VERSION", "CODEBOOK_VERSIONS", "FORMAT_VERSION", "METRICS", "SCALE_DTYPES", "VARIANTS", "Index",
+           "IndexFormatError", "IndexLockedError", "QuantizerOptions", "SearchResult", "TurboQuantizer", "bits_for_bytes",
+           "lloyd_max_codebook", "__version__"]

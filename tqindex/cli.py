@@ -15,7 +15,7 @@ def _bench(args) -> int:
     from tqdm import tqdm
 
     from . import Index
-    from .data import load_dataset, recall_1_at_k, recall_at_k
+    from .datasets import load_dataset, recall_1_at_k, recall_at_k
 
     print(f"dataset: {args.dataset}", flush=True)
     ds = load_dataset(args.dataset)

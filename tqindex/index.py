@@ -9,16 +9,16 @@ import numpy as np
 import torch
 
 from . import storage
-from .backends import fastscan
-from .backends.cpu import BlockDecoder, scan_topk
-from .backends.cuda import enabled as cuda_enabled
-from .codebook import CODEBOOK_VERSION
+from .backends import Queries, make_scanners
+from .codebook import CODEBOOK_VERSION, CODEBOOK_VERSIONS
+from .idmap import IdMap
 from .quantizer import CODEBOOKS, VARIANTS, EncodedVectors, TurboQuantizer, scale_dtype_name
 from .rotation import ROTATION_KINDS
 from .segment import Segment
+from .topk import topk_padded
 from .validation import array_kind, as_float_matrix, as_id_array, check_k, to_kind
 
-__all__ = ["METRICS", "Index", "SearchResult"]
+__all__ = ["METRICS", "Index", "QuantizerOptions", "SearchResult"]
 
 METRICS = ("ip", "cosine", "l2")
 DEVICES = ("cpu", "cuda")
@@ -35,12 +35,17 @@ class SearchResult:
     """Results of `Index.search`.
 
     ids : (nq, k) int64, −1 where fewer than k live rows exist (shape (k,) for a 1-D query)
-    scores : (nq, k) float32: similarity for "ip"/"cosine" (descending, −inf padding) or squared
-        L2 distance for "l2" (ascending, +inf padding)
+    scores : (nq, k) float32, the index's own measure: similarity for "ip"/"cosine" (descending,
+        −inf padding) or squared L2 distance for "l2" (ascending, +inf padding)
+    metric : the index's metric
+
+    `distances` is a dissimilarity for every metric, lower is better (the usearch convention):
+    squared L2 distance for "l2", 1 − similarity for "ip" and "cosine" (+inf padding).
     """
 
     ids: object
     scores: object
+    metric: str = "ip"
 
     @property
     def keys(self):
@@ -48,11 +53,52 @@ class SearchResult:
 
     @property
     def distances(self):
-        return self.scores
+        return self.scores if self.metric == "l2" else 1 - self.scores
 
     def __iter__(self):
         # Allows `ids, scores = index.search(...)`.
         return iter((self.ids, self.scores))
+
+
+@dataclass(frozen=True)
+class QuantizerOptions:
+    """Settings that reproduce the paper or read old files, kept off `Index`'s everyday signature
+    (the faiss pattern: an explicit object for the experimental knobs).
+
+    variant : {"mse", "prod"}
+        "prod" adds the paper's 1-bit QJL stage (unbiased inner products, but lower recall at equal bits).
+    rotation : {"dense", "hadamard"}
+        "hadamard" (randomized Hadamard, O(d log d)) is experimental; see docs/design.md.
+    rescale : bool
+        mse only: the unbiased per-vector score scale (default); False is the paper's plain estimator.
+    codebook : {"vq", "scalar"}
+        "vq" (default): block codebooks at 1-2 bits and the bit-plane codebook at 5 bits
+        (`tqindex.groups`); "scalar": the paper's per-coordinate Lloyd-Max codebook everywhere.
+    codebook_version : int
+        The codebook construction. `Index.load` sets it from the file; set it only to build codes
+        the way an older tqindex did (`tqindex.CODEBOOK_VERSIONS`).
+    """
+
+    variant: str = "mse"
+    rotation: str = "dense"
+    rescale: bool = True
+    codebook: str = "vq"
+    codebook_version: int = CODEBOOK_VERSION
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
+        if self.rotation not in ROTATION_KINDS:
+            raise ValueError(f"unknown rotation {self.rotation!r}; expected one of {ROTATION_KINDS}")
+        if self.codebook not in CODEBOOKS:
+            raise ValueError(f"unknown codebook {self.codebook!r}; expected one of {CODEBOOKS}")
+        if isinstance(self.codebook_version, bool) or self.codebook_version not in CODEBOOK_VERSIONS:
+            raise ValueError(f"unknown codebook_version {self.codebook_version!r}; this tqindex builds "
+                             f"{CODEBOOK_VERSIONS}")
+
+
+#: Keywords `Index` still accepts for `QuantizerOptions` fields (the constructor before options existed).
+_OPTION_KEYWORDS = ("variant", "rotation", "rescale", "codebook")
 
 
 class Index:
@@ -67,15 +113,11 @@ class Index:
         such as 2.5 gives round(0.5 · dim) coordinates 3 bits and the rest 2 (`Index.bits` reports
         the width realised, base + high / dim). Useful to match a byte budget exactly.
     metric : {"ip", "cosine", "l2"}
-    variant : {"mse", "prod"}
     seed : int
-        Seeds the rotation and the QJL matrix; codes are a pure function of (vector, parameters).
+        Seeds the rotation (and prod's QJL matrix); codes are a pure function of (vector, parameters).
     keep_vectors : bool
         Keep full-precision float32 vectors so `search(..., rerank=m)` can rescore candidates.
     device : {"cpu", "cuda"}
-    rotation : {"dense", "hadamard"}
-    rescale : bool
-        mse only: unbiased per-vector score scaling (see `tqindex.quantizer`).
     scale_dtype : {"float32", "float16"}
         How the per-vector score scale is stored. "float16" frees 2 bytes per vector (pass it to
         `bits_for_bytes` too, to spend them on codes) at a relative error ≤ 2⁻¹¹ per score, and
@@ -85,46 +127,37 @@ class Index:
         are corrected exactly (⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩). With c near the data's mean, the
         quantized residuals are shorter and more isotropic. Off by default: tqindex needs no
         training, and a mean is data-dependent (compute it from any sample you trust).
-    codebook : {"vq", "scalar"}
-        "scalar" is the paper's per-coordinate Lloyd-Max codebook. "vq" (the default) codes each
-        nibble of 1- or 2-bit codes (4 or 2 rotated coordinates) with one of 16 codewords designed
-        for those coordinates' exact joint law: no training, the same bytes and search tables, 6–9%
-        less MSE (`tqindex.codebook.block_codebook`). Groups the blocks do not tile (odd length at
-        2 bits, not a multiple of 4 at 1), dim < 8 and widths of 3 bits or more are scalar under both,
-        except 5-bit codes: under "vq" they use the bit-plane codebook (`codebook.plane_codebook`),
-        scanned as 4-bit codes plus a plane of 1-bit ones (1.5-1.7x the QPS at 5 bits in
-        `bench/bench_codebooks.py`) for 17% more MSE at those coordinates than Lloyd-Max's.
-    codebook_version : int
-        The codebook construction (`tqindex.CODEBOOK_VERSION`, the latest, by default); loading an
-        index saved by an older tqindex passes its version, so that its codes keep their meaning.
+    options : QuantizerOptions, optional
+        The paper-reproduction and experimental settings (variant, rotation, rescale, codebook).
+        Their old keywords (``variant=``, ``rotation=``, ``rescale=``, ``codebook=``) are still
+        accepted and override the matching field.
     """
 
-    def __init__(self, *, dim: int, bits: int = 4, metric: str = "ip", variant: str = "mse", seed: int = 0,
-                 keep_vectors: bool = False, device: str = "cpu", rotation: str = "dense", rescale: bool = True,
-                 scale_dtype: str = "float32", center=None, codebook: str = "vq",
-                 codebook_version: int = CODEBOOK_VERSION):
+    def __init__(self, *, dim: int, bits: int = 4, metric: str = "ip", seed: int = 0, keep_vectors: bool = False,
+                 device: str = "cpu", scale_dtype: str = "float32", center=None,
+                 options: QuantizerOptions | None = None, **option_keywords):
+        unknown = sorted(set(option_keywords) - set(_OPTION_KEYWORDS))
+        if unknown:
+            raise TypeError(f"Index() got unexpected keyword arguments {unknown}; parameters are dim, bits, metric, "
+                            f"seed, keep_vectors, device, scale_dtype, center, options (and {_OPTION_KEYWORDS})")
+        if options is not None and not isinstance(options, QuantizerOptions):
+            raise TypeError(f"options must be a QuantizerOptions, got {type(options).__name__}")
+        options = QuantizerOptions(**{**(options or QuantizerOptions()).__dict__, **option_keywords})
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 2:
             raise ValueError(f"dim must be an integer >= 2, got {dim!r}")
         if isinstance(bits, bool) or not isinstance(bits, numbers.Real) or not 1 <= bits <= 8:
             raise ValueError(f"bits must be a number in [1, 8], got {bits!r}")
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-        if rotation not in ROTATION_KINDS:
-            raise ValueError(f"unknown rotation {rotation!r}; expected one of {ROTATION_KINDS}")
-        if codebook not in CODEBOOKS:
-            raise ValueError(f"unknown codebook {codebook!r}; expected one of {CODEBOOKS}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         scale_dtype = scale_dtype_name(scale_dtype)
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}; expected one of {DEVICES}")
-        self._quantizer = TurboQuantizer(dim=int(dim), bits=bits, variant=variant, seed=int(seed),
-                                         rotation=rotation, rescale=rescale, scale_dtype=scale_dtype,
-                                         codebook=codebook, codebook_version=codebook_version)
-        self._decoder = BlockDecoder(self._quantizer)
-        self._gpu = None  # backends.cuda.GpuScanner, made on the first GPU search
+        self._options = options
+        self._quantizer = TurboQuantizer(dim=int(dim), bits=bits, variant=options.variant, seed=int(seed),
+                                         rotation=options.rotation, rescale=options.rescale, scale_dtype=scale_dtype,
+                                         codebook=options.codebook, codebook_version=options.codebook_version)
         self._center = None
         if center is not None:
             c, _ = as_float_matrix(center, int(dim), name="center")
@@ -135,8 +168,9 @@ class Index:
         self._keep_vectors = bool(keep_vectors)
         self._segments: list[Segment] = []
         self._next_id = 0
-        self._id_lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted live ids, positions)
-        self._all_ids: np.ndarray | None = None
+        self._ids = IdMap(lambda: self._segments)
+        # One scanner per backend, in order of preference; each keeps its own caches.
+        self._scanners = make_scanners(self._quantizer, metric)
         self._store: storage.Store | None = None
         self._device = "cpu"
         if device == "cuda":
@@ -202,6 +236,11 @@ class Index:
         """Directory this index is saved in, or None."""
         return None if self._store is None else self._store.path
 
+    @property
+    def options(self) -> QuantizerOptions:
+        """The quantizer options this index was built with."""
+        return self._options
+
     def params(self) -> dict:
         """Everything needed to reproduce this index's codes (what the manifest stores)."""
         return {"dim": self.dim, "bits": self.bits, "metric": self.metric, "variant": self.variant,
@@ -223,12 +262,12 @@ class Index:
 
     def memory_bytes(self) -> int:
         """Bytes of index data held (ids, codes, per-vector floats, kept vectors, masks) plus the
-        rotation/QJL matrices. Memory-mapped rows count although the OS may not have read them."""
-        fixed = self.dim * self.dim * 4 * (2 if self.variant == "prod" else 1)
-        return fixed + sum(s.nbytes() for s in self._segments)
+        rotation/QJL matrices as held in host memory. Memory-mapped rows count although the OS may
+        not have read them; backend caches (the fast-scan layout, GPU uploads) are not counted."""
+        return self._quantizer.nbytes() + sum(s.nbytes() for s in self._segments)
 
     def __contains__(self, key) -> bool:
-        return bool(self._positions(np.asarray([key], dtype=np.int64))[0] >= 0)
+        return bool(self._ids.positions(np.asarray([key], dtype=np.int64))[0] >= 0)
 
     # -- device --------------------------------------------------------------------------------
     def to(self, device: str) -> "Index":
@@ -242,9 +281,10 @@ class Index:
         if device == "cuda":
             from .backends import cuda
             cuda.require()
-        else:
-            for segment in self._segments:
-                segment.device_cache.clear()
+        elif self._device == "cuda":
+            for scanner in self._scanners:  # GPU memory goes back; the CPU backends keep their layouts
+                if scanner.name in ("cuda", "torch"):
+                    scanner.release()
         self._device = device
         return self
 
@@ -271,7 +311,7 @@ class Index:
             replaced = np.empty(0, dtype=np.int64)
         else:
             new_ids = as_id_array(ids, n)
-            positions = self._positions(new_ids)
+            positions = self._ids.positions(new_ids)
             replaced = positions[positions >= 0]
             if replaced.size and not upsert:
                 raise ValueError(f"ids already in the index: {new_ids[positions >= 0][:10].tolist()} "
@@ -301,7 +341,7 @@ class Index:
                and len(self._segments[-1]) <= len(segment) < _MERGE_BELOW_ROWS):
             segment = _concat_segments([self._segments.pop(), segment])
         self._segments.append(segment)
-        self._invalidate()
+        self._ids.invalidate()
 
     def remove(self, ids) -> int:
         """Remove rows by id (tombstones; `compact()` reclaims space). Unknown ids raise KeyError.
@@ -309,26 +349,26 @@ class Index:
         Returns the number of rows removed.
         """
         arr = as_id_array(ids)
-        positions = self._positions(arr)
+        positions = self._ids.positions(arr)
         if (positions < 0).any():
             raise KeyError(f"ids not in the index: {arr[positions < 0][:10].tolist()}")
         self._mark_deleted(positions)
         return int(arr.size)
 
     def _mark_deleted(self, positions: np.ndarray) -> None:
-        for segment, _, rows in self._by_segment(positions):
+        for segment, _, rows in self._ids.by_segment(positions):
             mask = np.zeros(len(segment), dtype=bool) if segment.deleted is None else segment.deleted.copy()
             mask[rows] = True
             segment.deleted = mask
             segment.deletions_dirty = True
-        self._invalidate()
+        self._ids.invalidate()
 
     def compact(self) -> None:
         """Drop removed rows and merge all segments into one (rewritten on the next save)."""
         live = [segment if segment.deleted is None else _select(segment, ~segment.deleted)
                 for segment in self._segments if segment.live_count]
         self._segments = [_concat_segments(live)] if live else []
-        self._invalidate()
+        self._ids.invalidate()
 
     # -- reads ---------------------------------------------------------------------------------
     def search(self, queries, k: int = 10, *, rerank: int = 0, batch_size: int | None = None) -> SearchResult:
@@ -381,13 +421,11 @@ class Index:
         else:
             scores = np.empty((0, k), dtype=np.float32)
             positions = np.empty((0, k), dtype=np.int64)
-        ids = np.full(positions.shape, -1, dtype=np.int64)
-        found = positions >= 0
-        ids[found] = self._ids_array()[positions[found]]
+        ids = self._ids.ids_at(positions)
         scores = (-scores if self._metric == "l2" else scores).astype(np.float32)
         if was_1d:
             ids, scores = ids[0], scores[0]
-        return SearchResult(ids=to_kind(ids, kind, queries), scores=to_kind(scores, kind, queries))
+        return SearchResult(ids=to_kind(ids, kind, queries), scores=to_kind(scores, kind, queries), metric=self._metric)
 
     def _scan(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         offset = None
@@ -398,21 +436,19 @@ class Index:
             else:
                 offset = q @ center  # ⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩
         rotated, projected = self._quantizer.prepare_queries(q)
-        sq_norms = q.square().sum(dim=1)
-        if self._device == "cpu" and fastscan.available() and fastscan.supports(self._quantizer):
-            scores, positions = fastscan.scan_topk_fast(self._quantizer, self._segments, rotated, sq_norms, k,
-                                                        self._metric)
-        elif self._device == "cuda" and cuda_enabled():
-            if self._gpu is None:
-                from .backends.cuda import GpuScanner
-                self._gpu = GpuScanner(self._quantizer, self._metric)
-            scores, positions = self._gpu.search(self._segments, rotated, projected, sq_norms, k)
-        else:
-            scores, positions = scan_topk(self._quantizer, self._decoder, self._segments, rotated, projected,
-                                          sq_norms, k, self._metric, device=self._device)
+        result = self._scanner().topk(self._segments, Queries(rotated, projected, q.square().sum(dim=1)), k)
+        scores, positions = result.scores, result.positions
         if offset is not None:
             scores = scores + offset[:, None].to(scores.device)
         return scores.cpu(), positions.cpu()
+
+    def _scanner(self):
+        """The first backend that supports this index on its device."""
+        return next(s for s in self._scanners if s.supports(self._device))
+
+    def _backend(self, name: str):
+        """This index's scanner of backend `name` ("fastscan", "cuda", "torch"), for tests and benchmarks."""
+        return next(s for s in self._scanners if s.name == name)
 
     def _rerank(self, q: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, k: int):
         """Rescore candidate positions with full-precision vectors; exact top-k of those."""
@@ -428,71 +464,45 @@ class Index:
             else:
                 values = (q[rows] * vectors).sum(dim=1)
             exact[torch.from_numpy(valid)] = values
-        take = min(k, exact.shape[1])
-        best, order = torch.topk(exact, take, dim=1)
-        best_pos = torch.gather(positions, 1, order)
-        if take < k:
-            best = torch.cat([best, torch.full((best.shape[0], k - take), -torch.inf)], dim=1)
-            best_pos = torch.cat([best_pos, torch.full((best.shape[0], k - take), -1, dtype=torch.int64)], dim=1)
-        best_pos[torch.isneginf(best)] = -1
-        return best, best_pos
+        return topk_padded(exact, positions, k)
 
     def _gather_vectors(self, positions: np.ndarray) -> np.ndarray:
         out = np.empty((len(positions), self.dim), dtype=np.float32)
-        for segment, where, rows in self._by_segment(positions):
+        for segment, where, rows in self._ids.by_segment(positions):
             out[where] = segment.vectors[rows]
         return out
-
-    def _by_segment(self, positions: np.ndarray):
-        """Group global row positions by segment: yields (segment, mask into positions, local rows)."""
-        offsets = self._offsets()
-        seg_of = np.searchsorted(offsets, positions, side="right") - 1
-        for s in np.unique(seg_of):
-            where = seg_of == s
-            yield self._segments[s], where, positions[where] - offsets[s]
 
     def reconstruct(self, ids) -> np.ndarray:
         """Dequantized vectors x̃ for the given ids, (n, dim) float32 (for inspection and tests)."""
         arr = as_id_array(ids)
-        positions = self._positions(arr)
+        positions = self._ids.positions(arr)
         if (positions < 0).any():
             raise KeyError(f"ids not in the index: {arr[positions < 0][:10].tolist()}")
         out = np.empty((len(arr), self.dim), dtype=np.float32)
-        for segment, where, rows in self._by_segment(positions):
+        for segment, where, rows in self._ids.by_segment(positions):
             out[where] = self._quantizer.decode(_take_encoded(segment.encoded, rows))
         return out if self._center is None else out + self._center.numpy()
 
-    # -- id bookkeeping -------------------------------------------------------------------------
-    def _invalidate(self) -> None:
-        self._id_lookup = None
-        self._all_ids = None
+    # -- state (what storage saves and restores) -----------------------------------------------
+    def _state(self) -> dict:
+        """What a commit records: params, the id counter, and the segments (their arrays and shard entries)."""
+        return {"params": self.params(), "next_id": self._next_id, "segments": list(self._segments),
+                "live": len(self)}
 
-    def _offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum([len(s) for s in self._segments])]).astype(np.int64)
-
-    def _ids_array(self) -> np.ndarray:
-        if self._all_ids is None:
-            self._all_ids = (np.concatenate([np.asarray(s.ids) for s in self._segments])
-                             if self._segments else np.empty(0, dtype=np.int64))
-        return self._all_ids
-
-    def _positions(self, ids: np.ndarray) -> np.ndarray:
-        """Global row positions of live rows with these ids, −1 where absent."""
-        if self._id_lookup is None:
-            all_ids = self._ids_array()
-            live = np.ones(len(all_ids), dtype=bool)
-            offsets = self._offsets()
-            for s, segment in enumerate(self._segments):
-                if segment.deleted is not None:
-                    live[offsets[s]:offsets[s + 1]] = ~segment.deleted
-            positions = np.nonzero(live)[0]
-            order = np.argsort(all_ids[positions], kind="stable")
-            self._id_lookup = (all_ids[positions][order], positions[order])
-        sorted_ids, sorted_pos = self._id_lookup
-        if not len(sorted_ids):
-            return np.full(len(ids), -1, dtype=np.int64)
-        where = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-        return np.where(sorted_ids[where] == ids, sorted_pos[where], -1).astype(np.int64)
+    @classmethod
+    def _from_state(cls, params: dict, *, segments: list[Segment], next_id: int, store=None) -> "Index":
+        """An index with these params holding these segments (the load path; raises ValueError,
+        KeyError or TypeError on bad params)."""
+        options = QuantizerOptions(variant=params["variant"], rotation=params["rotation"], rescale=params["rescale"],
+                                   codebook=params["codebook"], codebook_version=params["codebook_version"])
+        index = cls(dim=params["dim"], bits=params["bits"], metric=params["metric"], seed=params["seed"],
+                    keep_vectors=params["keep_vectors"], scale_dtype=params["scale_dtype"],
+                    center=params["center"], options=options)
+        index._segments = list(segments)
+        index._next_id = int(next_id)
+        index._store = store
+        index._ids.invalidate()
+        return index
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path=None) -> None:

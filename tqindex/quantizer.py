@@ -29,24 +29,16 @@ import numpy as np
 import torch
 
 from . import native
-from .codebook import (CODEBOOK_VERSION, CODEBOOK_VERSIONS, PLANE_BITS, block_codebook, effective_bits,
-                       lloyd_max_codebook, plane_codebook, split_bits, vq_block)
+from .codebook import CODEBOOK_VERSION, CODEBOOK_VERSIONS, effective_bits
+from .devcache import PerDevice
+from .groups import CODEBOOKS, CodeGroup, group_layout, make_groups
 from .packing import pack_codes, packed_row_bytes, unpack_codes
-from .reference import qjl_gaussian
-from .rotation import make_rotation
+from .rotation import make_rotation, qjl_gaussian
 
 __all__ = ["CODEBOOKS", "SCALE_DTYPES", "VARIANTS", "CodeGroup", "EncodedVectors", "TurboQuantizer", "bits_for_bytes"]
 
 VARIANTS = ("mse", "prod")
 
-#: Codebook kinds. "scalar": the paper's Lloyd-Max codebook per coordinate. "vq": where a group is
-#: coded with 1 or 2 bits, blocks of 4 // bits consecutive coordinates (one nibble of packed codes)
-#: share a 16-codeword quantizer designed for their exact joint law (`codebook.block_codebook`):
-#: the same bytes and search tables, 6-9% less MSE. And (codebook version 2) 5-bit codes use the
-#: bit-plane codebook (`codebook.plane_codebook`): 17% more MSE than Lloyd-Max at those coordinates,
-#: but scanned as 4-bit codes plus a plane of 1-bit ones instead of 32-entry tables. Other widths
-#: are Lloyd-Max under either kind.
-CODEBOOKS = ("vq", "scalar")
 
 # Storage types of the per-vector `scale`. float16 keeps every scale in its normal range
 # [2⁻¹⁴, 65504] (or 0) to relative precision 2⁻¹¹; encoding refuses rows outside it rather than
@@ -89,47 +81,8 @@ class EncodedVectors:
         return len(self.scale)
 
 
-@dataclass(frozen=True)
-class CodeGroup:
-    """Rotated coordinates [start, stop) coded with `bits` bits each, using their own Lloyd-Max
-    codebook; their packed codes fill bytes [offset, offset + nbytes) of a row (`tqindex.packing`
-    layout). Whole bit widths have one group; fractional widths two (the wider one first)."""
-
-    start: int
-    stop: int
-    bits: int
-    offset: int
-    nbytes: int
-    centroids: torch.Tensor   # (2**bits,) float32, the scalar codebook
-    boundaries: torch.Tensor  # (2**bits − 1,) float32
-    block: int = 1            # coordinates per codeword: 1 (scalar), or 4 // bits with codebook="vq"
-    codewords: torch.Tensor | None = None  # (2**(bits·block), block) float32; block 1: centroids[:, None]
-    plane: bool = False       # centroids[2n + p] = centroids[2n] + p · plane_step (`codebook.PlaneCodebook`)
-    plane_step: float = 0.0
-
-    def reconstruct(self, idx: torch.Tensor) -> torch.Tensor:
-        """Per-coordinate codes (n, stop − start) integer → the group's ỹ part, float32."""
-        if self.block == 1:
-            return self.centroids.to(idx.device)[idx.long()]
-        n = idx.shape[0]
-        blocks = idx.long().reshape(n, -1, self.block)
-        word = sum(blocks[:, :, t] << (t * self.bits) for t in range(self.block))
-        return self.codewords.to(idx.device)[word].reshape(n, -1)
-
-
-def _mse_layout(dim: int, bits, variant: str) -> list[tuple[int, int, int]]:
-    """(start, stop, bits) of the mse stage's code groups: the first `high` rotated coordinates at
-    base + 1 bits, the rest at base (`split_bits`); "prod" gives one bit of each to QJL."""
-    base, high = split_bits(dim, bits)
-    if variant == "prod":
-        base -= 1
-        if base == 0 and high:
-            raise ValueError(f"variant 'prod' needs bits >= 2 when bits are fractional, got {bits!r}")
-    return [(a, b, w) for a, b, w in ((0, high, base + 1), (high, dim, base)) if b > a and w > 0]
-
-
 def _bytes_per_vector(dim: int, bits, variant: str, stores_norm: bool, scale_dtype: str = "float32") -> int:
-    codes = sum(packed_row_bytes(b - a, w) for a, b, w in _mse_layout(dim, bits, variant))
+    codes = sum(packed_row_bytes(b - a, w) for a, b, w in group_layout(dim, bits, variant))
     signs = packed_row_bytes(dim, 1) if variant == "prod" else 0
     scale = np.dtype(SCALE_DTYPES[scale_dtype]).itemsize
     return codes + signs + scale + 4 * ((variant == "prod") + stores_norm)
@@ -191,7 +144,7 @@ class TurboQuantizer:
 
     def __init__(self, *, dim: int, bits: int, variant: str = "mse", seed: int = 0,
                  rotation: str = "dense", rescale: bool = True, scale_dtype: str = "float32",
-                 codebook: str = "scalar", codebook_version: int = CODEBOOK_VERSION):
+                 codebook: str = "vq", codebook_version: int = CODEBOOK_VERSION):
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
         if codebook not in CODEBOOKS:
@@ -206,30 +159,15 @@ class TurboQuantizer:
         self.bits = effective_bits(self.dim, bits)
         self.rescale = bool(rescale) and variant == "mse"
         self.rotation = make_rotation(self.dim, rotation, self.seed)
-        layout = _mse_layout(self.dim, bits, variant)
+        layout = group_layout(self.dim, bits, variant)
         self.mse_bits = effective_bits(self.dim, self.bits - (variant == "prod")) if layout else 0
-        self.groups: list[CodeGroup] = []
-        offset = 0
-        for start, stop, width in layout:
-            plane = codebook == "vq" and width == PLANE_BITS and self.codebook_version >= 2
-            scalar = plane_codebook(self.dim, width) if plane else lloyd_max_codebook(self.dim, width)
-            centroids = torch.from_numpy(scalar.centroids.astype(np.float32))
-            block = vq_block(self.dim, width) if codebook == "vq" else 1
-            if (stop - start) % block:
-                block = 1  # blocks must tile the group (see `codebook`)
-            words = centroids[:, None] if block == 1 else \
-                torch.from_numpy(block_codebook(self.dim, width).codewords.astype(np.float32))
-            nbytes = packed_row_bytes(stop - start, width)
-            self.groups.append(CodeGroup(start, stop, width, offset, nbytes, centroids,
-                                         torch.from_numpy(scalar.boundaries.astype(np.float32)), block, words,
-                                         plane, float(np.float32(scalar.step)) if plane else 0.0))
-            offset += nbytes
+        self.groups: list[CodeGroup] = make_groups(self.dim, bits, variant, codebook, self.codebook_version)
         if variant == "prod":
             self.qjl_matrix = torch.from_numpy(qjl_gaussian(self.dim, self.seed).astype(np.float32))  # G
             self.qjl_scale = math.sqrt(math.pi / 2) / self.dim
         else:
             self.qjl_matrix = None
-        self._qjl_by_device: dict = {}
+        self._qjl_by_device = PerDevice(lambda device: self.qjl_matrix.to(device))
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -239,6 +177,11 @@ class TurboQuantizer:
     @property
     def qjl_bytes(self) -> int:
         return packed_row_bytes(self.dim, 1) if self.variant == "prod" else 0
+
+    def nbytes(self) -> int:
+        """Host memory held by the rotation, the QJL matrix and the codebook tensors."""
+        held = self.rotation.nbytes() + (0 if self.qjl_matrix is None else self.qjl_matrix.nbytes)
+        return held + sum(g.centroids.nbytes + g.boundaries.nbytes + g.codewords.nbytes for g in self.groups)
 
     def stores_norm(self, metric: str) -> bool:
         """Whether ‖x‖ must be kept beside `scale`: only "l2" needs ‖x‖ itself, and only
@@ -306,10 +249,7 @@ class TurboQuantizer:
             y_tilde = torch.zeros_like(y)
             for g in self.groups:
                 part = y[:, g.start:g.stop].contiguous()
-                if g.block == 1:
-                    idx = torch.bucketize(part, g.boundaries)  # first boundary ≥ y: the nearest centroid
-                else:
-                    idx = _nearest_codes(part, g)
+                idx = g.nearest(part)
                 y_tilde[:, g.start:g.stop] = g.reconstruct(idx)
                 codes[:, g.offset:g.offset + g.nbytes] = pack_codes(idx.to(torch.uint8), g.bits).numpy()
             encoded = self._finish(codes, norms, (y * y_tilde).sum(dim=1))
@@ -380,29 +320,5 @@ class TurboQuantizer:
         rotated = self.rotation.apply(q)
         projected = None
         if self.variant == "prod":
-            if q.device not in self._qjl_by_device:  # GPU queries: G copied there once
-                self._qjl_by_device[q.device] = self.qjl_matrix.to(q.device)
-            projected = rotated @ self._qjl_by_device[q.device].T
+            projected = rotated @ self._qjl_by_device.get(q.device).T  # G: copied to a GPU once
         return rotated, projected
-
-
-def _nearest_codes(part: torch.Tensor, g: CodeGroup) -> torch.Tensor:
-    """(n, stop − start) rotated coordinates of a block group → per-coordinate codes (int64): each
-    block's nearest codeword (squared distance; ties: the lowest index), split into `bits`-bit
-    fields."""
-    n = part.shape[0]
-    blocks = part.reshape(-1, g.block)
-    words = g.codewords.to(part.device)
-    # One codeword at a time keeps memory at O(blocks); sums in coordinate order and a strict "<"
-    # (the lowest index wins ties) are the C encoder's rule, so both give the same codes.
-    best = torch.full((blocks.shape[0],), float("inf"), device=part.device)
-    word = torch.zeros(blocks.shape[0], dtype=torch.int64, device=part.device)
-    for v in range(words.shape[0]):
-        dist = (blocks[:, 0] - words[v, 0]).square()
-        for t in range(1, g.block):
-            dist = dist + (blocks[:, t] - words[v, t]).square()
-        closer = dist < best
-        best = torch.where(closer, dist, best)
-        word = torch.where(closer, v, word)
-    shifts = torch.arange(g.block, device=part.device) * g.bits
-    return ((word[:, None] >> shifts) & ((1 << g.bits) - 1)).reshape(n, -1)

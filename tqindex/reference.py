@@ -5,12 +5,15 @@ over speed. Vectors of any norm are handled as the index does: quantize x/‖x�
 
 Conventions shared with the fast path (they define the codes, so both must agree):
 
-- Π is ``Rotation.matrix()``; the codebook is ``lloyd_max_codebook(d, b)``, or with
-  ``codebook="vq"`` and b ∈ {1, 2} ``block_codebook(d, b)`` over blocks of 4/b consecutive
-  coordinates (where they tile the group), whose codeword index v is stored as the block's codes
-  (coordinate t gets bits t·b.. of v); with ``codebook="vq"``, codebook version ≥ 2 and b = 5,
-  ``plane_codebook(d)`` (a scalar codebook too).
-- The QJL matrix is S = G·Π with G ~ N(0, 1)^{d×d} drawn from ``seeded_rng(seed, "qjl", d)``.
+- Π is ``Rotation.matrix()``; each group of coordinates uses the codebook of the kind that
+  ``tqindex.groups.choose_kind`` picks (the quantizer asks the same function): ``lloyd_max_codebook(d,
+  b)``, or with ``codebook="vq"`` and b ∈ {1, 2} ``block_codebook(d, b)`` over blocks of 4/b
+  consecutive coordinates (where they tile the group), whose codeword index v is stored as the
+  block's codes (coordinate t gets bits t·b.. of v); with ``codebook="vq"``, codebook version ≥ 2 and
+  b = 5, ``plane_codebook(d)`` (a scalar codebook too). The codebooks themselves are computed in
+  float64 by ``tqindex.codebook``.
+- The QJL matrix is S = G·Π with G ~ N(0, 1)^{d×d} drawn from ``seeded_rng(seed, "qjl", d)``
+  (``tqindex.rotation.qjl_gaussian``).
   S is then itself i.i.d. N(0, 1) (Π is orthogonal and independent of G), as the paper requires; the
   factorisation lets the fast path apply G to the residual in the rotated domain.
 - A QJL sign of exactly 0 counts as +1.
@@ -20,38 +23,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from .codebook import CODEBOOK_VERSION, PLANE_BITS, block_codebook, lloyd_max_codebook, plane_codebook, split_bits, \
-    vq_block
-from .rotation import seeded_rng
+from .codebook import CODEBOOK_VERSION
+from .groups import choose_kind, group_layout
+from .rotation import qjl_gaussian
 
 __all__ = ["coordinate_codebooks", "qjl_gaussian", "quantize_mse", "dequantize_mse", "quantize_prod", "dequantize_prod"]
 
 
-def qjl_gaussian(dim: int, seed: int) -> np.ndarray:
-    """G, the (d, d) i.i.d. standard normal matrix of the QJL stage (S = G Π)."""
-    return seeded_rng(seed, "qjl", dim).standard_normal((dim, dim))
-
-
-def coordinate_codebooks(dim: int, bits, codebook: str = "scalar",
+def coordinate_codebooks(dim: int, bits, codebook: str = "vq",
                          codebook_version: int = CODEBOOK_VERSION) -> list[tuple[slice, int, np.ndarray]]:
     """(coordinates, bits, codewords (levels, block)) triples: one codebook for whole `bits`; for
     fractional `bits`, the first coordinates use the (base + 1)-bit codebook and the rest the
-    base-bit one (`split_bits`). Scalar codebooks have block 1 (codewords = centroids[:, None])."""
-    base, high = split_bits(dim, bits)
-    out = []
-    for s, b in [(slice(0, high), base + 1), (slice(high, dim), base)]:
-        if s.stop > s.start:
-            block = vq_block(dim, b) if codebook == "vq" else 1
-            if block > 1 and (s.stop - s.start) % block == 0:
-                out.append((s, b, block_codebook(dim, b).codewords))
-            elif codebook == "vq" and b == PLANE_BITS and codebook_version >= 2:
-                out.append((s, b, plane_codebook(dim, b).centroids[:, None]))
-            else:
-                out.append((s, b, lloyd_max_codebook(dim, b).centroids[:, None]))
-    return out
+    base-bit one (`tqindex.groups.group_layout`), of the kind `tqindex.groups.choose_kind` picks.
+    Scalar codebooks have block 1 (codewords = centroids[:, None]), in float64."""
+    return [(slice(start, stop), b, choose_kind(dim, b, stop - start, codebook, codebook_version).codewords)
+            for start, stop, b in group_layout(dim, bits)]
 
 
-def quantize_mse(x: np.ndarray, rotation: np.ndarray, bits, codebook: str = "scalar",
+def quantize_mse(x: np.ndarray, rotation: np.ndarray, bits, codebook: str = "vq",
                  codebook_version: int = CODEBOOK_VERSION):
     """Algorithm 1, Quant_mse.
 
@@ -82,7 +71,7 @@ def quantize_mse(x: np.ndarray, rotation: np.ndarray, bits, codebook: str = "sca
 
 
 def dequantize_mse(idx: np.ndarray, norms: np.ndarray, rotation: np.ndarray, bits,
-                   codebook: str = "scalar", codebook_version: int = CODEBOOK_VERSION) -> np.ndarray:
+                   codebook: str = "vq", codebook_version: int = CODEBOOK_VERSION) -> np.ndarray:
     """Algorithm 1, DeQuant_mse: x̃ = ‖x‖ · Πᵀ·ỹ with ỹ_j = c_{idx_j} (a block: ỹ_block = w_v)."""
     y_tilde = np.zeros(idx.shape)
     for cols, b, words in coordinate_codebooks(idx.shape[1], bits, codebook, codebook_version):
@@ -93,7 +82,8 @@ def dequantize_mse(idx: np.ndarray, norms: np.ndarray, rotation: np.ndarray, bit
     return (y_tilde @ rotation) * norms[:, None]
 
 
-def quantize_prod(x: np.ndarray, rotation: np.ndarray, bits: int, seed: int, codebook: str = "scalar"):
+def quantize_prod(x: np.ndarray, rotation: np.ndarray, bits: int, seed: int, codebook: str = "vq",
+                  codebook_version: int = CODEBOOK_VERSION):
     """Algorithm 2, Quant_prod with b−1 bits of mse and 1 bit of QJL.
 
     Returns
@@ -108,8 +98,8 @@ def quantize_prod(x: np.ndarray, rotation: np.ndarray, bits: int, seed: int, cod
     norms = np.linalg.norm(x, axis=1)
     unit = x / np.where(norms > 0, norms, 1.0)[:, None]
     if bits > 1:
-        idx, _ = quantize_mse(unit, rotation, bits - 1, codebook)
-        residual = unit - dequantize_mse(idx, np.ones(n), rotation, bits - 1, codebook)  # r ← x − DeQuant_mse(idx)
+        idx, _ = quantize_mse(unit, rotation, bits - 1, codebook, codebook_version)
+        residual = unit - dequantize_mse(idx, np.ones(n), rotation, bits - 1, codebook, codebook_version)  # r ← x − DeQuant_mse(idx)
     else:
         idx, residual = None, unit
     s = qjl_gaussian(d, seed) @ rotation
@@ -118,10 +108,10 @@ def quantize_prod(x: np.ndarray, rotation: np.ndarray, bits: int, seed: int, cod
 
 
 def dequantize_prod(idx, qjl, residual_norms, norms, rotation: np.ndarray, bits: int, seed: int,
-                    codebook: str = "scalar") -> np.ndarray:
+                    codebook: str = "vq", codebook_version: int = CODEBOOK_VERSION) -> np.ndarray:
     """Algorithm 2, DeQuant_prod: x̃ = x̃_mse + √(π/2)/d · ‖r‖ · Sᵀ·qjl, times ‖x‖."""
     n, d = qjl.shape
-    base = dequantize_mse(idx, np.ones(n), rotation, bits - 1, codebook) if bits > 1 else np.zeros((n, d))
+    base = dequantize_mse(idx, np.ones(n), rotation, bits - 1, codebook, codebook_version) if bits > 1 else np.zeros((n, d))
     s = qjl_gaussian(d, seed) @ rotation
     correction = np.sqrt(np.pi / 2) / d * residual_norms[:, None] * (qjl.astype(np.float64) @ s)
     return (base + correction) * norms[:, None]

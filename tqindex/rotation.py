@@ -43,6 +43,11 @@ def seeded_rng(seed: int, purpose: str, dim: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64([int(seed) & ((1 << 63) - 1), tag, int(dim)]))
 
 
+def qjl_gaussian(dim: int, seed: int) -> np.ndarray:
+    """G, the (d, d) i.i.d. standard normal matrix of TurboQuant_prod's QJL stage (S = G Π)."""
+    return seeded_rng(seed, "qjl", dim).standard_normal((dim, dim))
+
+
 class Rotation:
     """An orthogonal map x ↦ Π x applied to row vectors (`apply(X) = X Πᵀ`).
 
@@ -64,10 +69,11 @@ class Rotation:
             gaussian = rng.standard_normal((dim, dim))
             q, r = np.linalg.qr(gaussian)
             # Sign fix: without it QR's convention biases Q away from the Haar measure.
-            self._matrix = q * np.sign(np.diag(r))[None, :]
-            # Πᵀ in float64 (exact reference use) and float32 (the fast path's dtype).
-            self._matrix_t = {torch.float64: torch.from_numpy(np.ascontiguousarray(self._matrix.T)),
-                              torch.float32: torch.from_numpy(np.ascontiguousarray(self._matrix.T, dtype=np.float32))}
+            matrix = q * np.sign(np.diag(r))[None, :]
+            # Πᵀ in float64 (exact reference use) and float32 (the fast path's dtype); Π itself is a
+            # view of the float64 one, so the host holds 12·d² bytes.
+            self._matrix_t = {torch.float64: torch.from_numpy(np.ascontiguousarray(matrix.T)),
+                              torch.float32: torch.from_numpy(np.ascontiguousarray(matrix.T, dtype=np.float32))}
         else:
             self._block = 1 << (dim.bit_length() - 1)
             self._signs = [torch.from_numpy(rng.choice([-1.0, 1.0], size=dim).astype(np.float32)) for _ in range(_ROUNDS)]
@@ -80,9 +86,16 @@ class Rotation:
     def matrix(self) -> np.ndarray:
         """Π as a dense float64 (d, d) array (for the reference implementation and tests)."""
         if self.kind == "dense":
-            return self._matrix
+            return self._matrix_t[torch.float64].numpy().T
         eye = torch.eye(self.dim, dtype=torch.float64)
         return self.apply(eye).numpy().T.copy()
+
+    def nbytes(self) -> int:
+        """Host memory held by this rotation (its matrices, or signs and permutations)."""
+        if self.kind == "dense":
+            held = {t.data_ptr(): t.nbytes for t in self._matrix_t.values() if t.device.type == "cpu"}
+            return sum(held.values())
+        return sum(t.nbytes for t in self._signs + self._perms + self._inverse_perms)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate rows: (n, d) → (n, d), same dtype (float32 or float64)."""

@@ -6,7 +6,7 @@ A segment is immutable once created except for its deletion mask; appends create
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from .quantizer import EncodedVectors
 __all__ = ["Segment"]
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality and hashing: backends key their caches by segment
 class Segment:
     """Rows of an index.
 
@@ -33,8 +33,6 @@ class Segment:
     deleted: np.ndarray | None = None
     shard: dict | None = None
     deletions_dirty: bool = False
-    #: Arrays uploaded to a GPU, by device name (see backends.cpu.segment_tensors).
-    device_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -39,8 +39,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .codebook import CODEBOOK_VERSIONS, effective_bits
-from .quantizer import SCALE_DTYPES, EncodedVectors, scale_dtype_name
+from .codebook import CODEBOOK_VERSIONS
+from .quantizer import SCALE_DTYPES, EncodedVectors
 from .segment import Segment
 
 __all__ = ["FORMAT_VERSION", "IndexFormatError", "IndexLockedError", "Store", "save", "load", "open_index"]
@@ -258,6 +258,7 @@ def _unlink_quietly(path: Path) -> None:
 # -- save ---------------------------------------------------------------------------------------
 def save(index, path=None) -> None:
     store: Store | None = index._store
+    state = index._state()
     fresh = False  # a new directory: every segment is written there, whatever it has elsewhere
     if path is None:
         if store is None:
@@ -284,11 +285,11 @@ def save(index, path=None) -> None:
                                    f"(generation {on_disk}, expected {store.generation}); reload it")
     shard_dir = target / SHARDS
     shard_dir.mkdir(parents=True, exist_ok=True)
-    params = index.params()
+    params = state["params"]
     q = index._quantizer
     rows_schema = _rows_schema(params, q.code_bytes, q.qjl_bytes, q.stores_norm(params["metric"]))
     entries = []
-    for segment in index._segments:
+    for segment in state["segments"]:
         rewrite = fresh or segment.shard is None
         entry = _write_segment(shard_dir, segment, rows_schema, index.dim) if rewrite else dict(segment.shard)
         if rewrite or segment.deletions_dirty:
@@ -298,11 +299,11 @@ def save(index, path=None) -> None:
         entries.append(entry)
     _fsync_dir(shard_dir)
     body = {"format": "tqindex", "format_version": FORMAT_VERSION, "generation": store.generation + 1,
-            "params": params, "next_id": index._next_id, "count": len(index), "shards": entries}
+            "params": params, "next_id": state["next_id"], "count": state["live"], "shards": entries}
     _write_manifest(target, body)
     # Committed: only now may the in-memory state say so, and old files go.
     store.generation = body["generation"]
-    for segment, entry in zip(index._segments, entries):
+    for segment, entry in zip(state["segments"], entries):
         segment.shard = entry
         segment.deletions_dirty = False
     _collect_garbage(target, body)
@@ -349,14 +350,13 @@ def load(cls, path, *, mmap: bool = True, device: str = "cpu", verify: bool = Tr
 
 def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device: str):
     params = dict(body["params"])
+    # Indexes saved before scale_dtype existed stored float32 scales, and before codebook existed,
+    # the scalar codebook.
+    params.setdefault("scale_dtype", "float32")
+    params.setdefault("codebook", "scalar")
+    params.setdefault("center", None)
     try:
-        index = cls(dim=params["dim"], bits=params["bits"], metric=params["metric"], variant=params["variant"],
-                    seed=params["seed"], keep_vectors=params["keep_vectors"], rotation=params["rotation"],
-                    rescale=params["rescale"], center=params.get("center"),
-                    # Indexes saved before scale_dtype existed stored float32 scales.
-                    scale_dtype=params.get("scale_dtype", "float32"),
-                    # ... and before codebook existed, the scalar codebook.
-                    codebook=params.get("codebook", "scalar"), codebook_version=params["codebook_version"])
+        index = cls._from_state(params, segments=[], next_id=0)
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexFormatError(f"manifest {path / MANIFEST} has invalid parameters {params}: {exc}") from None
     q = index._quantizer
@@ -393,10 +393,8 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
             deleted[rows] = True
         segments.append(Segment(ids=_column_numpy(col["id"]), encoded=encoded, vectors=vectors, deleted=deleted,
                                 shard=entry))
-    index._segments = segments
-    index._next_id = int(body["next_id"])
     store.generation = body["generation"]
-    index._store = store
+    index = cls._from_state(params, segments=segments, next_id=int(body["next_id"]), store=store)
     if len(index) != body["count"]:
         raise IndexFormatError(f"manifest {path / MANIFEST} records {body['count']} live rows, shards hold {len(index)}")
     if device != "cpu":
@@ -405,20 +403,39 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
 
 
 def open_index(cls, path, **params):
-    """Load the index at `path`, or create an empty one there (saved at once) with `params`."""
+    """Load the index at `path`, or create an empty one there (saved at once) with `params`.
+
+    On an existing index every given parameter must match the stored one (a misspelt name or a
+    different value raises ValueError naming it), so `open` never silently ignores an argument.
+    """
     path = Path(path)
     if (path / MANIFEST).exists():
         index = load(cls, path, **{k: params.pop(k) for k in ("mmap", "device", "verify") if k in params})
         stored = index.params()
-        if "bits" in params:  # compare the width realised: 2.33 and 2 + 128/384 are the same index
-            params["bits"] = effective_bits(index.dim, params["bits"])
-        if "scale_dtype" in params:  # np.float16 and "f2" name the same index as "float16"
-            params["scale_dtype"] = scale_dtype_name(params["scale_dtype"])
-        clash = {k: (v, stored[k]) for k, v in params.items() if k in stored and stored[k] != v}
-        if clash:
-            raise ValueError(f"index at {path} was built with different parameters (given, stored): {clash}")
+        given = dict(params)
+        options = given.pop("options", None)
+        if options is not None:
+            given.update(options.__dict__)
+        unknown = sorted(set(given) - set(stored))
+        if unknown:
+            index.close()
+            raise ValueError(f"Index.open got unknown parameters {unknown}; an index's parameters are {sorted(stored)}")
+        if given:
+            # What these arguments would build, compared with what is stored (bits as realised,
+            # scale_dtype and center normalised the same way).
+            probe = cls(**{"dim": stored["dim"], **params}).params()
+            clash = {k: (given[k], stored[k]) for k in given if probe[k] != stored[k]}
+            if clash:
+                index.close()
+                raise ValueError(f"index at {path} was built with different parameters (given, stored): "
+                                 f"{_short(clash)}")
         index._store.acquire()
         return index
     index = cls(**params)
     index.save(path)
     return index
+
+
+def _short(value, limit: int = 500) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"

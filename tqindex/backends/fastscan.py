@@ -4,12 +4,11 @@ How a search runs
 -----------------
 1. Each segment's mse codes are regrouped once into "nibbles" of 4 bits (one code of 3-4 bits, two
    of 2 bits or four of 1 bit) and stored in blocks of 32 vectors (the kernel's layout); the
-   layout is cached on the segment. 5-bit codes (whole width 5, or the wider group of a width
-   between 4 and 5) with the bit-plane codebook (codebook="vq", `CodeGroup.plane`) are scanned as
-   two groups: their high 4 bits, one nibble each, and their lowest bits as 1-bit codes, four to a
-   nibble (level 2n + p is low[n] + p·step, so the two parts add). Lloyd-Max 5-bit codes keep their
-   low 4 bits in a nibble and their 5th bits in mask columns; their nibbles have 32-entry tables,
-   and the kernel blends the two lookups by the mask.
+   layout is cached by the scanner, per segment. What the nibbles hold is each codebook kind's
+   rule (`tqindex.groups`, `nibble_parts`): a bit-plane 5-bit group is read as two parts (its
+   codes' high 4 bits, and their lowest bits as 1-bit codes four to a nibble); a Lloyd-Max 5-bit
+   group keeps its low 4 bits in a nibble and its 5th bits in mask columns ("masked": 32-entry
+   tables, the kernel blends the two lookups by the mask).
 2. Per query, nibble m gets a 16-entry float table L[m][v] = Σ_t (Πq)_j · c(code_t(v)), the exact
    contribution of every value the nibble can take; the tables are shifted per nibble and
    quantized to 0..127 with one step δ per query.
@@ -20,9 +19,9 @@ How a search runs
    offered to the query's heap.
 
 So the results are the torch scan's (the same estimator, float32) up to float rounding of the
-sums, and the uint8 pass only saves work. The mse variant uses it when every code is 1-5 bits
-(widths up to 5); prod, wider codes, GPUs and an install without the compiled extension use
-`backends.cpu.scan_topk`. TQINDEX_NATIVE=0 turns it off.
+sums, and the uint8 pass only saves work. `FastScanner.supports` the mse variant on the CPU when
+every group has nibble parts (codes of 1-5 bits); prod, wider codes, GPUs and an install without
+the compiled extension use the torch scan. TQINDEX_NATIVE=0 turns it off.
 """
 
 from __future__ import annotations
@@ -33,12 +32,12 @@ import torch
 from .. import native
 from ..quantizer import TurboQuantizer
 from ..segment import Segment
+from ..topk import empty_topk, topk_padded
+from .base import Queries, Scanner, SegmentCache, TopK
 
-__all__ = ["available", "supports", "scan_topk_fast", "segment_layout", "quantized_luts", "last_stats"]
+__all__ = ["FastScanner", "available", "supports", "scan_topk_fast", "segment_layout", "quantized_luts"]
 
 BLOCK = 32
-#: Work of the last call: queries, and rows per query whose exact score was summed.
-last_stats = {"queries": 0, "exact_per_query": 0.0}
 
 
 def available() -> bool:
@@ -47,43 +46,30 @@ def available() -> bool:
     return native.enabled() and native.simd() == "avx2"
 
 
-WIDE_BITS = 5
-
-
 def supports(quantizer: TurboQuantizer) -> bool:
-    # Groups are ordered widest first, so a 5-bit group, if any, is the first (the kernel's layout);
-    # a bit-plane one is scanned as a 4-bit and a 1-bit part.
-    return quantizer.variant == "mse" and bool(quantizer.groups) and \
-        all(g.bits <= 4 or (g.bits == WIDE_BITS and (i == 0 or g.plane)) for i, g in enumerate(quantizer.groups))
+    """Whether the kernels can scan these codes: the mse variant, every group readable as nibbles,
+    and a masked group (it has mask columns) only first (groups are ordered widest first)."""
+    if quantizer.variant != "mse" or not quantizer.groups:
+        return False
+    parts = [g.kind.nibble_parts() for g in quantizer.groups]
+    return all(p is not None for p in parts) and not any(q.masked for p in parts[1:] for q in p)
 
 
 def _nibble_plan(quantizer: TurboQuantizer) -> list[tuple]:
-    """What the kernel scans, in nibble order: (start, stop, bits, codes per nibble, centroids
-    float32 (2**bits,), codewords float32 (16, per) or None, part) per code group. `part` picks the
-    values from the per-coordinate codes: None (the code), "high" (code >> 1) or "low" (code & 1).
-    A bit-plane group (`CodeGroup.plane`) gives two: its codes' high bits with the centroids
-    low[n] = centroids[2n], and their lowest bits as 1-bit codes with centroids (0, step)."""
-    plan = []
-    for g in quantizer.groups:
-        if g.plane:
-            plan.append((g.start, g.stop, g.bits - 1, 1, np.ascontiguousarray(g.centroids.numpy()[0::2]), None, "high"))
-            plan.append((g.start, g.stop, 1, 4, np.array([0.0, g.plane_step], np.float32), None, "low"))
-        else:
-            plan.append((g.start, g.stop, g.bits, 4 // g.bits if g.bits in (1, 2) else 1, g.centroids.numpy(),
-                         g.codewords.numpy() if g.block > 1 else None, None))
-    return plan
+    """What the kernel scans, in nibble order: (start, stop, part) per `NibblePart` of each group."""
+    return [(g.start, g.stop, part) for g in quantizer.groups for part in g.kind.nibble_parts()]
 
 
-def _wide_cols(quantizer: TurboQuantizer) -> int:
-    """Columns of 5-bit codes (the first group's, its nibbles padded to a multiple of 8), or 0."""
-    g = quantizer.groups[0]
-    return 4 * -(-(g.stop - g.start) // 8) if g.bits == WIDE_BITS and not g.plane else 0
+def _masked_cols(quantizer: TurboQuantizer) -> int:
+    """Columns of masked 5-bit codes (the first group's, its nibbles padded to a multiple of 8), or 0."""
+    start, stop, part = _nibble_plan(quantizer)[0]
+    return 4 * -(-(stop - start) // 8) if part.masked else 0
 
 
 def _nibble_count(quantizer: TurboQuantizer) -> int:
-    wide = 2 * _wide_cols(quantizer)
-    return sum(wide if bits == WIDE_BITS else -(-(stop - start) // per)
-               for start, stop, bits, per, *_ in _nibble_plan(quantizer))
+    masked = 2 * _masked_cols(quantizer)
+    return sum(masked if part.masked else -(-(stop - start) // part.per)
+               for start, stop, part in _nibble_plan(quantizer))
 
 
 # Slot order (see _native.c): slot 8g + j of a block holds row 2j + 16·(g & 1) + (g >> 1).
@@ -102,29 +88,30 @@ def _nibbles(quantizer: TurboQuantizer, codes: np.ndarray) -> np.ndarray:
     """Packed codes (n, code_bytes) → (n, ncols + wcols/4) bytes: nibble 2c in the low half of
     column c, 2c + 1 in the high; then, for 5-bit codes, mask column u with bit t = the 5th bit of
     wide nibble 8u + t."""
-    if len(quantizer.groups) == 1 and quantizer.groups[0].bits in (1, 2, 4):
+    plan = _nibble_plan(quantizer)
+    if len(plan) == 1 and 4 % plan[0][2].bits == 0:
         # The packed bitstream (tqindex.packing) already is this: byte c holds codes in the order and
         # at the shifts the nibbles use, zero-padded at the end.
         return np.asarray(codes)
     idx = quantizer.unpack(codes)
     n = idx.shape[0]
     nibbles, masks = [], []
-    wide = 2 * _wide_cols(quantizer)
-    for start, stop, bits, per, _, _, pick in _nibble_plan(quantizer):
+    masked = 2 * _masked_cols(quantizer)
+    for start, stop, spec in plan:
         part = idx[:, start:stop]
-        if pick is not None:
-            part = part >> 1 if pick == "high" else part & 1
-        width = wide if bits == WIDE_BITS else -(-(stop - start) // per) * per
+        if spec.pick is not None:
+            part = part >> 1 if spec.pick == "high" else part & 1
+        width = masked if spec.masked else -(-(stop - start) // spec.per) * spec.per
         if width != part.shape[1]:
             part = np.concatenate([part, np.zeros((n, width - part.shape[1]), np.uint8)], axis=1)
-        if bits == WIDE_BITS:
+        if spec.masked:
             high = (part >> 4).reshape(n, -1, 8)
             masks.append(np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8), axis=2).astype(np.uint8))
             part = part & 15
-        part = part.reshape(n, -1, per)
+        part = part.reshape(n, -1, spec.per)
         nib = part[:, :, 0].copy()
-        for t in range(1, per):
-            nib |= part[:, :, t] << (t * bits)
+        for t in range(1, spec.per):
+            nib |= part[:, :, t] << (t * spec.bits)
         nibbles.append(nib)
     nib = np.concatenate(nibbles, axis=1)
     if nib.shape[1] % 2:  # an odd nibble count: the last byte's high half is a zero nibble with a zero table
@@ -132,8 +119,8 @@ def _nibbles(quantizer: TurboQuantizer, codes: np.ndarray) -> np.ndarray:
     return np.concatenate([nib[:, 0::2] | (nib[:, 1::2] << 4)] + masks, axis=1)
 
 
-def segment_layout(quantizer: TurboQuantizer, segment: Segment, metric: str) -> dict:
-    """The segment's codes in kernel layout, built once and cached on the segment.
+def segment_layout(quantizer: TurboQuantizer, segment: Segment, metric: str, cache: SegmentCache | None = None) -> dict:
+    """The segment's codes in kernel layout, built once and kept in `cache` (a `SegmentCache`).
 
     Returns
     -------
@@ -141,12 +128,12 @@ def segment_layout(quantizer: TurboQuantizer, segment: Segment, metric: str) -> 
     5-bit), n, scale ((nblocks·32,) float32 in slot order, NaN for padding), max_scale, and for
     "l2" norm2 (‖x‖² in slot order) and max_norm2 (the maxima size the rounding room)
     """
-    layout = segment.device_cache.get("fastscan")
+    layout = None if cache is None else cache.peek(segment, "layout")
     if layout is None:
         codes = np.asarray(segment.encoded.codes)
         n = len(codes)
         ncols = -(-_nibble_count(quantizer) // 2)
-        wcols = _wide_cols(quantizer)
+        wcols = _masked_cols(quantizer)
         width = ncols + wcols // 4
         nblocks = -(-n // BLOCK)
         blocks = np.zeros((nblocks, width, BLOCK), np.uint8)
@@ -161,7 +148,8 @@ def segment_layout(quantizer: TurboQuantizer, segment: Segment, metric: str) -> 
         layout = {"blocks": blocks, "ncols": ncols, "wcols": wcols, "n": n,
                   "scale": _to_slots(scale, nblocks, np.nan),
                   "max_scale": float(np.abs(scale).max()) if n else 0.0}
-        segment.device_cache["fastscan"] = layout
+        if cache is not None:
+            cache.get(segment, "layout", lambda: layout)
     if metric == "l2" and "norm2" not in layout:
         enc = segment.encoded
         norm2 = np.square(np.asarray(enc.norm if enc.norm is not None else enc.scale, dtype=np.float32))
@@ -192,12 +180,12 @@ def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
     q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
     nq = q.shape[0]
     ncols = -(-_nibble_count(quantizer) // 2)
-    wcols = _wide_cols(quantizer)
+    wcols = _masked_cols(quantizer)
     luts = np.empty((nq, 2 * (ncols + wcols), 16), np.uint8)
     fluts = np.empty((nq, 2 * (ncols + wcols), 16), np.float32)
     delta, bias, tol, magnitude = (np.empty(nq, np.float32) for _ in range(4))
-    groups = [(start, stop, bits, per, centroids) + (() if words is None else (words,))
-              for start, stop, bits, per, centroids, words, _ in _nibble_plan(quantizer)]
+    groups = [(start, stop, p.bits, p.per, p.centroids) + (() if p.codewords is None else (p.codewords,))
+              for start, stop, p in _nibble_plan(quantizer)]
     native.parallel_ranges(nq, lambda a, b: native.kernels.tables(
         q[a:b], quantizer.dim, b - a, groups, ncols, luts[a:b], fluts[a:b], delta[a:b], bias[a:b], tol[a:b],
         magnitude[a:b], wcols), min_per_thread=64)
@@ -215,10 +203,10 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
         row_scale = np.where(_to_slots(np.asarray(segment.deleted), nblocks, False), np.float32(np.nan), row_scale)
     row_norm2 = layout["norm2"] if metric == "l2" else None
     extra = {"wcols": layout["wcols"]}
-    if len(quantizer.groups) == 1 and quantizer.groups[0].bits <= 4 and quantizer.groups[0].block == 1:
+    if len(quantizer.groups) == 1 and quantizer.groups[0].kind.rescores_from_codes:
         # One scalar code group: rows are rescored straight from the row-major codes (a SIMD
-        # decode-and-dot, ~3x faster than summing 2·ncols float table entries). Block codebooks
-        # rescore from the float tables, whose entries already hold each codeword's dot product.
+        # decode-and-dot, cheaper than summing 2·ncols float table entries). Other kinds rescore
+        # from the float tables, whose entries already hold each codeword's dot product.
         g = quantizer.groups[0]
         centroids = np.zeros(16, np.float32)
         centroids[: len(g.centroids)] = g.centroids.numpy()
@@ -246,8 +234,9 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
 
 def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: torch.Tensor,
                    query_sq_norms: torch.Tensor, k: int, metric: str, *, portable: bool = False,
-                   threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract and results as `backends.cpu.scan_topk` (mse variant, CPU).
+                   threads: int | None = None, cache: SegmentCache | None = None, stats: dict | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract and results as `backends.torch_scan.scan_topk` (mse variant, CPU).
 
     Parameters
     ----------
@@ -255,6 +244,10 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
         Use the portable C loop even where AVX2 is available (tests compare the two).
     threads : int, optional
         Default: torch.get_num_threads().
+    cache : SegmentCache, optional
+        Where kernel layouts are kept between calls (without it they are rebuilt per call).
+    stats : dict, optional
+        Filled with the work done: queries, and rows per query whose exact score was summed.
     """
     nq = rotated.shape[0]
     threads = threads or torch.get_num_threads()
@@ -267,7 +260,7 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
     offset = 0
     for seg in segments:
         if len(seg):
-            layout = segment_layout(quantizer, seg, metric)
+            layout = segment_layout(quantizer, seg, metric, cache)
             # Room for float32 rounding in a score: 1e-5 of the size of the terms it is made of.
             eps = 1e-5 * (factor * layout["max_scale"] * magnitude
                           + ((layout["max_norm2"] + qn2) if metric == "l2" else 0.0))
@@ -277,12 +270,25 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
             positions.append(np.where(p >= 0, p + offset, -1))
             exact += int(count.sum())
         offset += len(seg)
-    last_stats.update(queries=nq, exact_per_query=exact / max(nq, 1))
+    if stats is not None:
+        stats.update(queries=nq, exact_per_query=exact / max(nq, 1))
     if not scores:
-        return torch.full((nq, k), -torch.inf), torch.full((nq, k), -1, dtype=torch.int64)
-    scores = torch.from_numpy(np.concatenate(scores, axis=1))
-    positions = torch.from_numpy(np.concatenate(positions, axis=1))
-    best, order = torch.topk(scores, k, dim=1)
-    best_pos = torch.gather(positions, 1, order)
-    best_pos[torch.isneginf(best)] = -1
-    return best, best_pos
+        return empty_topk(nq, k)
+    return topk_padded(torch.from_numpy(np.concatenate(scores, axis=1)),
+                       torch.from_numpy(np.concatenate(positions, axis=1)), k)
+
+
+class FastScanner(Scanner):
+    """The native fast scan behind the scanner protocol (mse codes of 1-5 bits, CPU, AVX2)."""
+
+    name = "fastscan"
+
+    def supports(self, device: str) -> bool:
+        return device == "cpu" and available() and supports(self.quantizer)
+
+    def topk(self, segments: list[Segment], queries: Queries, k: int) -> TopK:
+        stats: dict = {}
+        scores, positions = scan_topk_fast(self.quantizer, segments, queries.rotated, queries.sq_norms, k,
+                                           self.metric, cache=self.cache, stats=stats)
+        self.last_stats = stats
+        return TopK(scores, positions, stats)

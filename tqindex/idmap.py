@@ -1,0 +1,73 @@
+"""Id bookkeeping: where each live id sits among an index's segments.
+
+Rows are addressed by *position*: their offset in the concatenation of the segments. `IdMap`
+translates ids to positions and back and groups positions by segment; its lookups are rebuilt
+lazily after any change (`invalidate`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+
+__all__ = ["IdMap"]
+
+
+class IdMap:
+    """Ids ↔ positions over the segments returned by `segments()` (read at each rebuild)."""
+
+    def __init__(self, segments: Callable[[], list]):
+        self._segments = segments
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        self._offsets: np.ndarray | None = None
+        self._ids: np.ndarray | None = None
+        self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted live ids, their positions)
+
+    def offsets(self) -> np.ndarray:
+        """(segments + 1,) int64: the first position of each segment, then the total row count."""
+        if self._offsets is None:
+            self._offsets = np.concatenate([[0], np.cumsum([len(s) for s in self._segments()])]).astype(np.int64)
+        return self._offsets
+
+    def ids(self) -> np.ndarray:
+        """(rows,) int64: the id at every position, removed rows included."""
+        if self._ids is None:
+            segments = self._segments()
+            self._ids = (np.concatenate([np.asarray(s.ids) for s in segments]) if segments
+                         else np.empty(0, dtype=np.int64))
+        return self._ids
+
+    def ids_at(self, positions: np.ndarray) -> np.ndarray:
+        """Ids of positions (any shape), −1 where the position is −1."""
+        out = np.full(positions.shape, -1, dtype=np.int64)
+        found = positions >= 0
+        out[found] = self.ids()[positions[found]]
+        return out
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) int64 positions of the live rows with these ids, −1 where absent."""
+        if self._lookup is None:
+            all_ids, offsets = self.ids(), self.offsets()
+            live = np.ones(len(all_ids), dtype=bool)
+            for s, segment in enumerate(self._segments()):
+                if segment.deleted is not None:
+                    live[offsets[s]:offsets[s + 1]] = ~segment.deleted
+            positions = np.nonzero(live)[0]
+            order = np.argsort(all_ids[positions], kind="stable")
+            self._lookup = (all_ids[positions][order], positions[order])
+        sorted_ids, sorted_pos = self._lookup
+        if not len(sorted_ids):
+            return np.full(len(ids), -1, dtype=np.int64)
+        where = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        return np.where(sorted_ids[where] == ids, sorted_pos[where], -1).astype(np.int64)
+
+    def by_segment(self, positions: np.ndarray) -> Iterator[tuple[object, np.ndarray, np.ndarray]]:
+        """Group positions by segment: yields (segment, mask into `positions`, local rows)."""
+        offsets, segments = self.offsets(), self._segments()
+        seg_of = np.searchsorted(offsets, positions, side="right") - 1
+        for s in np.unique(seg_of):
+            where = seg_of == s
+            yield segments[s], where, positions[where] - offsets[s]
