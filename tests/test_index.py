@@ -335,3 +335,92 @@ def test_center_is_validated():
         Index(dim=4, center=np.zeros(3))
     with pytest.raises(ValueError, match="NaN"):
         Index(dim=4, center=np.full(4, np.nan))
+
+
+# -- fixes made during the restructure (each failed before it) ---------------------------------------
+def test_open_refuses_unknown_or_changed_parameters_of_an_existing_index(tmp_path):
+    center = np.arange(8, dtype=np.float32)
+    Index.open(tmp_path / "ix", dim=8, metric="l2", center=center).close()
+    with pytest.raises(ValueError, match="metrc"):                 # a typo is not silently ignored
+        Index.open(tmp_path / "ix", dim=8, metrc="l2")
+    with pytest.raises(ValueError, match="center"):                # arrays compare by value
+        Index.open(tmp_path / "ix", dim=8, center=center + 1)
+    same = Index.open(tmp_path / "ix", dim=8, center=center, metric="l2")
+    np.testing.assert_array_equal(same.center, center)
+    same.close()
+
+
+def test_memory_bytes_counts_what_the_rotation_holds():
+    index = Index(dim=256, bits=2)
+    rotation = index._quantizer.rotation
+    held = {}
+    for value in vars(rotation).values():           # every array and tensor the rotation keeps
+        for item in (value.values() if isinstance(value, dict) else [value]):
+            if isinstance(item, torch.Tensor):
+                held[item.data_ptr()] = item.nbytes
+            elif isinstance(item, np.ndarray):
+                held[item.__array_interface__["data"][0]] = item.nbytes
+    assert sum(held.values()) == rotation.nbytes() == 12 * 256 * 256
+    assert index.memory_bytes() >= rotation.nbytes()
+    index.add(np.ones((10, 256), np.float32))
+    segment_bytes = sum(s.nbytes() for s in index._segments)
+    assert index.memory_bytes() == index._quantizer.nbytes() + segment_bytes
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_distances_are_lower_is_better_for_every_metric(metric):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    index = Index(dim=16, bits=4, metric=metric)
+    index.add(x)
+    result = index.search(x[:4], 5)
+    expected = result.scores if metric == "l2" else 1 - result.scores
+    np.testing.assert_array_equal(result.distances, expected)
+    assert (np.diff(result.distances, axis=1) >= 0).all()
+
+
+def test_quantizer_and_reference_default_to_the_index_codebook():
+    from tqindex import TurboQuantizer
+    index = Index(dim=64, bits=2)
+    assert TurboQuantizer(dim=64, bits=2).codebook == index.codebook == "vq"
+    x = np.random.default_rng(2).standard_normal((20, 64))
+    q = index._quantizer
+    idx, _ = reference.quantize_mse(x, q.rotation.matrix(), 2)
+    np.testing.assert_array_equal(idx, q.unpack(q.encode(torch.from_numpy(x.astype(np.float32))).codes))
+
+
+def test_reference_prod_follows_the_codebook_version():
+    """prod at 6 bits has a 5-bit mse stage: Lloyd-Max under version 1, bit-plane under version 2;
+    the oracle must code it as the index does at either version."""
+    from tqindex import QuantizerOptions
+    x = np.random.default_rng(3).standard_normal((30, 40))
+    for version in (1, 2):
+        index = Index(dim=40, bits=6, options=QuantizerOptions(variant="prod", codebook_version=version))
+        q = index._quantizer
+        enc = q.encode(torch.from_numpy(x.astype(np.float32)))
+        idx, _, _, _ = reference.quantize_prod(x, q.rotation.matrix(), 6, index.seed, "vq", version)
+        assert np.mean(q.unpack(enc.codes) != idx) < 1e-3  # ties at float32 rounding aside
+
+
+def test_legacy_keywords_and_options_build_the_same_index():
+    from tqindex import QuantizerOptions
+    a = Index(dim=32, bits=3, variant="prod", codebook="scalar")
+    b = Index(dim=32, bits=3, options=QuantizerOptions(variant="prod", codebook="scalar"))
+    assert a.params() == b.params() and a.options == b.options
+    with pytest.raises(TypeError, match="codebook_version"):
+        Index(dim=32, bits=3, codebook_version=1)   # the load path's, not a constructor knob
+    with pytest.raises(ValueError, match="variant"):
+        QuantizerOptions(variant="nope")
+
+
+@pytest.mark.skipif(not __import__("tqindex.backends.fastscan").backends.fastscan.available(),
+                    reason="no AVX2 fast scan on this machine")
+def test_moving_to_the_cpu_keeps_the_fast_scan_layout():
+    index = Index(dim=32, bits=4)
+    index.add(np.random.default_rng(4).standard_normal((500, 32)).astype(np.float32))
+    index.search(np.ones(32, np.float32), 3)
+    scanner = index._backend("fastscan")
+    layout = scanner.cache.peek(index._segments[0], "layout")
+    assert layout is not None
+    index.to("cpu")
+    assert scanner.cache.peek(index._segments[0], "layout") is layout
