@@ -11,7 +11,7 @@ norm : ‖x‖ (float32). Only "l2" with rescaling needs it next to `scale` (the
 scale : the factor applied to ⟨Πq, ỹ⟩ for the inner product estimate (float32, or float16 with
     ``scale_dtype="float16"``: 2 more bytes per vector for codes at a given budget, for a relative
     rounding of at most 2⁻¹¹ on every score of the row, ≤ 2⁻¹¹‖q‖‖x‖, against an estimation error
-    of about ‖q‖‖x‖·√(MSE/d): at d = 384, 10× larger at 4 bits and 35× at 2; see `SCALE_DTYPES`).
+    of about ‖q‖‖x‖·√(MSE/d), far larger at any width this index supports; see `SCALE_DTYPES`).
     For variant "mse" with ``rescale=True`` it is ‖x‖ / ⟨y, ỹ⟩ with y = Πx/‖x‖ and ỹ its centroid
     vector: since ỹ's component orthogonal to y is symmetric about y, ⟨Πq, ỹ⟩ / ⟨y, ỹ⟩ is an unbiased
     estimate of ⟨Πq, y⟩ (the RaBitQ argument), where the plain ⟨Πq, ỹ⟩ shrinks every score by a
@@ -234,7 +234,7 @@ class TurboQuantizer:
         y = self.rotation.apply(unit)
         codes = np.zeros((n, self.code_bytes), dtype=np.uint8)
         if self.groups and native.enabled() and y.device.type == "cpu":
-            # One pass per row in C: codes and ⟨y, ỹ⟩ (bucketize + gather + pack in torch take ~5x longer).
+            # One pass per row in C: codes and ⟨y, ỹ⟩ (bucketize + gather + pack in torch take longer).
             y_np = y.contiguous().numpy()
             alignment = np.empty(n, dtype=np.float32)
             specs = [(g.start, g.stop, g.bits, g.offset, g.boundaries.numpy(), g.centroids.numpy(),

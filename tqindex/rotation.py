@@ -10,13 +10,10 @@ Two kinds:
     transform on the first m and then the last m coordinates, m = largest power of two ≤ d). Exactly
     orthogonal for every d, O(d log d) per vector.
 
-The default is ``"dense"``, by measurement (`python bench/bench_rotation.py`, results in
-bench/results/rotation.json): on random unit vectors and real embeddings the structured rotation's
-distortion is within 0.5% of the dense one, but on one-hot inputs it is up to 12% worse at d = 384
-and 86% worse at d = 1536 (4 bits): three rounds do not spread a sparse vector into a Gaussian-like
-one when the two Hadamard blocks overlap. It also encodes 2-4x slower than the dense GEMM with
-torch on a 2-core CPU for d ≤ 1536. It therefore does not meet the bar (distortion within 1% of
-dense on every input) and is kept only as an experimental option.
+The default is ``"dense"``, by measurement (`python bench/bench_rotation.py`; figures in
+docs/design.md): on sparse (one-hot) inputs the structured rotation's distortion is well above the
+dense one's, since three rounds do not spread a sparse vector into a Gaussian-like one when the two
+Hadamard blocks overlap, so it is kept only as an experimental option.
 
 Every random draw comes from ``numpy.random.Generator(PCG64(seed))`` with a purpose tag, so the
 same seed gives the same rotation on every platform and numpy version that keeps PCG64's stream.
