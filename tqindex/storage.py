@@ -394,7 +394,7 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
         segments.append(Segment(ids=_column_numpy(col["id"]), encoded=encoded, vectors=vectors, deleted=deleted,
                                 shard=entry))
     store.generation = body["generation"]
-    index = cls._from_state(params, segments=segments, next_id=int(body["next_id"]), store=store)
+    index._adopt(segments, int(body["next_id"]), store)
     if len(index) != body["count"]:
         raise IndexFormatError(f"manifest {path / MANIFEST} records {body['count']} live rows, shards hold {len(index)}")
     if device != "cpu":
