@@ -224,14 +224,6 @@ class RaBitQLib(Padded):
         return self.index.search(self._pad(q), k, 1, num_threads=self.threads)[0]
 
 
-class Flat(FaissMethod):
-    def __init__(self, bits, dim):
-        super().__init__("faiss-Flat (exact)", bits)
-        import faiss
-        self.index = faiss.IndexFlatIP(dim)
-        self.bytes_per_vector = 4 * dim
-
-
 def methods_for(bits: int, dim: int, args) -> list[Method]:
     out = [TQ(bits, dim), TQ(bits, dim, rescale=False), TQ(bits, dim, variant="prod"), TQ(bits, dim, center=True)]
     if bits in VQ_BITS:  # the paper's per-coordinate codebook, where the default's block codebook differs
