@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +18,7 @@ from .quantizer import CODEBOOKS, VARIANTS, EncodedVectors, TurboQuantizer, scal
 from .rotation import ROTATION_KINDS
 from .segment import Segment
 from .topk import topk_padded
-from .validation import array_kind, as_float_matrix, as_id_array, check_k, to_kind
+from .validation import MAX_DIM, MAX_ID, array_kind, as_float_matrix, as_id_array, check_k, check_norms, to_kind
 
 __all__ = ["METRICS", "Index", "QuantizerOptions", "SearchResult"]
 
@@ -26,6 +28,9 @@ DEVICES = ("cpu", "cuda")
 # Unsaved appends are merged (see `_append`) while below this many rows, so many small `add` calls do
 # not fragment the index into tiny segments (and tiny shards on save).
 _MERGE_BELOW_ROWS = 1 << 16
+# A save first merges the smallest adjacent segments while there are more than this many (see
+# `_consolidated`), which bounds shards per index whatever the pattern of adds and saves.
+_MAX_SEGMENTS = 8
 # Queries scored per scan pass when the caller gives no batch_size.
 _DEFAULT_QUERY_BATCH = 1024
 
@@ -143,8 +148,8 @@ class Index:
         if options is not None and not isinstance(options, QuantizerOptions):
             raise TypeError(f"options must be a QuantizerOptions, got {type(options).__name__}")
         options = QuantizerOptions(**{**(options or QuantizerOptions()).__dict__, **option_keywords})
-        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 2:
-            raise ValueError(f"dim must be an integer >= 2, got {dim!r}")
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not 2 <= dim <= MAX_DIM:
+            raise ValueError(f"dim must be an integer in [2, {MAX_DIM}], got {dim!r}")
         if isinstance(bits, bool) or not isinstance(bits, numbers.Real) or not 1 <= bits <= 8:
             raise ValueError(f"bits must be a number in [1, 8], got {bits!r}")
         if metric not in METRICS:
@@ -166,9 +171,12 @@ class Index:
             self._center = c[0]
         self._metric = metric
         self._keep_vectors = bool(keep_vectors)
-        self._segments: list[Segment] = []
+        # Searches read one immutable snapshot (`_View`); writers build the next one under
+        # `_write_lock` and swap it in with one assignment, so a search sees the index before or
+        # after a write, never half of it.
+        self._view = _View(())
+        self._write_lock = threading.RLock()
         self._next_id = 0
-        self._ids = IdMap(lambda: self._segments)
         # One scanner per backend, in order of preference; each keeps its own caches.
         self._scanners = make_scanners(self._quantizer, metric)
         self._store: storage.Store | None = None
@@ -237,6 +245,15 @@ class Index:
         return None if self._store is None else self._store.path
 
     @property
+    def _segments(self) -> tuple[Segment, ...]:
+        """The segments of the current snapshot (read-only)."""
+        return self._view.segments
+
+    @property
+    def _ids(self) -> IdMap:
+        return self._view.ids
+
+    @property
     def options(self) -> QuantizerOptions:
         """The quantizer options this index was built with."""
         return self._options
@@ -249,7 +266,7 @@ class Index:
                 "keep_vectors": self.keep_vectors, "codebook_version": self._quantizer.codebook_version}
 
     def __len__(self) -> int:
-        return sum(s.live_count for s in self._segments)
+        return sum(s.live_count for s in self._view.segments)
 
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path is not None else ""
@@ -264,7 +281,7 @@ class Index:
         """Bytes of index data held (ids, codes, per-vector floats, kept vectors, masks) plus the
         rotation/QJL matrices as held in host memory. Memory-mapped rows count although the OS may
         not have read them; backend caches (the fast-scan layout, GPU uploads) are not counted."""
-        return self._quantizer.nbytes() + sum(s.nbytes() for s in self._segments)
+        return self._quantizer.nbytes() + sum(s.nbytes() for s in self._view.segments)
 
     def __contains__(self, key) -> bool:
         return bool(self._ids.positions(np.asarray([key], dtype=np.int64))[0] >= 0)
@@ -306,42 +323,32 @@ class Index:
         """
         x, _ = as_float_matrix(vectors, self.dim)
         n = x.shape[0]
-        if ids is None:
-            new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-            replaced = np.empty(0, dtype=np.int64)
-        else:
-            new_ids = as_id_array(ids, n)
-            positions = self._ids.positions(new_ids)
-            replaced = positions[positions >= 0]
-            if replaced.size and not upsert:
-                raise ValueError(f"ids already in the index: {new_ids[positions >= 0][:10].tolist()} "
-                                 f"(pass upsert=True to replace them)")
+        norms = check_norms(x, zero_ok=self._metric != "cosine", metric=self._metric)
         if self._metric == "cosine":
-            norms = torch.linalg.vector_norm(x, dim=1)
-            if bool((norms == 0).any()):
-                raise ValueError(f"vectors row {int((norms == 0).nonzero()[0, 0])} is zero and has no "
-                                 f"direction for metric 'cosine'")
             x = x / norms[:, None]
         encoded = self._quantizer.encode(x if self._center is None else x - self._center)
         if not self._quantizer.stores_norm(self._metric):
             encoded.norm = None
         vectors_kept = x.numpy().copy() if self._keep_vectors else None
-        # Nothing above touched the index: a rejected batch leaves it exactly as it was.
-        if replaced.size:
-            self._mark_deleted(replaced)
-        self._append(Segment(ids=new_ids, encoded=encoded, vectors=vectors_kept))
-        self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+        with self._write_lock:
+            view = self._view
+            if ids is None:
+                if self._next_id + n > MAX_ID:
+                    raise OverflowError(f"automatic ids would pass the largest id {MAX_ID - 1}; pass ids explicitly")
+                new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+                replaced = np.empty(0, dtype=np.int64)
+            else:
+                new_ids = as_id_array(ids, n)
+                positions = view.ids.positions(new_ids)
+                replaced = positions[positions >= 0]
+                if replaced.size and not upsert:
+                    raise ValueError(f"ids already in the index: {new_ids[positions >= 0][:10].tolist()} "
+                                     f"(pass upsert=True to replace them)")
+            # Nothing above touched the index: a rejected batch leaves it exactly as it was.
+            segments = _with_deleted(view, replaced) if replaced.size else list(view.segments)
+            self._view = _View(_appended(segments, Segment(ids=new_ids, encoded=encoded, vectors=vectors_kept)))
+            self._next_id = max(self._next_id, int(new_ids.max()) + 1)
         return new_ids
-
-    def _append(self, segment: Segment) -> None:
-        # Binary-counter merging: a new segment absorbs unsaved predecessors no larger than itself,
-        # so n one-row adds copy O(n log n) rows in total and leave O(log n) segments, where merging
-        # every add into the tail would copy O(n²).
-        while (self._segments and self._segments[-1].shard is None and self._segments[-1].deleted is None
-               and len(self._segments[-1]) <= len(segment) < _MERGE_BELOW_ROWS):
-            segment = _concat_segments([self._segments.pop(), segment])
-        self._segments.append(segment)
-        self._ids.invalidate()
 
     def remove(self, ids) -> int:
         """Remove rows by id (tombstones; `compact()` reclaims space). Unknown ids raise KeyError.
@@ -349,26 +356,20 @@ class Index:
         Returns the number of rows removed.
         """
         arr = as_id_array(ids)
-        positions = self._ids.positions(arr)
-        if (positions < 0).any():
-            raise KeyError(f"ids not in the index: {arr[positions < 0][:10].tolist()}")
-        self._mark_deleted(positions)
+        with self._write_lock:
+            view = self._view
+            positions = view.ids.positions(arr)
+            if (positions < 0).any():
+                raise KeyError(f"ids not in the index: {arr[positions < 0][:10].tolist()}")
+            self._view = _View(_with_deleted(view, positions))
         return int(arr.size)
-
-    def _mark_deleted(self, positions: np.ndarray) -> None:
-        for segment, _, rows in self._ids.by_segment(positions):
-            mask = np.zeros(len(segment), dtype=bool) if segment.deleted is None else segment.deleted.copy()
-            mask[rows] = True
-            segment.deleted = mask
-            segment.deletions_dirty = True
-        self._ids.invalidate()
 
     def compact(self) -> None:
         """Drop removed rows and merge all segments into one (rewritten on the next save)."""
-        live = [segment if segment.deleted is None else _select(segment, ~segment.deleted)
-                for segment in self._segments if segment.live_count]
-        self._segments = [_concat_segments(live)] if live else []
-        self._ids.invalidate()
+        with self._write_lock:
+            live = [segment if segment.deleted is None else _select(segment, ~segment.deleted)
+                    for segment in self._view.segments if segment.live_count]
+            self._view = _View([_concat_segments(live)] if live else [])
 
     # -- reads ---------------------------------------------------------------------------------
     def search(self, queries, k: int = 10, *, rerank: int = 0, batch_size: int | None = None) -> SearchResult:
@@ -402,32 +403,40 @@ class Index:
         q, was_1d = as_float_matrix(queries, self.dim, name="queries", allow_empty=True, keep_device=on_gpu)
         if on_gpu:
             q = q.cuda()  # a no-op for queries already on the GPU
+        norms = check_norms(q, zero_ok=self._metric != "cosine", metric=self._metric, name="queries")
         if self._metric == "cosine":
-            norms = torch.linalg.vector_norm(q, dim=1, keepdim=True)
-            q = q / torch.where(norms > 0, norms, torch.ones_like(norms))
-        candidates = k * rerank if rerank else k
+            q = q / norms[:, None]
+        view = self._view  # this search reads one snapshot, whatever writers do meanwhile
+        # The scan's work and buffers are bounded by the live rows, whatever k asks; the result is
+        # padded to k columns at the end.
+        live = sum(s.live_count for s in view.segments)
+        k_scan = min(k, live)
+        candidates = min(k_scan * rerank, live) if rerank else k_scan
         batch = int(batch_size or _DEFAULT_QUERY_BATCH)
         all_ids, all_scores = [], []
-        for start in range(0, q.shape[0], batch):
+        for start in range(0, q.shape[0] if k_scan else 0, batch):
             qb = q[start:start + batch]
-            scores, positions = self._scan(qb, candidates)
+            scores, positions = self._scan(view, qb, candidates)
             if rerank:
-                scores, positions = self._rerank(qb, scores, positions, k)
+                scores, positions = self._rerank(view, qb, scores, positions, k_scan)
             all_scores.append(scores)
             all_ids.append(positions)
         if all_ids:
             scores = torch.cat(all_scores).numpy()
             positions = torch.cat(all_ids).numpy()
         else:
-            scores = np.empty((0, k), dtype=np.float32)
-            positions = np.empty((0, k), dtype=np.int64)
-        ids = self._ids.ids_at(positions)
+            scores = np.empty((q.shape[0], 0), dtype=np.float32)
+            positions = np.empty((q.shape[0], 0), dtype=np.int64)
+        if k_scan < k:
+            scores = np.concatenate([scores, np.full((len(scores), k - k_scan), -np.inf, np.float32)], axis=1)
+            positions = np.concatenate([positions, np.full((len(positions), k - k_scan), -1, np.int64)], axis=1)
+        ids = view.ids.ids_at(positions)
         scores = (-scores if self._metric == "l2" else scores).astype(np.float32)
         if was_1d:
             ids, scores = ids[0], scores[0]
         return SearchResult(ids=to_kind(ids, kind, queries), scores=to_kind(scores, kind, queries), metric=self._metric)
 
-    def _scan(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scan(self, view: "_View", q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         offset = None
         if self._center is not None:
             center = self._center.to(q.device)
@@ -436,7 +445,7 @@ class Index:
             else:
                 offset = q @ center  # ⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩
         rotated, projected = self._quantizer.prepare_queries(q)
-        result = self._scanner().topk(self._segments, Queries(rotated, projected, q.square().sum(dim=1)), k)
+        result = self._scanner().topk(list(view.segments), Queries(rotated, projected, q.square().sum(dim=1)), k)
         scores, positions = result.scores, result.positions
         if offset is not None:
             scores = scores + offset[:, None].to(scores.device)
@@ -450,14 +459,14 @@ class Index:
         """This index's scanner of backend `name` ("fastscan", "cuda", "torch"), for tests and benchmarks."""
         return next(s for s in self._scanners if s.name == name)
 
-    def _rerank(self, q: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, k: int):
+    def _rerank(self, view: "_View", q: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, k: int):
         """Rescore candidate positions with full-precision vectors; exact top-k of those."""
         q = q.cpu()  # the full-precision vectors stay in host memory
         pos = positions.numpy()
         valid = pos >= 0
         exact = torch.full(pos.shape, -torch.inf, dtype=torch.float32)
         if valid.any():
-            vectors = torch.from_numpy(self._gather_vectors(pos[valid]))
+            vectors = torch.from_numpy(self._gather_vectors(view, pos[valid]))
             rows = torch.from_numpy(np.nonzero(valid)[0])
             if self._metric == "l2":
                 values = -(q[rows] - vectors).square().sum(dim=1)
@@ -466,28 +475,33 @@ class Index:
             exact[torch.from_numpy(valid)] = values
         return topk_padded(exact, positions, k)
 
-    def _gather_vectors(self, positions: np.ndarray) -> np.ndarray:
+    def _gather_vectors(self, view: "_View", positions: np.ndarray) -> np.ndarray:
         out = np.empty((len(positions), self.dim), dtype=np.float32)
-        for segment, where, rows in self._ids.by_segment(positions):
+        for segment, where, rows in view.ids.by_segment(positions):
             out[where] = segment.vectors[rows]
         return out
 
     def reconstruct(self, ids) -> np.ndarray:
         """Dequantized vectors x̃ for the given ids, (n, dim) float32 (for inspection and tests)."""
         arr = as_id_array(ids)
-        positions = self._ids.positions(arr)
+        view = self._view
+        positions = view.ids.positions(arr)
         if (positions < 0).any():
             raise KeyError(f"ids not in the index: {arr[positions < 0][:10].tolist()}")
         out = np.empty((len(arr), self.dim), dtype=np.float32)
-        for segment, where, rows in self._ids.by_segment(positions):
+        for segment, where, rows in view.ids.by_segment(positions):
             out[where] = self._quantizer.decode(_take_encoded(segment.encoded, rows))
         return out if self._center is None else out + self._center.numpy()
 
     # -- state (what storage saves and restores) -----------------------------------------------
     def _state(self) -> dict:
-        """What a commit records: params, the id counter, and the segments (their arrays and shard entries)."""
-        return {"params": self.params(), "next_id": self._next_id, "segments": list(self._segments),
-                "live": len(self)}
+        """What a commit records: params, the id counter, and the segments (their arrays and shard
+        entries), consolidated first (`_consolidated`). Call with `_write_lock` held."""
+        if len(self._view.segments) > _MAX_SEGMENTS:
+            self._view = _View(_consolidated(self._view.segments))
+        view = self._view
+        return {"params": self.params(), "next_id": self._next_id, "segments": list(view.segments),
+                "live": sum(s.live_count for s in view.segments)}
 
     @classmethod
     def _from_state(cls, params: dict, *, segments: list[Segment], next_id: int, store=None) -> "Index":
@@ -504,15 +518,16 @@ class Index:
     def _adopt(self, segments: list[Segment], next_id: int, store) -> None:
         """Take over loaded segments, the id counter and the store (the second half of `_from_state`,
         for a loader that needs the quantizer before it can read the segments)."""
-        self._segments = list(segments)
-        self._next_id = int(next_id)
-        self._store = store
-        self._ids.invalidate()
+        with self._write_lock:
+            self._view = _View(segments)
+            self._next_id = int(next_id)
+            self._store = store
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path=None) -> None:
         """Commit the index to directory `path` (incremental when it is already saved there)."""
-        storage.save(self, path)
+        with self._write_lock:
+            storage.save(self, path)
 
     @classmethod
     def load(cls, path, *, mmap: bool = True, device: str = "cpu", verify: bool = True) -> "Index":
@@ -534,6 +549,52 @@ class Index:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _View:
+    """An immutable snapshot of an index's rows: its segments and their id map."""
+
+    __slots__ = ("segments", "ids")
+
+    def __init__(self, segments):
+        self.segments = tuple(segments)
+        self.ids = IdMap(lambda: self.segments)
+
+
+def _with_deleted(view: _View, positions: np.ndarray) -> list[Segment]:
+    """The view's segments with these positions removed: copies of the affected segments with new
+    deletion masks (codes and ids shared), the others as they are."""
+    segments = list(view.segments)
+    index_of = {id(s): i for i, s in enumerate(segments)}
+    for segment, _, rows in view.ids.by_segment(positions):
+        mask = np.zeros(len(segment), dtype=bool) if segment.deleted is None else segment.deleted.copy()
+        mask[rows] = True
+        segments[index_of[id(segment)]] = dataclasses.replace(segment, deleted=mask, deletions_dirty=True)
+    return segments
+
+
+def _appended(segments: list[Segment], segment: Segment) -> list[Segment]:
+    """Binary-counter merging: a new segment absorbs unsaved predecessors no larger than itself,
+    so n one-row adds copy O(n log n) rows in total and leave O(log n) segments, where merging
+    every add into the tail would copy O(n²)."""
+    while (segments and segments[-1].shard is None and segments[-1].deleted is None
+           and len(segments[-1]) <= len(segment) < _MERGE_BELOW_ROWS):
+        segment = _concat_segments([segments.pop(), segment])
+    return segments + [segment]
+
+
+def _consolidated(segments: list[Segment]) -> list[Segment]:
+    """At most `_MAX_SEGMENTS` segments: while there are more, the adjacent pair with the fewest
+    live rows is merged (removed rows dropped). Saved segments count too, so many small commits
+    (add one row, save, repeat) do not leave one shard each; a merged pair is written once more on
+    the next save and its old shards collected."""
+    segments = list(segments)
+    while len(segments) > _MAX_SEGMENTS:
+        sizes = [a.live_count + b.live_count for a, b in zip(segments, segments[1:])]
+        i = int(np.argmin(sizes))
+        pair = [s if s.deleted is None else _select(s, ~s.deleted) for s in segments[i:i + 2]]
+        segments[i:i + 2] = [_concat_segments(pair)]
+    return segments
 
 
 def _take_encoded(enc: EncodedVectors, rows) -> EncodedVectors:

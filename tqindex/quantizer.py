@@ -60,7 +60,7 @@ def scale_dtype_name(value) -> str:
 _ENCODE_CHUNK_BYTES = 64 << 20
 
 
-@dataclass
+@dataclass(eq=False)  # identity hashing: backends key their caches by a segment's encoded rows
 class EncodedVectors:
     """Encoded rows. All arrays are numpy with n rows.
 

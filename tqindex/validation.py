@@ -7,9 +7,19 @@ import numbers
 import numpy as np
 import torch
 
-__all__ = ["as_float_matrix", "as_id_array", "check_k", "array_kind", "to_kind"]
+__all__ = ["MAX_DIM", "MAX_ID", "MAX_NORM", "as_float_matrix", "as_id_array", "check_k", "check_norms", "array_kind",
+           "to_kind"]
 
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+#: Largest vector dimension (a dense rotation of this size holds 12·d² = 48 GiB; the bound keeps a
+#: crafted manifest from asking for more).
+MAX_DIM = 1 << 16
+#: Ids are integers in [0, MAX_ID): automatic ids can always continue past the largest one given.
+MAX_ID = 1 << 62
+#: Largest vector or query norm: every score (≤ ‖q‖·‖x‖, or ‖q − x‖² ≤ (‖q‖ + ‖x‖)²) then stays far
+#: inside float32's range, so no score overflows to ±inf.
+MAX_NORM = 1e18
 
 
 def array_kind(x) -> str:
@@ -97,6 +107,8 @@ def as_id_array(ids, n: int | None = None) -> np.ndarray:
     arr = arr.astype(np.int64)
     if arr.size and int(arr.min()) < 0:
         raise ValueError(f"ids must be non-negative (-1 marks a missing result); got {int(arr.min())}")
+    if arr.size and int(arr.max()) >= MAX_ID:
+        raise ValueError(f"ids must be below 2**62 = {MAX_ID}; got {int(arr.max())}")
     uniq, counts = np.unique(arr, return_counts=True)
     if uniq.size != arr.size:
         raise ValueError(f"duplicate ids within the batch: {uniq[counts > 1][:10].tolist()}")
@@ -109,3 +121,18 @@ def check_k(k) -> int:
     if k <= 0:
         raise ValueError(f"k must be >= 1, got {k}")
     return int(k)
+
+
+def check_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str = "vectors") -> torch.Tensor:
+    """Row norms (n,) float32 of a validated (n, d) float32 tensor; raise ValueError naming the first
+    row whose norm exceeds MAX_NORM, or that is zero where `zero_ok` is False (cosine: no direction)."""
+    norms = torch.linalg.vector_norm(x.double(), dim=1)  # float64: a float32 norm may overflow to inf
+    big = norms > MAX_NORM
+    if bool(big.any()):
+        row = int(big.nonzero()[0, 0])
+        raise ValueError(f"{name} row {row} has norm {float(norms[row]):.3g}, above {MAX_NORM:.0e}: its scores "
+                         f"would overflow float32 (rescale the data)")
+    if not zero_ok and bool((norms == 0).any()):
+        row = int((norms == 0).nonzero()[0, 0])
+        raise ValueError(f"{name} row {row} is zero and has no direction for metric {metric!r}")
+    return norms.float()

@@ -54,19 +54,22 @@ class TopK:
 
 
 class SegmentCache:
-    """Per-segment values a backend derived (kernel layouts, uploads): dropped with the segment."""
+    """Per-segment values a backend derived (kernel layouts, uploads), dropped with the segment.
+
+    Keyed by the segment's encoded rows, which a removal's copy of the segment shares (only its
+    deletion mask is new), so removing rows never rebuilds a layout."""
 
     def __init__(self):
         self._values: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def get(self, segment, key, make):
-        entry = self._values.setdefault(segment, {})
+        entry = self._values.setdefault(segment.encoded, {})
         if key not in entry:
             entry[key] = make()
         return entry[key]
 
     def peek(self, segment, key):
-        return self._values.get(segment, {}).get(key)
+        return self._values.get(segment.encoded, {}).get(key)
 
     def clear(self) -> None:
         self._values = weakref.WeakKeyDictionary()
