@@ -426,12 +426,15 @@ def test_moving_to_the_cpu_keeps_the_fast_scan_layout():
     assert scanner.cache.peek(index._segments[0], "layout") is layout
 
 
+@pytest.mark.skipif(not __import__("tqindex.backends.fastscan").backends.fastscan.available(),
+                    reason="no AVX2 fast scan on this machine")
 def test_removing_rows_keeps_the_fast_scan_layout():
     index = Index(dim=32, bits=4)
     index.add(np.random.default_rng(5).standard_normal((500, 32)).astype(np.float32))
     index.search(np.ones(32, np.float32), 3)
     scanner = index._backend("fastscan")
     layout = scanner.cache.peek(index._segments[0], "layout")
+    assert layout is not None
     index.remove([0, 1, 2])
     assert index._segments[0].deleted is not None
     assert scanner.cache.peek(index._segments[0], "layout") is layout

@@ -512,16 +512,10 @@ class Index:
         index = cls(dim=params["dim"], bits=params["bits"], metric=params["metric"], seed=params["seed"],
                     keep_vectors=params["keep_vectors"], scale_dtype=params["scale_dtype"],
                     center=params["center"], options=options)
-        index._adopt(segments, next_id, store)
+        index._view = _View(segments)
+        index._next_id = int(next_id)
+        index._store = store
         return index
-
-    def _adopt(self, segments: list[Segment], next_id: int, store) -> None:
-        """Take over loaded segments, the id counter and the store (the second half of `_from_state`,
-        for a loader that needs the quantizer before it can read the segments)."""
-        with self._write_lock:
-            self._view = _View(segments)
-            self._next_id = int(next_id)
-            self._store = store
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path=None) -> None:

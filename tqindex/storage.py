@@ -30,7 +30,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import mmap as mmap_module
+import numbers
 import os
+import re
+import stat
 import uuid
 import zlib
 from pathlib import Path
@@ -40,8 +44,12 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from .codebook import CODEBOOK_VERSIONS
-from .quantizer import SCALE_DTYPES, EncodedVectors
+from .groups import CODEBOOKS, group_layout
+from .packing import packed_row_bytes
+from .quantizer import SCALE_DTYPES, VARIANTS, EncodedVectors
+from .rotation import ROTATION_KINDS
 from .segment import Segment
+from .validation import MAX_DIM, MAX_ID
 
 __all__ = ["FORMAT_VERSION", "IndexFormatError", "IndexLockedError", "Store", "save", "load", "open_index"]
 
@@ -50,7 +58,12 @@ MANIFEST = "MANIFEST.json"
 LOCK = "LOCK"
 SHARDS = "shards"
 _CHECKSUM_CHUNK = 8 << 20
-_LOAD_RETRIES = 5
+_LOAD_RETRIES = 100  # a retry happens only when a writer committed meanwhile
+#: Every file the index writes under shards/ has such a name; nothing else there is ever opened or removed.
+_SHARD_NAME = re.compile(r"(rows|vectors|deleted)-[0-9a-f]{32}\.arrow")
+#: A manifest larger than this is refused unread (a real one holds a few hundred bytes per shard).
+_MAX_MANIFEST_BYTES = 64 << 20
+_METRICS = ("ip", "cosine", "l2")
 
 
 class IndexFormatError(ValueError):
@@ -76,6 +89,22 @@ def _crc32_file(path: Path) -> int:
         while chunk := f.read(_CHECKSUM_CHUNK):
             crc = zlib.crc32(chunk, crc)
     return crc
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of `path` if it is a regular file, not a symlink (O_NOFOLLOW) and
+    not a FIFO or device (O_NONBLOCK, then fstat), so that opening can neither leave the directory
+    nor hang. Raises FileNotFoundError or IndexFormatError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # ELOOP: a symlink; others: unreadable
+        raise IndexFormatError(f"{path} cannot be opened as a regular file of the index ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IndexFormatError(f"{path} is not a regular file")
+    return fd
 
 
 def _write_durable(path: Path, data: bytes) -> None:
@@ -127,18 +156,32 @@ def _write_table(path: Path, schema: pa.Schema, columns: list[pa.Array]) -> dict
 
 
 def _read_table(path: Path, entry: dict, schema: pa.Schema, *, mmap: bool, verify: bool) -> pa.RecordBatch:
-    """Open one shard and check it against its manifest entry; raise IndexFormatError otherwise."""
-    if not path.exists():
-        raise IndexFormatError(f"missing shard file {path}")
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        raise IndexFormatError(f"shard {path} has {size} bytes, the manifest records {entry['bytes']} "
-                               f"(truncated or replaced)")
-    if verify and _crc32_file(path) != entry["crc32"]:
-        raise IndexFormatError(f"checksum mismatch in shard {path}: the file is corrupted")
+    """Open one shard and check it against its manifest entry; raise IndexFormatError otherwise
+    (a file removed meanwhile, say by a writer's garbage collection, included: load then retries)."""
     try:
-        source = pa.memory_map(str(path), "r") if mmap else pa.BufferReader(pa.py_buffer(path.read_bytes()))
-        reader = ipc.open_file(source)
+        fd = _open_regular(path)
+    except FileNotFoundError:
+        raise IndexFormatError(f"missing shard file {path}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size != entry["bytes"]:
+            raise IndexFormatError(f"shard {path} has {size} bytes, the manifest records {entry['bytes']} "
+                                   f"(truncated or replaced)")
+        if verify:
+            crc = 0
+            with os.fdopen(os.dup(fd), "rb") as f:
+                while chunk := f.read(_CHECKSUM_CHUNK):
+                    crc = zlib.crc32(chunk, crc)
+            if crc != entry["crc32"]:
+                raise IndexFormatError(f"checksum mismatch in shard {path}: the file is corrupted")
+        if mmap and size:
+            # Mapped from the descriptor checked above, so the file read is the file validated.
+            buffer = pa.py_buffer(mmap_module.mmap(fd, 0, access=mmap_module.ACCESS_READ))
+        else:
+            os.lseek(fd, 0, os.SEEK_SET)  # the checksum pass read through the shared offset
+            with os.fdopen(os.dup(fd), "rb") as f:
+                buffer = pa.py_buffer(f.read())
+        reader = ipc.open_file(pa.BufferReader(buffer))
         if reader.num_record_batches != 1:
             raise IndexFormatError(f"shard {path} holds {reader.num_record_batches} record batches, expected 1")
         batch = reader.get_batch(0)
@@ -146,6 +189,8 @@ def _read_table(path: Path, entry: dict, schema: pa.Schema, *, mmap: bool, verif
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise IndexFormatError(f"shard {path} is not a readable Arrow IPC file: {exc}") from exc
+    finally:
+        os.close(fd)
     if not batch.schema.equals(schema):
         raise IndexFormatError(f"shard {path} has schema {batch.schema}, expected {schema}")
     if batch.num_rows != entry["rows"]:
@@ -200,16 +245,23 @@ class Store:
 
 
 def _read_manifest(path: Path) -> dict:
+    """The committed manifest's body, checked (`_check_body`); FileNotFoundError where there is none."""
     manifest_path = path / MANIFEST
-    if not manifest_path.exists():
-        if path.exists() and (path / SHARDS).exists():
+    try:
+        fd = _open_regular(manifest_path)
+    except FileNotFoundError:
+        if path.is_dir() and (path / SHARDS).is_dir():
             raise IndexFormatError(f"missing manifest {manifest_path}: the index directory has shards but no manifest")
-        raise FileNotFoundError(f"no tqindex index at {path} (no {MANIFEST})")
-    raw = manifest_path.read_bytes()
+        raise FileNotFoundError(f"no tqindex index at {path} (no {MANIFEST})") from None
+    with os.fdopen(fd, "rb") as f:
+        if os.fstat(f.fileno()).st_size > _MAX_MANIFEST_BYTES:
+            raise IndexFormatError(f"manifest {manifest_path} is larger than {_MAX_MANIFEST_BYTES} bytes")
+        raw = f.read(_MAX_MANIFEST_BYTES + 1)
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IndexFormatError(f"manifest {manifest_path} is not valid JSON (truncated or corrupted): {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise IndexFormatError(f"manifest {manifest_path} is not valid JSON (truncated or corrupted): "
+                               f"{_short(exc, 200)}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("body"), dict) or "crc32" not in doc:
         raise IndexFormatError(f"manifest {manifest_path} lacks the body/crc32 layout of a tqindex manifest")
     body = doc["body"]
@@ -218,14 +270,85 @@ def _read_manifest(path: Path) -> dict:
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise IndexFormatError(f"manifest {manifest_path} has format version {version}; this tqindex reads "
                                f"versions up to {FORMAT_VERSION} (upgrade tqindex)")
-    if doc["crc32"] != zlib.crc32(_canonical(body)):
+    try:
+        crc = zlib.crc32(_canonical(body))
+    except (TypeError, ValueError, RecursionError):
+        raise IndexFormatError(f"manifest {manifest_path} body cannot be checksummed") from None
+    if doc["crc32"] != crc:
         raise IndexFormatError(f"checksum mismatch in manifest {manifest_path}: the file is corrupted")
     if body.get("format") != "tqindex" or not isinstance(version, int):
         raise IndexFormatError(f"manifest {manifest_path} is not a tqindex manifest")
-    if body["params"].get("codebook_version") not in CODEBOOK_VERSIONS:
-        raise IndexFormatError(f"manifest {manifest_path} uses codebook version "
-                               f"{body['params'].get('codebook_version')}, this tqindex builds {CODEBOOK_VERSIONS}")
+    _check_body(body, manifest_path)
     return body
+
+
+def _is_int(value, low: int, high: int) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_body(body: dict, where: Path) -> None:
+    """Validate every field a load uses, before anything is allocated from it: types, ranges, shard
+    names (plain names of the index's own pattern, each once). Raises IndexFormatError naming the field."""
+    def bad(field, why):
+        raise IndexFormatError(f"manifest {where}: {field} {why}")
+
+    for field in ("generation", "count"):
+        if not _is_int(body.get(field), 0, 2 ** 63 - 1):
+            bad(field, f"must be a non-negative integer, got {_short(body.get(field), 80)}")
+    if not _is_int(body.get("next_id"), 0, MAX_ID):
+        bad("next_id", f"must be an integer in [0, {MAX_ID}], got {_short(body.get('next_id'), 80)}")
+    params = body.get("params")
+    if not isinstance(params, dict):
+        bad("params", "must be an object")
+    if not _is_int(params.get("dim"), 2, MAX_DIM):
+        bad("params.dim", f"must be an integer in [2, {MAX_DIM}], got {_short(params.get('dim'), 80)}")
+    bits = params.get("bits")
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Real) or not 1 <= bits <= 8:
+        bad("params.bits", f"must be a number in [1, 8], got {_short(bits, 80)}")
+    choices = {"metric": _METRICS, "variant": VARIANTS, "rotation": ROTATION_KINDS,
+               "scale_dtype": tuple(SCALE_DTYPES), "codebook": CODEBOOKS}
+    for field, allowed in choices.items():
+        value = params.get(field, {"scale_dtype": "float32", "codebook": "scalar"}.get(field))
+        if not isinstance(value, str) or value not in allowed:
+            bad(f"params.{field}", f"must be one of {allowed}, got {_short(value, 80)}")
+    if params.get("codebook_version") not in CODEBOOK_VERSIONS:
+        bad("params", f"uses codebook version {_short(params.get('codebook_version'), 80)}, this tqindex builds "
+                      f"{CODEBOOK_VERSIONS}")
+    if not _is_int(params.get("seed"), 0, 2 ** 63 - 1):
+        bad("params.seed", f"must be a non-negative integer, got {_short(params.get('seed'), 80)}")
+    for field in ("rescale", "keep_vectors"):
+        if not isinstance(params.get(field), bool):
+            bad(f"params.{field}", f"must be true or false, got {_short(params.get(field), 80)}")
+    center = params.get("center")
+    if center is not None:
+        if not isinstance(center, list) or len(center) != params["dim"]:
+            bad("params.center", f"must be null or a list of {params['dim']} numbers")
+        if not all(isinstance(c, numbers.Real) and not isinstance(c, bool) for c in center):
+            bad("params.center", "must hold only numbers")
+    shards = body.get("shards")
+    if not isinstance(shards, list):
+        bad("shards", "must be a list")
+    names = set()
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict) or not isinstance(entry.get("rows"), dict):
+            bad(f"shards[{i}]", "must be an object with a rows entry")
+        for part in ("rows", "vectors", "deleted"):
+            file = entry.get(part)
+            if file is None and part != "rows":
+                continue
+            if not isinstance(file, dict):
+                bad(f"shards[{i}].{part}", "must be an object or null")
+            name = file.get("name")
+            if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or not name.startswith(part + "-"):
+                bad(f"shards[{i}].{part}.name", f"is not a {part} shard name of this index: {_short(name, 80)}")
+            if name in names:
+                bad(f"shards[{i}].{part}.name", f"names {name} a second time")
+            names.add(name)
+            for field in ("bytes", "rows"):
+                if not _is_int(file.get(field), 0, 2 ** 62):
+                    bad(f"shards[{i}].{part}.{field}", "must be a non-negative integer")
+            if not _is_int(file.get("crc32"), 0, 2 ** 32 - 1):
+                bad(f"shards[{i}].{part}.crc32", "must be a 32-bit checksum")
 
 
 def _write_manifest(path: Path, body: dict) -> None:
@@ -237,14 +360,16 @@ def _write_manifest(path: Path, body: dict) -> None:
 
 
 def _collect_garbage(path: Path, body: dict) -> None:
-    """Delete shard files the committed manifest does not name (superseded ones, crash leftovers)."""
+    """Delete shard files the committed manifest does not name (superseded ones, crash leftovers).
+    Only regular files named as the index names its own are touched: anything else a user put in
+    shards/ stays."""
     keep = set()
     for entry in body["shards"]:
         for part in ("rows", "vectors", "deleted"):
             if entry.get(part):
                 keep.add(entry[part]["name"])
     for file in (path / SHARDS).iterdir():
-        if file.name not in keep:
+        if file.name not in keep and _SHARD_NAME.fullmatch(file.name) and file.is_file() and not file.is_symlink():
             _unlink_quietly(file)
 
 
@@ -256,60 +381,121 @@ def _unlink_quietly(path: Path) -> None:
 
 
 # -- save ---------------------------------------------------------------------------------------
+def _check_empty_target(target: Path) -> None:
+    """A new index may be saved into a new or empty directory, or one that holds only what a crashed
+    first save of an index left (its lock, temporary manifest and shard files); never into a
+    directory holding anything else."""
+    if not target.exists() or (target / MANIFEST).exists():  # an index there: refused below, by name
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    ours = {LOCK, MANIFEST + ".tmp", SHARDS}
+    foreign = [p.name for p in target.iterdir() if p.name not in ours]
+    shards = target / SHARDS
+    if shards.is_symlink() or (shards.exists() and not shards.is_dir()):
+        foreign.append(SHARDS)
+    elif shards.is_dir():
+        foreign += [f"{SHARDS}/{p.name}" for p in shards.iterdir() if not _SHARD_NAME.fullmatch(p.name)]
+    if foreign:
+        raise FileExistsError(f"{target} is not empty and holds no tqindex index ({_short(sorted(foreign), 200)}); "
+                              f"save a new index into a new or empty directory")
+
+
 def save(index, path=None) -> None:
+    """Commit `index` to `path` (or its own directory). Call with the index's write lock held.
+
+    A save that fails (an error, a full disk, Ctrl-C) removes the files it wrote and leaves the
+    last commit, the index's binding to its directory and its lock as they were; one that fails
+    after the manifest was renamed into place has committed, and the index records that.
+    """
     store: Store | None = index._store
-    state = index._state()
-    fresh = False  # a new directory: every segment is written there, whatever it has elsewhere
     if path is None:
         if store is None:
             raise ValueError("save() needs a path: this index has never been saved")
         target = store.path
     else:
         target = Path(path)
-    if store is None or store.path.resolve() != target.resolve():
-        new_store = Store(target)
-        new_store.acquire()
+    # A new directory: every segment is written there, whatever it has elsewhere, and the index is
+    # bound to it only once the commit is made.
+    fresh = store is None or store.path.resolve() != target.resolve()
+    if fresh:
+        _check_empty_target(target)
+        writer = Store(target)
+        writer.acquire()
         if (target / MANIFEST).exists():
-            new_store.close()
+            writer.close()
             raise FileExistsError(f"{target} already holds an index; load it (Index.load/open) to update it")
-        if store is not None:
-            store.close()
-        store = index._store = new_store
-        fresh = True
     else:
-        store.acquire()
+        writer = store
+        writer.acquire()
         if (target / MANIFEST).exists():
             on_disk = _read_manifest(target)["generation"]
-            if on_disk != store.generation:
+            if on_disk != writer.generation:
                 raise RuntimeError(f"index at {target} was changed by another writer since it was loaded "
-                                   f"(generation {on_disk}, expected {store.generation}); reload it")
-    shard_dir = target / SHARDS
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    params = state["params"]
-    q = index._quantizer
-    rows_schema = _rows_schema(params, q.code_bytes, q.qjl_bytes, q.stores_norm(params["metric"]))
-    entries = []
-    for segment in state["segments"]:
-        rewrite = fresh or segment.shard is None
-        entry = _write_segment(shard_dir, segment, rows_schema, index.dim) if rewrite else dict(segment.shard)
-        if rewrite or segment.deletions_dirty:
-            rows = np.nonzero(segment.deleted)[0].astype(np.int64) if segment.deleted is not None else None
-            entry["deleted"] = None if rows is None or not rows.size else _write_table(
-                shard_dir / f"deleted-{uuid.uuid4().hex}.arrow", _DELETED_SCHEMA, [pa.array(rows, pa.int64())])
-        entries.append(entry)
-    _fsync_dir(shard_dir)
-    body = {"format": "tqindex", "format_version": FORMAT_VERSION, "generation": store.generation + 1,
-            "params": params, "next_id": state["next_id"], "count": state["live"], "shards": entries}
-    _write_manifest(target, body)
-    # Committed: only now may the in-memory state say so, and old files go.
-    store.generation = body["generation"]
-    for segment, entry in zip(state["segments"], entries):
-        segment.shard = entry
-        segment.deletions_dirty = False
+                                   f"(generation {on_disk}, expected {writer.generation}); reload it")
+    state = index._state()
+    written: list[Path] = []
+    body = None
+    try:
+        shard_dir = target / SHARDS
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        params = state["params"]
+        q = index._quantizer
+        rows_schema = _rows_schema(params, q.code_bytes, q.qjl_bytes, q.stores_norm(params["metric"]))
+        entries = []
+        for segment in state["segments"]:
+            rewrite = fresh or segment.shard is None
+            entry = _write_segment(shard_dir, segment, rows_schema, index.dim, written) if rewrite \
+                else dict(segment.shard)
+            if rewrite or segment.deletions_dirty:
+                rows = np.nonzero(segment.deleted)[0].astype(np.int64) if segment.deleted is not None else None
+                entry["deleted"] = None if rows is None or not rows.size else _write_new(
+                    shard_dir / f"deleted-{uuid.uuid4().hex}.arrow", _DELETED_SCHEMA, [pa.array(rows, pa.int64())],
+                    written)
+            entries.append(entry)
+        _fsync_dir(shard_dir)
+        body = {"format": "tqindex", "format_version": FORMAT_VERSION, "generation": writer.generation + 1,
+                "params": params, "next_id": state["next_id"], "count": state["live"], "shards": entries}
+        written.append(target / (MANIFEST + ".tmp"))
+        _write_manifest(target, body)
+    except BaseException:
+        if body is not None and _committed(target, body["generation"]):
+            _record_commit(index, writer, state, body)  # the rename happened: so did the commit
+        else:
+            for file in written:
+                _unlink_quietly(file)
+            if fresh:
+                writer.close()
+        raise
+    _record_commit(index, writer, state, body)
     _collect_garbage(target, body)
 
 
-def _write_segment(shard_dir: Path, segment: Segment, schema: pa.Schema, dim: int) -> dict:
+def _committed(target: Path, generation: int) -> bool:
+    try:
+        return _read_manifest(target)["generation"] == generation
+    except (FileNotFoundError, IndexFormatError):
+        return False
+
+
+def _record_commit(index, writer: Store, state: dict, body: dict) -> None:
+    """Committed: only now may the in-memory state say so (and a new directory become the index's)."""
+    if index._store is not writer:
+        if index._store is not None:
+            index._store.close()
+        index._store = writer
+    writer.generation = body["generation"]
+    for segment, entry in zip(state["segments"], body["shards"]):
+        segment.shard = entry
+        segment.deletions_dirty = False
+
+
+def _write_new(path: Path, schema: pa.Schema, columns: list, written: list[Path]) -> dict:
+    written.append(path)  # before writing: a failure part-way leaves a file to remove
+    return _write_table(path, schema, columns)
+
+
+def _write_segment(shard_dir: Path, segment: Segment, schema: pa.Schema, dim: int, written: list[Path]) -> dict:
     uid = uuid.uuid4().hex
     enc = segment.encoded
     columns = [pa.array(np.asarray(segment.ids), pa.int64()),
@@ -320,11 +506,12 @@ def _write_segment(shard_dir: Path, segment: Segment, schema: pa.Schema, dim: in
         columns.append(_fixed_binary(np.asarray(enc.codes)))
     if "qjl" in schema.names:
         columns += [_fixed_binary(np.asarray(enc.qjl)), pa.array(np.asarray(enc.residual_norm), pa.float32())]
-    entry = {"rows": _write_table(shard_dir / f"rows-{uid}.arrow", schema, columns), "vectors": None, "deleted": None}
+    entry = {"rows": _write_new(shard_dir / f"rows-{uid}.arrow", schema, columns, written), "vectors": None,
+             "deleted": None}
     if segment.vectors is not None:
         flat = pa.array(np.ascontiguousarray(segment.vectors, dtype=np.float32).reshape(-1), pa.float32())
-        entry["vectors"] = _write_table(shard_dir / f"vectors-{uid}.arrow", _vectors_schema(dim),
-                                        [pa.FixedSizeListArray.from_arrays(flat, dim)])
+        entry["vectors"] = _write_new(shard_dir / f"vectors-{uid}.arrow", _vectors_schema(dim),
+                                      [pa.FixedSizeListArray.from_arrays(flat, dim)], written)
     return entry
 
 
@@ -348,6 +535,16 @@ def load(cls, path, *, mmap: bool = True, device: str = "cpu", verify: bool = Tr
     raise last_error
 
 
+def _code_sizes(params: dict) -> tuple[int, int, bool]:
+    """(code bytes, QJL bytes, whether ‖x‖ is stored) of a row, from the params alone: the shards
+    are checked against these before the quantizer (a d² rotation) is built."""
+    dim, variant = params["dim"], params["variant"]
+    code_bytes = sum(packed_row_bytes(stop - start, width) for start, stop, width in group_layout(dim, params["bits"],
+                                                                                                 variant))
+    qjl_bytes = packed_row_bytes(dim, 1) if variant == "prod" else 0
+    return code_bytes, qjl_bytes, params["metric"] == "l2" and params["rescale"] and variant == "mse"
+
+
 def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device: str):
     params = dict(body["params"])
     # Indexes saved before scale_dtype existed stored float32 scales, and before codebook existed,
@@ -356,32 +553,31 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
     params.setdefault("codebook", "scalar")
     params.setdefault("center", None)
     try:
-        index = cls._from_state(params, segments=[], next_id=0)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise IndexFormatError(f"manifest {path / MANIFEST} has invalid parameters {params}: {exc}") from None
-    q = index._quantizer
-    rows_schema = _rows_schema(params, q.code_bytes, q.qjl_bytes, q.stores_norm(params["metric"]))
-    store = Store(path)
+        code_bytes, qjl_bytes, stores_norm = _code_sizes(params)
+    except ValueError as exc:
+        raise IndexFormatError(f"manifest {path / MANIFEST} has invalid parameters: {_short(exc, 200)}") from None
+    rows_schema = _rows_schema(params, code_bytes, qjl_bytes, stores_norm)
+    dim = params["dim"]
     shard_dir = path / SHARDS
     segments = []
     for entry in body["shards"]:
         batch = _read_table(shard_dir / entry["rows"]["name"], entry["rows"], rows_schema, mmap=mmap, verify=verify)
         col = {name: batch.column(name) for name in batch.schema.names}
         encoded = EncodedVectors(
-            codes=_column_numpy(col["codes"], q.code_bytes) if "codes" in col else np.zeros((batch.num_rows, 0), np.uint8),
+            codes=_column_numpy(col["codes"], code_bytes) if "codes" in col else np.zeros((batch.num_rows, 0), np.uint8),
             norm=_column_numpy(col["norm"]) if "norm" in col else None, scale=_column_numpy(col["scale"]),
-            qjl=_column_numpy(col["qjl"], q.qjl_bytes) if "qjl" in col else None,
+            qjl=_column_numpy(col["qjl"], qjl_bytes) if "qjl" in col else None,
             residual_norm=_column_numpy(col["residual_norm"]) if "residual_norm" in col else None)
         vectors = None
-        if index.keep_vectors:
+        if params["keep_vectors"]:
             if not entry.get("vectors"):
                 raise IndexFormatError(f"manifest {path / MANIFEST} names no vectors shard for {entry['rows']['name']}")
-            vb = _read_table(shard_dir / entry["vectors"]["name"], entry["vectors"], _vectors_schema(index.dim),
+            vb = _read_table(shard_dir / entry["vectors"]["name"], entry["vectors"], _vectors_schema(dim),
                              mmap=mmap, verify=verify)
             if vb.num_rows != batch.num_rows:
                 raise IndexFormatError(f"vectors shard {entry['vectors']['name']} has {vb.num_rows} rows, "
                                        f"its rows shard has {batch.num_rows}")
-            vectors = _column_numpy(vb.column(0), index.dim)
+            vectors = _column_numpy(vb.column(0), dim)
         deleted = None
         if entry.get("deleted"):
             db = _read_table(shard_dir / entry["deleted"]["name"], entry["deleted"], _DELETED_SCHEMA, mmap=False,
@@ -393,13 +589,30 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
             deleted[rows] = True
         segments.append(Segment(ids=_column_numpy(col["id"]), encoded=encoded, vectors=vectors, deleted=deleted,
                                 shard=entry))
+    _check_rows(segments, body, path / MANIFEST)
+    store = Store(path)
     store.generation = body["generation"]
-    index._adopt(segments, int(body["next_id"]), store)
-    if len(index) != body["count"]:
-        raise IndexFormatError(f"manifest {path / MANIFEST} records {body['count']} live rows, shards hold {len(index)}")
+    try:
+        index = cls._from_state(params, segments=segments, next_id=body["next_id"], store=store)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IndexFormatError(f"manifest {path / MANIFEST} has invalid parameters: {_short(exc, 200)}") from None
     if device != "cpu":
         index.to(device)
     return index
+
+
+def _check_rows(segments: list[Segment], body: dict, where: Path) -> None:
+    """What the shards hold must agree with the manifest: the live-row count, ids below next_id
+    (so automatic ids never repeat one), and each live id once."""
+    ids = [np.asarray(s.ids) for s in segments]
+    live = np.concatenate([i if s.deleted is None else i[~s.deleted] for i, s in zip(ids, segments)] +
+                          [np.empty(0, np.int64)])
+    if len(live) != body["count"]:
+        raise IndexFormatError(f"manifest {where} records {body['count']} live rows, shards hold {len(live)}")
+    if any(len(i) and (int(i.min()) < 0 or int(i.max()) >= body["next_id"]) for i in ids):
+        raise IndexFormatError(f"manifest {where}: shards hold ids outside [0, next_id = {body['next_id']})")
+    if len(np.unique(live)) != len(live):
+        raise IndexFormatError(f"manifest {where}: shards hold a live id more than once")
 
 
 def open_index(cls, path, **params):
