@@ -256,7 +256,7 @@ def _read_manifest(path: Path) -> dict:
     with os.fdopen(fd, "rb") as f:
         if os.fstat(f.fileno()).st_size > _MAX_MANIFEST_BYTES:
             raise IndexFormatError(f"manifest {manifest_path} is larger than {_MAX_MANIFEST_BYTES} bytes")
-        raw = f.read(_MAX_MANIFEST_BYTES + 1)
+        raw = f.read()
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
