@@ -7,6 +7,7 @@ codes), with optional full-precision rerank, and indexes persist as Arrow shards
 
 from .codebook import CODEBOOK_VERSION, CODEBOOK_VERSIONS, lloyd_max_codebook
 from .index import METRICS, Index, QuantizerOptions, SearchResult
+from .native import get_num_threads, set_num_threads
 from .quantizer import SCALE_DTYPES, VARIANTS, TurboQuantizer, bits_for_bytes
 from .storage import FORMAT_VERSION, IndexFormatError, IndexLockedError
 
@@ -14,4 +15,4 @@ __version__ = "0.1.0"
 
 __all__ = ["CODEBOOK_VERSION", "CODEBOOK_VERSIONS", "FORMAT_VERSION", "METRICS", "SCALE_DTYPES", "VARIANTS", "Index",
            "IndexFormatError", "IndexLockedError", "QuantizerOptions", "SearchResult", "TurboQuantizer", "bits_for_bytes",
-           "lloyd_max_codebook", "__version__"]
+           "get_num_threads", "lloyd_max_codebook", "set_num_threads", "__version__"]

@@ -346,7 +346,7 @@ class Index:
                                      f"(pass upsert=True to replace them)")
             # Nothing above touched the index: a rejected batch leaves it exactly as it was.
             segments = _with_deleted(view, replaced) if replaced.size else list(view.segments)
-            self._view = _View(_appended(segments, Segment(ids=new_ids, encoded=encoded, vectors=vectors_kept)))
+            self._swap(_appended(segments, Segment(ids=new_ids, encoded=encoded, vectors=vectors_kept)))
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
         return new_ids
 
@@ -369,7 +369,7 @@ class Index:
         with self._write_lock:
             live = [segment if segment.deleted is None else _select(segment, ~segment.deleted)
                     for segment in self._view.segments if segment.live_count]
-            self._view = _View([_concat_segments(live)] if live else [])
+            self._swap([_concat_segments(live)] if live else [])
 
     # -- reads ---------------------------------------------------------------------------------
     def search(self, queries, k: int = 10, *, rerank: int = 0, batch_size: int | None = None) -> SearchResult:
@@ -498,7 +498,7 @@ class Index:
         """What a commit records: params, the id counter, and the segments (their arrays and shard
         entries), consolidated first (`_consolidated`). Call with `_write_lock` held."""
         if len(self._view.segments) > _MAX_SEGMENTS:
-            self._view = _View(_consolidated(self._view.segments))
+            self._swap(_consolidated(self._view.segments))
         view = self._view
         return {"params": self.params(), "next_id": self._next_id, "segments": list(view.segments),
                 "live": sum(s.live_count for s in view.segments)}
@@ -512,10 +512,20 @@ class Index:
         index = cls(dim=params["dim"], bits=params["bits"], metric=params["metric"], seed=params["seed"],
                     keep_vectors=params["keep_vectors"], scale_dtype=params["scale_dtype"],
                     center=params["center"], options=options)
-        index._view = _View(segments)
+        index._swap(segments)
         index._next_id = int(next_id)
         index._store = store
         return index
+
+    def _swap(self, segments: list[Segment]) -> None:
+        """Make `segments` the index's rows: the active backend prepares any new segment first (its
+        scan layout), so that no search pays for it, then one assignment publishes the snapshot."""
+        scanner = self._scanner()
+        known = {id(s.encoded) for s in self._view.segments}
+        for segment in segments:
+            if id(segment.encoded) not in known:
+                scanner.prepare(segment)
+        self._view = _View(segments)
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path=None) -> None:

@@ -7,6 +7,7 @@ torch, with the same results. TQINDEX_NATIVE=0 turns the kernels off (to compare
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,9 +18,25 @@ try:
 except ImportError:  # built without a C compiler
     kernels = None
 
-__all__ = ["kernels", "enabled", "simd", "parallel_ranges"]
+__all__ = ["kernels", "enabled", "simd", "parallel_ranges", "get_num_threads", "set_num_threads"]
 
 _EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR_LOCK = threading.Lock()
+_THREADS: int | None = None
+
+
+def set_num_threads(threads: int | None) -> None:
+    """Threads every tqindex kernel may use at once (the scan, the encoder, query tables), process-wide,
+    as `faiss.omp_set_num_threads`; None restores the default, `torch.get_num_threads()`."""
+    global _THREADS
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    _THREADS = threads
+
+
+def get_num_threads() -> int:
+    """The thread count set by `set_num_threads`, else `torch.get_num_threads()`."""
+    return _THREADS or torch.get_num_threads()
 
 
 def enabled() -> bool:
@@ -34,12 +51,18 @@ def simd() -> str | None:
 
 def parallel_ranges(count: int, fn, threads: int | None = None, min_per_thread: int = 1) -> list:
     """Run fn(start, stop) over `threads` contiguous slices of range(count) (the kernels release
-    the GIL) and return the results in order."""
-    threads = max(1, min(threads or torch.get_num_threads(), count // max(1, min_per_thread)))
+    the GIL) and return the results in order. The calling thread runs the first slice itself, so a
+    call hands at most threads − 1 slices to the pool (one hand-off fewer, which counts on a busy
+    machine, where a pool thread may wait for a core)."""
+    threads = max(1, min(threads or get_num_threads(), count // max(1, min_per_thread)))
     if threads == 1:
         return [fn(0, count)]
     global _EXECUTOR
-    if _EXECUTOR is None or _EXECUTOR._max_workers < threads:
-        _EXECUTOR = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tqindex")
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None or _EXECUTOR._max_workers < threads - 1:
+            _EXECUTOR = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="tqindex")
+        executor = _EXECUTOR
     edges = np.linspace(0, count, threads + 1).astype(int)
-    return list(_EXECUTOR.map(lambda i: fn(edges[i], edges[i + 1]), range(threads)))
+    futures = [executor.submit(fn, edges[i], edges[i + 1]) for i in range(1, threads)]
+    first = fn(edges[0], edges[1])
+    return [first] + [f.result() for f in futures]

@@ -97,6 +97,10 @@ class Scanner(ABC):
     def topk(self, segments: list, queries: Queries, k: int) -> TopK:
         """Exact top k of the quantized scores over the live rows of `segments` (see `TopK`)."""
 
+    def prepare(self, segment) -> None:
+        """Build what this backend needs to scan `segment` (called when rows are added, merged or
+        loaded, so that no search pays for it); by default nothing."""
+
     def release(self) -> None:
         """Drop what this backend cached (e.g. when the index leaves its device)."""
         self.cache.clear()

@@ -243,14 +243,14 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
     portable : bool
         Use the portable C loop even where AVX2 is available (tests compare the two).
     threads : int, optional
-        Default: torch.get_num_threads().
+        Default: `tqindex.native.get_num_threads()`.
     cache : SegmentCache, optional
         Where kernel layouts are kept between calls (without it they are rebuilt per call).
     stats : dict, optional
         Filled with the work done: queries, and rows per query whose exact score was summed.
     """
     nq = rotated.shape[0]
-    threads = threads or torch.get_num_threads()
+    threads = threads or native.get_num_threads()
     q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
     luts, fluts, delta, bias, tol, magnitude = quantized_luts(quantizer, rotated.contiguous())
     factor = 2.0 if metric == "l2" else 1.0
@@ -283,8 +283,16 @@ class FastScanner(Scanner):
 
     name = "fastscan"
 
+    def __init__(self, quantizer: TurboQuantizer, metric: str):
+        super().__init__(quantizer, metric)
+        self._codes_supported = supports(quantizer)  # fixed for the quantizer; availability is not
+
     def supports(self, device: str) -> bool:
-        return device == "cpu" and available() and supports(self.quantizer)
+        return device == "cpu" and self._codes_supported and available()
+
+    def prepare(self, segment: Segment) -> None:
+        if len(segment):
+            segment_layout(self.quantizer, segment, self.metric, self.cache)
 
     def topk(self, segments: list[Segment], queries: Queries, k: int) -> TopK:
         stats: dict = {}
