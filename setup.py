@@ -8,6 +8,6 @@ and both pick the same codes (ties in a block codebook included).
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("tqindex._native", ["tqindex/_native.c"],
+setup(ext_modules=[Extension("tqindex._native", ["tqindex/_native.c"], depends=["tqindex/_scan.h"],
                              extra_compile_args=["-O3", "-std=c11", "-Wall", "-ffp-contract=off"], libraries=["m"],
                              optional=True)])

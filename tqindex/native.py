@@ -45,7 +45,7 @@ def enabled() -> bool:
 
 
 def simd() -> str | None:
-    """'avx2' or 'portable': the scan kernel this CPU runs; None without the extension."""
+    """'avx2', 'neon' or 'portable': the scan kernel this CPU runs; None without the extension."""
     return None if kernels is None else kernels.simd()
 
 

@@ -41,9 +41,10 @@ BLOCK = 32
 
 
 def available() -> bool:
-    """Whether searches use this path: the kernels are built and enabled, and the CPU has AVX2 (the
-    portable loop is a test oracle for the SIMD one, slower than the torch scan)."""
-    return native.enabled() and native.simd() == "avx2"
+    """Whether searches use this path: the kernels are built and enabled, and the CPU has a SIMD
+    kernel, AVX2 (x86-64) or NEON (aarch64); the portable loop is a test oracle for them, slower than
+    the torch scan."""
+    return native.enabled() and native.simd() in ("avx2", "neon")
 
 
 def supports(quantizer: TurboQuantizer) -> bool:

@@ -1,0 +1,409 @@
+/* The fast-scan kernels, free of Python: tqindex/_native.c wraps them, and tests/neon/harness.c
+ * runs them under QEMU for ARM. Layout, tables and the error bound: see tqindex/_native.c.
+ *
+ * Three implementations of one computation: the portable loop (the oracle), AVX2 (x86-64, chosen at
+ * run time) and NEON (aarch64, always present there). They compute the very same integer sums, so
+ * all give identical results. */
+#ifndef TQINDEX_SCAN_H
+#define TQINDEX_SCAN_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef Py_PYTHON_H  /* built without Python (the test harness) */
+typedef ptrdiff_t Py_ssize_t;
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define TQ_X86 1
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#define TQ_NEON 1
+#endif
+
+#define BLOCK 32
+/* Table entries are 7-bit (0..LUT_MAX), so a column's two lookups add in 8 bits without overflow,
+ * and 16-bit sums hold CHUNK_COLS columns: 256 * 2 * 127 < 2^16. */
+#define LUT_MAX 127
+#define CHUNK_COLS 256
+/* Blocks scanned per pass over a tile of queries: 64 blocks of 192 columns is 384 KiB of codes,
+ * which stays in L2 while every query tile reuses it. */
+#define BLOCKS_PER_PASS 64
+#define MAX_TILE 4
+
+typedef struct {
+    const uint8_t *codes;      /* [nblocks][ncols + wcols/4][32] */
+    Py_ssize_t ncols;          /* nibble columns per block */
+    Py_ssize_t wcols;          /* of which the first wcols hold 5-bit codes (a multiple of 4) */
+    Py_ssize_t b0, b1;         /* block range to scan */
+    const uint8_t *luts;       /* [nq][2*(ncols + wcols)][16] */
+    const float *fluts;        /* [nq][2*(ncols + wcols)][16] */
+    const float *delta, *bias; /* [nq] */
+    const float *tol, *eps;    /* [nq]: bound on |approx - exact| dot, and room for float rounding of a score */
+    const float *row_scale;    /* [nblocks * 32], slot order, NaN where deleted or padding */
+    const float *row_norm2;    /* [nblocks * 32], slot order, or NULL ("ip") */
+    const float *query_norm2;  /* [nq] or NULL */
+    Py_ssize_t nq, kp;
+    float *out_s;              /* [nq][kp], min-heaps of exact scores */
+    int64_t *out_i;
+    int64_t *exact_count;      /* [nq]: exact evaluations per query (work done, for benchmarks) */
+    /* Optional, for one code group of row_bits = 1..4 bits: the row-major packed codes
+     * [rows][ceil(dim * row_bits / 8)], the rotated queries [nq][dim] and the 2^row_bits centroids
+     * (padded to 16 floats), for a SIMD exact dot product (see dot_*). */
+    const uint8_t *rowcodes;
+    const float *rotated, *centroids;
+    Py_ssize_t dim, row_bytes;
+    int row_bits;
+    int avx2;                  /* which dot_* to use */
+} scan_args;
+
+static inline void heap_replace_top(float *hs, int64_t *hi, Py_ssize_t k, float s, int64_t id) {
+    Py_ssize_t i = 0;
+    for (;;) {
+        Py_ssize_t l = 2 * i + 1, r = l + 1, m = i;
+        float ms = s;
+        if (l < k && hs[l] < ms) { m = l; ms = hs[l]; }
+        if (r < k && hs[r] < ms) { m = r; ms = hs[r]; }
+        if (m == i) break;
+        hs[i] = hs[m];
+        hi[i] = hi[m];
+        i = m;
+    }
+    hs[i] = s;
+    hi[i] = id;
+}
+
+static inline int slot_of(int v) { return 16 * (v & 1) + 8 * (v >= 16) + ((v & 15) >> 1); }
+
+/* Bytes of one block of codes, and of one query's tables (in entries). */
+static inline Py_ssize_t block_bytes(const scan_args *a) { return (a->ncols + a->wcols / 4) * BLOCK; }
+static inline Py_ssize_t table_entries(const scan_args *a) { return (a->ncols + a->wcols) * 32; }
+
+/* The 5th bits of wide nibbles 2c and 2c + 1 of vector v, as 0 or 1. */
+static inline int wide_bit(const uint8_t *blk, const scan_args *a, Py_ssize_t c, int v, int half) {
+    return (blk[(a->ncols + (c >> 2)) * BLOCK + v] >> (2 * (c & 3) + half)) & 1;
+}
+
+/* Exact <q, y~> of one row with a single code group of b = 1..4 bits, as sum_j q_j * centroid(code_j):
+ * lane l of eight accumulates the j = l mod 8 terms with fused multiply-adds in increasing j, then a
+ * fixed pairwise sum. The AVX2 and portable versions perform the very same float operations, so
+ * they agree bit for bit. Codes follow tqindex/packing.py: code j at stream bits [j*b, (j+1)*b). */
+static inline float lanes_sum(const float *lanes) {
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+static inline int code_at(const uint8_t *row, Py_ssize_t row_bytes, Py_ssize_t j, int bits) {
+    Py_ssize_t bit = j * bits, byte = bit >> 3;
+    unsigned v = row[byte] | (byte + 1 < row_bytes ? (unsigned)row[byte + 1] << 8 : 0u);
+    return (int)((v >> (bit & 7)) & ((1u << bits) - 1));
+}
+
+static float dot_portable(const scan_args *a, const uint8_t *row, const float *q, Py_ssize_t from, float *lanes) {
+    for (Py_ssize_t j = from; j < a->dim; j++)
+        lanes[j & 7] = fmaf(q[j], a->centroids[code_at(row, a->row_bytes, j, a->row_bits)], lanes[j & 7]);
+    return lanes_sum(lanes);
+}
+
+#ifdef TQ_X86
+__attribute__((target("avx2,fma"))) static float dot_avx2(const scan_args *a, const uint8_t *row, const float *q) {
+    const int bits = a->row_bits;
+    const __m256 low = _mm256_loadu_ps(a->centroids), high = _mm256_loadu_ps(a->centroids + 8);
+    const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    __m256 acc = _mm256_setzero_ps();
+    Py_ssize_t j = 0;
+    /* Codes j .. j+7 fill exactly `bits` bytes; a 4-byte load takes them (the bits above are masked
+     * off) while it stays inside the row; the rest goes to the scalar loop. */
+    for (; j + 8 <= a->dim && j * bits / 8 + 4 <= a->row_bytes; j += 8) {
+        uint32_t word;
+        memcpy(&word, row + j * bits / 8, 4);
+        __m256i code = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), mask);
+        __m256 c = _mm256_permutevar8x32_ps(low, code);
+        if (bits == 4)  /* 16 entries: the high half where bit 3 (moved to the sign bit) is set */
+            c = _mm256_blendv_ps(c, _mm256_permutevar8x32_ps(high, code),
+                                 _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), c, acc);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    return dot_portable(a, row, q, j, lanes);
+}
+#endif
+
+/* Row v's exact dot product: from the codes and centroids where given, else from the float tables. */
+static inline float exact_dot(const scan_args *a, Py_ssize_t q, Py_ssize_t block, int v) {
+    if (a->rowcodes) {
+        const uint8_t *row = a->rowcodes + (block * BLOCK + v) * a->row_bytes;
+        const float *qr = a->rotated + q * a->dim;
+#ifdef TQ_X86
+        if (a->avx2) return dot_avx2(a, row, qr);
+#endif
+        float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        return dot_portable(a, row, qr, 0, lanes);
+    }
+    const float *flut = a->fluts + q * table_entries(a);
+    const uint8_t *blk = a->codes + block * block_bytes(a);
+    const uint8_t *col = blk + v;
+    /* Four partial sums: one chain of dependent float adds would cost ~4 cycles per nibble. */
+    float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    Py_ssize_t c = 0;
+    /* Wide columns: a nibble whose 5th bit is set reads its upper table, 2*ncols nibbles on. */
+    const Py_ssize_t upper = 2 * a->ncols * 16;
+    for (; c < a->wcols; c++, col += BLOCK, flut += 32) {
+        part[c & 1] += flut[(col[0] & 15) + (wide_bit(blk, a, c, v, 0) ? upper : 0)];
+        part[2 + (c & 1)] += flut[16 + (col[0] >> 4) + (wide_bit(blk, a, c, v, 1) ? upper : 0)];
+    }
+    for (; c + 2 <= a->ncols; c += 2, col += 2 * BLOCK, flut += 64) {
+        part[0] += flut[col[0] & 15];
+        part[1] += flut[16 + (col[0] >> 4)];
+        part[2] += flut[32 + (col[BLOCK] & 15)];
+        part[3] += flut[48 + (col[BLOCK] >> 4)];
+    }
+    if (c < a->ncols) {
+        part[0] += flut[col[0] & 15];
+        part[1] += flut[16 + (col[0] >> 4)];
+    }
+    return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
+/* Offer row v's exact score to q's heap. */
+static inline void exact_offer(const scan_args *a, Py_ssize_t q, Py_ssize_t block, int v) {
+    float *hs = a->out_s + q * a->kp;
+    float dot = exact_dot(a, q, block, v);
+    Py_ssize_t slot = block * BLOCK + slot_of(v);
+    float s;
+    if (a->row_norm2)
+        s = 2.0f * a->row_scale[slot] * dot - a->row_norm2[slot] - a->query_norm2[q];
+    else
+        s = a->row_scale[slot] * dot;
+    a->exact_count[q]++;
+    if (s > hs[0]) heap_replace_top(hs, a->out_i + q * a->kp, a->kp, s, (int64_t)(block * BLOCK + v));
+}
+
+/* Rows whose score may reach the heap: factor*scale*(delta*sum + bias + tol) [- norm2 - qn2] + eps >= min. */
+static inline float evaluation_threshold(const scan_args *a, Py_ssize_t q) {
+    return a->out_s[q * a->kp] - a->eps[q] + (a->row_norm2 ? a->query_norm2[q] : 0.0f);
+}
+
+static inline void offer_block(const scan_args *a, Py_ssize_t q, Py_ssize_t block, const uint32_t *sums) {
+    const float factor = a->row_norm2 ? 2.0f : 1.0f;
+    const float mul = factor * a->delta[q], add = factor * (a->bias[q] + a->tol[q]);
+    for (int v = 0; v < BLOCK; v++) {
+        Py_ssize_t slot = block * BLOCK + slot_of(v);
+        float upper = a->row_scale[slot] * (mul * (float)sums[v] + add);
+        if (a->row_norm2) upper -= a->row_norm2[slot];
+        if (upper >= evaluation_threshold(a, q)) exact_offer(a, q, block, v);
+    }
+}
+
+static void block_sums_portable(const scan_args *a, Py_ssize_t q, Py_ssize_t block, uint32_t *sums) {
+    const uint8_t *blk = a->codes + block * block_bytes(a);
+    const uint8_t *lut = a->luts + q * table_entries(a);
+    const Py_ssize_t upper = 2 * a->ncols * 16;
+    for (int v = 0; v < BLOCK; v++) sums[v] = 0;
+    for (Py_ssize_t c = 0; c < a->wcols; c++) {
+        const uint8_t *col = blk + c * BLOCK, *l0 = lut + c * 32, *l1 = l0 + 16;
+        for (int v = 0; v < BLOCK; v++)
+            sums[v] += (uint32_t)l0[(col[v] & 15) + (wide_bit(blk, a, c, v, 0) ? upper : 0)] +
+                       l1[(col[v] >> 4) + (wide_bit(blk, a, c, v, 1) ? upper : 0)];
+    }
+    for (Py_ssize_t c = a->wcols; c < a->ncols; c++) {
+        const uint8_t *col = blk + c * BLOCK, *l0 = lut + c * 32, *l1 = l0 + 16;
+        for (int v = 0; v < BLOCK; v++) sums[v] += (uint32_t)l0[col[v] & 15] + l1[col[v] >> 4];
+    }
+}
+
+static void scan_portable(const scan_args *a) {
+    uint32_t sums[BLOCK];
+    for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {
+        Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;
+        for (Py_ssize_t q = 0; q < a->nq; q++)
+            for (Py_ssize_t b = p; b < pe; b++) {
+                block_sums_portable(a, q, b, sums);
+                offer_block(a, q, b, sums);
+            }
+    }
+}
+
+#ifdef TQ_X86
+/* Sums of `tile` queries (compile-time constant after inlining) over one block. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void block_sums_avx2(
+        const scan_args *a, Py_ssize_t q0, const int tile, Py_ssize_t block, __m256i sums[][4]) {
+    const uint8_t *blk = a->codes + block * block_bytes(a);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const Py_ssize_t upper = 2 * a->ncols * 16;
+    const uint8_t *lut[MAX_TILE];
+    for (int t = 0; t < tile; t++) {
+        lut[t] = a->luts + (q0 + t) * table_entries(a);
+        for (int g = 0; g < 4; g++) sums[t][g] = _mm256_setzero_si256();
+    }
+    for (Py_ssize_t c0 = 0; c0 < a->ncols; c0 += CHUNK_COLS) {
+        Py_ssize_t c1 = c0 + CHUNK_COLS < a->ncols ? c0 + CHUNK_COLS : a->ncols;
+        /* acc: 16-bit lanes holding even + 256 * odd byte sums (mod 2^16); odd: the odd sums alone. */
+        __m256i acc[MAX_TILE], odd[MAX_TILE];
+        for (int t = 0; t < tile; t++) acc[t] = odd[t] = _mm256_setzero_si256();
+        Py_ssize_t c = c0;
+        for (; c < c1 && c < a->wcols; c++) {
+            /* Wide column: each nibble's lookup comes from its lower or upper table by its 5th bit. */
+            __m256i v = _mm256_loadu_si256((const __m256i *)(blk + c * BLOCK));
+            __m256i lo = _mm256_and_si256(v, low4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            __m256i bits = _mm256_loadu_si256((const __m256i *)(blk + (a->ncols + (c >> 2)) * BLOCK));
+            __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * (c & 3)))), b1 = _mm256_set1_epi8((char)(2 << (2 * (c & 3))));
+            __m256i m0 = _mm256_cmpeq_epi8(_mm256_and_si256(bits, b0), b0);
+            __m256i m1 = _mm256_cmpeq_epi8(_mm256_and_si256(bits, b1), b1);
+            for (int t = 0; t < tile; t++) {
+                const uint8_t *l = lut[t] + c * 32;
+                __m256i r0 = _mm256_blendv_epi8(
+                    _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)l)), lo),
+                    _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + upper))), lo), m0);
+                __m256i r1 = _mm256_blendv_epi8(
+                    _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + 16))), hi),
+                    _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + upper + 16))), hi),
+                    m1);
+                __m256i r = _mm256_add_epi8(r0, r1);
+                acc[t] = _mm256_add_epi16(acc[t], r);
+                odd[t] = _mm256_add_epi16(odd[t], _mm256_srli_epi16(r, 8));
+            }
+        }
+        for (; c < c1; c++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(blk + c * BLOCK));
+            __m256i lo = _mm256_and_si256(v, low4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            for (int t = 0; t < tile; t++) {
+                const uint8_t *l = lut[t] + c * 32;
+                __m256i t0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)l));
+                __m256i t1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + 16)));
+                __m256i r0 = _mm256_shuffle_epi8(t0, lo);
+                __m256i r1 = _mm256_shuffle_epi8(t1, hi);
+                __m256i r = _mm256_add_epi8(r0, r1);
+                acc[t] = _mm256_add_epi16(acc[t], r);
+                odd[t] = _mm256_add_epi16(odd[t], _mm256_srli_epi16(r, 8));
+            }
+        }
+        for (int t = 0; t < tile; t++) {
+            /* Byte i of the register is vector i, so 16-bit lane w holds vectors 2w (even) and 2w+1:
+             * widening the halves gives the slot order (0, 2, .., 14 | 16, .., 30 | 1, .., 15 | 17, .., 31). */
+            __m256i even = _mm256_sub_epi16(acc[t], _mm256_slli_epi16(odd[t], 8));
+            sums[t][0] = _mm256_add_epi32(sums[t][0], _mm256_cvtepu16_epi32(_mm256_castsi256_si128(even)));
+            sums[t][1] = _mm256_add_epi32(sums[t][1], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(even, 1)));
+            sums[t][2] = _mm256_add_epi32(sums[t][2], _mm256_cvtepu16_epi32(_mm256_castsi256_si128(odd[t])));
+            sums[t][3] = _mm256_add_epi32(sums[t][3], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(odd[t], 1)));
+        }
+    }
+}
+
+/* The portable offer_block's test on 8 slots at a time; rows that pass go in row order to exact_offer. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void offer_block_avx2(
+        const scan_args *a, Py_ssize_t q, Py_ssize_t block, const __m256i *sums) {
+    const float factor = a->row_norm2 ? 2.0f : 1.0f;
+    const __m256 mul = _mm256_set1_ps(factor * a->delta[q]), add = _mm256_set1_ps(factor * (a->bias[q] + a->tol[q]));
+    const __m256 threshold = _mm256_set1_ps(evaluation_threshold(a, q));
+    const float *scale = a->row_scale + block * BLOCK;
+    uint32_t rows = 0;
+    for (int g = 0; g < 4; g++) {
+        __m256 upper = _mm256_mul_ps(_mm256_loadu_ps(scale + 8 * g),
+                                     _mm256_fmadd_ps(mul, _mm256_cvtepi32_ps(sums[g]), add));
+        if (a->row_norm2) upper = _mm256_sub_ps(upper, _mm256_loadu_ps(a->row_norm2 + block * BLOCK + 8 * g));
+        uint32_t m = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(upper, threshold, _CMP_GE_OQ));
+        while (m) {  /* slot 8g + j holds row 2j + 16*(g & 1) + (g >> 1) */
+            int j = __builtin_ctz(m);
+            m &= m - 1;
+            rows |= 1u << (2 * j + 16 * (g & 1) + (g >> 1));
+        }
+    }
+    while (rows) {
+        int v = __builtin_ctz(rows);
+        rows &= rows - 1;
+        exact_offer(a, q, block, v);
+    }
+}
+
+#define DEFINE_TILE(T)                                                                               \
+    __attribute__((target("avx2,fma"))) static void scan_tile_##T(const scan_args *a, Py_ssize_t q0, \
+                                                                    Py_ssize_t p, Py_ssize_t pe) {   \
+        __m256i sums[MAX_TILE][4];                                                                   \
+        for (Py_ssize_t b = p; b < pe; b++) {                                                        \
+            block_sums_avx2(a, q0, T, b, sums);                                                      \
+            for (int t = 0; t < T; t++) offer_block_avx2(a, q0 + t, b, sums[t]);                     \
+        }                                                                                            \
+    }
+DEFINE_TILE(1)
+DEFINE_TILE(2)
+DEFINE_TILE(3)
+DEFINE_TILE(4)
+
+static void scan_avx2(const scan_args *a) {
+    for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {
+        Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;
+        Py_ssize_t q = 0;
+        for (; q + 4 <= a->nq; q += 4) scan_tile_4(a, q, p, pe);
+        switch (a->nq - q) {
+            case 3: scan_tile_3(a, q, p, pe); break;
+            case 2: scan_tile_2(a, q, p, pe); break;
+            case 1: scan_tile_1(a, q, p, pe); break;
+            default: break;
+        }
+    }
+}
+#endif
+
+#ifdef TQ_NEON
+/* NEON: 16 rows per table lookup (vqtbl1q_u8), two registers per 32-row block column, sums in row
+ * order in 16-bit lanes (flushed to 32 bits every CHUNK_COLS columns); the portable offer_block
+ * tests them, so the results are the portable loop's exactly. */
+static void block_sums_neon(const scan_args *a, Py_ssize_t q, Py_ssize_t block, uint32_t *sums) {
+    const uint8_t *blk = a->codes + block * block_bytes(a);
+    const uint8_t *lut = a->luts + q * table_entries(a);
+    const Py_ssize_t upper = 2 * a->ncols * 16;
+    const uint8x16_t low4 = vdupq_n_u8(0x0f);
+    uint32x4_t total[8];
+    for (int i = 0; i < 8; i++) total[i] = vdupq_n_u32(0);
+    for (Py_ssize_t c0 = 0; c0 < a->ncols; c0 += CHUNK_COLS) {
+        Py_ssize_t c1 = c0 + CHUNK_COLS < a->ncols ? c0 + CHUNK_COLS : a->ncols;
+        uint16x8_t acc[4] = {vdupq_n_u16(0), vdupq_n_u16(0), vdupq_n_u16(0), vdupq_n_u16(0)};
+        for (Py_ssize_t c = c0; c < c1; c++) {
+            const uint8_t *l = lut + c * 32;
+            const uint8x16_t t0 = vld1q_u8(l), t1 = vld1q_u8(l + 16);
+            for (int h = 0; h < 2; h++) {  /* rows 16h .. 16h + 15 */
+                const uint8x16_t v = vld1q_u8(blk + c * BLOCK + 16 * h);
+                const uint8x16_t lo = vandq_u8(v, low4), hi = vshrq_n_u8(v, 4);
+                uint8x16_t r0 = vqtbl1q_u8(t0, lo), r1 = vqtbl1q_u8(t1, hi);
+                if (c < a->wcols) {  /* masked 5-bit column: the upper table where the 5th bit is set */
+                    const uint8x16_t bits = vld1q_u8(blk + (a->ncols + (c >> 2)) * BLOCK + 16 * h);
+                    const uint8x16_t m0 = vtstq_u8(bits, vdupq_n_u8((uint8_t)(1 << (2 * (c & 3)))));
+                    const uint8x16_t m1 = vtstq_u8(bits, vdupq_n_u8((uint8_t)(2 << (2 * (c & 3)))));
+                    r0 = vbslq_u8(m0, vqtbl1q_u8(vld1q_u8(l + upper), lo), r0);
+                    r1 = vbslq_u8(m1, vqtbl1q_u8(vld1q_u8(l + upper + 16), hi), r1);
+                }
+                const uint8x16_t r = vaddq_u8(r0, r1);  /* two 7-bit entries: at most 254 */
+                acc[2 * h] = vaddw_u8(acc[2 * h], vget_low_u8(r));
+                acc[2 * h + 1] = vaddw_u8(acc[2 * h + 1], vget_high_u8(r));
+            }
+        }
+        for (int i = 0; i < 4; i++) {
+            total[2 * i] = vaddw_u16(total[2 * i], vget_low_u16(acc[i]));
+            total[2 * i + 1] = vaddw_u16(total[2 * i + 1], vget_high_u16(acc[i]));
+        }
+    }
+    for (int i = 0; i < 8; i++) vst1q_u32(sums + 4 * i, total[i]);
+}
+
+static void scan_neon(const scan_args *a) {
+    uint32_t sums[BLOCK];
+    for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {
+        Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;
+        for (Py_ssize_t q = 0; q < a->nq; q++)
+            for (Py_ssize_t b = p; b < pe; b++) {
+                block_sums_neon(a, q, b, sums);
+                offer_block(a, q, b, sums);
+            }
+    }
+}
+#endif
+
+#endif /* TQINDEX_SCAN_H */
