@@ -439,3 +439,29 @@ def test_removing_rows_keeps_the_fast_scan_layout():
     assert index._segments[0].deleted is not None
     assert scanner.cache.peek(index._segments[0], "layout") is layout
     assert 0 not in index.search(np.ones(32, np.float32), 500).ids
+
+
+@pytest.mark.parametrize("bits", [2, 4.4])
+def test_concurrent_single_queries_equal_serial_results(bits):
+    """Four Python threads issuing single queries at once (the scan releases the GIL) get exactly
+    the serial answers."""
+    import threading
+    rng = np.random.default_rng(9)
+    x, q = clustered(rng, 4000, 64, clusters=50, queries=80)
+    index = Index(dim=64, bits=bits)
+    index.add(x)
+    serial = [index.search(v, 10) for v in q]
+    results = [None] * len(q)
+
+    def worker(part):
+        for i in range(part, len(q), 4):
+            results[i] = index.search(q[i], 10)
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(serial, results):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.scores, b.scores)

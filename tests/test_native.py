@@ -4,7 +4,6 @@ Encoding must give the same codes bit for bit; the fast scan must give the torch
 (tie-aware, float rounding only), whatever the metric, deletions, segments and thread split.
 """
 
-import os
 import shutil
 
 import numpy as np
