@@ -266,7 +266,7 @@ class Index:
                 "keep_vectors": self.keep_vectors, "codebook_version": self._quantizer.codebook_version}
 
     def __len__(self) -> int:
-        return sum(s.live_count for s in self._view.segments)
+        return self._view.live
 
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path is not None else ""
@@ -409,9 +409,8 @@ class Index:
         view = self._view  # this search reads one snapshot, whatever writers do meanwhile
         # The scan's work and buffers are bounded by the live rows, whatever k asks; the result is
         # padded to k columns at the end.
-        live = sum(s.live_count for s in view.segments)
-        k_scan = min(k, live)
-        candidates = min(k_scan * rerank, live) if rerank else k_scan
+        k_scan = min(k, view.live)
+        candidates = min(k_scan * rerank, view.live) if rerank else k_scan
         batch = int(batch_size or _DEFAULT_QUERY_BATCH)
         all_ids, all_scores = [], []
         for start in range(0, q.shape[0] if k_scan else 0, batch):
@@ -558,11 +557,12 @@ class Index:
 class _View:
     """An immutable snapshot of an index's rows: its segments and their id map."""
 
-    __slots__ = ("segments", "ids")
+    __slots__ = ("segments", "ids", "live")
 
     def __init__(self, segments):
         self.segments = tuple(segments)
         self.ids = IdMap(lambda: self.segments)
+        self.live = sum(s.live_count for s in self.segments)  # counted once, not per search
 
 
 def _with_deleted(view: _View, positions: np.ndarray) -> list[Segment]:

@@ -198,10 +198,16 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
     luts, fluts, delta, bias, tol, eps = tables
     nq = len(delta)
     nblocks = layout["blocks"].shape[0]
-    # Scales in slot order, NaN for padding and deleted rows (no comparison lets NaN through).
+    # Scales in slot order, NaN for padding and deleted rows (no comparison lets NaN through). A
+    # segment's mask never changes (a removal makes a new segment), so the masked scales are kept
+    # with the layout, beside the mask they were made from.
     row_scale = layout["scale"]
     if segment.deleted is not None:
-        row_scale = np.where(_to_slots(np.asarray(segment.deleted), nblocks, False), np.float32(np.nan), row_scale)
+        mask, masked = layout.get("masked_scale", (None, None))
+        if mask is not segment.deleted:
+            masked = np.where(_to_slots(np.asarray(segment.deleted), nblocks, False), np.float32(np.nan), row_scale)
+            layout["masked_scale"] = (segment.deleted, masked)
+        row_scale = masked
     row_norm2 = layout["norm2"] if metric == "l2" else None
     extra = {"wcols": layout["wcols"]}
     if len(quantizer.groups) == 1 and quantizer.groups[0].kind.rescores_from_codes:
