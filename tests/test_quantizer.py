@@ -233,3 +233,19 @@ def test_codebook_version_1_keeps_lloyd_max_for_5_bit_codes(d):
     for bad in (0, 3, True, "2"):
         with pytest.raises(ValueError, match="codebook_version"):
             TurboQuantizer(dim=d, bits=5, codebook_version=bad)
+
+
+@pytest.mark.parametrize("variant,bits", [("mse", 2), ("prod", 3)])
+def test_chunked_encoding_equals_one_pass(monkeypatch, variant, bits):
+    """A batch larger than the encoder's chunk is written chunk by chunk into the final arrays."""
+    import tqindex.quantizer as quantizer_module
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((1000, 24)).astype(np.float32))
+    q = TurboQuantizer(dim=24, bits=bits, variant=variant, seed=4)
+    whole = q.encode(x)
+    monkeypatch.setattr(quantizer_module, "_ENCODE_CHUNK_BYTES", 16 * 24 * 77)  # 77 rows per chunk
+    chunked = q.encode(x)
+    for name in ("codes", "norm", "scale", "qjl", "residual_norm"):
+        a, b = getattr(whole, name), getattr(chunked, name)
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_array_equal(a, b)

@@ -197,14 +197,24 @@ class TurboQuantizer:
         """Encode rows of a float32 (n, d) tensor (already validated).
 
         Raises ValueError, naming the first such row, if a scale does not fit `scale_dtype`."""
+        n = x.shape[0]
         chunk = max(1, _ENCODE_CHUNK_BYTES // (16 * self.dim))
-        parts = [self._encode_chunk(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]
-        if not parts:
-            parts = [self._encode_chunk(x[:0])]
-        fields = {}
-        for name in ("codes", "norm", "scale", "qjl", "residual_norm"):
-            values = [getattr(p, name) for p in parts]
-            fields[name] = None if values[0] is None else np.concatenate(values)
+        first = self._encode_chunk(x[:chunk])
+        if n <= chunk:
+            fields = dict(first.__dict__)
+        else:
+            # Each chunk's rows go straight into arrays of the final size: the peak is the result plus
+            # one chunk's temporaries, not the result twice (as concatenating the parts would be).
+            fields = {}
+            for name, value in first.__dict__.items():
+                fields[name] = None if value is None else np.empty((n,) + value.shape[1:], value.dtype)
+                if value is not None:
+                    fields[name][:len(value)] = value
+            for start in range(chunk, n, chunk):
+                part = self._encode_chunk(x[start:start + chunk])
+                for name, value in part.__dict__.items():
+                    if value is not None:
+                        fields[name][start:start + len(value)] = value
         fields["scale"] = self._store_scale(fields["scale"])
         return EncodedVectors(**fields)
 

@@ -20,6 +20,7 @@ MAX_ID = 1 << 62
 #: Largest vector or query norm: every score (≤ ‖q‖·‖x‖, or ‖q − x‖² ≤ (‖q‖ + ‖x‖)²) then stays far
 #: inside float32's range, so no score overflows to ±inf.
 MAX_NORM = 1e18
+_NORM_CHUNK_ROWS = 1 << 13
 
 
 def array_kind(x) -> str:
@@ -126,7 +127,12 @@ def check_k(k) -> int:
 def check_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str = "vectors") -> torch.Tensor:
     """Row norms (n,) float32 of a validated (n, d) float32 tensor; raise ValueError naming the first
     row whose norm exceeds MAX_NORM, or that is zero where `zero_ok` is False (cosine: no direction)."""
-    norms = torch.linalg.vector_norm(x.double(), dim=1)  # float64: a float32 norm may overflow to inf
+    # In float64 (a float32 norm may overflow to inf), a chunk of rows at a time: a float64 copy of a
+    # large batch would cost twice the batch itself.
+    norms = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], _NORM_CHUNK_ROWS):
+        norms[start:start + _NORM_CHUNK_ROWS] = torch.linalg.vector_norm(x[start:start + _NORM_CHUNK_ROWS].double(),
+                                                                         dim=1)
     big = norms > MAX_NORM
     if bool(big.any()):
         row = int(big.nonzero()[0, 0])
