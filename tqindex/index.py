@@ -323,6 +323,7 @@ class Index:
         """
         x, _ = as_float_matrix(vectors, self.dim)
         n = x.shape[0]
+        given_ids = None if ids is None else as_id_array(ids, n)  # checked before any encoding work
         norms = check_norms(x, zero_ok=self._metric != "cosine", metric=self._metric)
         if self._metric == "cosine":
             x = x / norms[:, None]
@@ -338,7 +339,7 @@ class Index:
                 new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
                 replaced = np.empty(0, dtype=np.int64)
             else:
-                new_ids = as_id_array(ids, n)
+                new_ids = given_ids
                 positions = view.ids.positions(new_ids)
                 replaced = positions[positions >= 0]
                 if replaced.size and not upsert:
