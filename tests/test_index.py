@@ -364,7 +364,8 @@ def test_memory_bytes_counts_what_the_rotation_holds():
     assert index.memory_bytes() >= rotation.nbytes()
     index.add(np.ones((10, 256), np.float32))
     segment_bytes = sum(s.nbytes() for s in index._segments)
-    assert index.memory_bytes() == index._quantizer.nbytes() + segment_bytes
+    cached = sum(s.cache.nbytes() for s in index._scanners) + index._ids.nbytes()
+    assert index.memory_bytes() == index._quantizer.nbytes() + segment_bytes + cached
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
@@ -465,3 +466,38 @@ def test_concurrent_single_queries_equal_serial_results(bits):
     for a, b in zip(serial, results):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.scores, b.scores)
+
+
+_RSS_PROBE = r"""
+import numpy as np
+from tqindex import Index
+
+def rss():
+    try:  # hand memory the allocator keeps after frees back to the OS, so RSS shows what is held
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+x = np.random.default_rng(0).standard_normal((200_000, 128)).astype(np.float32)
+warm = Index(dim=128, bits=4)          # first use of torch, the kernels and the thread pool
+warm.add(x[:2000]); warm.search(x[:3], 5)
+before = rss()
+index = Index(dim=128, bits=4, seed=1)
+for start in range(0, len(x), 50_000):
+    index.add(x[start:start + 50_000])
+index.search(x[:3], 5)
+print(rss() - before, index.memory_bytes())
+"""
+
+
+def test_memory_bytes_matches_resident_growth():
+    """What memory_bytes() reports is what the process's resident set grew by (generous margins:
+    allocators keep some freed memory, and the index's own arrays are all it adds)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE], capture_output=True, text=True, check=True).stdout
+    growth, reported = map(int, out.split())
+    assert 0.8 * reported <= growth <= 1.25 * reported + (8 << 20), (growth, reported)

@@ -26,6 +26,11 @@ class IdMap:
         self._ids: np.ndarray | None = None
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted live ids, their positions)
 
+    def nbytes(self) -> int:
+        """Memory held by the lookups built so far."""
+        held = [self._offsets, self._ids] + list(self._lookup or ())
+        return sum(a.nbytes for a in held if a is not None)
+
     def offsets(self) -> np.ndarray:
         """(segments + 1,) int64: the first position of each segment, then the total row count."""
         if self._offsets is None:

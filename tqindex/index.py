@@ -278,10 +278,13 @@ class Index:
         return self._quantizer.bytes_per_vector(self._metric)
 
     def memory_bytes(self) -> int:
-        """Bytes of index data held (ids, codes, per-vector floats, kept vectors, masks) plus the
-        rotation/QJL matrices as held in host memory. Memory-mapped rows count although the OS may
-        not have read them; backend caches (the fast-scan layout, GPU uploads) are not counted."""
-        return self._quantizer.nbytes() + sum(s.nbytes() for s in self._view.segments)
+        """Bytes of index data held in host memory: ids, codes, per-vector floats, kept vectors,
+        masks, the rotation/QJL matrices, and what the search backends derived from them (the
+        fast-scan layout). Memory-mapped rows count although the OS may not have read them; GPU
+        memory does not count."""
+        view = self._view
+        cached = sum(scanner.cache.nbytes() for scanner in self._scanners) + view.ids.nbytes()
+        return self._quantizer.nbytes() + sum(s.nbytes() for s in view.segments) + cached
 
     def __contains__(self, key) -> bool:
         return bool(self._ids.positions(np.asarray([key], dtype=np.int64))[0] >= 0)
