@@ -322,3 +322,17 @@ def test_fast_scan_covers_codes_up_to_5_bits():
     g = quantizer(5).groups[0]
     with pytest.raises(ValueError, match="wcols"):     # the wide columns must be a multiple of 4
         native.kernels.tables(q, 40, 1, [(0, 40, 5, 1, g.centroids.numpy())], 22, *out, 2)
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 17, 200])
+@pytest.mark.parametrize("dim", [2, 37, 384])
+def test_native_rotation_equals_torch(rows, dim):
+    from tqindex.rotation import make_rotation
+    rotation = make_rotation(dim, "dense", 3)
+    x = torch.from_numpy(np.random.default_rng(rows + dim).standard_normal((rows, dim)).astype(np.float32))
+    native_out = rotation.apply_native(x)
+    assert native_out is not None and native_out.shape == (rows, dim)
+    exact = (x.double() @ torch.from_numpy(rotation.matrix()).T).float()  # float64 reference
+    np.testing.assert_allclose(native_out.numpy(), exact.numpy(), rtol=1e-5, atol=1e-5)
+    assert make_rotation(dim, "hadamard", 3).apply_native(x) is None  # other kinds keep torch

@@ -507,6 +507,64 @@ done:
     return release(bufs, held, ok);
 }
 
+/* ---- rotation -----------------------------------------------------------------------------------
+ * rotate(x, mt, out, rows, dim): out = x @ mt for float32 x [rows][dim] and mt [dim][dim] (the
+ * rotation's transpose), in this thread. Row i's k-th value is sum_j x[i][j] * mt[j][k] in increasing
+ * j; four rows share each row of mt. It exists so that a search never starts torch's intra-op
+ * (OpenMP) pool, whose threads spin after a matmul and take the cores from the scan threads. */
+static void rotate_rows(const float *restrict x, const float *restrict mt, float *restrict out, Py_ssize_t rows,
+                        Py_ssize_t dim) {
+    Py_ssize_t i = 0;
+    for (; i + 4 <= rows; i += 4) {
+        float *restrict o0 = out + i * dim, *restrict o1 = o0 + dim, *restrict o2 = o1 + dim, *restrict o3 = o2 + dim;
+        memset(o0, 0, 4 * dim * sizeof(float));
+        for (Py_ssize_t j = 0; j < dim; j++) {
+            const float a0 = x[i * dim + j], a1 = x[(i + 1) * dim + j], a2 = x[(i + 2) * dim + j],
+                        a3 = x[(i + 3) * dim + j];
+            const float *restrict m = mt + j * dim;
+            for (Py_ssize_t k = 0; k < dim; k++) {
+                o0[k] += a0 * m[k];
+                o1[k] += a1 * m[k];
+                o2[k] += a2 * m[k];
+                o3[k] += a3 * m[k];
+            }
+        }
+    }
+    for (; i < rows; i++) {
+        float *restrict o = out + i * dim;
+        memset(o, 0, dim * sizeof(float));
+        for (Py_ssize_t j = 0; j < dim; j++) {
+            const float a = x[i * dim + j];
+            const float *restrict m = mt + j * dim;
+            for (Py_ssize_t k = 0; k < dim; k++) o[k] += a * m[k];
+        }
+    }
+}
+
+static PyObject *rotate(PyObject *self, PyObject *args) {
+    PyObject *x, *mt, *out;
+    Py_ssize_t rows, dim;
+    if (!PyArg_ParseTuple(args, "OOOnn", &x, &mt, &out, &rows, &dim)) return NULL;
+    if (rows < 0 || dim < 1) {
+        PyErr_SetString(PyExc_ValueError, "rotate: rows must be >= 0 and dim >= 1");
+        return NULL;
+    }
+    Py_buffer bufs[3];
+    int held = 0, ok = 0;
+    if (get_buffer(x, &bufs[held], 0, rows * dim * (Py_ssize_t)sizeof(float), "x") < 0) goto done;
+    held++;
+    if (get_buffer(mt, &bufs[held], 0, dim * dim * (Py_ssize_t)sizeof(float), "mt") < 0) goto done;
+    held++;
+    if (get_buffer(out, &bufs[held], 1, rows * dim * (Py_ssize_t)sizeof(float), "out") < 0) goto done;
+    held++;
+    Py_BEGIN_ALLOW_THREADS
+    rotate_rows(bufs[0].buf, bufs[1].buf, bufs[2].buf, rows, dim);
+    Py_END_ALLOW_THREADS
+    ok = 1;
+done:
+    return release(bufs, held, ok);
+}
+
 static PyObject *simd(PyObject *self, PyObject *unused) {
 #ifdef TQ_NEON
     return PyUnicode_FromString("neon");  /* every aarch64 CPU has NEON */
@@ -530,6 +588,9 @@ static PyMethodDef methods[] = {
      "tables(rotated, dim, nq, groups, ncols, luts, fluts, delta, bias, tol, magnitude, wcols=0)\n\nPer-query "
      "lookup tables for scan (groups: list of (start, stop, bits, codes_per_nibble, centroids); a first group of "
      "5 bits takes 2*wcols nibbles and has upper tables). Releases the GIL."},
+    {"rotate", rotate, METH_VARARGS,
+     "rotate(x, mt, out, rows, dim)\n\nout = x @ mt (float32 [rows][dim] @ [dim][dim]) in the calling thread, "
+     "without torch's thread pool. Releases the GIL."},
     {"simd", simd, METH_NOARGS, "The scan kernel this CPU runs: 'avx2', 'neon' or 'portable'."},
     {NULL, NULL, 0, NULL}};
 

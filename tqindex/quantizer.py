@@ -326,8 +326,14 @@ class TurboQuantizer:
 
     # -- queries -------------------------------------------------------------------------------
     def prepare_queries(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rotate queries once: returns (Πq, G·Πq or None), both float32 (nq, d)."""
-        rotated = self.rotation.apply(q)
+        """Rotate queries once: returns (Πq, G·Πq or None), both float32 (nq, d).
+
+        On the CPU the dense rotation runs in the native kernels on tqindex's own threads: a torch
+        matmul would start torch's OpenMP pool, whose threads keep spinning afterwards and take the
+        cores from the scan that follows (twice the time of a small batch, measured)."""
+        rotated = self.rotation.apply_native(q)
+        if rotated is None:
+            rotated = self.rotation.apply(q)
         projected = None
         if self.variant == "prod":
             projected = rotated @ self._qjl_by_device.get(q.device).T  # G: copied to a GPU once

@@ -104,6 +104,19 @@ class Rotation:
             y = self._hadamard_halves(y)
         return y
 
+    def apply_native(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`apply` for float32 rows on the CPU in the native kernels (tqindex's threads, not torch's),
+        or None where they do not serve (another kind, dtype or device, or no compiled extension)."""
+        from . import native
+        if self.kind != "dense" or x.dtype != torch.float32 or x.device.type != "cpu" or not native.enabled():
+            return None
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        xs, outs, mt = x.numpy(), out.numpy(), self._matrix_t[torch.float32].numpy()
+        native.parallel_ranges(x.shape[0], lambda a, b: native.kernels.rotate(xs[a:b], mt, outs[a:b], b - a, self.dim),
+                               min_per_thread=16)
+        return out
+
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """Undo `apply` on rows: (n, d) → (n, d)."""
         if self.kind == "dense":

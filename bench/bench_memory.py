@@ -1,0 +1,175 @@
+"""Resident memory per vector: tqindex against turbovec, faiss IndexRaBitQ and faiss IndexPQFastScan.
+
+    python bench/bench_memory.py --rows 1000000 --dim 384 --bits 2 4
+
+Each (method, bits) runs in its own fresh process, which reports its resident set (VmRSS, after
+handing freed memory back with malloc_trim) and peak (VmHWM) at each step, in bytes per vector beyond
+its own import baseline (reported separately): after `add` (the float32 array already in memory is
+excluded), after the first search, and for tqindex also after saving and loading the index with
+`mmap=True` and `mmap=False` in a fresh process, before and after its first search. Synthetic
+unit vectors (their values do not change the memory). Writes bench/results/memory-<rows>x<dim>.json
+and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+from common import RESULTS, environment, write_json
+
+METHODS = ("tqindex", "turbovec", "faiss-rabitq", "faiss-pqfastscan")
+
+
+def _status() -> tuple[int, int]:
+    """(resident bytes, peak resident bytes) of this process, after returning freed heap memory."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                values[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+def _vectors(rows: int, dim: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    x = np.empty((rows, dim), np.float32)
+    for a in range(0, rows, 1 << 16):
+        block = rng.standard_normal((min(rows, a + (1 << 16)) - a, dim), dtype=np.float32)
+        x[a:a + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return x
+
+
+def worker(args) -> None:
+    out = {"method": args.method, "bits": args.worker_bits}
+    # Import everything the method needs first: the baseline is the process with its libraries loaded.
+    if args.method == "tqindex":
+        from tqindex import Index
+        import torch  # noqa: F401
+    elif args.method == "turbovec":
+        import turbovec
+    else:
+        import faiss
+    out["import_baseline"], _ = _status()
+    if args.load:  # tqindex: a fresh process that loads a saved index
+        index = Index.load(args.load, mmap=args.mmap == "yes")
+        base, _ = _status()
+        out["after_load"] = _status()[0] - out["import_baseline"]
+        index.search(np.ones(args.dim, np.float32), 10)
+        out["after_first_search"] = _status()[0] - out["import_baseline"]
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+    x = _vectors(args.rows, args.dim)
+    try:  # restart the peak (VmHWM) here, so that it measures add and not making the data
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    with_array, _ = _status()
+    out["array_bytes"] = x.nbytes
+    if args.method == "tqindex":
+        index = Index(dim=args.dim, bits=args.worker_bits)
+        for a in range(0, args.rows, args.rows // 10):  # ten batches, as a user adding a stream would
+            index.add(x[a:a + args.rows // 10])
+        search = lambda q: index.search(q, 10)  # noqa: E731
+    elif args.method == "turbovec":
+        index = turbovec.TurboQuantIndex(args.dim, args.worker_bits)
+        for a in range(0, args.rows, args.rows // 10):
+            index.add(x[a:a + args.rows // 10])
+        index.prepare()
+        search = lambda q: index.search(q, 10)  # noqa: E731
+    else:
+        if args.method == "faiss-rabitq":
+            index = faiss.IndexRaBitQ(args.dim, faiss.METRIC_INNER_PRODUCT, args.worker_bits)
+        else:
+            index = faiss.IndexPQFastScan(args.dim, args.dim * args.worker_bits // 4, 4, faiss.METRIC_INNER_PRODUCT)
+        index.train(x[:100_000])
+        for a in range(0, args.rows, args.rows // 10):
+            index.add(x[a:a + args.rows // 10])
+        search = lambda q: index.search(q, 10)  # noqa: E731
+    rss, peak = _status()
+    out["after_add"] = rss - with_array
+    out["peak_during_add"] = peak - with_array
+    search(x[:1])
+    out["after_first_search"] = _status()[0] - with_array
+    if args.method == "tqindex" and args.save:
+        index.save(args.save)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _run(cmd) -> dict | None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        print(f"failed: {' '.join(cmd[2:])}: {proc.stderr[-600:]}", flush=True)
+        return None
+    return json.loads(line[7:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-bits", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--save", help=argparse.SUPPRESS)
+    parser.add_argument("--load", help=argparse.SUPPRESS)
+    parser.add_argument("--mmap", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.method:
+        return worker(args)
+    runs = []
+    base = [sys.executable, __file__, "--rows", str(args.rows), "--dim", str(args.dim)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for bits in args.bits:
+            for method in args.methods:
+                saved = os.path.join(tmp, f"tq-{bits}")
+                cmd = base + ["--method", method, "--worker-bits", str(bits)]
+                cmd += ["--save", saved] if method == "tqindex" else []
+                result = _run(cmd)
+                if result is None:
+                    continue
+                runs.append(result)
+                if method == "tqindex":
+                    for mmap in ("yes", "no"):
+                        loaded = _run(base + ["--method", "tqindex", "--worker-bits", str(bits), "--load", saved,
+                                              "--mmap", mmap])
+                        if loaded:
+                            result[f"load_mmap_{mmap}"] = loaded
+                print(json.dumps(result), flush=True)
+    env = environment()
+    tag = f"{args.rows}x{args.dim}"
+    write_json(RESULTS / f"memory-{tag}.json", {"runs": runs})
+    n = args.rows
+    lines = [f"`{' '.join(sys.argv)}` on {env.get('cpu', '?')}: resident bytes per vector beyond each process's "
+             f"import baseline (malloc_trim first); the float32 input array ({4 * args.dim} B/vector) excluded.", "",
+             "| bits | method | import baseline MB | after add | peak during add | after first search | "
+             "load mmap: after load / first search | load (no mmap): after load / first search |",
+             "|---:|---|---:|---:|---:|---:|---|---|"]
+    for r in runs:
+        def loaded(key):
+            part = r.get(key)
+            return "" if not part else f"{part['after_load'] / n:.1f} / {part['after_first_search'] / n:.1f}"
+        lines.append(f"| {r['bits']} | {r['method']} | {r['import_baseline'] / 2 ** 20:.0f} | {r['after_add'] / n:.1f} | "
+                     f"{r['peak_during_add'] / n:.1f} | {r['after_first_search'] / n:.1f} | {loaded('load_mmap_yes')} | "
+                     f"{loaded('load_mmap_no')} |")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / f"memory-{tag}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
