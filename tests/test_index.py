@@ -414,28 +414,31 @@ def test_legacy_keywords_and_options_build_the_same_index():
         QuantizerOptions(variant="nope")
 
 
-@pytest.mark.skipif(not __import__("tqindex.backends.fastscan").backends.fastscan.available(),
-                    reason="no AVX2 fast scan on this machine")
-def test_moving_to_the_cpu_keeps_the_fast_scan_layout():
+def _index_with_layout(seed):
+    """A searched index, its fast scanner and the layout it holds for the index's one segment."""
     index = Index(dim=32, bits=4)
-    index.add(np.random.default_rng(4).standard_normal((500, 32)).astype(np.float32))
+    index.add(np.random.default_rng(seed).standard_normal((500, 32)).astype(np.float32))
     index.search(np.ones(32, np.float32), 3)
     scanner = index._backend("fastscan")
     layout = scanner.cache.peek(index._segments[0], "layout")
     assert layout is not None
+    return index, scanner, layout
+
+
+needs_fast_scan = pytest.mark.skipif(not __import__("tqindex.backends.fastscan").backends.fastscan.available(),
+                                     reason="no SIMD fast scan on this machine")
+
+
+@needs_fast_scan
+def test_moving_to_the_cpu_keeps_the_fast_scan_layout():
+    index, scanner, layout = _index_with_layout(4)
     index.to("cpu")
     assert scanner.cache.peek(index._segments[0], "layout") is layout
 
 
-@pytest.mark.skipif(not __import__("tqindex.backends.fastscan").backends.fastscan.available(),
-                    reason="no AVX2 fast scan on this machine")
+@needs_fast_scan
 def test_removing_rows_keeps_the_fast_scan_layout():
-    index = Index(dim=32, bits=4)
-    index.add(np.random.default_rng(5).standard_normal((500, 32)).astype(np.float32))
-    index.search(np.ones(32, np.float32), 3)
-    scanner = index._backend("fastscan")
-    layout = scanner.cache.peek(index._segments[0], "layout")
-    assert layout is not None
+    index, scanner, layout = _index_with_layout(5)
     index.remove([0, 1, 2])
     assert index._segments[0].deleted is not None
     assert scanner.cache.peek(index._segments[0], "layout") is layout

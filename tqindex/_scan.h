@@ -217,17 +217,22 @@ static void block_sums_portable(const scan_args *a, Py_ssize_t q, Py_ssize_t blo
     }
 }
 
-static void scan_portable(const scan_args *a) {
+/* The scan of kernels that produce sums in row order (portable, NEON), tested by offer_block. */
+typedef void (*block_sums_fn)(const scan_args *a, Py_ssize_t q, Py_ssize_t block, uint32_t *sums);
+
+static inline void scan_row_order(const scan_args *a, block_sums_fn block_sums) {
     uint32_t sums[BLOCK];
     for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {
         Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;
         for (Py_ssize_t q = 0; q < a->nq; q++)
             for (Py_ssize_t b = p; b < pe; b++) {
-                block_sums_portable(a, q, b, sums);
+                block_sums(a, q, b, sums);
                 offer_block(a, q, b, sums);
             }
     }
 }
+
+static void scan_portable(const scan_args *a) { scan_row_order(a, block_sums_portable); }
 
 #ifdef TQ_X86
 /* Sums of `tile` queries (compile-time constant after inlining) over one block. */
@@ -393,17 +398,7 @@ static void block_sums_neon(const scan_args *a, Py_ssize_t q, Py_ssize_t block, 
     for (int i = 0; i < 8; i++) vst1q_u32(sums + 4 * i, total[i]);
 }
 
-static void scan_neon(const scan_args *a) {
-    uint32_t sums[BLOCK];
-    for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {
-        Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;
-        for (Py_ssize_t q = 0; q < a->nq; q++)
-            for (Py_ssize_t b = p; b < pe; b++) {
-                block_sums_neon(a, q, b, sums);
-                offer_block(a, q, b, sums);
-            }
-    }
-}
+static void scan_neon(const scan_args *a) { scan_row_order(a, block_sums_neon); }
 #endif
 
 #endif /* TQINDEX_SCAN_H */
