@@ -504,7 +504,19 @@ class Index:
             self._swap(_consolidated(self._view.segments))
         view = self._view
         return {"params": self.params(), "next_id": self._next_id, "segments": list(view.segments),
-                "live": sum(s.live_count for s in view.segments)}
+                "live": view.live, "store": self._store}
+
+    def _take_lock(self) -> None:
+        """Hold the writer lock of the directory this index was loaded from (Index.open)."""
+        self._bind(self._store)
+
+    def _bind(self, store) -> None:
+        """Make `store` (a committed directory) this index's, holding its writer lock; a previous
+        directory's lock is released."""
+        store.acquire()
+        if self._store is not None and self._store is not store:
+            self._store.close()
+        self._store = store
 
     @classmethod
     def _from_state(cls, params: dict, *, segments: list[Segment], next_id: int, store=None) -> "Index":

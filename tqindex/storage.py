@@ -408,7 +408,8 @@ def save(index, path=None) -> None:
     last commit, the index's binding to its directory and its lock as they were; one that fails
     after the manifest was renamed into place has committed, and the index records that.
     """
-    store: Store | None = index._store
+    state = index._state()
+    store: Store | None = state["store"]
     if path is None:
         if store is None:
             raise ValueError("save() needs a path: this index has never been saved")
@@ -433,19 +434,17 @@ def save(index, path=None) -> None:
             if on_disk != writer.generation:
                 raise RuntimeError(f"index at {target} was changed by another writer since it was loaded "
                                    f"(generation {on_disk}, expected {writer.generation}); reload it")
-    state = index._state()
     written: list[Path] = []
     body = None
     try:
         shard_dir = target / SHARDS
         shard_dir.mkdir(parents=True, exist_ok=True)
         params = state["params"]
-        q = index._quantizer
-        rows_schema = _rows_schema(params, q.code_bytes, q.qjl_bytes, q.stores_norm(params["metric"]))
+        rows_schema = _rows_schema(params, *_code_sizes(params))
         entries = []
         for segment in state["segments"]:
             rewrite = fresh or segment.shard is None
-            entry = _write_segment(shard_dir, segment, rows_schema, index.dim, written) if rewrite \
+            entry = _write_segment(shard_dir, segment, rows_schema, params["dim"], written) if rewrite \
                 else dict(segment.shard)
             if rewrite or segment.deletions_dirty:
                 rows = np.nonzero(segment.deleted)[0].astype(np.int64) if segment.deleted is not None else None
@@ -480,10 +479,7 @@ def _committed(target: Path, generation: int) -> bool:
 
 def _record_commit(index, writer: Store, state: dict, body: dict) -> None:
     """Committed: only now may the in-memory state say so (and a new directory become the index's)."""
-    if index._store is not writer:
-        if index._store is not None:
-            index._store.close()
-        index._store = writer
+    index._bind(writer)
     writer.generation = body["generation"]
     for segment, entry in zip(state["segments"], body["shards"]):
         segment.shard = entry
@@ -642,7 +638,7 @@ def open_index(cls, path, **params):
                 index.close()
                 raise ValueError(f"index at {path} was built with different parameters (given, stored): "
                                  f"{_short(clash)}")
-        index._store.acquire()
+        index._take_lock()
         return index
     index = cls(**params)
     index.save(path)
