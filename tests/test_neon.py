@@ -99,9 +99,10 @@ def test_neon_equals_the_portable_loop(harnesses, tmp_path, bits, metric, codebo
     out_s = np.full((nq, k), -np.inf, np.float32)
     out_i = np.full((nq, k), -1, np.int64)
     count = np.zeros(nq, np.int64)
-    native.kernels.scan(a["codes"], a["ncols"], a["nblocks"], 0, a["nblocks"], a["luts"], a["fluts"], a["delta"],
-                        a["bias"], a["tol"], a["eps"], a["row_scale"], a["row_norm2"], a["query_norm2"], out_s, out_i,
-                        count, portable=True, wcols=a["wcols"])
+    plan = fastscan.ScanPlan(codes=a["codes"], ncols=a["ncols"], wcols=a["wcols"], luts=a["luts"], fluts=a["fluts"],
+                             delta=a["delta"], bias=a["bias"], tol=a["tol"], eps=a["eps"], row_scale=a["row_scale"],
+                             row_norm2=a["row_norm2"], query_norm2=a["query_norm2"])
+    native.kernels.scan(plan, 0, a["nblocks"], out_s, out_i, count, portable=True)
     np.testing.assert_array_equal(ids, out_i)
     np.testing.assert_array_equal(scores, out_s)
     np.testing.assert_array_equal(counts, count)

@@ -66,19 +66,20 @@ static PyObject *release(Py_buffer *bufs, int held, int ok) {
     Py_RETURN_NONE;
 }
 
-static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"codes", "ncols", "nblocks", "b0", "b1", "luts", "fluts", "delta", "bias", "tol", "eps",
-                             "row_scale", "row_norm2", "query_norm2", "out_scores", "out_ids", "exact_count",
-                             "portable", "rowcodes", "rotated", "centroids", "row_bits", "wcols", NULL};
-    PyObject *codes, *luts, *fluts, *delta, *bias, *tol, *eps, *row_scale, *row_norm2, *query_norm2;
-    PyObject *out_s, *out_i, *exact_count, *rowcodes = Py_None, *rotated = Py_None, *centroids = Py_None;
-    Py_ssize_t ncols, nblocks, b0, b1, wcols = 0;
-    int portable = 0, row_bits = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnnnnOOOOOOOOOOOO|pOOOin", kwlist, &codes, &ncols, &nblocks, &b0,
-                                     &b1, &luts, &fluts, &delta, &bias, &tol, &eps, &row_scale, &row_norm2,
-                                     &query_norm2, &out_s, &out_i, &exact_count, &portable, &rowcodes, &rotated,
-                                     &centroids, &row_bits, &wcols))
-        return NULL;
+/* The scan proper, on the plan's fields (see `scan` below). */
+static PyObject *scan_fields(PyObject *codes, Py_ssize_t ncols, Py_ssize_t wcols, PyObject *luts, PyObject *fluts,
+                             PyObject *delta, PyObject *bias, PyObject *tol, PyObject *eps, PyObject *row_scale,
+                             PyObject *row_norm2, PyObject *query_norm2, PyObject *rowcodes, PyObject *rotated,
+                             PyObject *centroids, int row_bits, Py_ssize_t b0, Py_ssize_t b1, PyObject *out_s,
+                             PyObject *out_i, PyObject *exact_count, int portable) {
+    Py_ssize_t nblocks;
+    {
+        Py_buffer view;
+        if (PyObject_GetBuffer(codes, &view, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+        Py_ssize_t block = (ncols + (wcols > 0 ? wcols : 0) / 4) * BLOCK;
+        nblocks = block > 0 ? view.len / block : 0;
+        PyBuffer_Release(&view);
+    }
     Py_ssize_t n = nblocks * BLOCK;
     if (ncols < 1 || nblocks < 0 || b0 < 0 || b1 < b0 || b1 > nblocks || wcols < 0 || wcols % 4 || wcols > ncols) {
         PyErr_SetString(PyExc_ValueError, "scan: inconsistent ncols / wcols / nblocks / block range");
@@ -180,6 +181,32 @@ static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     ok = 1;
 done:
     return release(bufs, held, ok);
+}
+
+/* scan(plan, b0, b1, out_scores, out_ids, exact_count, portable=False): one typed plan object
+ * (tqindex.backends.fastscan.ScanPlan) carries every input; this reads its fields by name, so a new
+ * kernel input is a new field in two places (the dataclass and the list below). */
+static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"plan", "b0", "b1", "out_scores", "out_ids", "exact_count", "portable", NULL};
+    static const char *names[] = {"codes", "luts", "fluts", "delta", "bias", "tol", "eps", "row_scale", "row_norm2",
+                                  "query_norm2", "rowcodes", "rotated", "centroids", "ncols", "wcols", "row_bits"};
+    enum { NFIELDS = 16 };
+    PyObject *plan, *out_s, *out_i, *exact_count, *f[NFIELDS] = {NULL};
+    Py_ssize_t b0, b1;
+    int portable = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnnOOO|p", kwlist, &plan, &b0, &b1, &out_s, &out_i, &exact_count,
+                                     &portable))
+        return NULL;
+    PyObject *result = NULL;
+    for (int i = 0; i < NFIELDS; i++)
+        if (!(f[i] = PyObject_GetAttrString(plan, names[i]))) goto done;
+    Py_ssize_t ncols = PyLong_AsSsize_t(f[13]), wcols = PyLong_AsSsize_t(f[14]), row_bits = PyLong_AsSsize_t(f[15]);
+    if (PyErr_Occurred()) goto done;
+    result = scan_fields(f[0], ncols, wcols, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12],
+                         (int)row_bits, b0, b1, out_s, out_i, exact_count, portable);
+done:
+    for (int i = 0; i < NFIELDS; i++) Py_XDECREF(f[i]);
+    return result;
 }
 
 /* ---- encoding ----------------------------------------------------------------------------------
@@ -575,9 +602,8 @@ static PyObject *simd(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"scan", (PyCFunction)(void (*)(void))scan, METH_VARARGS | METH_KEYWORDS,
-     "scan(codes, ncols, nblocks, b0, b1, luts, fluts, delta, bias, tol, eps, row_scale, row_norm2, query_norm2, "
-     "out_scores, out_ids, exact_count, portable=False, rowcodes=None, rotated=None, centroids=None, row_bits=0, "
-     "wcols=0)\n\nOffer blocks [b0, b1) of every query to its "
+     "scan(plan, b0, b1, out_scores, out_ids, exact_count, portable=False)\n\nplan: a ScanPlan "
+     "(tqindex.backends.fastscan). Offer blocks [b0, b1) of every query to its "
      "min-heap of exact scores in out_scores/out_ids (float32/int64 [nq][k], initialised by the caller); adds "
      "the number of exact evaluations to exact_count (int64 [nq]). Releases the GIL."},
     {"encode", encode, METH_VARARGS,

@@ -26,6 +26,9 @@ the compiled extension use the torch scan. TQINDEX_NATIVE=0 turns it off.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -193,6 +196,46 @@ def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
     return luts, fluts, delta, bias, tol, magnitude
 
 
+@dataclass(frozen=True)
+class ScanPlan:
+    """Every input of the native scan, in one typed object (`_native.scan` reads these fields by
+    name). Per-query arrays have nq rows; per-row arrays are in slot order (see `_to_slots`).
+
+    codes : (nblocks, ncols + wcols/4, 32) uint8, the kernel layout
+    ncols, wcols : nibble columns, of which the first wcols are masked 5-bit ones
+    luts : (nq, 2·(ncols + wcols), 16) uint8; fluts : the same in float32 (`quantized_luts`)
+    delta, bias, tol, eps : (nq,) float32
+    row_scale : (nblocks·32,) float32, NaN for padding and removed rows
+    row_norm2, query_norm2 : ‖x‖² per row and ‖q‖² per query for "l2", else None
+    rowcodes, rotated, centroids, row_bits : row-major codes (n, code bytes), Πq (nq, d), the 16
+        padded levels and the width, for rescoring one scalar group from the codes; else None / 0
+    """
+
+    codes: np.ndarray
+    ncols: int
+    wcols: int
+    luts: np.ndarray
+    fluts: np.ndarray
+    delta: np.ndarray
+    bias: np.ndarray
+    tol: np.ndarray
+    eps: np.ndarray
+    row_scale: np.ndarray
+    row_norm2: np.ndarray | None = None
+    query_norm2: np.ndarray | None = None
+    rowcodes: np.ndarray | None = None
+    rotated: np.ndarray | None = None
+    centroids: np.ndarray | None = None
+    row_bits: int = 0
+
+    _PER_QUERY = ("luts", "fluts", "delta", "bias", "tol", "eps", "query_norm2", "rotated")
+
+    def queries(self, q0: int, q1: int) -> "ScanPlan":
+        """The plan for queries [q0, q1) (views, no copies)."""
+        return dataclasses.replace(self, **{name: getattr(self, name)[q0:q1] for name in self._PER_QUERY
+                                            if getattr(self, name) is not None})
+
+
 def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metric, k, portable, threads):
     """Exact top k of one segment: (scores (nq, k) float32, positions (nq, k) int64), unsorted."""
     luts, fluts, delta, bias, tol, eps = tables
@@ -208,8 +251,9 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
             masked = np.where(_to_slots(np.asarray(segment.deleted), nblocks, False), np.float32(np.nan), row_scale)
             layout["masked_scale"] = (segment.deleted, masked)
         row_scale = masked
-    row_norm2 = layout["norm2"] if metric == "l2" else None
-    extra = {"wcols": layout["wcols"]}
+    plan = ScanPlan(codes=layout["blocks"], ncols=layout["ncols"], wcols=layout["wcols"], luts=luts, fluts=fluts,
+                    delta=delta, bias=bias, tol=tol, eps=eps, row_scale=row_scale,
+                    row_norm2=layout["norm2"] if metric == "l2" else None, query_norm2=query_norm2)
     if len(quantizer.groups) == 1 and quantizer.groups[0].kind.rescores_from_codes:
         # One scalar code group: rows are rescored straight from the row-major codes (a SIMD
         # decode-and-dot, cheaper than summing 2·ncols float table entries). Other kinds rescore
@@ -217,16 +261,14 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
         g = quantizer.groups[0]
         centroids = np.zeros(16, np.float32)
         centroids[: len(g.centroids)] = g.centroids.numpy()
-        extra.update(rowcodes=np.asarray(segment.encoded.codes), centroids=centroids, row_bits=g.bits)
+        plan = dataclasses.replace(plan, rowcodes=np.asarray(segment.encoded.codes), rotated=rotated,
+                                   centroids=centroids, row_bits=g.bits)
 
     def run(q0, q1, b0, b1):
         out_s = np.full((q1 - q0, k), -np.inf, dtype=np.float32)
         out_i = np.full((q1 - q0, k), -1, dtype=np.int64)
         count = np.zeros(q1 - q0, dtype=np.int64)
-        native.kernels.scan(layout["blocks"], layout["ncols"], nblocks, b0, b1, luts[q0:q1], fluts[q0:q1],
-                            delta[q0:q1], bias[q0:q1], tol[q0:q1], eps[q0:q1], row_scale, row_norm2,
-                            None if query_norm2 is None else query_norm2[q0:q1], out_s, out_i, count,
-                            portable=portable, **(dict(extra, rotated=rotated[q0:q1]) if "rowcodes" in extra else extra))
+        native.kernels.scan(plan.queries(q0, q1), b0, b1, out_s, out_i, count, portable=portable)
         return out_s, out_i, count
 
     if nq >= threads:
