@@ -15,7 +15,6 @@ and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import time
 
 import numpy as np
 
-from common import RESULTS, environment, write_json
+from common import RESULTS, environment, report, run_worker, write_json
 
 METHODS = ("tqindex", "turbovec", "faiss-rabitq", "faiss-pqfastscan", "usearch-i8")
 BATCHES = (1, 8, 64, 1000)
@@ -213,7 +212,7 @@ def worker(args) -> None:
     out["qps"] = qps
     out["recall10"] = _recall(method.search(q, 10), gt)
     out["threads_qps"] = {n: _threaded_qps(method, q, n) for n in (1, 4)}
-    print("RESULT " + json.dumps(out), flush=True)
+    report(out)
 
 
 def main() -> None:
@@ -247,12 +246,9 @@ def main() -> None:
                        str(args.threads), "--single", str(args.single), "--dim", str(args.dim)]
                 cmd += ["--dataset", args.dataset] if args.dataset else ["--synthetic", str(args.synthetic)]
                 cmd += ["--load"] if args.load else []
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if line is None:
-                    print(f"{method} {bits}b failed: {proc.stderr[-800:]}", flush=True)
+                result = run_worker(cmd, env)
+                if result is None:
                     continue
-                result = json.loads(line[7:])
                 result["round"] = rnd
                 runs.append(result)
                 print(f"round {rnd} {method:17s} {bits}b p50 {result['p50_s'] * 1e3:.3f} ms  "

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
 import numpy as np
 
-from common import RESULTS, environment, write_json
+from common import RESULTS, environment, report, run_worker, write_json
 
 METHODS = ("tqindex", "turbovec", "faiss-rabitq", "faiss-pqfastscan")
 
@@ -56,7 +55,7 @@ def worker(args) -> None:
     # Import everything the method needs first: the baseline is the process with its libraries loaded.
     if args.method == "tqindex":
         from tqindex import Index
-        import torch  # noqa: F401
+        import torch  # noqa: F401  (its import is part of the baseline)
     elif args.method == "turbovec":
         import turbovec
     else:
@@ -68,7 +67,7 @@ def worker(args) -> None:
         out["after_load"] = _status()[0] - out["import_baseline"]
         index.search(np.ones(args.dim, np.float32), 10)
         out["after_first_search"] = _status()[0] - out["import_baseline"]
-        print("RESULT " + json.dumps(out), flush=True)
+        report(out)
         return
     x = _vectors(args.rows, args.dim)
     try:  # restart the peak (VmHWM) here, so that it measures add and not making the data
@@ -105,16 +104,7 @@ def worker(args) -> None:
     out["after_first_search"] = _status()[0] - with_array
     if args.method == "tqindex" and args.save:
         index.save(args.save)
-    print("RESULT " + json.dumps(out), flush=True)
-
-
-def _run(cmd) -> dict | None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        print(f"failed: {' '.join(cmd[2:])}: {proc.stderr[-600:]}", flush=True)
-        return None
-    return json.loads(line[7:])
+    report(out)
 
 
 def main() -> None:
@@ -139,13 +129,13 @@ def main() -> None:
                 saved = os.path.join(tmp, f"tq-{bits}")
                 cmd = base + ["--method", method, "--worker-bits", str(bits)]
                 cmd += ["--save", saved] if method == "tqindex" else []
-                result = _run(cmd)
+                result = run_worker(cmd)
                 if result is None:
                     continue
                 runs.append(result)
                 if method == "tqindex":
                     for mmap in ("yes", "no"):
-                        loaded = _run(base + ["--method", "tqindex", "--worker-bits", str(bits), "--load", saved,
+                        loaded = run_worker(base + ["--method", "tqindex", "--worker-bits", str(bits), "--load", saved,
                                               "--mmap", mmap])
                         if loaded:
                             result[f"load_mmap_{mmap}"] = loaded

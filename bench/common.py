@@ -63,6 +63,26 @@ def median_time(fn, repeat: int) -> tuple[float, object]:
     return float(np.median(times)), result
 
 
+_RESULT = "RESULT "
+
+
+def report(result: dict) -> None:
+    """A worker process's result, on the line `run_worker` reads."""
+    print(_RESULT + json.dumps(result), flush=True)
+
+
+def run_worker(cmd: list[str], env: dict | None = None) -> dict | None:
+    """Run one benchmark worker in a fresh process and return its `report`ed result (None, with its
+    error printed, if it reported nothing)."""
+    import subprocess
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith(_RESULT)), None)
+    if line is None:
+        print(f"failed: {' '.join(cmd[2:])}: {proc.stderr[-800:]}", flush=True)
+        return None
+    return json.loads(line[len(_RESULT):])
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"command": command_line(), "environment": environment(), **payload}

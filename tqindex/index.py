@@ -18,11 +18,10 @@ from .quantizer import CODEBOOKS, VARIANTS, EncodedVectors, TurboQuantizer, scal
 from .rotation import ROTATION_KINDS
 from .segment import Segment
 from .topk import topk_padded
-from .validation import MAX_DIM, MAX_ID, array_kind, as_float_matrix, as_id_array, check_k, check_norms, to_kind
+from .validation import MAX_DIM, MAX_ID, METRICS, array_kind, as_float_matrix, as_id_array, check_k, check_norms, to_kind
 
 __all__ = ["METRICS", "Index", "QuantizerOptions", "SearchResult"]
 
-METRICS = ("ip", "cosine", "l2")
 DEVICES = ("cpu", "cuda")
 
 # Unsaved appends are merged (see `_append`) while below this many rows, so many small `add` calls do
@@ -303,7 +302,7 @@ class Index:
             cuda.require()
         elif self._device == "cuda":
             for scanner in self._scanners:  # GPU memory goes back; the CPU backends keep their layouts
-                if scanner.name in ("cuda", "torch"):
+                if scanner.caches_on_device:
                     scanner.release()
         self._device = device
         return self
@@ -365,14 +364,13 @@ class Index:
             positions = view.ids.positions(arr)
             if (positions < 0).any():
                 raise KeyError(f"ids not in the index: {arr[positions < 0][:10].tolist()}")
-            self._view = _View(_with_deleted(view, positions))
+            self._swap(_with_deleted(view, positions))
         return int(arr.size)
 
     def compact(self) -> None:
         """Drop removed rows and merge all segments into one (rewritten on the next save)."""
         with self._write_lock:
-            live = [segment if segment.deleted is None else _select(segment, ~segment.deleted)
-                    for segment in self._view.segments if segment.live_count]
+            live = [_live_rows(segment) for segment in self._view.segments if segment.live_count]
             self._swap([_concat_segments(live)] if live else [])
 
     # -- reads ---------------------------------------------------------------------------------
@@ -612,9 +610,13 @@ def _consolidated(segments: list[Segment]) -> list[Segment]:
     while len(segments) > _MAX_SEGMENTS:
         sizes = [a.live_count + b.live_count for a, b in zip(segments, segments[1:])]
         i = int(np.argmin(sizes))
-        pair = [s if s.deleted is None else _select(s, ~s.deleted) for s in segments[i:i + 2]]
-        segments[i:i + 2] = [_concat_segments(pair)]
+        segments[i:i + 2] = [_concat_segments([_live_rows(s) for s in segments[i:i + 2]])]
     return segments
+
+
+def _live_rows(segment: Segment) -> Segment:
+    """The segment without its removed rows (itself when it has none)."""
+    return segment if segment.deleted is None else _select(segment, ~segment.deleted)
 
 
 def _take_encoded(enc: EncodedVectors, rows) -> EncodedVectors:

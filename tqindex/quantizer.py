@@ -35,7 +35,8 @@ from .groups import CODEBOOKS, CodeGroup, group_layout, make_groups
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .rotation import make_rotation, qjl_gaussian
 
-__all__ = ["CODEBOOKS", "SCALE_DTYPES", "VARIANTS", "CodeGroup", "EncodedVectors", "TurboQuantizer", "bits_for_bytes"]
+__all__ = ["CODEBOOKS", "SCALE_DTYPES", "VARIANTS", "CodeGroup", "EncodedVectors", "TurboQuantizer", "bits_for_bytes",
+           "row_code_bytes", "stores_norm"]
 
 VARIANTS = ("mse", "prod")
 
@@ -81,11 +82,23 @@ class EncodedVectors:
         return len(self.scale)
 
 
-def _bytes_per_vector(dim: int, bits, variant: str, stores_norm: bool, scale_dtype: str = "float32") -> int:
+def row_code_bytes(dim: int, bits, variant: str) -> tuple[int, int]:
+    """(packed mse code bytes, QJL sign bytes) of one row, from the parameters alone (no codebook
+    or rotation is built: storage checks shards against these before building a quantizer)."""
     codes = sum(packed_row_bytes(b - a, w) for a, b, w in group_layout(dim, bits, variant))
-    signs = packed_row_bytes(dim, 1) if variant == "prod" else 0
+    return codes, packed_row_bytes(dim, 1) if variant == "prod" else 0
+
+
+def stores_norm(metric: str, variant: str, rescale: bool) -> bool:
+    """Whether ‖x‖ is kept beside `scale`: only "l2" needs ‖x‖ itself, and only rescaled mse has a
+    scale that differs from it."""
+    return metric == "l2" and rescale and variant == "mse"
+
+
+def _bytes_per_vector(dim: int, bits, variant: str, norm: bool, scale_dtype: str = "float32") -> int:
+    codes, signs = row_code_bytes(dim, bits, variant)
     scale = np.dtype(SCALE_DTYPES[scale_dtype]).itemsize
-    return codes + signs + scale + 4 * ((variant == "prod") + stores_norm)
+    return codes + signs + scale + 4 * ((variant == "prod") + norm)
 
 
 def bits_for_bytes(dim: int, nbytes: int, *, metric: str = "ip", variant: str = "mse", rescale: bool = True,
@@ -101,15 +114,15 @@ def bits_for_bytes(dim: int, nbytes: int, *, metric: str = "ip", variant: str = 
     int or float, a valid `bits` argument; raises ValueError if even 1 bit does not fit.
     """
     scale_dtype = scale_dtype_name(scale_dtype)
-    stores_norm = metric == "l2" and rescale and variant == "mse"
+    norm = stores_norm(metric, variant, rescale)
     best = None
     for base in range(1 + (variant == "prod"), 9):
-        if _bytes_per_vector(dim, base, variant, stores_norm, scale_dtype) > nbytes:
+        if _bytes_per_vector(dim, base, variant, norm, scale_dtype) > nbytes:
             break
         for high in range(dim if base < 8 else 1):
             # Padding to whole bytes per group can make one more coordinate cost nothing: scan all.
             bits = effective_bits(dim, base + high / dim)
-            if _bytes_per_vector(dim, bits, variant, stores_norm, scale_dtype) <= nbytes:
+            if _bytes_per_vector(dim, bits, variant, norm, scale_dtype) <= nbytes:
                 best = bits
     if best is None:
         raise ValueError(f"no bit width fits {nbytes} bytes per vector at dim={dim} ({variant}, {metric}, "
@@ -184,9 +197,8 @@ class TurboQuantizer:
         return held + sum(g.centroids.nbytes + g.boundaries.nbytes + g.codewords.nbytes for g in self.groups)
 
     def stores_norm(self, metric: str) -> bool:
-        """Whether ‖x‖ must be kept beside `scale`: only "l2" needs ‖x‖ itself, and only
-        rescaled mse has a scale that differs from it."""
-        return metric == "l2" and self.rescale
+        """Whether ‖x‖ must be kept beside `scale` (see the module function `stores_norm`)."""
+        return stores_norm(metric, self.variant, self.rescale)
 
     def bytes_per_vector(self, metric: str) -> int:
         """Bytes of one encoded vector: codes, signs and per-vector floats (ids not included)."""

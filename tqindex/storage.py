@@ -44,12 +44,11 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from .codebook import CODEBOOK_VERSIONS
-from .groups import CODEBOOKS, group_layout
-from .packing import packed_row_bytes
-from .quantizer import SCALE_DTYPES, VARIANTS, EncodedVectors
+from .groups import CODEBOOKS
+from .quantizer import SCALE_DTYPES, VARIANTS, EncodedVectors, row_code_bytes, stores_norm
 from .rotation import ROTATION_KINDS
 from .segment import Segment
-from .validation import MAX_DIM, MAX_ID
+from .validation import MAX_DIM, MAX_ID, METRICS
 
 __all__ = ["FORMAT_VERSION", "IndexFormatError", "IndexLockedError", "Store", "save", "load", "open_index"]
 
@@ -63,7 +62,8 @@ _LOAD_RETRIES = 100  # a retry happens only when a writer committed meanwhile
 _SHARD_NAME = re.compile(r"(rows|vectors|deleted)-[0-9a-f]{32}\.arrow")
 #: A manifest larger than this is refused unread (a real one holds a few hundred bytes per shard).
 _MAX_MANIFEST_BYTES = 64 << 20
-_METRICS = ("ip", "cosine", "l2")
+#: Parameters indexes saved by older tqindex versions lack, as those versions built them.
+_LEGACY_PARAMS = {"scale_dtype": "float32", "codebook": "scalar", "center": None}
 
 
 class IndexFormatError(ValueError):
@@ -83,11 +83,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _crc32_file(path: Path) -> int:
+def _crc32(f) -> int:
+    """CRC-32 of a binary file object, read in chunks from its current position."""
     crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHECKSUM_CHUNK):
-            crc = zlib.crc32(chunk, crc)
+    while chunk := f.read(_CHECKSUM_CHUNK):
+        crc = zlib.crc32(chunk, crc)
     return crc
 
 
@@ -152,7 +152,8 @@ def _write_table(path: Path, schema: pa.Schema, columns: list[pa.Array]) -> dict
             writer.write_batch(batch)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-    return {"name": path.name, "bytes": path.stat().st_size, "crc32": _crc32_file(path), "rows": batch.num_rows}
+        crc = _crc32(f)
+    return {"name": path.name, "bytes": path.stat().st_size, "crc32": crc, "rows": batch.num_rows}
 
 
 def _read_table(path: Path, entry: dict, schema: pa.Schema, *, mmap: bool, verify: bool) -> pa.RecordBatch:
@@ -168,10 +169,8 @@ def _read_table(path: Path, entry: dict, schema: pa.Schema, *, mmap: bool, verif
             raise IndexFormatError(f"shard {path} has {size} bytes, the manifest records {entry['bytes']} "
                                    f"(truncated or replaced)")
         if verify:
-            crc = 0
             with os.fdopen(os.dup(fd), "rb") as f:
-                while chunk := f.read(_CHECKSUM_CHUNK):
-                    crc = zlib.crc32(chunk, crc)
+                crc = _crc32(f)
             if crc != entry["crc32"]:
                 raise IndexFormatError(f"checksum mismatch in shard {path}: the file is corrupted")
         if mmap and size:
@@ -305,10 +304,10 @@ def _check_body(body: dict, where: Path) -> None:
     bits = params.get("bits")
     if isinstance(bits, bool) or not isinstance(bits, numbers.Real) or not 1 <= bits <= 8:
         bad("params.bits", f"must be a number in [1, 8], got {_short(bits, 80)}")
-    choices = {"metric": _METRICS, "variant": VARIANTS, "rotation": ROTATION_KINDS,
+    choices = {"metric": METRICS, "variant": VARIANTS, "rotation": ROTATION_KINDS,
                "scale_dtype": tuple(SCALE_DTYPES), "codebook": CODEBOOKS}
     for field, allowed in choices.items():
-        value = params.get(field, {"scale_dtype": "float32", "codebook": "scalar"}.get(field))
+        value = params.get(field, _LEGACY_PARAMS.get(field))
         if not isinstance(value, str) or value not in allowed:
             bad(f"params.{field}", f"must be one of {allowed}, got {_short(value, 80)}")
     if params.get("codebook_version") not in CODEBOOK_VERSIONS:
@@ -534,20 +533,12 @@ def load(cls, path, *, mmap: bool = True, device: str = "cpu", verify: bool = Tr
 def _code_sizes(params: dict) -> tuple[int, int, bool]:
     """(code bytes, QJL bytes, whether ‖x‖ is stored) of a row, from the params alone: the shards
     are checked against these before the quantizer (a d² rotation) is built."""
-    dim, variant = params["dim"], params["variant"]
-    code_bytes = sum(packed_row_bytes(stop - start, width) for start, stop, width in group_layout(dim, params["bits"],
-                                                                                                 variant))
-    qjl_bytes = packed_row_bytes(dim, 1) if variant == "prod" else 0
-    return code_bytes, qjl_bytes, params["metric"] == "l2" and params["rescale"] and variant == "mse"
+    code_bytes, qjl_bytes = row_code_bytes(params["dim"], params["bits"], params["variant"])
+    return code_bytes, qjl_bytes, stores_norm(params["metric"], params["variant"], params["rescale"])
 
 
 def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device: str):
-    params = dict(body["params"])
-    # Indexes saved before scale_dtype existed stored float32 scales, and before codebook existed,
-    # the scalar codebook.
-    params.setdefault("scale_dtype", "float32")
-    params.setdefault("codebook", "scalar")
-    params.setdefault("center", None)
+    params = {**_LEGACY_PARAMS, **body["params"]}
     try:
         code_bytes, qjl_bytes, stores_norm = _code_sizes(params)
     except ValueError as exc:

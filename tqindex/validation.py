@@ -7,11 +7,13 @@ import numbers
 import numpy as np
 import torch
 
-__all__ = ["MAX_DIM", "MAX_ID", "MAX_NORM", "as_float_matrix", "as_id_array", "check_k", "check_norms", "array_kind",
+__all__ = ["METRICS", "MAX_DIM", "MAX_ID", "MAX_NORM", "as_float_matrix", "as_id_array", "check_k", "check_norms", "array_kind",
            "to_kind"]
 
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
+#: Metrics an index scores by (defined here, beside the other input bounds, for index and storage).
+METRICS = ("ip", "cosine", "l2")
 #: Largest vector dimension (a dense rotation of this size holds 12·d² = 48 GiB; the bound keeps a
 #: crafted manifest from asking for more).
 MAX_DIM = 1 << 16

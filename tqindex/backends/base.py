@@ -110,6 +110,8 @@ class Scanner(ABC):
     """
 
     name = "?"
+    #: Whether this backend's cache holds GPU memory (released when the index leaves the GPU).
+    caches_on_device = False
 
     def __init__(self, quantizer, metric: str):
         self.quantizer, self.metric = quantizer, metric

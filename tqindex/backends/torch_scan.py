@@ -178,6 +178,7 @@ class TorchScanner(Scanner):
     """`scan_topk` behind the scanner protocol: every quantizer, on the CPU or a GPU."""
 
     name = "torch"
+    caches_on_device = True  # segment uploads when it runs on a GPU
 
     def __init__(self, quantizer: TurboQuantizer, metric: str):
         super().__init__(quantizer, metric)

@@ -77,6 +77,7 @@ class GpuScanner(Scanner):
     """
 
     name = "cuda"
+    caches_on_device = True
 
     def __init__(self, quantizer: TurboQuantizer, metric: str):
         super().__init__(quantizer, metric)
