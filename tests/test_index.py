@@ -36,7 +36,7 @@ def _reference_scores(index: Index, x: np.ndarray, queries: np.ndarray) -> np.nd
     unit = x64 / norms[:, None]
     (segment,) = index._segments
     mse_bits = index.bits if index.variant == "mse" else index.bits - 1
-    idx = index._quantizer.unpack(segment.encoded.codes).astype(np.int64) if mse_bits else None
+    idx = index._quantizer.unpack(index._quantizer.row_codes(segment.encoded)).astype(np.int64) if mse_bits else None
     if index.variant == "mse":
         unit_hat = reference.dequantize_mse(idx, np.ones(len(x)), pi, index.bits, index.codebook)
         factor = norms / np.sum(unit_hat * unit, axis=1) if index.rescale else norms
@@ -363,9 +363,16 @@ def test_memory_bytes_counts_what_the_rotation_holds():
     assert sum(held.values()) == rotation.nbytes() == 12 * 256 * 256
     assert index.memory_bytes() >= rotation.nbytes()
     index.add(np.ones((10, 256), np.float32))
-    segment_bytes = sum(s.nbytes() for s in index._segments)
-    cached = sum(s.cache.nbytes() for s in index._scanners) + index._ids.nbytes()
+    index.search(np.ones((1, 256), np.float32), 3)
+    seen: set = set()
+    segment_bytes = sum(s.nbytes(seen) for s in index._segments)
+    cached = sum(s.cache.nbytes(seen) for s in index._scanners) + index._ids.nbytes()
     assert index.memory_bytes() == index._quantizer.nbytes() + segment_bytes + cached
+    # The fast scan's cache refers to the segment's blocks: they are counted once, not twice.
+    blocks = sum(s.encoded.blocks.nbytes for s in index._segments)
+    twice = sum(s.nbytes() for s in index._segments) + sum(s.cache.nbytes() for s in index._scanners)
+    if any(sc.cache.peek(index._segments[0], "layout") for sc in index._scanners):
+        assert twice - (segment_bytes + cached - index._ids.nbytes()) == blocks
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])

@@ -17,6 +17,7 @@ import torch
 
 from tqindex import Index, QuantizerOptions, native
 from tqindex.backends import fastscan
+from tqindex.layout import to_slots
 
 from conftest import clustered
 
@@ -51,7 +52,7 @@ def _inputs(bits, metric, codebook, d=203, n=1500, nq=6, k=13):
     rotated, _ = quantizer.prepare_queries(torch.from_numpy(q))
     luts, fluts, delta, bias, tol, magnitude = fastscan.quantized_luts(quantizer, rotated)
     nblocks = layout["blocks"].shape[0]
-    scale = np.where(fastscan._to_slots(segment.deleted, nblocks, False), np.float32(np.nan), layout["scale"])
+    scale = np.where(to_slots(segment.deleted, nblocks, False), np.float32(np.nan), layout["scale"])
     qn2 = (q ** 2).sum(1).astype(np.float32)
     eps = (1e-5 * (layout["max_scale"] * magnitude * (2 if metric == "l2" else 1) +
                    ((layout["max_norm2"] + qn2) if metric == "l2" else 0))).astype(np.float32)

@@ -70,7 +70,7 @@ def test_saving_never_deletes_files_the_index_did_not_write(tmp_path):
     index.save()                                # superseded shards go, the user's files stay
     assert (path / SHARDS / "notes.txt").read_text() == "mine" and (path / SHARDS / "subdir").is_dir()
     names = {p.name for p in (path / SHARDS).iterdir()} - {"notes.txt", "subdir"}
-    assert len(names) == 2                      # one rows and one vectors shard: the rest collected
+    assert len(names) == 3                      # one rows, codes and vectors shard: the rest collected
     assert len(Index.load(path)) == 108
 
 

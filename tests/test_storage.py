@@ -49,11 +49,14 @@ def test_mmap_load_views_the_files(tmp_path):
     index.save(tmp_path / "ix")
     loaded = Index.load(tmp_path / "ix", mmap=True)
     (segment,) = loaded._segments
-    for array in (segment.encoded.codes, segment.encoded.scale, segment.ids, segment.vectors):
+    # The codes are held in the block layout the scan reads, and stored so: nothing is built.
+    assert segment.encoded.codes is None and segment.encoded.blocks is not None
+    for array in (segment.encoded.blocks, segment.encoded.scale, segment.ids, segment.vectors):
         # A read-only view onto the memory-mapped file, not a private copy.
         assert not array.flags.owndata and not array.flags.writeable
     copied = Index.load(tmp_path / "ix", mmap=False)
-    np.testing.assert_array_equal(copied._segments[0].encoded.codes, segment.encoded.codes)
+    np.testing.assert_array_equal(copied._segments[0].encoded.blocks, segment.encoded.blocks)
+    np.testing.assert_array_equal(loaded.search(_data(5, 64), 5).ids, index.search(_data(5, 64), 5).ids)
 
 
 def test_incremental_save_keeps_unchanged_shards(tmp_path):
@@ -66,7 +69,7 @@ def test_incremental_save_keeps_unchanged_shards(tmp_path):
     index.save()
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ix" / SHARDS).iterdir()}
     assert all(after.get(name) == mtime for name, mtime in files.items())  # untouched
-    assert len(after) == len(files) + 2  # one rows + one vectors shard for the append
+    assert len(after) == len(files) + 3  # one rows, codes and vectors shard for the append
     index.remove([0])
     index.save()
     names = {p.name for p in (tmp_path / "ix" / SHARDS).iterdir()}
@@ -74,7 +77,7 @@ def test_incremental_save_keeps_unchanged_shards(tmp_path):
     index.compact()
     index.save()
     names = {p.name for p in (tmp_path / "ix" / SHARDS).iterdir()}
-    assert not (set(files) & names) and len(names) == 2  # compacted into one shard; old ones collected
+    assert not (set(files) & names) and len(names) == 3  # compacted into one shard (rows, codes, vectors)
     index.close()
     loaded = Index.load(tmp_path / "ix")
     assert len(loaded) == 499 and 0 not in loaded and 1 in loaded
@@ -163,7 +166,7 @@ def test_reader_keeps_consistent_view_while_writer_commits(tmp_path):
 def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("pristine")
     x = _data(300, 21, seed=4)
-    index = Index(dim=21, bits=3, variant="prod", keep_vectors=True)
+    index = Index(dim=21, bits=3, metric="l2", keep_vectors=True)  # mse: its codes in codes shards
     index.add(x[:200])
     index.save(root / "ix")
     index.add(x[200:])
@@ -174,10 +177,10 @@ def pristine(tmp_path_factory):
 
 
 def _files(ix: Path) -> dict[str, Path]:
-    """The manifest and one file of each shard kind ("rows", "vectors", "deleted"), plus a second
-    one of each kind as "<kind>2" where there is one."""
+    """The manifest and one file of each shard kind ("rows", "codes", "vectors", "deleted"), plus a
+    second one of each kind as "<kind>2" where there is one."""
     out = {"manifest": ix / MANIFEST}
-    for kind in ("rows", "vectors", "deleted"):
+    for kind in ("rows", "codes", "vectors", "deleted"):
         found = sorted((ix / SHARDS).glob(kind + "-*"))
         out[kind] = found[0]
         if len(found) > 1:
@@ -187,7 +190,7 @@ def _files(ix: Path) -> dict[str, Path]:
 
 def _mutations():
     cases = []
-    for kind in ("manifest", "rows", "vectors", "deleted"):
+    for kind in ("manifest", "rows", "codes", "vectors", "deleted"):
         for frac in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.999):
             cases.append((kind, "truncate", frac))
         for frac in (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0):
@@ -195,7 +198,7 @@ def _mutations():
         cases.append((kind, "delete", None))
         cases.append((kind, "empty", None))
         cases.append((kind, "append", None))
-    for kind in ("rows", "vectors", "deleted"):
+    for kind in ("rows", "codes", "vectors", "deleted"):
         cases.append((kind, "swap", None))
     cases.append(("manifest", "json-edit-seed", None))
     cases.append(("manifest", "json-newer-version", None))
@@ -292,7 +295,7 @@ def test_load_checks_shard_schema(tmp_path):
     index.add(_data(10, 8))
     index.save(tmp_path / "ix")
     index.close()
-    (shard,) = (tmp_path / "ix" / SHARDS).iterdir()
+    (shard,) = (tmp_path / "ix" / SHARDS).glob("rows-*")
     table = pa.table({"id": pa.array(np.arange(10)), "norm": pa.array(np.ones(10, np.float32))})
     with ipc.new_file(str(shard), table.schema) as w:
         w.write_table(table)

@@ -1,6 +1,6 @@
 /* Fast-scan kernel: 4-bit lookup tables over nibble codes, with a running top-k per query.
  *
- * Layout (built by tqindex/backends/fastscan.py). Each vector's mse codes are regrouped into M
+ * Layout (tqindex/layout.py, the form an index holds its codes in). Each vector's mse codes are regrouped into M
  * "nibbles" of 4 bits (one 3- or 4-bit code, two 2-bit codes or four 1-bit codes each), and
  * vectors are stored in blocks of 32: block b holds, for every column c < M/2, 32 bytes whose byte
  * i is nibble 2c of vector 32b+i in its low half and nibble 2c+1 in its high half.
@@ -69,7 +69,7 @@ static PyObject *release(Py_buffer *bufs, int held, int ok) {
 /* The scan proper, on the plan's fields (see `scan` below). */
 static PyObject *scan_fields(PyObject *codes, Py_ssize_t ncols, Py_ssize_t wcols, PyObject *luts, PyObject *fluts,
                              PyObject *delta, PyObject *bias, PyObject *tol, PyObject *eps, PyObject *row_scale,
-                             PyObject *row_norm2, PyObject *query_norm2, PyObject *rowcodes, PyObject *rotated,
+                             PyObject *row_norm2, PyObject *query_norm2, PyObject *rotated,
                              PyObject *centroids, int row_bits, Py_ssize_t b0, Py_ssize_t b1, PyObject *out_s,
                              PyObject *out_i, PyObject *exact_count, int portable) {
     Py_ssize_t nblocks;
@@ -129,11 +129,15 @@ static PyObject *scan_fields(PyObject *codes, Py_ssize_t ncols, Py_ssize_t wcols
         NEXT(query_norm2, 0, a.nq * (Py_ssize_t)sizeof(float), "query_norm2")
         a.query_norm2 = v->buf;
     }
-    if (rowcodes != Py_None) {
-        /* The rotated queries fix dim; the codes hold ceil(dim * row_bits / 8) bytes per row for at
-         * least every row of the blocks but the last one's padding. */
-        if (row_bits < 1 || row_bits > 4) {
-            PyErr_SetString(PyExc_ValueError, "scan: row_bits must be 1..4 with rowcodes");
+    if (row_bits) {
+        /* The rotated queries fix dim; a row's ncols column bytes hold its dim codes of row_bits. */
+        if (row_bits != 1 && row_bits != 2 && row_bits != 4) {
+            PyErr_SetString(PyExc_ValueError, "scan: row_bits must be 0, 1, 2 or 4");
+            goto done;
+        }
+        if (wcols || ncols > MAX_ROW_BYTES) {
+            PyErr_SetString(PyExc_ValueError, "scan: rows are rescored from codes only without wide columns and "
+                                              "within MAX_ROW_BYTES columns");
             goto done;
         }
         a.row_bits = row_bits;
@@ -141,20 +145,13 @@ static PyObject *scan_fields(PyObject *codes, Py_ssize_t ncols, Py_ssize_t wcols
         a.rotated = bufs[held].buf;
         a.dim = a.nq ? bufs[held].len / (Py_ssize_t)sizeof(float) / a.nq : 0;
         held++;
-        a.row_bytes = (a.dim * row_bits + 7) / 8;
-        if (a.nq && (a.dim < 1 || a.dim * a.nq * (Py_ssize_t)sizeof(float) != bufs[held - 1].len)) {
-            PyErr_SetString(PyExc_ValueError, "scan: rotated must be float32 [nq][dim]");
+        if (a.nq && (a.dim < 1 || a.dim * a.nq * (Py_ssize_t)sizeof(float) != bufs[held - 1].len ||
+                     (a.dim * row_bits + 7) / 8 > ncols)) {
+            PyErr_SetString(PyExc_ValueError, "scan: rotated must be float32 [nq][dim] with dim codes in ncols columns");
             goto done;
         }
         NEXT(centroids, 0, 16 * (Py_ssize_t)sizeof(float), "centroids")
         a.centroids = v->buf;
-        if (PyObject_GetBuffer(rowcodes, &bufs[held], PyBUF_C_CONTIGUOUS) < 0) goto done;
-        a.rowcodes = bufs[held].buf;
-        held++;
-        if (a.nq && (a.row_bytes < 1 || bufs[held - 1].len % a.row_bytes || bufs[held - 1].len / a.row_bytes <= (nblocks - 1) * BLOCK)) {
-            PyErr_SetString(PyExc_ValueError, "scan: rowcodes must be uint8 [rows][row bytes] covering every block");
-            goto done;
-        }
     }
 #undef NEXT
     a.delta = bufs[0].buf;
@@ -189,8 +186,8 @@ done:
 static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"plan", "b0", "b1", "out_scores", "out_ids", "exact_count", "portable", NULL};
     static const char *names[] = {"codes", "luts", "fluts", "delta", "bias", "tol", "eps", "row_scale", "row_norm2",
-                                  "query_norm2", "rowcodes", "rotated", "centroids", "ncols", "wcols", "row_bits"};
-    enum { NFIELDS = 16 };
+                                  "query_norm2", "rotated", "centroids", "ncols", "wcols", "row_bits"};
+    enum { NFIELDS = 15 };
     PyObject *plan, *out_s, *out_i, *exact_count, *f[NFIELDS] = {NULL};
     Py_ssize_t b0, b1;
     int portable = 0;
@@ -200,9 +197,9 @@ static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     PyObject *result = NULL;
     for (int i = 0; i < NFIELDS; i++)
         if (!(f[i] = PyObject_GetAttrString(plan, names[i]))) goto done;
-    Py_ssize_t ncols = PyLong_AsSsize_t(f[13]), wcols = PyLong_AsSsize_t(f[14]), row_bits = PyLong_AsSsize_t(f[15]);
+    Py_ssize_t ncols = PyLong_AsSsize_t(f[12]), wcols = PyLong_AsSsize_t(f[13]), row_bits = PyLong_AsSsize_t(f[14]);
     if (PyErr_Occurred()) goto done;
-    result = scan_fields(f[0], ncols, wcols, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12],
+    result = scan_fields(f[0], ncols, wcols, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11],
                          (int)row_bits, b0, b1, out_s, out_i, exact_count, portable);
 done:
     for (int i = 0; i < NFIELDS; i++) Py_XDECREF(f[i]);

@@ -34,6 +34,8 @@ typedef ptrdiff_t Py_ssize_t;
  * which stays in L2 while every query tile reuses it. */
 #define BLOCKS_PER_PASS 64
 #define MAX_TILE 4
+/* The widest row rescored from its codes (a stack copy of its columns); wider ones use the tables. */
+#define MAX_ROW_BYTES 4096
 
 typedef struct {
     const uint8_t *codes;      /* [nblocks][ncols + wcols/4][32] */
@@ -51,12 +53,11 @@ typedef struct {
     float *out_s;              /* [nq][kp], min-heaps of exact scores */
     int64_t *out_i;
     int64_t *exact_count;      /* [nq]: exact evaluations per query (work done, for benchmarks) */
-    /* Optional, for one code group of row_bits = 1..4 bits: the row-major packed codes
-     * [rows][ceil(dim * row_bits / 8)], the rotated queries [nq][dim] and the 2^row_bits centroids
-     * (padded to 16 floats), for a SIMD exact dot product (see dot_*). */
-    const uint8_t *rowcodes;
+    /* Optional (row_bits > 0), for one code group whose nibble columns are its codes at row_bits =
+     * 1, 2 or 4 bits a code (3-bit codes take 4): rows are rescored from those columns, read out of
+     * the block, with the rotated queries [nq][dim] and the 16 levels (padded with zeros; see dot_*). */
     const float *rotated, *centroids;
-    Py_ssize_t dim, row_bytes;
+    Py_ssize_t dim;
     int row_bits;
     int avx2;                  /* which dot_* to use */
 } scan_args;
@@ -104,7 +105,7 @@ static inline int code_at(const uint8_t *row, Py_ssize_t row_bytes, Py_ssize_t j
 
 static float dot_portable(const scan_args *a, const uint8_t *row, const float *q, Py_ssize_t from, float *lanes) {
     for (Py_ssize_t j = from; j < a->dim; j++)
-        lanes[j & 7] = fmaf(q[j], a->centroids[code_at(row, a->row_bytes, j, a->row_bits)], lanes[j & 7]);
+        lanes[j & 7] = fmaf(q[j], a->centroids[code_at(row, a->ncols, j, a->row_bits)], lanes[j & 7]);
     return lanes_sum(lanes);
 }
 
@@ -118,7 +119,7 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const scan_args *a, co
     Py_ssize_t j = 0;
     /* Codes j .. j+7 fill exactly `bits` bytes; a 4-byte load takes them (the bits above are masked
      * off) while it stays inside the row; the rest goes to the scalar loop. */
-    for (; j + 8 <= a->dim && j * bits / 8 + 4 <= a->row_bytes; j += 8) {
+    for (; j + 8 <= a->dim && j * bits / 8 + 4 <= a->ncols; j += 8) {
         uint32_t word;
         memcpy(&word, row + j * bits / 8, 4);
         __m256i code = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), mask);
@@ -136,8 +137,11 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const scan_args *a, co
 
 /* Row v's exact dot product: from the codes and centroids where given, else from the float tables. */
 static inline float exact_dot(const scan_args *a, Py_ssize_t q, Py_ssize_t block, int v) {
-    if (a->rowcodes) {
-        const uint8_t *row = a->rowcodes + (block * BLOCK + v) * a->row_bytes;
+    if (a->row_bits) {
+        /* The row's column bytes are 32 apart in the block: gathered once, they are its codes. */
+        uint8_t row[MAX_ROW_BYTES];
+        const uint8_t *col = a->codes + block * block_bytes(a) + v;
+        for (Py_ssize_t c = 0; c < a->ncols; c++) row[c] = col[c * BLOCK];
         const float *qr = a->rotated + q * a->dim;
 #ifdef TQ_X86
         if (a->avx2) return dot_avx2(a, row, qr);

@@ -14,6 +14,7 @@ from . import storage
 from .backends import Queries, make_scanners
 from .codebook import CODEBOOK_VERSION, CODEBOOK_VERSIONS
 from .idmap import IdMap
+from .layout import BlockLayout
 from .quantizer import CODEBOOKS, VARIANTS, EncodedVectors, TurboQuantizer, scale_dtype_name
 from .rotation import ROTATION_KINDS
 from .segment import Segment
@@ -282,8 +283,10 @@ class Index:
         fast-scan layout). Memory-mapped rows count although the OS may not have read them; GPU
         memory does not count."""
         view = self._view
-        cached = sum(scanner.cache.nbytes() for scanner in self._scanners) + view.ids.nbytes()
-        return self._quantizer.nbytes() + sum(s.nbytes() for s in view.segments) + cached
+        seen: set = set()  # a scanner's cache may hold a segment's own arrays: each counts once
+        rows = sum(s.nbytes(seen) for s in view.segments)
+        cached = sum(scanner.cache.nbytes(seen) for scanner in self._scanners) + view.ids.nbytes()
+        return self._quantizer.nbytes() + rows + cached
 
     def __contains__(self, key) -> bool:
         return bool(self._ids.positions(np.asarray([key], dtype=np.int64))[0] >= 0)
@@ -329,7 +332,7 @@ class Index:
         norms = check_norms(x, zero_ok=self._metric != "cosine", metric=self._metric)
         if self._metric == "cosine":
             x = x / norms[:, None]
-        encoded = self._quantizer.encode(x if self._center is None else x - self._center)
+        encoded = self._quantizer.encode(x if self._center is None else x - self._center, blocks=True)
         if not self._quantizer.stores_norm(self._metric):
             encoded.norm = None
         vectors_kept = x.numpy().copy() if self._keep_vectors else None
@@ -349,7 +352,8 @@ class Index:
                                      f"(pass upsert=True to replace them)")
             # Nothing above touched the index: a rejected batch leaves it exactly as it was.
             segments = _with_deleted(view, replaced) if replaced.size else list(view.segments)
-            self._swap(_appended(segments, Segment(ids=new_ids, encoded=encoded, vectors=vectors_kept)))
+            self._swap(_appended(segments, Segment(ids=new_ids, encoded=encoded, vectors=vectors_kept),
+                                 self._quantizer.layout))
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
         return new_ids
 
@@ -370,8 +374,8 @@ class Index:
     def compact(self) -> None:
         """Drop removed rows and merge all segments into one (rewritten on the next save)."""
         with self._write_lock:
-            live = [_live_rows(segment) for segment in self._view.segments if segment.live_count]
-            self._swap([_concat_segments(live)] if live else [])
+            live = [segment for segment in self._view.segments if segment.live_count]
+            self._swap([_merged(live, self._quantizer.layout)] if live else [])
 
     # -- reads ---------------------------------------------------------------------------------
     def search(self, queries, k: int = 10, *, rerank: int = 0, batch_size: int | None = None) -> SearchResult:
@@ -491,7 +495,7 @@ class Index:
             raise KeyError(f"ids not in the index: {arr[positions < 0][:10].tolist()}")
         out = np.empty((len(arr), self.dim), dtype=np.float32)
         for segment, where, rows in view.ids.by_segment(positions):
-            out[where] = self._quantizer.decode(_take_encoded(segment.encoded, rows))
+            out[where] = self._quantizer.decode(_take_encoded(self._quantizer, segment.encoded, rows))
         return out if self._center is None else out + self._center.numpy()
 
     # -- state (what storage saves and restores) -----------------------------------------------
@@ -499,7 +503,7 @@ class Index:
         """What a commit records: params, the id counter, and the segments (their arrays and shard
         entries), consolidated first (`_consolidated`). Call with `_write_lock` held."""
         if len(self._view.segments) > _MAX_SEGMENTS:
-            self._swap(_consolidated(self._view.segments))
+            self._swap(_consolidated(self._view.segments, self._quantizer.layout))
         view = self._view
         return {"params": self.params(), "next_id": self._next_id, "segments": list(view.segments),
                 "live": view.live, "store": self._store}
@@ -591,17 +595,17 @@ def _with_deleted(view: _View, positions: np.ndarray) -> list[Segment]:
     return segments
 
 
-def _appended(segments: list[Segment], segment: Segment) -> list[Segment]:
+def _appended(segments: list[Segment], segment: Segment, layout: BlockLayout | None) -> list[Segment]:
     """Binary-counter merging: a new segment absorbs unsaved predecessors no larger than itself,
     so n one-row adds copy O(n log n) rows in total and leave O(log n) segments, where merging
     every add into the tail would copy O(n²)."""
     while (segments and segments[-1].shard is None and segments[-1].deleted is None
            and len(segments[-1]) <= len(segment) < _MERGE_BELOW_ROWS):
-        segment = _concat_segments([segments.pop(), segment])
+        segment = _merged([segments.pop(), segment], layout)
     return segments + [segment]
 
 
-def _consolidated(segments: list[Segment]) -> list[Segment]:
+def _consolidated(segments: list[Segment], layout: BlockLayout | None) -> list[Segment]:
     """At most `_MAX_SEGMENTS` segments: while there are more, the adjacent pair with the fewest
     live rows is merged (removed rows dropped). Saved segments count too, so many small commits
     (add one row, save, repeat) do not leave one shard each; a merged pair is written once more on
@@ -610,36 +614,36 @@ def _consolidated(segments: list[Segment]) -> list[Segment]:
     while len(segments) > _MAX_SEGMENTS:
         sizes = [a.live_count + b.live_count for a, b in zip(segments, segments[1:])]
         i = int(np.argmin(sizes))
-        segments[i:i + 2] = [_concat_segments([_live_rows(s) for s in segments[i:i + 2]])]
+        segments[i:i + 2] = [_merged(segments[i:i + 2], layout)]
     return segments
 
 
-def _live_rows(segment: Segment) -> Segment:
-    """The segment without its removed rows (itself when it has none)."""
-    return segment if segment.deleted is None else _select(segment, ~segment.deleted)
-
-
-def _take_encoded(enc: EncodedVectors, rows) -> EncodedVectors:
-    pick = lambda a: None if a is None else np.asarray(a)[rows]  # noqa: E731
-    return EncodedVectors(codes=pick(enc.codes), norm=pick(enc.norm), scale=pick(enc.scale),
-                          qjl=pick(enc.qjl), residual_norm=pick(enc.residual_norm))
-
-
-def _select(segment: Segment, rows: np.ndarray) -> Segment:
-    vectors = segment.vectors
-    return Segment(ids=np.asarray(segment.ids)[rows], encoded=_take_encoded(segment.encoded, rows),
-                   vectors=None if vectors is None else np.asarray(vectors)[rows])
-
-
-def _concat_segments(segments: list[Segment]) -> Segment:
-    if len(segments) == 1:
+def _merged(segments: list[Segment], layout: BlockLayout | None) -> Segment:
+    """One new segment holding the live rows of `segments`, in order (one copy of each row; blocks
+    are gathered a chunk at a time). A single segment without removed rows is returned as is."""
+    if len(segments) == 1 and segments[0].deleted is None:
         return segments[0]
-    cat = lambda name: (None if getattr(segments[0].encoded, name) is None  # noqa: E731
-                        else np.concatenate([np.asarray(getattr(s.encoded, name)) for s in segments]))
-    vectors = [s.vectors for s in segments]
-    return Segment(
-        ids=np.concatenate([np.asarray(s.ids) for s in segments]),
-        encoded=EncodedVectors(codes=cat("codes"), norm=cat("norm"), scale=cat("scale"), qjl=cat("qjl"),
-                               residual_norm=cat("residual_norm")),
-        vectors=None if vectors[0] is None else np.concatenate([np.asarray(v) for v in vectors]),
-    )
+    keep = [np.arange(len(s)) if s.deleted is None else np.flatnonzero(~np.asarray(s.deleted)) for s in segments]
+
+    def cat(arrays):
+        if arrays[0] is None:
+            return None
+        return np.concatenate([np.asarray(a)[rows] for a, rows in zip(arrays, keep)])
+
+    encs = [s.encoded for s in segments]
+    field = lambda name: cat([getattr(e, name) for e in encs])  # noqa: E731
+    blocks = None
+    if encs[0].blocks is not None:
+        blocks = layout.gather([(e.blocks, rows) for e, rows in zip(encs, keep)])
+    encoded = EncodedVectors(codes=field("codes"), norm=field("norm"), scale=field("scale"), qjl=field("qjl"),
+                             residual_norm=field("residual_norm"), blocks=blocks)
+    return Segment(ids=cat([s.ids for s in segments]), encoded=encoded, vectors=cat([s.vectors for s in segments]))
+
+
+def _take_encoded(quantizer: TurboQuantizer, enc: EncodedVectors, rows) -> EncodedVectors:
+    """Rows of `enc` with row-major codes (for decoding a few rows)."""
+    pick = lambda a: None if a is None else np.asarray(a)[rows]  # noqa: E731
+    codes = pick(enc.codes) if enc.blocks is None else \
+        quantizer.layout.codes_from_nibble_rows(quantizer.layout.take_nibble_rows(enc.blocks, rows))
+    return EncodedVectors(codes=codes, norm=pick(enc.norm), scale=pick(enc.scale),
+                          qjl=pick(enc.qjl), residual_norm=pick(enc.residual_norm))

@@ -32,6 +32,7 @@ from . import native
 from .codebook import CODEBOOK_VERSION, CODEBOOK_VERSIONS, effective_bits
 from .devcache import PerDevice
 from .groups import CODEBOOKS, CodeGroup, group_layout, make_groups
+from .layout import BLOCK, BlockLayout
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .rotation import make_rotation, qjl_gaussian
 
@@ -63,20 +64,26 @@ _ENCODE_CHUNK_BYTES = 64 << 20
 
 @dataclass(eq=False)  # identity hashing: backends key their caches by a segment's encoded rows
 class EncodedVectors:
-    """Encoded rows. All arrays are numpy with n rows.
+    """Encoded rows. All arrays are numpy with n rows, except `blocks`.
 
-    codes : (n, code_bytes) uint8, packed mse codes (0 columns for prod at 1 bit)
+    The mse codes are held in exactly one of two forms: `codes`, row-major, or `blocks`, the block
+    layout the fast scan reads (`tqindex.layout`; the form an index holds wherever the quantizer
+    has one). `TurboQuantizer.row_codes` gives row-major codes of either, in bounded ranges.
+
+    codes : (n, code_bytes) uint8, packed mse codes (0 columns for prod at 1 bit), or None
     norm : (n,) float32, or None where the index does not store it
     scale : (n,) float32 or float16 (the quantizer's `scale_dtype`)
     qjl : (n, ceil(d/8)) uint8 packed signs, or None (mse)
     residual_norm : (n,) float32, or None (mse)
+    blocks : (ceil(n/32), width, 32) uint8, the codes in block layout, or None
     """
 
-    codes: np.ndarray
+    codes: np.ndarray | None
     norm: np.ndarray | None
     scale: np.ndarray
     qjl: np.ndarray | None = None
     residual_norm: np.ndarray | None = None
+    blocks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scale)
@@ -175,6 +182,8 @@ class TurboQuantizer:
         layout = group_layout(self.dim, bits, variant)
         self.mse_bits = effective_bits(self.dim, self.bits - (variant == "prod")) if layout else 0
         self.groups: list[CodeGroup] = make_groups(self.dim, bits, variant, codebook, self.codebook_version)
+        #: How an index holds these codes: the fast scan's block layout, or None (row-major).
+        self.layout: BlockLayout | None = BlockLayout.of(self.groups, variant, self.dim)
         if variant == "prod":
             self.qjl_matrix = torch.from_numpy(qjl_gaussian(self.dim, self.seed).astype(np.float32))  # G
             self.qjl_scale = math.sqrt(math.pi / 2) / self.dim
@@ -205,30 +214,53 @@ class TurboQuantizer:
         return _bytes_per_vector(self.dim, self.bits, self.variant, self.stores_norm(metric), self.scale_dtype)
 
     # -- encoding ------------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> EncodedVectors:
+    def encode(self, x: torch.Tensor, *, blocks: bool = False) -> EncodedVectors:
         """Encode rows of a float32 (n, d) tensor (already validated).
+
+        With blocks=True the codes come in the form an index holds: the block layout where the
+        quantizer has one (`layout`), else row-major.
 
         Raises ValueError, naming the first such row, if a scale does not fit `scale_dtype`."""
         n = x.shape[0]
-        chunk = max(1, _ENCODE_CHUNK_BYTES // (16 * self.dim))
-        first = self._encode_chunk(x[:chunk])
-        if n <= chunk:
-            fields = dict(first.__dict__)
-        else:
-            # Each chunk's rows go straight into arrays of the final size: the peak is the result plus
-            # one chunk's temporaries, not the result twice (as concatenating the parts would be).
-            fields = {}
-            for name, value in first.__dict__.items():
-                fields[name] = None if value is None else np.empty((n,) + value.shape[1:], value.dtype)
+        layout = self.layout if blocks else None
+        # A whole number of blocks per chunk, so each chunk's blocks are written whole.
+        chunk = -(-max(1, _ENCODE_CHUNK_BYTES // (16 * self.dim)) // BLOCK) * BLOCK
+        # Each chunk's rows go straight into arrays of the final size: the peak is the result plus
+        # one chunk's temporaries, not the result twice (as concatenating the parts would be).
+        fields: dict = {}
+        for start in range(0, max(n, 1), chunk):
+            part = self._encode_chunk(x[start:start + chunk])
+            if layout is not None:
+                if "blocks" not in fields:
+                    fields["blocks"] = layout.empty(n)
+                layout.write_rows(fields["blocks"], start, layout.nibble_rows(part.codes))
+                part.codes = None
+            for name, value in part.__dict__.items():
+                if name == "blocks":
+                    continue
+                if name not in fields:
+                    fields[name] = None if value is None else np.empty((n,) + value.shape[1:], value.dtype)
                 if value is not None:
-                    fields[name][:len(value)] = value
-            for start in range(chunk, n, chunk):
-                part = self._encode_chunk(x[start:start + chunk])
-                for name, value in part.__dict__.items():
-                    if value is not None:
-                        fields[name][start:start + len(value)] = value
+                    fields[name][start:start + len(value)] = value
         fields["scale"] = self._store_scale(fields["scale"])
         return EncodedVectors(**fields)
+
+    def hold(self, encoded: EncodedVectors) -> EncodedVectors:
+        """The same rows in the form an index holds (row-major codes converted to blocks in
+        chunks where the quantizer has a block layout; otherwise `encoded` itself)."""
+        if self.layout is None or encoded.blocks is not None:
+            return encoded
+        blocks = self.layout.from_codes(encoded.codes)
+        return EncodedVectors(codes=None, norm=encoded.norm, scale=encoded.scale, qjl=encoded.qjl,
+                              residual_norm=encoded.residual_norm, blocks=blocks)
+
+    def row_codes(self, encoded: EncodedVectors, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Row-major packed codes (stop − start, code_bytes) of rows [start, stop) of `encoded`: a
+        view when it holds them so, a transient copy when it holds blocks."""
+        stop = len(encoded) if stop is None else stop
+        if encoded.blocks is None:
+            return np.asarray(encoded.codes)[start:stop]
+        return self.layout.codes(encoded.blocks, start, stop)
 
     def _store_scale(self, scale: np.ndarray) -> np.ndarray:
         """float32 scales in `scale_dtype`; for float16, refuse scales it would overflow or hold
@@ -331,7 +363,7 @@ class TurboQuantizer:
         """
         t = torch.from_numpy
         y_tilde = self.rotated_reconstruction(
-            t(encoded.codes), None if encoded.qjl is None else t(encoded.qjl),
+            t(self.row_codes(encoded)), None if encoded.qjl is None else t(encoded.qjl),
             None if encoded.residual_norm is None else t(encoded.residual_norm))
         norm = encoded.norm if encoded.norm is not None else encoded.scale
         return (self.rotation.inverse(y_tilde) * t(np.asarray(norm))[:, None]).numpy()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .memory import held_bytes
 from .quantizer import EncodedVectors
 
 __all__ = ["Segment"]
@@ -41,7 +42,8 @@ class Segment:
     def live_count(self) -> int:
         return len(self.ids) - (int(self.deleted.sum()) if self.deleted is not None else 0)
 
-    def nbytes(self) -> int:
-        arrays = [self.ids, self.encoded.codes, self.encoded.norm, self.encoded.scale,
-                  self.encoded.qjl, self.encoded.residual_norm, self.vectors, self.deleted]
-        return sum(a.nbytes for a in arrays if a is not None)
+    def nbytes(self, seen: set | None = None) -> int:
+        """Bytes of its arrays (memory-mapped ones included), each buffer once (`held_bytes`)."""
+        enc = self.encoded
+        return held_bytes([self.ids, enc.codes, enc.blocks, enc.norm, enc.scale, enc.qjl, enc.residual_norm,
+                           self.vectors, self.deleted], seen)

@@ -1,17 +1,24 @@
 """On-disk format: Arrow IPC shards + a self-checksummed JSON manifest, committed atomically.
 
-Directory layout (format version 1)::
+Directory layout (format version 2)::
 
     <index>/MANIFEST.json        the committed state; replaced atomically
     <index>/LOCK                 flock()ed by the one writer
-    <index>/shards/rows-<uid>.arrow     id, scale[, norm], codes[, qjl, residual_norm]
+    <index>/shards/rows-<uid>.arrow     id, scale[, norm], [codes,] [qjl, residual_norm]
                                         (scale: float32, or float16 where the manifest's
-                                        params say scale_dtype "float16"; absent means float32)
+                                        params say scale_dtype "float16"; absent means float32;
+                                        codes: row-major, for codes without a block layout)
+    <index>/shards/codes-<uid>.arrow    blocks: the rows' codes in the block layout the fast scan
+                                        reads (`tqindex.layout`), one fixed-size binary of
+                                        32 rows' bytes per block (ceil(rows / 32) of them)
     <index>/shards/vectors-<uid>.arrow  kept full-precision vectors (only read by rerank)
     <index>/shards/deleted-<uid>.arrow  row numbers removed from one rows shard (tombstones)
 
 Shards are Arrow IPC files (Feather v2), uncompressed, one record batch each, so they can be
-memory-mapped and their columns viewed as numpy arrays without copying. A shard is never modified
+memory-mapped and their columns viewed as numpy arrays without copying: a mapped index searches its
+codes' pages as they are, building nothing. Format version 1 held every index's codes row-major in
+the rows shard; such shards still load (their codes are converted to blocks in memory) and are
+rewritten in the new form when next rewritten. A shard is never modified
 after it is written; appends, deletions and compaction write new files.
 
 Commit protocol: write every new file and fsync it; write the manifest to a temporary file, fsync,
@@ -44,7 +51,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from .codebook import CODEBOOK_VERSIONS
-from .groups import CODEBOOKS
+from .groups import CODEBOOKS, make_groups
+from .layout import BLOCK, BlockLayout, block_count
 from .quantizer import SCALE_DTYPES, VARIANTS, EncodedVectors, row_code_bytes, stores_norm
 from .rotation import ROTATION_KINDS
 from .segment import Segment
@@ -52,14 +60,16 @@ from .validation import MAX_DIM, MAX_ID, METRICS
 
 __all__ = ["FORMAT_VERSION", "IndexFormatError", "IndexLockedError", "Store", "save", "load", "open_index"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "MANIFEST.json"
 LOCK = "LOCK"
 SHARDS = "shards"
 _CHECKSUM_CHUNK = 8 << 20
 _LOAD_RETRIES = 100  # a retry happens only when a writer committed meanwhile
 #: Every file the index writes under shards/ has such a name; nothing else there is ever opened or removed.
-_SHARD_NAME = re.compile(r"(rows|vectors|deleted)-[0-9a-f]{32}\.arrow")
+_SHARD_NAME = re.compile(r"(rows|codes|vectors|deleted)-[0-9a-f]{32}\.arrow")
+#: The files of one shard entry in the manifest; only "rows" is always there.
+_PARTS = ("rows", "codes", "vectors", "deleted")
 #: A manifest larger than this is refused unread (a real one holds a few hundred bytes per shard).
 _MAX_MANIFEST_BYTES = 64 << 20
 #: Parameters indexes saved by older tqindex versions lack, as those versions built them.
@@ -119,17 +129,23 @@ def _canonical(body: dict) -> bytes:
 
 
 # -- schemas ------------------------------------------------------------------------------------
-def _rows_schema(params: dict, code_bytes: int, qjl_bytes: int, stores_norm: bool) -> pa.Schema:
+def _rows_schema(params: dict, code_bytes: int, qjl_bytes: int, stores_norm: bool, blocked: bool = False
+                 ) -> pa.Schema:
+    """The rows shard's schema; `blocked`: the codes are in a codes shard, not here."""
     scale_type = pa.from_numpy_dtype(SCALE_DTYPES[params.get("scale_dtype", "float32")])
     fields = [pa.field("id", pa.int64(), nullable=False), pa.field("scale", scale_type, nullable=False)]
     if stores_norm:
         fields.append(pa.field("norm", pa.float32(), nullable=False))
-    if code_bytes:
+    if code_bytes and not blocked:
         fields.append(pa.field("codes", pa.binary(code_bytes), nullable=False))
     if params["variant"] == "prod":
         fields += [pa.field("qjl", pa.binary(qjl_bytes), nullable=False),
                    pa.field("residual_norm", pa.float32(), nullable=False)]
     return pa.schema(fields)
+
+
+def _codes_schema(width: int) -> pa.Schema:
+    return pa.schema([pa.field("blocks", pa.binary(width * BLOCK), nullable=False)])
 
 
 def _vectors_schema(dim: int) -> pa.Schema:
@@ -331,7 +347,7 @@ def _check_body(body: dict, where: Path) -> None:
     for i, entry in enumerate(shards):
         if not isinstance(entry, dict) or not isinstance(entry.get("rows"), dict):
             bad(f"shards[{i}]", "must be an object with a rows entry")
-        for part in ("rows", "vectors", "deleted"):
+        for part in _PARTS:
             file = entry.get(part)
             if file is None and part != "rows":
                 continue
@@ -364,7 +380,7 @@ def _collect_garbage(path: Path, body: dict) -> None:
     shards/ stays."""
     keep = set()
     for entry in body["shards"]:
-        for part in ("rows", "vectors", "deleted"):
+        for part in _PARTS:
             if entry.get(part):
                 keep.add(entry[part]["name"])
     for file in (path / SHARDS).iterdir():
@@ -439,12 +455,14 @@ def save(index, path=None) -> None:
         shard_dir = target / SHARDS
         shard_dir.mkdir(parents=True, exist_ok=True)
         params = state["params"]
-        rows_schema = _rows_schema(params, *_code_sizes(params))
+        sizes = _code_sizes(params)
         entries = []
         for segment in state["segments"]:
-            rewrite = fresh or segment.shard is None
-            entry = _write_segment(shard_dir, segment, rows_schema, params["dim"], written) if rewrite \
-                else dict(segment.shard)
+            # A segment held in blocks whose shard has row-major codes (format 1) is rewritten once,
+            # so that the next load maps its blocks instead of converting them.
+            upgrade = segment.shard is not None and segment.encoded.blocks is not None and not segment.shard.get("codes")
+            rewrite = fresh or segment.shard is None or upgrade
+            entry = _write_segment(shard_dir, segment, params, sizes, written) if rewrite else dict(segment.shard)
             if rewrite or segment.deletions_dirty:
                 rows = np.nonzero(segment.deleted)[0].astype(np.int64) if segment.deleted is not None else None
                 entry["deleted"] = None if rows is None or not rows.size else _write_new(
@@ -490,9 +508,11 @@ def _write_new(path: Path, schema: pa.Schema, columns: list, written: list[Path]
     return _write_table(path, schema, columns)
 
 
-def _write_segment(shard_dir: Path, segment: Segment, schema: pa.Schema, dim: int, written: list[Path]) -> dict:
+def _write_segment(shard_dir: Path, segment: Segment, params: dict, sizes: tuple, written: list[Path]) -> dict:
     uid = uuid.uuid4().hex
     enc = segment.encoded
+    blocked = enc.blocks is not None
+    schema = _rows_schema(params, *sizes, blocked=blocked)
     columns = [pa.array(np.asarray(segment.ids), pa.int64()),
                pa.array(np.asarray(enc.scale), schema.field("scale").type)]
     if "norm" in schema.names:
@@ -501,9 +521,14 @@ def _write_segment(shard_dir: Path, segment: Segment, schema: pa.Schema, dim: in
         columns.append(_fixed_binary(np.asarray(enc.codes)))
     if "qjl" in schema.names:
         columns += [_fixed_binary(np.asarray(enc.qjl)), pa.array(np.asarray(enc.residual_norm), pa.float32())]
-    entry = {"rows": _write_new(shard_dir / f"rows-{uid}.arrow", schema, columns, written), "vectors": None,
-             "deleted": None}
+    entry = {"rows": _write_new(shard_dir / f"rows-{uid}.arrow", schema, columns, written), "codes": None,
+             "vectors": None, "deleted": None}
+    if blocked:
+        blocks = np.asarray(enc.blocks)
+        entry["codes"] = _write_new(shard_dir / f"codes-{uid}.arrow", _codes_schema(blocks.shape[1]),
+                                    [_fixed_binary(blocks.reshape(len(blocks), -1))], written)
     if segment.vectors is not None:
+        dim = params["dim"]
         flat = pa.array(np.ascontiguousarray(segment.vectors, dtype=np.float32).reshape(-1), pa.float32())
         entry["vectors"] = _write_new(shard_dir / f"vectors-{uid}.arrow", _vectors_schema(dim),
                                       [pa.FixedSizeListArray.from_arrays(flat, dim)], written)
@@ -537,21 +562,47 @@ def _code_sizes(params: dict) -> tuple[int, int, bool]:
     return code_bytes, qjl_bytes, stores_norm(params["metric"], params["variant"], params["rescale"])
 
 
+def _block_layout(params: dict, path: Path) -> BlockLayout | None:
+    """The block layout the params give their codes (codebooks are built; the rotation is not)."""
+    try:
+        groups = make_groups(params["dim"], params["bits"], params["variant"], params["codebook"],
+                             params["codebook_version"])
+    except ValueError as exc:
+        raise IndexFormatError(f"manifest {path / MANIFEST} has invalid parameters: {_short(exc, 200)}") from None
+    return BlockLayout.of(groups, params["variant"], params["dim"])
+
+
 def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device: str):
     params = {**_LEGACY_PARAMS, **body["params"]}
     try:
         code_bytes, qjl_bytes, stores_norm = _code_sizes(params)
     except ValueError as exc:
         raise IndexFormatError(f"manifest {path / MANIFEST} has invalid parameters: {_short(exc, 200)}") from None
-    rows_schema = _rows_schema(params, code_bytes, qjl_bytes, stores_norm)
+    layout = _block_layout(params, path)
     dim = params["dim"]
     shard_dir = path / SHARDS
     segments = []
     for entry in body["shards"]:
+        blocked = bool(entry.get("codes"))
+        if blocked and (layout is None or entry["codes"]["rows"] != block_count(entry["rows"]["rows"])):
+            raise IndexFormatError(f"manifest {path / MANIFEST}: codes shard {entry['codes']['name']} does not fit "
+                                   f"these parameters and {entry['rows']['rows']} rows")
+        rows_schema = _rows_schema(params, code_bytes, qjl_bytes, stores_norm, blocked=blocked)
         batch = _read_table(shard_dir / entry["rows"]["name"], entry["rows"], rows_schema, mmap=mmap, verify=verify)
         col = {name: batch.column(name) for name in batch.schema.names}
+        codes, blocks = None, None
+        if blocked:
+            cb = _read_table(shard_dir / entry["codes"]["name"], entry["codes"], _codes_schema(layout.width),
+                             mmap=mmap, verify=verify)
+            blocks = _column_numpy(cb.column(0), layout.width * BLOCK).reshape(cb.num_rows, layout.width, BLOCK)
+        elif "codes" in col:
+            codes = _column_numpy(col["codes"], code_bytes)
+            if layout is not None:  # format 1: held as blocks from now on (a chunked conversion)
+                codes, blocks = None, layout.from_codes(codes)
+        else:
+            codes = np.zeros((batch.num_rows, 0), np.uint8)
         encoded = EncodedVectors(
-            codes=_column_numpy(col["codes"], code_bytes) if "codes" in col else np.zeros((batch.num_rows, 0), np.uint8),
+            codes=codes, blocks=blocks,
             norm=_column_numpy(col["norm"]) if "norm" in col else None, scale=_column_numpy(col["scale"]),
             qjl=_column_numpy(col["qjl"], qjl_bytes) if "qjl" in col else None,
             residual_norm=_column_numpy(col["residual_norm"]) if "residual_norm" in col else None)

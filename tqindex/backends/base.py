@@ -13,8 +13,9 @@ import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
+
+from ..memory import held_bytes
 
 __all__ = ["Queries", "Scanner", "SegmentCache", "TopK"]
 
@@ -72,31 +73,10 @@ class SegmentCache:
     def peek(self, segment, key):
         return self._values.get(segment.encoded, {}).get(key)
 
-    def nbytes(self) -> int:
-        """Host memory held by the cached values (numpy arrays and CPU tensors, in dicts or not)."""
-        total, seen = 0, set()
-
-        def count(value):
-            nonlocal total
-            if isinstance(value, dict):
-                for item in value.values():
-                    count(item)
-            elif isinstance(value, (tuple, list)):
-                for item in value:
-                    count(item)
-            elif isinstance(value, np.ndarray):
-                while isinstance(value.base, np.ndarray):  # a view: count the array that owns the memory
-                    value = value.base
-                if id(value) not in seen:
-                    seen.add(id(value))
-                    total += value.nbytes
-            elif isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.data_ptr() not in seen:
-                seen.add(value.data_ptr())
-                total += value.nbytes
-
-        for entry in list(self._values.values()):
-            count(entry)
-        return total
+    def nbytes(self, seen: set | None = None) -> int:
+        """Host memory held by the cached values (numpy arrays and CPU tensors, in dicts or not),
+        not counting buffers already in `seen` (see `tqindex.memory.held_bytes`)."""
+        return held_bytes(list(self._values.values()), seen)
 
     def clear(self) -> None:
         self._values = weakref.WeakKeyDictionary()

@@ -2,13 +2,14 @@
 
 How a search runs
 -----------------
-1. Each segment's mse codes are regrouped once into "nibbles" of 4 bits (one code of 3-4 bits, two
-   of 2 bits or four of 1 bit) and stored in blocks of 32 vectors (the kernel's layout); the
-   layout is cached by the scanner, per segment. What the nibbles hold is each codebook kind's
-   rule (`tqindex.groups`, `nibble_parts`): a bit-plane 5-bit group is read as two parts (its
-   codes' high 4 bits, and their lowest bits as 1-bit codes four to a nibble); a Lloyd-Max 5-bit
-   group keeps its low 4 bits in a nibble and its 5th bits in mask columns ("masked": 32-entry
-   tables, the kernel blends the two lookups by the mask).
+1. An index holds these codes in the kernel's block layout (`tqindex.layout`): "nibbles" of 4 bits
+   (one code of 3-4 bits, two of 2 bits or four of 1 bit) in blocks of 32 vectors, built as rows
+   are encoded and stored as such, so a search reads the held (or memory-mapped) bytes as they
+   are. What the nibbles hold is each codebook kind's rule (`tqindex.groups`, `nibble_parts`): a
+   bit-plane 5-bit group is read as two parts (its codes' high 4 bits, and their lowest bits as
+   1-bit codes four to a nibble); a Lloyd-Max 5-bit group keeps its low 4 bits in a nibble and its
+   5th bits in mask columns ("masked": 32-entry tables, the kernel blends the two lookups by the
+   mask). The scanner caches only per-row floats in the kernel's slot order.
 2. Per query, nibble m gets a 16-entry float table L[m][v] = Σ_t (Πq)_j · c(code_t(v)), the exact
    contribution of every value the nibble can take; the tables are shifted per nibble and
    quantized to 0..127 with one step δ per query.
@@ -33,14 +34,15 @@ import numpy as np
 import torch
 
 from .. import native
+from ..layout import to_slots
 from ..quantizer import TurboQuantizer
 from ..segment import Segment
 from ..topk import empty_topk, topk_padded
 from .base import Queries, Scanner, SegmentCache, TopK
 
-__all__ = ["FastScanner", "available", "supports", "scan_topk_fast", "segment_layout", "quantized_luts"]
+__all__ = ["FastScanner", "ScanPlan", "available", "supports", "scan_topk_fast", "segment_layout", "quantized_luts"]
 
-BLOCK = 32
+_MAX_ROW_BYTES = 4096  # MAX_ROW_BYTES of _scan.h
 
 
 def available() -> bool:
@@ -51,113 +53,37 @@ def available() -> bool:
 
 
 def supports(quantizer: TurboQuantizer) -> bool:
-    """Whether the kernels can scan these codes: the mse variant, every group readable as nibbles,
-    and a masked group (it has mask columns) only first (groups are ordered widest first)."""
-    if quantizer.variant != "mse" or not quantizer.groups:
-        return False
-    parts = [g.kind.nibble_parts() for g in quantizer.groups]
-    return all(p is not None for p in parts) and not any(q.masked for p in parts[1:] for q in p)
-
-
-def _nibble_plan(quantizer: TurboQuantizer) -> list[tuple]:
-    """What the kernel scans, in nibble order: (start, stop, part) per `NibblePart` of each group."""
-    return [(g.start, g.stop, part) for g in quantizer.groups for part in g.kind.nibble_parts()]
-
-
-def _masked_cols(quantizer: TurboQuantizer) -> int:
-    """Columns of masked 5-bit codes (the first group's, its nibbles padded to a multiple of 8), or 0."""
-    start, stop, part = _nibble_plan(quantizer)[0]
-    return 4 * -(-(stop - start) // 8) if part.masked else 0
-
-
-def _nibble_count(quantizer: TurboQuantizer) -> int:
-    masked = 2 * _masked_cols(quantizer)
-    return sum(masked if part.masked else -(-(stop - start) // part.per)
-               for start, stop, part in _nibble_plan(quantizer))
-
-
-# Slot order (see _native.c): slot 8g + j of a block holds row 2j + 16·(g & 1) + (g >> 1).
-_SLOT_ROW = np.array([2 * (s % 8) + 16 * ((s // 8) & 1) + (s // 16) for s in range(BLOCK)])
-_LAYOUT_CHUNK = 1 << 16  # rows regrouped at a time, bounding the temporary (rows, d) code array
-
-
-def _to_slots(values: np.ndarray, nblocks: int, fill) -> np.ndarray:
-    """(n,) per-row values → (nblocks·32,) in slot order, `fill` for the padding of the last block."""
-    padded = np.full(nblocks * BLOCK, fill, dtype=values.dtype)
-    padded[: len(values)] = values
-    return np.ascontiguousarray(padded.reshape(nblocks, BLOCK)[:, _SLOT_ROW]).reshape(-1)
-
-
-def _nibbles(quantizer: TurboQuantizer, codes: np.ndarray) -> np.ndarray:
-    """Packed codes (n, code_bytes) → (n, ncols + wcols/4) bytes: nibble 2c in the low half of
-    column c, 2c + 1 in the high; then, for 5-bit codes, mask column u with bit t = the 5th bit of
-    wide nibble 8u + t."""
-    plan = _nibble_plan(quantizer)
-    if len(plan) == 1 and 4 % plan[0][2].bits == 0:
-        # The packed bitstream (tqindex.packing) already is this: byte c holds codes in the order and
-        # at the shifts the nibbles use, zero-padded at the end.
-        return np.asarray(codes)
-    idx = quantizer.unpack(codes)
-    n = idx.shape[0]
-    nibbles, masks = [], []
-    masked = 2 * _masked_cols(quantizer)
-    for start, stop, spec in plan:
-        part = idx[:, start:stop]
-        if spec.pick is not None:
-            part = part >> 1 if spec.pick == "high" else part & 1
-        width = masked if spec.masked else -(-(stop - start) // spec.per) * spec.per
-        if width != part.shape[1]:
-            part = np.concatenate([part, np.zeros((n, width - part.shape[1]), np.uint8)], axis=1)
-        if spec.masked:
-            high = (part >> 4).reshape(n, -1, 8)
-            masks.append(np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8), axis=2).astype(np.uint8))
-            part = part & 15
-        part = part.reshape(n, -1, spec.per)
-        nib = part[:, :, 0].copy()
-        for t in range(1, spec.per):
-            nib |= part[:, :, t] << (t * spec.bits)
-        nibbles.append(nib)
-    nib = np.concatenate(nibbles, axis=1)
-    if nib.shape[1] % 2:  # an odd nibble count: the last byte's high half is a zero nibble with a zero table
-        nib = np.concatenate([nib, np.zeros((n, 1), np.uint8)], axis=1)
-    return np.concatenate([nib[:, 0::2] | (nib[:, 1::2] << 4)] + masks, axis=1)
+    """Whether the kernels can scan these codes: those with a block layout (`tqindex.layout`:
+    the mse variant, every group readable as nibbles, a masked group only first)."""
+    return quantizer.layout is not None
 
 
 def segment_layout(quantizer: TurboQuantizer, segment: Segment, metric: str, cache: SegmentCache | None = None) -> dict:
-    """The segment's codes in kernel layout, built once and kept in `cache` (a `SegmentCache`).
+    """What the kernel reads of a segment: its blocks (held by the segment itself) and the per-row
+    floats in slot order, derived once and kept in `cache` (a `SegmentCache`).
 
     Returns
     -------
-    dict with blocks (nblocks, ncols + wcols/4, 32) uint8, ncols (nibble columns), wcols (of which
-    5-bit), n, scale ((nblocks·32,) float32 in slot order, NaN for padding), max_scale, and for
-    "l2" norm2 (‖x‖² in slot order) and max_norm2 (the maxima size the rounding room)
+    dict with blocks (nblocks, width, 32) uint8, ncols, wcols (`BlockLayout`), n, scale
+    ((nblocks·32,) float32 in slot order, NaN for padding), max_scale, and for "l2" norm2 (‖x‖² in
+    slot order) and max_norm2 (the maxima size the rounding room)
     """
     layout = None if cache is None else cache.peek(segment, "layout")
     if layout is None:
-        codes = np.asarray(segment.encoded.codes)
-        n = len(codes)
-        ncols = -(-_nibble_count(quantizer) // 2)
-        wcols = _masked_cols(quantizer)
-        width = ncols + wcols // 4
-        nblocks = -(-n // BLOCK)
-        blocks = np.zeros((nblocks, width, BLOCK), np.uint8)
-        for start in range(0, n, _LAYOUT_CHUNK):
-            part = _nibbles(quantizer, codes[start:start + _LAYOUT_CHUNK])
-            rows = len(part)
-            padded = np.zeros((-(-rows // BLOCK) * BLOCK, width), np.uint8)
-            padded[:rows, :part.shape[1]] = part
-            first = start // BLOCK
-            blocks[first:first + len(padded) // BLOCK] = padded.reshape(-1, BLOCK, width).transpose(0, 2, 1)
-        scale = np.asarray(segment.encoded.scale, dtype=np.float32)
-        layout = {"blocks": blocks, "ncols": ncols, "wcols": wcols, "n": n,
-                  "scale": _to_slots(scale, nblocks, np.nan),
-                  "max_scale": float(np.abs(scale).max()) if n else 0.0}
+        enc = segment.encoded
+        # Row-major codes (a segment built outside an index) are converted; an index's segments
+        # hold blocks already, so nothing is built here for them.
+        blocks = enc.blocks if enc.blocks is not None else quantizer.layout.from_codes(enc.codes)
+        n, nblocks = len(enc), len(blocks)
+        scale = np.asarray(enc.scale, dtype=np.float32)
+        layout = {"blocks": blocks, "ncols": quantizer.layout.ncols, "wcols": quantizer.layout.wcols, "n": n,
+                  "scale": to_slots(scale, nblocks, np.nan), "max_scale": float(np.abs(scale).max()) if n else 0.0}
         if cache is not None:
             cache.get(segment, "layout", lambda: layout)
     if metric == "l2" and "norm2" not in layout:
         enc = segment.encoded
         norm2 = np.square(np.asarray(enc.norm if enc.norm is not None else enc.scale, dtype=np.float32))
-        layout["norm2"] = _to_slots(norm2, len(layout["blocks"]), np.float32(0))
+        layout["norm2"] = to_slots(norm2, len(layout["blocks"]), np.float32(0))
         layout["max_norm2"] = float(norm2.max()) if len(norm2) else 0.0
     return layout
 
@@ -183,13 +109,12 @@ def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
     """
     q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
     nq = q.shape[0]
-    ncols = -(-_nibble_count(quantizer) // 2)
-    wcols = _masked_cols(quantizer)
+    ncols, wcols = quantizer.layout.ncols, quantizer.layout.wcols
     luts = np.empty((nq, 2 * (ncols + wcols), 16), np.uint8)
     fluts = np.empty((nq, 2 * (ncols + wcols), 16), np.float32)
     delta, bias, tol, magnitude = (np.empty(nq, np.float32) for _ in range(4))
-    groups = [(start, stop, p.bits, p.per, p.centroids) + (() if p.codewords is None else (p.codewords,))
-              for start, stop, p in _nibble_plan(quantizer)]
+    groups = [(p.start, p.stop, p.spec.bits, p.spec.per, p.spec.centroids)
+              + (() if p.spec.codewords is None else (p.spec.codewords,)) for p in quantizer.layout.parts]
     native.parallel_ranges(nq, lambda a, b: native.kernels.tables(
         q[a:b], quantizer.dim, b - a, groups, ncols, luts[a:b], fluts[a:b], delta[a:b], bias[a:b], tol[a:b],
         magnitude[a:b], wcols), min_per_thread=64)
@@ -207,8 +132,8 @@ class ScanPlan:
     delta, bias, tol, eps : (nq,) float32
     row_scale : (nblocks·32,) float32, NaN for padding and removed rows
     row_norm2, query_norm2 : ‖x‖² per row and ‖q‖² per query for "l2", else None
-    rowcodes, rotated, centroids, row_bits : row-major codes (n, code bytes), Πq (nq, d), the 16
-        padded levels and the width, for rescoring one scalar group from the codes; else None / 0
+    rotated, centroids, row_bits : Πq (nq, d), the 16 padded levels and the bits a code takes in
+        the nibble columns (1, 2 or 4), for rescoring one scalar group from its codes; else None / 0
     """
 
     codes: np.ndarray
@@ -223,7 +148,6 @@ class ScanPlan:
     row_scale: np.ndarray
     row_norm2: np.ndarray | None = None
     query_norm2: np.ndarray | None = None
-    rowcodes: np.ndarray | None = None
     rotated: np.ndarray | None = None
     centroids: np.ndarray | None = None
     row_bits: int = 0
@@ -248,21 +172,22 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
     if segment.deleted is not None:
         mask, masked = layout.get("masked_scale", (None, None))
         if mask is not segment.deleted:
-            masked = np.where(_to_slots(np.asarray(segment.deleted), nblocks, False), np.float32(np.nan), row_scale)
+            masked = np.where(to_slots(np.asarray(segment.deleted), nblocks, False), np.float32(np.nan), row_scale)
             layout["masked_scale"] = (segment.deleted, masked)
         row_scale = masked
     plan = ScanPlan(codes=layout["blocks"], ncols=layout["ncols"], wcols=layout["wcols"], luts=luts, fluts=fluts,
                     delta=delta, bias=bias, tol=tol, eps=eps, row_scale=row_scale,
                     row_norm2=layout["norm2"] if metric == "l2" else None, query_norm2=query_norm2)
-    if len(quantizer.groups) == 1 and quantizer.groups[0].kind.rescores_from_codes:
-        # One scalar code group: rows are rescored straight from the row-major codes (a SIMD
-        # decode-and-dot, cheaper than summing 2·ncols float table entries). Other kinds rescore
-        # from the float tables, whose entries already hold each codeword's dot product.
-        g = quantizer.groups[0]
+    groups = quantizer.groups
+    if len(groups) == 1 and groups[0].kind.rescores_from_codes and layout["ncols"] <= _MAX_ROW_BYTES:
+        # One scalar code group: rows are rescored straight from their codes in the nibble columns
+        # (a SIMD decode-and-dot, cheaper than summing 2·ncols float table entries; a 3-bit code
+        # takes a whole nibble). Other kinds rescore from the float tables, whose entries already
+        # hold each codeword's dot product.
+        g = groups[0]
         centroids = np.zeros(16, np.float32)
         centroids[: len(g.centroids)] = g.centroids.numpy()
-        plan = dataclasses.replace(plan, rowcodes=np.asarray(segment.encoded.codes), rotated=rotated,
-                                   centroids=centroids, row_bits=g.bits)
+        plan = dataclasses.replace(plan, rotated=rotated, centroids=centroids, row_bits=4 if g.bits == 3 else g.bits)
 
     def run(q0, q1, b0, b1):
         out_s = np.full((q1 - q0, k), -np.inf, dtype=np.float32)

@@ -29,6 +29,7 @@ from .base import Queries, Scanner, TopK
 __all__ = ["BlockDecoder", "TorchScanner", "as_tensor", "scan_topk"]
 
 _BLOCK_BYTES = 48 << 20
+_CONVERT_ROWS = 1 << 16
 
 
 def as_tensor(array) -> torch.Tensor:
@@ -92,13 +93,24 @@ def _block_rows(dim: int, batch: int, device: torch.device) -> int:
 _FIELDS = ("codes", "scale", "norm", "qjl", "residual_norm")
 
 
-def segment_tensors(segment: Segment, device: torch.device, cache=None) -> dict:
+def segment_tensors(quantizer: TurboQuantizer, segment: Segment, device: torch.device, cache=None) -> dict:
     """The segment's arrays as tensors on `device`: zero-copy views on the CPU (a float16 scale is
     converted to float32 per call), uploaded once to a GPU and kept in `cache` (a `SegmentCache`;
-    segments are immutable but for the deletion mask, which is uploaded on every scan)."""
+    segments are immutable but for the deletion mask, which is uploaded on every scan).
+
+    Codes held in the block layout are converted to row-major: on a GPU once, a chunk at a time,
+    for the upload; on the CPU "codes" is None and the scan converts each block of rows it reads."""
     enc = segment.encoded
 
     def field(name):
+        if name == "codes" and enc.blocks is not None:
+            if device.type == "cpu":
+                return None
+            codes = torch.empty((len(enc), quantizer.code_bytes), dtype=torch.uint8, device=device)
+            for a in range(0, len(enc), _CONVERT_ROWS):
+                b = min(len(enc), a + _CONVERT_ROWS)
+                codes[a:b] = torch.from_numpy(quantizer.row_codes(enc, a, b)).to(device)
+            return codes
         array = getattr(enc, name)
         if array is None:
             return None
@@ -153,10 +165,12 @@ def scan_topk(
     block = _block_rows(quantizer.dim, nq, device)
     offset = 0
     for segment in segments:
-        arrays = segment_tensors(segment, device, cache)
+        arrays = segment_tensors(quantizer, segment, device, cache)
         for start in range(0, len(segment), block):
             stop = min(start + block, len(segment))
             part = {name: None if a is None else a[start:stop] for name, a in arrays.items()}
+            if part["codes"] is None:  # held in blocks: this block of rows, row-major
+                part["codes"] = torch.from_numpy(quantizer.row_codes(segment.encoded, start, stop))
             scores = (rotated @ decoder.decode(part["codes"]).T) * part["scale"]
             if quantizer.variant == "prod":
                 signs = tables["signs"][part["qjl"].int()].view(stop - start, -1)[:, :quantizer.dim]

@@ -138,9 +138,10 @@ class GpuScanner(Scanner):
         for a in range(0, n, _UPLOAD_ROWS):
             b = min(n, a + _UPLOAD_ROWS)
             row = torch.zeros((b - a, self.words * 4), dtype=torch.uint8, device=device)
+            codes = self.q.row_codes(enc, a, b)  # a transient row-major copy where blocks are held
             for r in self.regions:
-                src = enc.qjl if r.qjl else enc.codes
-                part = as_tensor(src[a:b, r.src_offset:r.src_offset + r.src_nbytes]).to(device)
+                src = enc.qjl[a:b] if r.qjl else codes
+                part = as_tensor(src[:, r.src_offset:r.src_offset + r.src_nbytes]).to(device)
                 row[:, 4 * r.woff:4 * r.woff + r.src_nbytes] = part
             words[:, a:b, :] = row.view(torch.int32).view(b - a, w4, 4).permute(1, 0, 2)
         scale = as_tensor(enc.scale).to(device).float()

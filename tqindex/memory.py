@@ -1,0 +1,34 @@
+"""Counting the host memory an index holds, each buffer once (views and shared arrays included)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["held_bytes"]
+
+
+def held_bytes(value, seen: set | None = None) -> int:
+    """Bytes of the numpy arrays and CPU tensors in `value` (nested in dicts, tuples and lists),
+    counting each owning buffer once: a view counts as the array that owns its memory, and buffers
+    whose ids are in `seen` (updated) are not counted again."""
+    seen = set() if seen is None else seen
+    if isinstance(value, dict):
+        return sum(held_bytes(item, seen) for item in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(held_bytes(item, seen) for item in value)
+    if isinstance(value, np.ndarray):
+        while isinstance(value.base, np.ndarray):  # a view: count the array that owns the memory
+            value = value.base
+        key = ("np", id(value))
+        if key in seen:
+            return 0
+        seen.add(key)
+        return value.nbytes
+    if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+        key = ("ptr", value.untyped_storage().data_ptr())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return value.untyped_storage().nbytes()
+    return 0
