@@ -52,6 +52,7 @@ def test_blocks_round_trip_to_the_packed_codes(bits, codebook):
 def test_encoding_into_blocks_equals_converting_rows(bits, codebook, monkeypatch):
     # Small chunks: several of them, the last one partial, each written into the final blocks.
     monkeypatch.setattr(quantizer_module, "_ENCODE_CHUNK_BYTES", 16 * 203 * 40)
+    monkeypatch.setattr(quantizer_module, "_ENCODE_MIN_ROWS", 1)
     q = _quantizer(bits, codebook)
     x = torch.from_numpy(_x(333, 203, seed=1))
     rows = q.encode(x)

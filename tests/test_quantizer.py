@@ -242,7 +242,8 @@ def test_chunked_encoding_equals_one_pass(monkeypatch, variant, bits):
     x = torch.from_numpy(np.random.default_rng(3).standard_normal((1000, 24)).astype(np.float32))
     q = TurboQuantizer(dim=24, bits=bits, variant=variant, seed=4)
     whole = q.encode(x)
-    monkeypatch.setattr(quantizer_module, "_ENCODE_CHUNK_BYTES", 16 * 24 * 77)  # 77 rows per chunk
+    monkeypatch.setattr(quantizer_module, "_ENCODE_CHUNK_BYTES", 16 * 24 * 77)  # 77 rows per thread
+    monkeypatch.setattr(quantizer_module, "_ENCODE_MIN_ROWS", 1)
     chunked = q.encode(x)
     for name in ("codes", "norm", "scale", "qjl", "residual_norm"):
         a, b = getattr(whole, name), getattr(chunked, name)

@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .memory import held_bytes
+
 __all__ = ["IdMap"]
 
 
@@ -26,10 +28,9 @@ class IdMap:
         self._ids: np.ndarray | None = None
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted live ids, their positions)
 
-    def nbytes(self) -> int:
-        """Memory held by the lookups built so far."""
-        held = [self._offsets, self._ids] + list(self._lookup or ())
-        return sum(a.nbytes for a in held if a is not None)
+    def nbytes(self, seen: set | None = None) -> int:
+        """Memory held by the lookups built so far (not counting buffers in `seen`: `held_bytes`)."""
+        return held_bytes([self._offsets, self._ids] + list(self._lookup or ()), seen)
 
     def offsets(self) -> np.ndarray:
         """(segments + 1,) int64: the first position of each segment, then the total row count."""
@@ -41,8 +42,11 @@ class IdMap:
         """(rows,) int64: the id at every position, removed rows included."""
         if self._ids is None:
             segments = self._segments()
-            self._ids = (np.concatenate([np.asarray(s.ids) for s in segments]) if segments
-                         else np.empty(0, dtype=np.int64))
+            if len(segments) == 1:  # the segment's own array (no copy of a large single segment)
+                self._ids = np.asarray(segments[0].ids)
+            else:
+                self._ids = (np.concatenate([np.asarray(s.ids) for s in segments]) if segments
+                             else np.empty(0, dtype=np.int64))
         return self._ids
 
     def ids_at(self, positions: np.ndarray) -> np.ndarray:

@@ -285,7 +285,7 @@ class Index:
         view = self._view
         seen: set = set()  # a scanner's cache may hold a segment's own arrays: each counts once
         rows = sum(s.nbytes(seen) for s in view.segments)
-        cached = sum(scanner.cache.nbytes(seen) for scanner in self._scanners) + view.ids.nbytes()
+        cached = sum(scanner.cache.nbytes(seen) for scanner in self._scanners) + view.ids.nbytes(seen)
         return self._quantizer.nbytes() + rows + cached
 
     def __contains__(self, key) -> bool:

@@ -58,8 +58,10 @@ def scale_dtype_name(value) -> str:
         raise ValueError(f"unknown scale_dtype {value!r}; expected one of {tuple(SCALE_DTYPES)}")
     return name
 
-# Encode in chunks so temporary float buffers stay near 64 MiB whatever the batch size.
-_ENCODE_CHUNK_BYTES = 64 << 20
+# Encode in chunks so that the temporary float buffers (a few (rows, d) float32 copies: unit,
+# rotated, reconstructed rows) stay near this many bytes per thread whatever the batch size.
+_ENCODE_CHUNK_BYTES = 4 << 20
+_ENCODE_MIN_ROWS = 256  # per thread: below this, handing rows to a thread costs more than it saves
 
 
 @dataclass(eq=False)  # identity hashing: backends key their caches by a segment's encoded rows
@@ -224,7 +226,8 @@ class TurboQuantizer:
         n = x.shape[0]
         layout = self.layout if blocks else None
         # A whole number of blocks per chunk, so each chunk's blocks are written whole.
-        chunk = -(-max(1, _ENCODE_CHUNK_BYTES // (16 * self.dim)) // BLOCK) * BLOCK
+        per_thread = max(_ENCODE_MIN_ROWS, _ENCODE_CHUNK_BYTES // (16 * self.dim))
+        chunk = -(-per_thread * native.get_num_threads() // BLOCK) * BLOCK
         # Each chunk's rows go straight into arrays of the final size: the peak is the result plus
         # one chunk's temporaries, not the result twice (as concatenating the parts would be).
         fields: dict = {}
@@ -294,7 +297,7 @@ class TurboQuantizer:
             specs = [(g.start, g.stop, g.bits, g.offset, g.boundaries.numpy(), g.centroids.numpy(),
                       g.block, g.codewords.numpy()) for g in self.groups]
             native.parallel_ranges(n, lambda a, b: native.kernels.encode(
-                y_np[a:b], self.dim, b - a, specs, codes[a:b], alignment[a:b]), min_per_thread=1024)
+                y_np[a:b], self.dim, b - a, specs, codes[a:b], alignment[a:b]), min_per_thread=_ENCODE_MIN_ROWS)
             encoded = self._finish(codes, norms, torch.from_numpy(alignment))
             if self.variant == "mse":
                 return encoded
