@@ -135,9 +135,8 @@ static PyObject *scan_fields(PyObject *codes, Py_ssize_t ncols, Py_ssize_t wcols
             PyErr_SetString(PyExc_ValueError, "scan: row_bits must be 0, 1, 2 or 4");
             goto done;
         }
-        if (wcols || ncols > MAX_ROW_BYTES) {
-            PyErr_SetString(PyExc_ValueError, "scan: rows are rescored from codes only without wide columns and "
-                                              "within MAX_ROW_BYTES columns");
+        if (wcols) {
+            PyErr_SetString(PyExc_ValueError, "scan: rows are rescored from codes only without wide columns");
             goto done;
         }
         a.row_bits = row_bits;

@@ -34,8 +34,6 @@ typedef ptrdiff_t Py_ssize_t;
  * which stays in L2 while every query tile reuses it. */
 #define BLOCKS_PER_PASS 64
 #define MAX_TILE 4
-/* The widest row rescored from its codes (a stack copy of its columns); wider ones use the tables. */
-#define MAX_ROW_BYTES 4096
 
 typedef struct {
     const uint8_t *codes;      /* [nblocks][ncols + wcols/4][32] */
@@ -89,39 +87,43 @@ static inline int wide_bit(const uint8_t *blk, const scan_args *a, Py_ssize_t c,
     return (blk[(a->ncols + (c >> 2)) * BLOCK + v] >> (2 * (c & 3) + half)) & 1;
 }
 
-/* Exact <q, y~> of one row with a single code group of b = 1..4 bits, as sum_j q_j * centroid(code_j):
+/* Exact <q, y~> of one row with a single code group whose codes fill its nibble columns at b = 1, 2
+ * or 4 bits each (3-bit codes take 4), as sum_j q_j * centroid(code_j):
  * lane l of eight accumulates the j = l mod 8 terms with fused multiply-adds in increasing j, then a
  * fixed pairwise sum. The AVX2 and portable versions perform the very same float operations, so
- * they agree bit for bit. Codes follow tqindex/packing.py: code j at stream bits [j*b, (j+1)*b). */
+ * they agree bit for bit. Code j sits at bits [j*b, (j+1)*b) of the row's column bytes in order. */
 static inline float lanes_sum(const float *lanes) {
     return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
-static inline int code_at(const uint8_t *row, Py_ssize_t row_bytes, Py_ssize_t j, int bits) {
+/* Code j of a row whose column bytes are `BLOCK` apart, starting at col (its byte in column 0). */
+static inline int code_at(const uint8_t *col, Py_ssize_t ncols, Py_ssize_t j, int bits) {
     Py_ssize_t bit = j * bits, byte = bit >> 3;
-    unsigned v = row[byte] | (byte + 1 < row_bytes ? (unsigned)row[byte + 1] << 8 : 0u);
+    unsigned v = col[byte * BLOCK] | (byte + 1 < ncols ? (unsigned)col[(byte + 1) * BLOCK] << 8 : 0u);
     return (int)((v >> (bit & 7)) & ((1u << bits) - 1));
 }
 
-static float dot_portable(const scan_args *a, const uint8_t *row, const float *q, Py_ssize_t from, float *lanes) {
+static float dot_portable(const scan_args *a, const uint8_t *col, const float *q, Py_ssize_t from, float *lanes) {
     for (Py_ssize_t j = from; j < a->dim; j++)
-        lanes[j & 7] = fmaf(q[j], a->centroids[code_at(row, a->ncols, j, a->row_bits)], lanes[j & 7]);
+        lanes[j & 7] = fmaf(q[j], a->centroids[code_at(col, a->ncols, j, a->row_bits)], lanes[j & 7]);
     return lanes_sum(lanes);
 }
 
 #ifdef TQ_X86
-__attribute__((target("avx2,fma"))) static float dot_avx2(const scan_args *a, const uint8_t *row, const float *q) {
+__attribute__((target("avx2,fma"))) static float dot_avx2(const scan_args *a, const uint8_t *col, const float *q) {
     const int bits = a->row_bits;
     const __m256 low = _mm256_loadu_ps(a->centroids), high = _mm256_loadu_ps(a->centroids + 8);
     const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
     __m256 acc = _mm256_setzero_ps();
     Py_ssize_t j = 0;
-    /* Codes j .. j+7 fill exactly `bits` bytes; a 4-byte load takes them (the bits above are masked
-     * off) while it stays inside the row; the rest goes to the scalar loop. */
-    for (; j + 8 <= a->dim && j * bits / 8 + 4 <= a->ncols; j += 8) {
-        uint32_t word;
-        memcpy(&word, row + j * bits / 8, 4);
+    /* Codes j .. j+7 fill exactly `bits` bytes (columns j*bits/8 ..), read a column apart; the rest
+     * goes to the scalar loop. */
+    for (; j + 8 <= a->dim && j * bits / 8 + bits <= a->ncols; j += 8) {
+        const uint8_t *at = col + (j * bits / 8) * BLOCK;
+        uint32_t word = at[0];
+        if (bits >= 2) word |= (uint32_t)at[BLOCK] << 8;
+        if (bits == 4) word |= (uint32_t)at[2 * BLOCK] << 16 | (uint32_t)at[3 * BLOCK] << 24;
         __m256i code = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), mask);
         __m256 c = _mm256_permutevar8x32_ps(low, code);
         if (bits == 4)  /* 16 entries: the high half where bit 3 (moved to the sign bit) is set */
@@ -131,23 +133,21 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const scan_args *a, co
     }
     float lanes[8];
     _mm256_storeu_ps(lanes, acc);
-    return dot_portable(a, row, q, j, lanes);
+    return dot_portable(a, col, q, j, lanes);
 }
 #endif
 
 /* Row v's exact dot product: from the codes and centroids where given, else from the float tables. */
 static inline float exact_dot(const scan_args *a, Py_ssize_t q, Py_ssize_t block, int v) {
     if (a->row_bits) {
-        /* The row's column bytes are 32 apart in the block: gathered once, they are its codes. */
-        uint8_t row[MAX_ROW_BYTES];
+        /* The row's codes, read from its column bytes (32 apart in the block). */
         const uint8_t *col = a->codes + block * block_bytes(a) + v;
-        for (Py_ssize_t c = 0; c < a->ncols; c++) row[c] = col[c * BLOCK];
         const float *qr = a->rotated + q * a->dim;
 #ifdef TQ_X86
-        if (a->avx2) return dot_avx2(a, row, qr);
+        if (a->avx2) return dot_avx2(a, col, qr);
 #endif
         float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        return dot_portable(a, row, qr, 0, lanes);
+        return dot_portable(a, col, qr, 0, lanes);
     }
     const float *flut = a->fluts + q * table_entries(a);
     const uint8_t *blk = a->codes + block * block_bytes(a);

@@ -42,7 +42,6 @@ from .base import Queries, Scanner, SegmentCache, TopK
 
 __all__ = ["FastScanner", "ScanPlan", "available", "supports", "scan_topk_fast", "segment_layout", "quantized_luts"]
 
-_MAX_ROW_BYTES = 4096  # MAX_ROW_BYTES of _scan.h
 
 
 def available() -> bool:
@@ -179,7 +178,7 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
                     delta=delta, bias=bias, tol=tol, eps=eps, row_scale=row_scale,
                     row_norm2=layout["norm2"] if metric == "l2" else None, query_norm2=query_norm2)
     groups = quantizer.groups
-    if len(groups) == 1 and groups[0].kind.rescores_from_codes and layout["ncols"] <= _MAX_ROW_BYTES:
+    if len(groups) == 1 and groups[0].kind.rescores_from_codes:
         # One scalar code group: rows are rescored straight from their codes in the nibble columns
         # (a SIMD decode-and-dot, cheaper than summing 2·ncols float table entries; a 3-bit code
         # takes a whole nibble). Other kinds rescore from the float tables, whose entries already
