@@ -461,3 +461,22 @@ def test_codebook_version_round_trips_and_unknown_versions_are_refused(tmp_path)
     manifest.write_text(json.dumps(doc))
     with pytest.raises(IndexFormatError, match="codebook version 99"):
         Index.load(tmp_path / "v1")
+
+
+def test_load_refuses_a_live_id_held_twice(tmp_path):
+    # Two committed shards that both hold ids 0-9 (each a valid shard of these parameters).
+    for name in ("a", "b"):
+        index = Index(dim=16, bits=2, seed=1)
+        index.add(_data(10, 16))
+        index.save(tmp_path / name)
+        index.close()
+    doc_a = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    doc_b = json.loads((tmp_path / "b" / MANIFEST).read_text())
+    for file in (tmp_path / "b" / SHARDS).iterdir():
+        shutil.copy(file, tmp_path / "a" / SHARDS / file.name)
+    doc_a["body"]["shards"] += doc_b["body"]["shards"]
+    doc_a["body"]["count"] = 20
+    doc_a["crc32"] = zlib.crc32(_canonical(doc_a["body"]))
+    (tmp_path / "a" / MANIFEST).write_text(json.dumps(doc_a))
+    with pytest.raises(IndexFormatError, match="live id more than once"):
+        Index.load(tmp_path / "a")

@@ -248,15 +248,6 @@ class TurboQuantizer:
         fields["scale"] = self._store_scale(fields["scale"])
         return EncodedVectors(**fields)
 
-    def hold(self, encoded: EncodedVectors) -> EncodedVectors:
-        """The same rows in the form an index holds (row-major codes converted to blocks in
-        chunks where the quantizer has a block layout; otherwise `encoded` itself)."""
-        if self.layout is None or encoded.blocks is not None:
-            return encoded
-        blocks = self.layout.from_codes(encoded.codes)
-        return EncodedVectors(codes=None, norm=encoded.norm, scale=encoded.scale, qjl=encoded.qjl,
-                              residual_norm=encoded.residual_norm, blocks=blocks)
-
     def row_codes(self, encoded: EncodedVectors, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Row-major packed codes (stop − start, code_bytes) of rows [start, stop) of `encoded`: a
         view when it holds them so, a transient copy when it holds blocks."""

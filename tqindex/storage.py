@@ -649,7 +649,8 @@ def _check_rows(segments: list[Segment], body: dict, where: Path) -> None:
         raise IndexFormatError(f"manifest {where} records {body['count']} live rows, shards hold {len(live)}")
     if any(len(i) and (int(i.min()) < 0 or int(i.max()) >= body["next_id"]) for i in ids):
         raise IndexFormatError(f"manifest {where}: shards hold ids outside [0, next_id = {body['next_id']})")
-    if len(np.unique(live)) != len(live):
+    ordered = np.sort(live)  # a sort and a neighbour compare: far quicker than np.unique's hashing here
+    if (ordered[1:] == ordered[:-1]).any():
         raise IndexFormatError(f"manifest {where}: shards hold a live id more than once")
 
 
