@@ -8,9 +8,12 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from . import payload as payloads
 from . import storage
+from .filters import allowed_rows
 from .backends import Queries, make_scanners
 from .codebook import CODEBOOK_VERSION, CODEBOOK_VERSIONS
 from .idmap import IdMap
@@ -33,6 +36,9 @@ _MERGE_BELOW_ROWS = 1 << 16
 _MAX_SEGMENTS = 8
 # Queries scored per scan pass when the caller gives no batch_size.
 _DEFAULT_QUERY_BATCH = 1024
+# A filter that allows at most this share of the rows is searched by gathering the allowed rows
+# into one segment first (their codes only), instead of scanning every row and skipping the rest.
+_DIRECT_FRACTION = 0.02
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,9 @@ class SearchResult:
     ids: object
     scores: object
     metric: str = "ip"
+    #: With `search(..., columns=[...])`: a pyarrow Table of the results' payload columns, one row per
+    #: result in row-major order (nq·k rows; k for a 1-D query; nulls where the id is −1), else None.
+    payload: object = None
 
     @property
     def keys(self):
@@ -311,7 +320,7 @@ class Index:
         return self
 
     # -- writes --------------------------------------------------------------------------------
-    def add(self, vectors, ids=None, *, upsert: bool = False) -> np.ndarray:
+    def add(self, vectors, ids=None, *, upsert: bool = False, metadata=None) -> np.ndarray:
         """Add vectors.
 
         Parameters
@@ -321,6 +330,10 @@ class Index:
             Defaults to consecutive ids after the largest id ever used.
         upsert : bool
             Replace rows whose id already exists instead of raising.
+        metadata : pyarrow Table or RecordBatch, pandas DataFrame, dict of columns or list of dicts, optional
+            One row per vector, any Arrow types (text included), stored with the vectors in the same
+            commit. A new column is added with nulls for older rows; a column whose type differs from
+            the stored one is refused (ValueError naming it).
 
         Returns
         -------
@@ -329,6 +342,7 @@ class Index:
         x, _ = as_float_matrix(vectors, self.dim)
         n = x.shape[0]
         given_ids = None if ids is None else as_id_array(ids, n)  # checked before any encoding work
+        table = None if metadata is None else payloads.as_table(metadata, n)
         norms = check_norms(x, zero_ok=self._metric != "cosine", metric=self._metric)
         if self._metric == "cosine":
             x = x / norms[:, None]
@@ -350,10 +364,13 @@ class Index:
                 if replaced.size and not upsert:
                     raise ValueError(f"ids already in the index: {new_ids[positions >= 0][:10].tolist()} "
                                      f"(pass upsert=True to replace them)")
+            schema = view.schema
+            if table is not None:
+                schema, table = payloads.merged_schema(schema, table)
             # Nothing above touched the index: a rejected batch leaves it exactly as it was.
             segments = _with_deleted(view, replaced) if replaced.size else list(view.segments)
-            self._swap(_appended(segments, Segment(ids=new_ids, encoded=encoded, vectors=vectors_kept),
-                                 self._quantizer.layout))
+            self._swap(_appended(segments, Segment(ids=new_ids, encoded=encoded, vectors=vectors_kept, payload=table),
+                                 self._quantizer.layout, schema), schema)
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
         return new_ids
 
@@ -375,10 +392,11 @@ class Index:
         """Drop removed rows and merge all segments into one (rewritten on the next save)."""
         with self._write_lock:
             live = [segment for segment in self._view.segments if segment.live_count]
-            self._swap([_merged(live, self._quantizer.layout)] if live else [])
+            self._swap([_merged(live, self._quantizer.layout, self._view.schema)] if live else [])
 
     # -- reads ---------------------------------------------------------------------------------
-    def search(self, queries, k: int = 10, *, rerank: int = 0, batch_size: int | None = None) -> SearchResult:
+    def search(self, queries, k: int = 10, *, rerank: int = 0, batch_size: int | None = None, filter=None,
+               columns=None) -> SearchResult:
         """Search the k best rows for each query.
 
         Parameters
@@ -390,6 +408,12 @@ class Index:
             full-precision vectors (needs ``keep_vectors=True``).
         batch_size : int, optional
             Queries per scan pass (bounds memory); default 1024.
+        filter : optional
+            Only rows it allows are returned (`tqindex.filters`): an id allow-list (integer array), a
+            boolean mask indexed by id, or a pyarrow compute Expression over the metadata columns.
+            The result is exactly the top k of the allowed rows (fewer only if fewer exist).
+        columns : list of str, optional
+            Metadata columns to return with the results (`SearchResult.payload`).
 
         Returns
         -------
@@ -413,6 +437,10 @@ class Index:
         if self._metric == "cosine":
             q = q / norms[:, None]
         view = self._view  # this search reads one snapshot, whatever writers do meanwhile
+        if columns is not None:
+            columns = self._check_columns(view, columns)
+        if filter is not None:
+            view = _filtered(view, filter, self._quantizer.layout)
         # The scan's work and buffers are bounded by the live rows, whatever k asks; the result is
         # padded to k columns at the end.
         k_scan = min(k, view.live)
@@ -437,9 +465,42 @@ class Index:
             positions = np.concatenate([positions, np.full((len(positions), k - k_scan), -1, np.int64)], axis=1)
         ids = view.ids.ids_at(positions)
         scores = (-scores if self._metric == "l2" else scores).astype(np.float32)
+        table = None if columns is None else _payload_at(view, positions.reshape(-1), columns)
         if was_1d:
             ids, scores = ids[0], scores[0]
-        return SearchResult(ids=to_kind(ids, kind, queries), scores=to_kind(scores, kind, queries), metric=self._metric)
+        return SearchResult(ids=to_kind(ids, kind, queries), scores=to_kind(scores, kind, queries), metric=self._metric,
+                            payload=table)
+
+    # -- payload ---------------------------------------------------------------------------------
+    @property
+    def schema(self) -> pa.Schema | None:
+        """The metadata columns this index holds (pyarrow Schema), or None if it has none."""
+        return self._view.schema
+
+    def get(self, ids, columns=None) -> pa.Table:
+        """Metadata rows for these ids, in order: a pyarrow Table with an "id" column and the named
+        columns (default all). Unknown ids raise KeyError."""
+        arr = as_id_array(ids)
+        view = self._view
+        columns = self._check_columns(view, columns)
+        positions = view.ids.positions(arr)
+        if (positions < 0).any():
+            raise KeyError(f"ids not in the index: {arr[positions < 0][:10].tolist()}")
+        table = _payload_at(view, positions, columns)
+        return table.add_column(0, "id", pa.array(arr, pa.int64()))
+
+    @staticmethod
+    def _check_columns(view: "_View", columns) -> list[str]:
+        names = [] if view.schema is None else view.schema.names
+        if columns is None:
+            return names
+        if isinstance(columns, str):
+            raise TypeError("columns must be a list of column names, not one string")
+        columns = list(columns)
+        unknown = [c for c in columns if c not in names]
+        if unknown:
+            raise KeyError(f"unknown metadata columns {unknown}; this index has {names}")
+        return columns
 
     def _scan(self, view: "_View", q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         offset = None
@@ -503,10 +564,10 @@ class Index:
         """What a commit records: params, the id counter, and the segments (their arrays and shard
         entries), consolidated first (`_consolidated`). Call with `_write_lock` held."""
         if len(self._view.segments) > _MAX_SEGMENTS:
-            self._swap(_consolidated(self._view.segments, self._quantizer.layout))
+            self._swap(_consolidated(self._view.segments, self._quantizer.layout, self._view.schema))
         view = self._view
         return {"params": self.params(), "next_id": self._next_id, "segments": list(view.segments),
-                "live": view.live, "store": self._store}
+                "live": view.live, "store": self._store, "payload_schema": view.schema}
 
     def _take_lock(self) -> None:
         """Hold the writer lock of the directory this index was loaded from (Index.open)."""
@@ -521,7 +582,8 @@ class Index:
         self._store = store
 
     @classmethod
-    def _from_state(cls, params: dict, *, segments: list[Segment], next_id: int, store=None) -> "Index":
+    def _from_state(cls, params: dict, *, segments: list[Segment], next_id: int, store=None,
+                    payload_schema: pa.Schema | None = None) -> "Index":
         """An index with these params holding these segments (the load path; raises ValueError,
         KeyError or TypeError on bad params)."""
         options = QuantizerOptions(variant=params["variant"], rotation=params["rotation"], rescale=params["rescale"],
@@ -529,20 +591,21 @@ class Index:
         index = cls(dim=params["dim"], bits=params["bits"], metric=params["metric"], seed=params["seed"],
                     keep_vectors=params["keep_vectors"], scale_dtype=params["scale_dtype"],
                     center=params["center"], options=options)
-        index._swap(segments)
+        index._swap(segments, payload_schema)
         index._next_id = int(next_id)
         index._store = store
         return index
 
-    def _swap(self, segments: list[Segment]) -> None:
-        """Make `segments` the index's rows: the active backend prepares any new segment first (its
-        scan layout), so that no search pays for it, then one assignment publishes the snapshot."""
+    def _swap(self, segments: list[Segment], schema: pa.Schema | None = None) -> None:
+        """Make `segments` (and a payload schema, else the current one) the index's rows: the active
+        backend prepares any new segment first (its scan layout), so that no search pays for it, then
+        one assignment publishes the snapshot."""
         scanner = self._scanner()
         known = {id(s.encoded) for s in self._view.segments}
         for segment in segments:
             if id(segment.encoded) not in known:
                 scanner.prepare(segment)
-        self._view = _View(segments)
+        self._view = _View(segments, self._view.schema if schema is None else schema)
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path=None) -> None:
@@ -573,13 +636,14 @@ class Index:
 
 
 class _View:
-    """An immutable snapshot of an index's rows: its segments and their id map."""
+    """An immutable snapshot of an index's rows: its segments, their id map and payload schema."""
 
-    __slots__ = ("segments", "ids", "live")
+    __slots__ = ("segments", "ids", "live", "schema")
 
-    def __init__(self, segments):
+    def __init__(self, segments, schema: pa.Schema | None = None, ids: IdMap | None = None):
         self.segments = tuple(segments)
-        self.ids = IdMap(lambda: self.segments)
+        self.schema = schema
+        self.ids = IdMap(lambda: self.segments) if ids is None else ids
         self.live = sum(s.live_count for s in self.segments)  # counted once, not per search
 
 
@@ -595,17 +659,18 @@ def _with_deleted(view: _View, positions: np.ndarray) -> list[Segment]:
     return segments
 
 
-def _appended(segments: list[Segment], segment: Segment, layout: BlockLayout | None) -> list[Segment]:
+def _appended(segments: list[Segment], segment: Segment, layout: BlockLayout | None,
+              schema: pa.Schema | None) -> list[Segment]:
     """Binary-counter merging: a new segment absorbs unsaved predecessors no larger than itself,
     so n one-row adds copy O(n log n) rows in total and leave O(log n) segments, where merging
     every add into the tail would copy O(n²)."""
     while (segments and segments[-1].shard is None and segments[-1].deleted is None
            and len(segments[-1]) <= len(segment) < _MERGE_BELOW_ROWS):
-        segment = _merged([segments.pop(), segment], layout)
+        segment = _merged([segments.pop(), segment], layout, schema)
     return segments + [segment]
 
 
-def _consolidated(segments: list[Segment], layout: BlockLayout | None) -> list[Segment]:
+def _consolidated(segments: list[Segment], layout: BlockLayout | None, schema: pa.Schema | None) -> list[Segment]:
     """At most `_MAX_SEGMENTS` segments: while there are more, the adjacent pair with the fewest
     live rows is merged (removed rows dropped). Saved segments count too, so many small commits
     (add one row, save, repeat) do not leave one shard each; a merged pair is written once more on
@@ -614,11 +679,11 @@ def _consolidated(segments: list[Segment], layout: BlockLayout | None) -> list[S
     while len(segments) > _MAX_SEGMENTS:
         sizes = [a.live_count + b.live_count for a, b in zip(segments, segments[1:])]
         i = int(np.argmin(sizes))
-        segments[i:i + 2] = [_merged(segments[i:i + 2], layout)]
+        segments[i:i + 2] = [_merged(segments[i:i + 2], layout, schema)]
     return segments
 
 
-def _merged(segments: list[Segment], layout: BlockLayout | None) -> Segment:
+def _merged(segments: list[Segment], layout: BlockLayout | None, schema: pa.Schema | None = None) -> Segment:
     """One new segment holding the live rows of `segments`, in order (one copy of each row; blocks
     are gathered a chunk at a time). A single segment without removed rows is returned as is."""
     if len(segments) == 1 and segments[0].deleted is None:
@@ -637,7 +702,9 @@ def _merged(segments: list[Segment], layout: BlockLayout | None) -> Segment:
         blocks = layout.gather([(e.blocks, rows) for e, rows in zip(encs, keep)])
     encoded = EncodedVectors(codes=field("codes"), norm=field("norm"), scale=field("scale"), qjl=field("qjl"),
                              residual_norm=field("residual_norm"), blocks=blocks)
-    return Segment(ids=cat([s.ids for s in segments]), encoded=encoded, vectors=cat([s.vectors for s in segments]))
+    table = payloads.take([(s.payload, len(s), rows) for s, rows in zip(segments, keep)], schema)
+    return Segment(ids=cat([s.ids for s in segments]), encoded=encoded, vectors=cat([s.vectors for s in segments]),
+                   payload=table)
 
 
 def _take_encoded(quantizer: TurboQuantizer, enc: EncodedVectors, rows) -> EncodedVectors:
@@ -647,3 +714,34 @@ def _take_encoded(quantizer: TurboQuantizer, enc: EncodedVectors, rows) -> Encod
         quantizer.layout.codes_from_nibble_rows(quantizer.layout.take_nibble_rows(enc.blocks, rows))
     return EncodedVectors(codes=codes, norm=pick(enc.norm), scale=pick(enc.scale),
                           qjl=pick(enc.qjl), residual_norm=pick(enc.residual_norm))
+
+
+def _filtered(view: _View, where, layout: BlockLayout | None) -> _View:
+    """The snapshot as the filter sees it: disallowed rows marked removed (every backend skips
+    removed rows inside its scan). Below `_DIRECT_FRACTION` of the rows the allowed rows are first
+    gathered into one small segment, so the scan reads only them."""
+    masks = allowed_rows(view, where)
+    segments = [dataclasses.replace(s, deleted=~m if s.deleted is None else (s.deleted | ~m))
+                for s, m in zip(view.segments, masks)]
+    allowed = sum(s.live_count for s in segments)
+    if allowed <= _DIRECT_FRACTION * view.live and allowed:
+        return _View([_merged([s for s in segments if s.live_count], layout, view.schema)], view.schema)
+    # Same rows and positions as the snapshot: its id map serves as it is.
+    return _View(segments, view.schema, ids=view.ids)
+
+
+def _payload_at(view: _View, positions: np.ndarray, columns: list[str]) -> pa.Table:
+    """Metadata rows at these positions (−1: a row of nulls), as a Table of `columns`."""
+    positions = np.asarray(positions, dtype=np.int64)
+    schema = view.schema if view.schema is not None else pa.schema([])
+    valid = positions >= 0
+    order = np.full(len(positions), -1, dtype=np.int64)
+    parts, at = [], 0
+    for segment, where, rows in view.ids.by_segment(positions[valid]):
+        parts.append(payloads.conform(segment.payload, len(segment), schema, columns)
+                     .take(pa.array(rows.astype(np.int64))))
+        order[np.flatnonzero(valid)[where]] = at + np.arange(len(rows))
+        at += len(rows)
+    parts.append(payloads.conform(None, 1, schema, columns))  # the row that padding points at
+    table = pa.concat_tables(parts)
+    return table.take(pa.array(np.where(order >= 0, order, at)))

@@ -24,6 +24,7 @@ class Segment:
     encoded : EncodedVectors with n rows
     vectors : (n, d) float32 full-precision rows kept for rerank, or None
     deleted : (n,) bool mask of removed rows, or None when none were removed
+    payload : pyarrow Table of n rows (metadata columns, `tqindex.payload`), or None
     shard : manifest entry (dict) of the committed files that hold these rows, or None if unsaved
     deletions_dirty : the deletion mask changed since the last commit
     """
@@ -34,6 +35,7 @@ class Segment:
     deleted: np.ndarray | None = None
     shard: dict | None = None
     deletions_dirty: bool = False
+    payload: object = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -45,5 +47,14 @@ class Segment:
     def nbytes(self, seen: set | None = None) -> int:
         """Bytes of its arrays (memory-mapped ones included), each buffer once (`held_bytes`)."""
         enc = self.encoded
-        return held_bytes([self.ids, enc.codes, enc.blocks, enc.norm, enc.scale, enc.qjl, enc.residual_norm,
+        held = held_bytes([self.ids, enc.codes, enc.blocks, enc.norm, enc.scale, enc.qjl, enc.residual_norm,
                            self.vectors, self.deleted], seen)
+        if self.payload is not None:  # Arrow buffers (mapped ones included), each once
+            for column in self.payload.columns:
+                for chunk in column.chunks:
+                    for buf in chunk.buffers():
+                        if buf is not None and ("arrow", buf.address) not in (seen if seen is not None else ()):
+                            if seen is not None:
+                                seen.add(("arrow", buf.address))
+                            held += buf.size
+        return held

@@ -12,6 +12,9 @@ Directory layout (format version 2)::
                                         reads (`tqindex.layout`), one fixed-size binary of
                                         32 rows' bytes per block (ceil(rows / 32) of them)
     <index>/shards/vectors-<uid>.arrow  kept full-precision vectors (only read by rerank)
+    <index>/shards/payload-<uid>.arrow  metadata columns of the rows (`tqindex.payload`), any Arrow
+                                        types; the manifest records each one's schema and the
+                                        index's (base64 Arrow IPC schemas: data, never code)
     <index>/shards/deleted-<uid>.arrow  row numbers removed from one rows shard (tombstones)
 
 Shards are Arrow IPC files (Feather v2), uncompressed, one record batch each, so they can be
@@ -50,6 +53,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from . import payload as payloads
 from .codebook import CODEBOOK_VERSIONS
 from .groups import CODEBOOKS, make_groups
 from .layout import BLOCK, BlockLayout, block_count
@@ -67,9 +71,9 @@ SHARDS = "shards"
 _CHECKSUM_CHUNK = 8 << 20
 _LOAD_RETRIES = 100  # a retry happens only when a writer committed meanwhile
 #: Every file the index writes under shards/ has such a name; nothing else there is ever opened or removed.
-_SHARD_NAME = re.compile(r"(rows|codes|vectors|deleted)-[0-9a-f]{32}\.arrow")
+_SHARD_NAME = re.compile(r"(rows|codes|vectors|payload|deleted)-[0-9a-f]{32}\.arrow")
 #: The files of one shard entry in the manifest; only "rows" is always there.
-_PARTS = ("rows", "codes", "vectors", "deleted")
+_PARTS = ("rows", "codes", "vectors", "payload", "deleted")
 #: A manifest larger than this is refused unread (a real one holds a few hundred bytes per shard).
 _MAX_MANIFEST_BYTES = 64 << 20
 #: Parameters indexes saved by older tqindex versions lack, as those versions built them.
@@ -340,6 +344,12 @@ def _check_body(body: dict, where: Path) -> None:
             bad("params.center", f"must be null or a list of {params['dim']} numbers")
         if not all(isinstance(c, numbers.Real) and not isinstance(c, bool) for c in center):
             bad("params.center", "must hold only numbers")
+    index_schema = None
+    if body.get("payload_schema") is not None:
+        try:
+            index_schema = payloads.schema_from_text(body["payload_schema"])
+        except ValueError as exc:
+            bad("payload_schema", str(exc))
     shards = body.get("shards")
     if not isinstance(shards, list):
         bad("shards", "must be a list")
@@ -364,6 +374,18 @@ def _check_body(body: dict, where: Path) -> None:
                     bad(f"shards[{i}].{part}.{field}", "must be a non-negative integer")
             if not _is_int(file.get("crc32"), 0, 2 ** 32 - 1):
                 bad(f"shards[{i}].{part}.crc32", "must be a 32-bit checksum")
+            if part == "payload":
+                if index_schema is None:
+                    bad(f"shards[{i}].payload", "names a payload shard, but the manifest has no payload_schema")
+                try:
+                    own = payloads.schema_from_text(file.get("schema"))
+                except ValueError as exc:
+                    bad(f"shards[{i}].payload.schema", str(exc))
+                for field in own:
+                    known = index_schema.field(field.name) if field.name in index_schema.names else None
+                    if known is None or not (known.type == field.type or pa.types.is_null(field.type)):
+                        bad(f"shards[{i}].payload.schema", f"has column {field.name!r} ({field.type}) that the "
+                                                           f"index schema does not")
 
 
 def _write_manifest(path: Path, body: dict) -> None:
@@ -472,6 +494,8 @@ def save(index, path=None) -> None:
         _fsync_dir(shard_dir)
         body = {"format": "tqindex", "format_version": FORMAT_VERSION, "generation": writer.generation + 1,
                 "params": params, "next_id": state["next_id"], "count": state["live"], "shards": entries}
+        if state["payload_schema"] is not None:
+            body["payload_schema"] = payloads.schema_to_text(state["payload_schema"])
         written.append(target / (MANIFEST + ".tmp"))
         _write_manifest(target, body)
     except BaseException:
@@ -522,11 +546,16 @@ def _write_segment(shard_dir: Path, segment: Segment, params: dict, sizes: tuple
     if "qjl" in schema.names:
         columns += [_fixed_binary(np.asarray(enc.qjl)), pa.array(np.asarray(enc.residual_norm), pa.float32())]
     entry = {"rows": _write_new(shard_dir / f"rows-{uid}.arrow", schema, columns, written), "codes": None,
-             "vectors": None, "deleted": None}
+             "vectors": None, "payload": None, "deleted": None}
     if blocked:
         blocks = np.asarray(enc.blocks)
         entry["codes"] = _write_new(shard_dir / f"codes-{uid}.arrow", _codes_schema(blocks.shape[1]),
                                     [_fixed_binary(blocks.reshape(len(blocks), -1))], written)
+    if segment.payload is not None:
+        table = segment.payload.combine_chunks()
+        columns = [c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns]
+        entry["payload"] = _write_new(shard_dir / f"payload-{uid}.arrow", table.schema, columns, written)
+        entry["payload"]["schema"] = payloads.schema_to_text(table.schema)
     if segment.vectors is not None:
         dim = params["dim"]
         flat = pa.array(np.ascontiguousarray(segment.vectors, dtype=np.float32).reshape(-1), pa.float32())
@@ -616,6 +645,14 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
                 raise IndexFormatError(f"vectors shard {entry['vectors']['name']} has {vb.num_rows} rows, "
                                        f"its rows shard has {batch.num_rows}")
             vectors = _column_numpy(vb.column(0), dim)
+        table = None
+        if entry.get("payload"):
+            pb = _read_table(shard_dir / entry["payload"]["name"], entry["payload"],
+                             payloads.schema_from_text(entry["payload"]["schema"]), mmap=mmap, verify=verify)
+            if pb.num_rows != batch.num_rows:
+                raise IndexFormatError(f"payload shard {entry['payload']['name']} has {pb.num_rows} rows, "
+                                       f"its rows shard has {batch.num_rows}")
+            table = pa.Table.from_batches([pb])
         deleted = None
         if entry.get("deleted"):
             db = _read_table(shard_dir / entry["deleted"]["name"], entry["deleted"], _DELETED_SCHEMA, mmap=False,
@@ -626,12 +663,13 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
             deleted = np.zeros(batch.num_rows, dtype=bool)
             deleted[rows] = True
         segments.append(Segment(ids=_column_numpy(col["id"]), encoded=encoded, vectors=vectors, deleted=deleted,
-                                shard=entry))
+                                shard=entry, payload=table))
     _check_rows(segments, body, path / MANIFEST)
     store = Store(path)
     store.generation = body["generation"]
     try:
-        index = cls._from_state(params, segments=segments, next_id=body["next_id"], store=store)
+        schema = payloads.schema_from_text(body["payload_schema"]) if body.get("payload_schema") else None
+        index = cls._from_state(params, segments=segments, next_id=body["next_id"], store=store, payload_schema=schema)
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexFormatError(f"manifest {path / MANIFEST} has invalid parameters: {_short(exc, 200)}") from None
     if device != "cpu":
