@@ -35,10 +35,16 @@ def batch(i: int) -> np.ndarray:
     return np.random.default_rng(i).standard_normal((BATCH, DIM)).astype(np.float32)
 
 
+def metadata(i: int) -> dict:
+    """Batch i's payload: each row's text names its id, so a row and its payload can be matched."""
+    ids = range(i * BATCH, (i + 1) * BATCH)
+    return {"text": [f"row {j}" for j in ids], "batch": [i] * BATCH}
+
+
 def apply_step(index: Index, i: int) -> None:
-    """The deterministic i-th step: add batch i; every 3rd step remove 5 rows of the previous
-    batch; every 7th step compact."""
-    index.add(batch(i))
+    """The deterministic i-th step: add batch i with its payload; every 3rd step remove 5 rows of
+    the previous batch; every 7th step compact."""
+    index.add(batch(i), metadata=metadata(i))
     if i % 3 == 2:
         index.remove(np.arange((i - 1) * BATCH, (i - 1) * BATCH + 5))
     if i % 7 == 6:

@@ -167,9 +167,9 @@ def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("pristine")
     x = _data(300, 21, seed=4)
     index = Index(dim=21, bits=3, metric="l2", keep_vectors=True)  # mse: its codes in codes shards
-    index.add(x[:200])
+    index.add(x[:200], metadata={"text": [f"t{i}" for i in range(200)]})
     index.save(root / "ix")
-    index.add(x[200:])
+    index.add(x[200:], metadata={"text": [f"t{i}" for i in range(200, 300)]})
     index.remove([3, 4, 250])
     index.save()
     index.close()
@@ -177,10 +177,10 @@ def pristine(tmp_path_factory):
 
 
 def _files(ix: Path) -> dict[str, Path]:
-    """The manifest and one file of each shard kind ("rows", "codes", "vectors", "deleted"), plus a
-    second one of each kind as "<kind>2" where there is one."""
+    """The manifest and one file of each shard kind ("rows", "codes", "vectors", "payload", "deleted"),
+    plus a second one of each kind as "<kind>2" where there is one."""
     out = {"manifest": ix / MANIFEST}
-    for kind in ("rows", "codes", "vectors", "deleted"):
+    for kind in ("rows", "codes", "vectors", "payload", "deleted"):
         found = sorted((ix / SHARDS).glob(kind + "-*"))
         out[kind] = found[0]
         if len(found) > 1:
@@ -190,7 +190,7 @@ def _files(ix: Path) -> dict[str, Path]:
 
 def _mutations():
     cases = []
-    for kind in ("manifest", "rows", "codes", "vectors", "deleted"):
+    for kind in ("manifest", "rows", "codes", "vectors", "payload", "deleted"):
         for frac in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.999):
             cases.append((kind, "truncate", frac))
         for frac in (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0):
@@ -198,7 +198,7 @@ def _mutations():
         cases.append((kind, "delete", None))
         cases.append((kind, "empty", None))
         cases.append((kind, "append", None))
-    for kind in ("rows", "codes", "vectors", "deleted"):
+    for kind in ("rows", "codes", "vectors", "payload", "deleted"):
         cases.append((kind, "swap", None))
     cases.append(("manifest", "json-edit-seed", None))
     cases.append(("manifest", "json-newer-version", None))
@@ -353,6 +353,11 @@ def _check_state(path: Path, committed: int) -> int:
         return batches
     np.testing.assert_array_equal(np.sort([i for i in live if i in loaded]), live)
     np.testing.assert_array_equal(loaded.reconstruct(live), expected.reconstruct(live))
+    # Every live row has its own payload, and no payload is left without its row.
+    got = loaded.get(live)
+    assert got.column("text").to_pylist() == [f"row {i}" for i in live]
+    assert got.column("batch").to_pylist() == [int(i) // crash_worker.BATCH for i in live]
+    assert sum(s.payload.num_rows for s in loaded._segments) == sum(len(s) for s in loaded._segments)
     probe = crash_worker.batch(batches - 1)[:3]
     np.testing.assert_array_equal(loaded.search(probe, 5, rerank=2).ids, expected.search(probe, 5, rerank=2).ids)
     loaded.close()
