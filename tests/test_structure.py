@@ -70,3 +70,21 @@ def test_the_core_imports_no_dataset_tooling():
         bad = {i for i in _top_level_imports(name, tree) if i.split(".")[0] in ("tqdm", "h5py", "cupy")}
         assert not bad, (name, bad)
         assert not any(i.startswith("tqindex.datasets") for i in _top_level_imports(name, tree)), name
+
+
+def test_the_core_never_imports_the_framework_adapters():
+    """LangChain and LlamaIndex are extras: only tqindex.integrations imports them, and nothing
+    outside tqindex.integrations imports it."""
+    import subprocess
+    import sys
+    for name, tree in MODULES.items():
+        imports = _top_level_imports(name, tree)
+        if name.startswith("tqindex.integrations"):
+            continue
+        assert not any(i.split(".")[0] in ("langchain_core", "llama_index") for i in imports), name
+        assert not any(i.startswith("tqindex.integrations") for i in imports), name
+    code = ("import sys, tqindex, numpy as np; i = tqindex.Index(dim=8, bits=2); i.add(np.ones((2, 8), np.float32));"
+            "i.search(np.ones(8, np.float32), 1); print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('langchain_core', 'llama_index', 'ray', 'cupy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

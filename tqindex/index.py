@@ -489,6 +489,19 @@ class Index:
         table = _payload_at(view, positions, columns)
         return table.add_column(0, "id", pa.array(arr, pa.int64()))
 
+    def select(self, filter=None) -> np.ndarray:
+        """Ids (int64, ascending) of the live rows `filter` allows (see `search`), or of every live
+        row without one."""
+        view = self._view
+        masks = [None] * len(view.segments) if filter is None else allowed_rows(view, filter)
+        parts = [np.empty(0, dtype=np.int64)]
+        for segment, mask in zip(view.segments, masks):
+            keep = np.ones(len(segment), dtype=bool) if segment.deleted is None else ~segment.deleted
+            if mask is not None:
+                keep &= mask
+            parts.append(np.asarray(segment.ids)[keep])
+        return np.sort(np.concatenate(parts))
+
     @staticmethod
     def _check_columns(view: "_View", columns) -> list[str]:
         names = [] if view.schema is None else view.schema.names
