@@ -44,6 +44,14 @@ def test_add_accepts_every_metadata_form(form):
     assert got.column("id").to_pylist() == ids[::-1].tolist()
 
 
+def test_rows_with_different_keys_keep_every_column():
+    index = Index(dim=16, bits=4)
+    index.add(_x(3), metadata=[{"a": 1}, {"b": "x"}, {"a": 3, "c": [1, 2]}])
+    assert index.schema.names == ["a", "b", "c"]
+    assert index.get([0, 1, 2]).to_pydict() == {"id": [0, 1, 2], "a": [1, None, 3], "b": [None, "x", None],
+                                                 "c": [None, None, [1, 2]]}
+
+
 def test_bad_metadata_is_refused_and_nothing_changes():
     index = Index(dim=16, bits=4)
     index.add(_x(4), metadata=_rows(0, 4))

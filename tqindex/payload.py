@@ -35,7 +35,10 @@ def as_table(metadata, rows: int) -> pa.Table:
     elif isinstance(metadata, (list, tuple)):
         if not all(isinstance(row, dict) for row in metadata):
             raise TypeError("metadata as a list must hold one dict per vector")
-        table = pa.Table.from_pylist(list(metadata))
+        # Columns from the union of the rows' keys, in first-seen order (pyarrow's from_pylist would
+        # take the first row's keys only and drop the others silently).
+        keys = list(dict.fromkeys(k for row in metadata for k in row))
+        table = pa.table({k: [row.get(k) for row in metadata] for k in keys})
     else:
         raise TypeError(f"metadata must be a pyarrow Table or RecordBatch, a pandas DataFrame, a dict of columns "
                         f"or a list of dicts, got {type(metadata).__name__}")

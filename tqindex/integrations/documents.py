@@ -6,7 +6,9 @@ A document is one row: its vector, and payload columns
 - ``metadata``: its metadata as JSON (returned exactly as given);
 - ``m.<key>``: each top-level metadata value that is a string, number or bool, typed (numbers as
   float64), so that filters run on Arrow columns inside the scan. A key whose type changes between
-  documents is refused by the index, naming the column.
+  documents is refused by the index, naming the column;
+- ``l.<key>``: each top-level list of such values, as one string of tagged items between separators
+  (``\x1fs:text\x1fn:2.0\x1f``), so that membership (contains, any, all) is a substring match.
 
 `DocumentIndex` maps string ids to the index's int64 ids (rebuilt from ``doc_id`` when loaded) and
 replaces a document added again under the same id.
@@ -24,15 +26,30 @@ import pyarrow.compute as pc
 
 from ..index import Index
 
-__all__ = ["DocumentIndex", "column", "dict_filter"]
+__all__ = ["DocumentIndex", "column", "dict_filter", "item", "list_column"]
 
-PREFIX = "m."
-_SCALARS = (str, int, float, bool)
+PREFIX, LIST_PREFIX, SEP = "m.", "l.", "\x1f"
 
 
 def column(key: str) -> str:
-    """The payload column holding metadata key `key`."""
+    """The payload column holding metadata key `key` (scalar values)."""
     return PREFIX + key
+
+
+def list_column(key: str) -> str:
+    """The payload column holding metadata key `key` when its value is a list."""
+    return LIST_PREFIX + key
+
+
+def item(value) -> str | None:
+    """A list item's tagged text (None for values lists cannot hold in their column)."""
+    if isinstance(value, bool):
+        return "b:" + ("1" if value else "0")
+    if isinstance(value, (int, float)):
+        return "n:" + repr(float(value))
+    if isinstance(value, str) and SEP not in value:
+        return "s:" + value
+    return None
 
 
 def _flat(metadata: dict) -> dict:
@@ -44,6 +61,10 @@ def _flat(metadata: dict) -> dict:
             out[column(key)] = float(value)
         elif isinstance(value, str):
             out[column(key)] = value
+        elif isinstance(value, (list, tuple)):
+            items = [item(v) for v in value]
+            if all(i is not None for i in items):
+                out[list_column(key)] = SEP + "".join(i + SEP for i in items)
     return out
 
 
@@ -71,8 +92,9 @@ class DocumentIndex:
         return len(self._ids)
 
     def add(self, vectors, texts: Sequence[str], metadatas: Sequence[dict] | None = None,
-            ids: Sequence[str | None] | None = None) -> list[str]:
-        """Add documents (replacing those whose id exists); returns their string ids."""
+            ids: Sequence[str | None] | None = None, filterable: Sequence[dict] | None = None) -> list[str]:
+        """Add documents (replacing those whose id exists); returns their string ids. `filterable`:
+        the metadata to make filter columns of, per document (default: `metadatas`)."""
         n = len(texts)
         metadatas = list(metadatas) if metadatas is not None else [{} for _ in range(n)]
         ids = list(ids) if ids is not None else [None] * n
@@ -84,8 +106,9 @@ class DocumentIndex:
         vectors = np.asarray(vectors, dtype=np.float32).reshape(n, -1)
         if self.index is None:
             self.index = Index(dim=vectors.shape[1], **self.params)
-        rows = [{"doc_id": i, "text": t, "metadata": json.dumps(m, sort_keys=True), **_flat(m)}
-                for i, t, m in zip(ids, texts, metadatas)]
+        filterable = metadatas if filterable is None else list(filterable)
+        rows = [{"doc_id": i, "text": t, "metadata": json.dumps(m, sort_keys=True), **_flat(f)}
+                for i, t, m, f in zip(ids, texts, metadatas, filterable)]
         internal = np.array([self._ids.get(i, -1) for i in ids], dtype=np.int64)
         fresh = internal < 0
         if fresh.any():
