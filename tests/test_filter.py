@@ -97,7 +97,9 @@ def test_filter_is_the_exact_top_k_of_the_allowed_rows(backend, metric, selectiv
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_direct_and_scanned_filters_agree(backend, metric, monkeypatch):
+@pytest.mark.parametrize("decode_below", [0, 4096])   # gathered rows scanned by the backend, or decoded
+def test_direct_and_scanned_filters_agree(backend, metric, decode_below, monkeypatch):
+    monkeypatch.setattr(index_module, "_DECODE_BELOW_ROWS", decode_below)
     index, q = _index(metric, seed=2)
     allowed = np.zeros(4000, dtype=bool)
     allowed[np.random.default_rng(1).choice(4000, 60, replace=False)] = True

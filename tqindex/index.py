@@ -39,6 +39,8 @@ _DEFAULT_QUERY_BATCH = 1024
 # A filter that allows at most this share of the rows is searched by gathering the allowed rows
 # into one segment first (their codes only), instead of scanning every row and skipping the rest.
 _DIRECT_FRACTION = 0.02
+# Gathered rows up to this many are scored by decoding them (the torch scan) instead of lookup tables.
+_DECODE_BELOW_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -441,6 +443,9 @@ class Index:
             columns = self._check_columns(view, columns)
         if filter is not None:
             view = _filtered(view, filter, self._quantizer.layout)
+        # A few gathered rows are scored by decoding them (one small matrix product per query
+        # batch): cheaper than building per-query lookup tables for a handful of rows.
+        scanner = self._backend("torch") if view.gathered and view.live <= _DECODE_BELOW_ROWS else None
         # The scan's work and buffers are bounded by the live rows, whatever k asks; the result is
         # padded to k columns at the end.
         k_scan = min(k, view.live)
@@ -449,7 +454,7 @@ class Index:
         all_ids, all_scores = [], []
         for start in range(0, q.shape[0] if k_scan else 0, batch):
             qb = q[start:start + batch]
-            scores, positions = self._scan(view, qb, candidates)
+            scores, positions = self._scan(view, qb, candidates, scanner)
             if rerank:
                 scores, positions = self._rerank(view, qb, scores, positions, k_scan)
             all_scores.append(scores)
@@ -515,7 +520,7 @@ class Index:
             raise KeyError(f"unknown metadata columns {unknown}; this index has {names}")
         return columns
 
-    def _scan(self, view: "_View", q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scan(self, view: "_View", q: torch.Tensor, k: int, scanner=None) -> tuple[torch.Tensor, torch.Tensor]:
         offset = None
         if self._center is not None:
             center = self._center.to(q.device)
@@ -524,7 +529,8 @@ class Index:
             else:
                 offset = q @ center  # ⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩
         rotated, projected = self._quantizer.prepare_queries(q)
-        result = self._scanner().topk(list(view.segments), Queries(rotated, projected, q.square().sum(dim=1)), k)
+        result = (scanner or self._scanner()).topk(list(view.segments), Queries(rotated, projected,
+                                                                                q.square().sum(dim=1)), k)
         scores, positions = result.scores, result.positions
         if offset is not None:
             scores = scores + offset[:, None].to(scores.device)
@@ -651,12 +657,13 @@ class Index:
 class _View:
     """An immutable snapshot of an index's rows: its segments, their id map and payload schema."""
 
-    __slots__ = ("segments", "ids", "live", "schema")
+    __slots__ = ("segments", "ids", "live", "schema", "gathered")
 
     def __init__(self, segments, schema: pa.Schema | None = None, ids: IdMap | None = None):
         self.segments = tuple(segments)
         self.schema = schema
         self.ids = IdMap(lambda: self.segments) if ids is None else ids
+        self.gathered = False  # a filter's allowed rows, copied into one small segment
         self.live = sum(s.live_count for s in self.segments)  # counted once, not per search
 
 
@@ -738,7 +745,9 @@ def _filtered(view: _View, where, layout: BlockLayout | None) -> _View:
                 for s, m in zip(view.segments, masks)]
     allowed = sum(s.live_count for s in segments)
     if allowed <= _DIRECT_FRACTION * view.live and allowed:
-        return _View([_merged([s for s in segments if s.live_count], layout, view.schema)], view.schema)
+        gathered = _View([_merged([s for s in segments if s.live_count], layout, view.schema)], view.schema)
+        gathered.gathered = True
+        return gathered
     # Same rows and positions as the snapshot: its id map serves as it is.
     return _View(segments, view.schema, ids=view.ids)
 
