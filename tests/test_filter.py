@@ -174,3 +174,21 @@ def test_filter_on_the_gpu(metric, selectivity):
     allowed = np.random.default_rng(9).random(ref.shape[1]) < selectivity
     index.to("cuda")
     _check(index.search(q, 10, filter=allowed), ref, allowed & np.isfinite(ref[0]), 10, metric)
+
+
+def test_contiguous_filters_skip_whole_blocks_and_stay_exact(backend):
+    # Allowing one id range leaves most 32-row blocks with no allowed row: the kernels skip those.
+    index, q = _index("ip", seed=6)
+    ref = _all_scores(index, q)
+    allowed = np.zeros(ref.shape[1], dtype=bool)
+    allowed[1000:2000] = True
+    allowed[3500:3517] = True                                # a partial block in the second segment
+    for k in (1, 10, 50):
+        _check(index.search(q, k, filter=allowed), ref, allowed & np.isfinite(ref[0]), k, "ip")
+    if backend == "native":
+        segment = index._segments[0]
+        filtered = index_module._filtered(index._view, allowed, index._quantizer.layout).segments[0]
+        index._scanner().topk([filtered], index_module.Queries(*index._quantizer.prepare_queries(
+            torch.from_numpy(q)), torch.from_numpy((q ** 2).sum(1))), 5)
+        live = index._scanner().cache.peek(segment, "layout")["masked_scale"][2]
+        assert 0 < live.sum() < len(live) // 2          # most blocks skipped, the allowed ones scanned

@@ -45,6 +45,7 @@ typedef struct {
     const float *delta, *bias; /* [nq] */
     const float *tol, *eps;    /* [nq]: bound on |approx - exact| dot, and room for float rounding of a score */
     const float *row_scale;    /* [nblocks * 32], slot order, NaN where deleted or padding */
+    const uint8_t *block_live; /* [nblocks]: 0 where every row of the block is removed (skipped), or NULL */
     const float *row_norm2;    /* [nblocks * 32], slot order, or NULL ("ip") */
     const float *query_norm2;  /* [nq] or NULL */
     Py_ssize_t nq, kp;
@@ -230,6 +231,7 @@ static inline void scan_row_order(const scan_args *a, block_sums_fn block_sums) 
         Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;
         for (Py_ssize_t q = 0; q < a->nq; q++)
             for (Py_ssize_t b = p; b < pe; b++) {
+                if (a->block_live && !a->block_live[b]) continue;  /* no row of it may be returned */
                 block_sums(a, q, b, sums);
                 offer_block(a, q, b, sums);
             }
@@ -337,6 +339,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void offer_bloc
                                                                     Py_ssize_t p, Py_ssize_t pe) {   \
         __m256i sums[MAX_TILE][4];                                                                   \
         for (Py_ssize_t b = p; b < pe; b++) {                                                        \
+            if (a->block_live && !a->block_live[b]) continue;                                        \
             block_sums_avx2(a, q0, T, b, sums);                                                      \
             for (int t = 0; t < T; t++) offer_block_avx2(a, q0 + t, b, sums[t]);                     \
         }                                                                                            \

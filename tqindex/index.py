@@ -741,7 +741,8 @@ def _filtered(view: _View, where, layout: BlockLayout | None) -> _View:
     removed rows inside its scan). Below `_DIRECT_FRACTION` of the rows the allowed rows are first
     gathered into one small segment, so the scan reads only them."""
     masks = allowed_rows(view, where)
-    segments = [dataclasses.replace(s, deleted=~m if s.deleted is None else (s.deleted | ~m))
+    # A segment the filter allows whole is scanned as it is (its cached per-row floats stay valid).
+    segments = [s if m.all() else dataclasses.replace(s, deleted=~m if s.deleted is None else (s.deleted | ~m))
                 for s, m in zip(view.segments, masks)]
     allowed = sum(s.live_count for s in segments)
     if allowed <= _DIRECT_FRACTION * view.live and allowed:

@@ -131,6 +131,7 @@ class ScanPlan:
     delta, bias, tol, eps : (nq,) float32
     row_scale : (nblocks·32,) float32, NaN for padding and removed rows
     row_norm2, query_norm2 : ‖x‖² per row and ‖q‖² per query for "l2", else None
+    block_live : (nblocks,) uint8, 0 for blocks whose rows are all removed (skipped), or None
     rotated, centroids, row_bits : Πq (nq, d), the 16 padded levels and the bits a code takes in
         the nibble columns (1, 2 or 4), for rescoring one scalar group from its codes; else None / 0
     """
@@ -147,6 +148,7 @@ class ScanPlan:
     row_scale: np.ndarray
     row_norm2: np.ndarray | None = None
     query_norm2: np.ndarray | None = None
+    block_live: np.ndarray | None = None
     rotated: np.ndarray | None = None
     centroids: np.ndarray | None = None
     row_bits: int = 0
@@ -167,16 +169,20 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
     # Scales in slot order, NaN for padding and deleted rows (no comparison lets NaN through). A
     # segment's mask never changes (a removal makes a new segment), so the masked scales are kept
     # with the layout, beside the mask they were made from.
-    row_scale = layout["scale"]
+    row_scale, block_live = layout["scale"], None
     if segment.deleted is not None:
-        mask, masked = layout.get("masked_scale", (None, None))
+        mask, masked, block_live = layout.get("masked_scale", (None, None, None))
         if mask is not segment.deleted:
-            masked = np.where(to_slots(np.asarray(segment.deleted), nblocks, False), np.float32(np.nan), row_scale)
-            layout["masked_scale"] = (segment.deleted, masked)
+            removed = to_slots(np.asarray(segment.deleted), nblocks, True)
+            masked = np.where(removed, np.float32(np.nan), row_scale)
+            # Blocks with no row left (common under a filter) are skipped by the kernel.
+            block_live = (~removed.reshape(nblocks, -1).all(axis=1)).astype(np.uint8)
+            layout["masked_scale"] = (segment.deleted, masked, block_live)
         row_scale = masked
     plan = ScanPlan(codes=layout["blocks"], ncols=layout["ncols"], wcols=layout["wcols"], luts=luts, fluts=fluts,
                     delta=delta, bias=bias, tol=tol, eps=eps, row_scale=row_scale,
-                    row_norm2=layout["norm2"] if metric == "l2" else None, query_norm2=query_norm2)
+                    row_norm2=layout["norm2"] if metric == "l2" else None, query_norm2=query_norm2,
+                    block_live=block_live)
     groups = quantizer.groups
     if len(groups) == 1 and groups[0].kind.rescores_from_codes:
         # One scalar code group: rows are rescored straight from their codes in the nibble columns
