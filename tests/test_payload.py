@@ -104,6 +104,13 @@ def test_get_and_search_columns():
     years = one.payload.column("year").to_pylist()
     assert years[:50] == [1990 + i % 40 for i in one.ids[:50]] and years[50:] == [None] * 10
     assert index.search(x[:1], 3).payload is None
+    assert index.search(x[:2], 3, columns=[]).payload.num_rows == 6
+    assert index.get([4, 5], columns=[]).to_pydict() == {"id": [4, 5]}
+    bare = Index(dim=16, bits=4)
+    bare.add(x[:5])
+    assert bare.schema is None and bare.get([1, 2]).to_pydict() == {"id": [1, 2]}
+    with pytest.raises(KeyError, match="unknown metadata columns"):
+        bare.search(x[:1], 2, columns=["text"])
 
 
 @pytest.mark.parametrize("mmap", [True, False])

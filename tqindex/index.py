@@ -348,9 +348,8 @@ class Index:
         norms = check_norms(x, zero_ok=self._metric != "cosine", metric=self._metric)
         if self._metric == "cosine":
             x = x / norms[:, None]
-        encoded = self._quantizer.encode(x if self._center is None else x - self._center, blocks=True)
-        if not self._quantizer.stores_norm(self._metric):
-            encoded.norm = None
+        encoded = self._quantizer.encode(x if self._center is None else x - self._center, blocks=True,
+                                         keep_norm=self._quantizer.stores_norm(self._metric))
         vectors_kept = x.numpy().copy() if self._keep_vectors else None
         with self._write_lock:
             view = self._view
@@ -756,7 +755,9 @@ def _filtered(view: _View, where, layout: BlockLayout | None) -> _View:
 def _payload_at(view: _View, positions: np.ndarray, columns: list[str]) -> pa.Table:
     """Metadata rows at these positions (−1: a row of nulls), as a Table of `columns`."""
     positions = np.asarray(positions, dtype=np.int64)
-    schema = view.schema if view.schema is not None else pa.schema([])
+    if not columns:  # no columns, but one row per position
+        return payloads.conform(None, len(positions), pa.schema([]), [])
+    schema = view.schema
     valid = positions >= 0
     order = np.full(len(positions), -1, dtype=np.int64)
     parts, at = [], 0

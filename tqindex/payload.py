@@ -89,7 +89,7 @@ def conform(table: pa.Table | None, rows: int, schema: pa.Schema, columns=None) 
         else:
             out[name] = pa.nulls(rows, field.type)
     return pa.table(out, schema=pa.schema([schema.field(n) for n in names])) if names else \
-        pa.table({"__rows": pa.nulls(rows)}).drop(["__rows"])
+        pa.table({"__rows": pa.nulls(rows)}).drop_columns(["__rows"])
 
 
 def take(tables: list[tuple[pa.Table | None, int, np.ndarray]], schema: pa.Schema | None) -> pa.Table | None:

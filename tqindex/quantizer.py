@@ -216,11 +216,12 @@ class TurboQuantizer:
         return _bytes_per_vector(self.dim, self.bits, self.variant, self.stores_norm(metric), self.scale_dtype)
 
     # -- encoding ------------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor, *, blocks: bool = False) -> EncodedVectors:
+    def encode(self, x: torch.Tensor, *, blocks: bool = False, keep_norm: bool = True) -> EncodedVectors:
         """Encode rows of a float32 (n, d) tensor (already validated).
 
         With blocks=True the codes come in the form an index holds: the block layout where the
-        quantizer has one (`layout`), else row-major.
+        quantizer has one (`layout`), else row-major. With keep_norm=False `norm` is None (for an
+        index that does not store it: never allocated at the batch's size).
 
         Raises ValueError, naming the first such row, if a scale does not fit `scale_dtype`."""
         n = x.shape[0]
@@ -233,6 +234,8 @@ class TurboQuantizer:
         fields: dict = {}
         for start in range(0, max(n, 1), chunk):
             part = self._encode_chunk(x[start:start + chunk])
+            if not keep_norm:
+                part.norm = None
             if layout is not None:
                 if "blocks" not in fields:
                     fields["blocks"] = layout.empty(n)

@@ -130,17 +130,17 @@ def check_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str = "vec
     """Row norms (n,) float32 of a validated (n, d) float32 tensor; raise ValueError naming the first
     row whose norm exceeds MAX_NORM, or that is zero where `zero_ok` is False (cosine: no direction)."""
     # In float64 (a float32 norm may overflow to inf), a chunk of rows at a time: a float64 copy of a
-    # large batch would cost twice the batch itself.
-    norms = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    # large batch would cost twice the batch itself; only the float32 norms are kept.
+    norms = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     for start in range(0, x.shape[0], _NORM_CHUNK_ROWS):
-        norms[start:start + _NORM_CHUNK_ROWS] = torch.linalg.vector_norm(x[start:start + _NORM_CHUNK_ROWS].double(),
-                                                                         dim=1)
-    big = norms > MAX_NORM
-    if bool(big.any()):
-        row = int(big.nonzero()[0, 0])
-        raise ValueError(f"{name} row {row} has norm {float(norms[row]):.3g}, above {MAX_NORM:.0e}: its scores "
-                         f"would overflow float32 (rescale the data)")
-    if not zero_ok and bool((norms == 0).any()):
-        row = int((norms == 0).nonzero()[0, 0])
-        raise ValueError(f"{name} row {row} is zero and has no direction for metric {metric!r}")
-    return norms.float()
+        chunk = torch.linalg.vector_norm(x[start:start + _NORM_CHUNK_ROWS].double(), dim=1)
+        big = chunk > MAX_NORM
+        if bool(big.any()):
+            row = start + int(big.nonzero()[0, 0])
+            raise ValueError(f"{name} row {row} has norm {float(chunk[row - start]):.3g}, above {MAX_NORM:.0e}: its "
+                             f"scores would overflow float32 (rescale the data)")
+        if not zero_ok and bool((chunk == 0).any()):
+            row = start + int((chunk == 0).nonzero()[0, 0])
+            raise ValueError(f"{name} row {row} is zero and has no direction for metric {metric!r}")
+        norms[start:start + len(chunk)] = chunk
+    return norms
