@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from . import payload as payloads
 
@@ -26,8 +25,11 @@ __all__ = ["allowed_rows"]
 def allowed_rows(view, where) -> list[np.ndarray]:
     """(n,) bool per segment of `view` (an index snapshot): the rows `where` allows."""
     segments = view.segments
-    if isinstance(where, pc.Expression):
-        return [_expression_rows(s, view.schema, where) for s in segments]
+    if type(where).__module__.startswith("pyarrow"):
+        # pyarrow.compute (several MB) is imported only by a search that passes an expression.
+        import pyarrow.compute as pc
+        if isinstance(where, pc.Expression):
+            return [_expression_rows(s, view.schema, where) for s in segments]
     if hasattr(where, "detach"):  # a torch tensor
         where = where.detach().cpu().numpy()
     arr = np.asarray(where)
@@ -57,7 +59,7 @@ def allowed_rows(view, where) -> list[np.ndarray]:
                     f"got {type(where).__name__} of dtype {arr.dtype}")
 
 
-def _expression_rows(segment, schema: pa.Schema | None, expression: pc.Expression) -> np.ndarray:
+def _expression_rows(segment, schema: pa.Schema | None, expression) -> np.ndarray:
     if schema is None or not len(schema):
         raise ValueError("a filter expression needs metadata columns, and this index has none "
                          "(add vectors with metadata=...)")
