@@ -74,6 +74,13 @@ def test_save_and_load_keep_documents_ids_and_deletes(tmp_path):
     assert len(loaded.index) == 38 and loaded.get_by_ids(["d7"])[0].page_content == "more"
 
 
+def test_delete_without_ids_empties_the_store():
+    store = _store()
+    store.add_documents(_docs()[:5])
+    assert store.delete() is True
+    assert store.similarity_search("text 1", k=3) == [] and len(store.index) == 0
+
+
 def test_conflicting_metadata_types_are_refused_by_name():
     store = _store()
     store.add_texts(["a"], metadatas=[{"year": 2001}])

@@ -125,6 +125,10 @@ class DocumentIndex:
             self.index.remove(found)
         return len(found)
 
+    def ids(self) -> list[str]:
+        """The string ids of every document held."""
+        return list(self._ids)
+
     def internal(self, ids: Iterable[str]) -> np.ndarray:
         """int64 ids of the documents with these string ids (unknown ones left out)."""
         return np.array([self._ids[str(i)] for i in ids if str(i) in self._ids], dtype=np.int64)

@@ -74,9 +74,8 @@ class TQIndexVectorStore(VectorStore):
         return self._docs.add(vectors, texts, metadatas, ids)
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
-        if ids is None:
-            raise ValueError("delete needs ids (deleting everything is not supported by id-less calls)")
-        self._docs.delete(ids)
+        """Delete documents by id (unknown ids are ignored); every document when ids is None."""
+        self._docs.delete(list(self._docs.ids()) if ids is None else ids)
         return True
 
     def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
