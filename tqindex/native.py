@@ -10,7 +10,6 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
 try:
@@ -62,7 +61,7 @@ def parallel_ranges(count: int, fn, threads: int | None = None, min_per_thread: 
         if _EXECUTOR is None or _EXECUTOR._max_workers < threads - 1:
             _EXECUTOR = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="tqindex")
         executor = _EXECUTOR
-    edges = np.linspace(0, count, threads + 1).astype(int)
+    edges = [count * i // threads for i in range(threads + 1)]
     futures = [executor.submit(fn, edges[i], edges[i + 1]) for i in range(1, threads)]
     first = fn(edges[0], edges[1])
     return [first] + [f.result() for f in futures]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numbers
 
 import numpy as np
@@ -80,7 +82,7 @@ def as_float_matrix(x, dim: int, *, name: str = "vectors", allow_empty: bool = F
     if t.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is an empty batch (0 rows)")
     # min and max propagate NaN and expose ±inf; aminmax is ~50x faster than isfinite().all() here.
-    if t.numel() and not all(bool(torch.isfinite(v)) for v in torch.aminmax(t)):
+    if t.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(t)):
         bad_row = int((~torch.isfinite(t)).any(dim=1).nonzero()[0, 0])
         raise ValueError(f"{name} contain NaN or inf (first at row {bad_row})")
     # float16/64 inputs can overflow float32 to inf above 3.4e38; isfinite above has caught that.

@@ -157,6 +157,8 @@ class ScanPlan:
 
     def queries(self, q0: int, q1: int) -> "ScanPlan":
         """The plan for queries [q0, q1) (views, no copies)."""
+        if q0 == 0 and q1 == len(self.delta):
+            return self
         return dataclasses.replace(self, **{name: getattr(self, name)[q0:q1] for name in self._PER_QUERY
                                             if getattr(self, name) is not None})
 
