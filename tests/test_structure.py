@@ -73,16 +73,16 @@ def test_the_core_imports_no_dataset_tooling():
 
 
 def test_the_core_never_imports_the_framework_adapters():
-    """LangChain and LlamaIndex are extras: only tqindex.integrations imports them, and nothing
-    outside tqindex.integrations imports it."""
+    """LangChain, LlamaIndex and Ray are extras: only tqindex.integrations and tqindex.distributed
+    import them, and no other module imports those two."""
     import subprocess
     import sys
     for name, tree in MODULES.items():
         imports = _top_level_imports(name, tree)
-        if name.startswith("tqindex.integrations"):
+        if name.startswith("tqindex.integrations") or name == "tqindex.distributed":
             continue
-        assert not any(i.split(".")[0] in ("langchain_core", "llama_index") for i in imports), name
-        assert not any(i.startswith("tqindex.integrations") for i in imports), name
+        assert not any(i.split(".")[0] in ("langchain_core", "llama_index", "ray") for i in imports), name
+        assert not any(i.startswith(("tqindex.integrations", "tqindex.distributed")) for i in imports), name
     code = ("import sys, tqindex, numpy as np; i = tqindex.Index(dim=8, bits=2); i.add(np.ones((2, 8), np.float32));"
             "i.search(np.ones(8, np.float32), 1); print(sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('langchain_core', 'llama_index', 'ray', 'cupy')))")

@@ -474,28 +474,9 @@ def save(index, path=None) -> None:
     written: list[Path] = []
     body = None
     try:
-        shard_dir = target / SHARDS
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        params = state["params"]
-        sizes = _code_sizes(params)
-        entries = []
-        for segment in state["segments"]:
-            # A segment held in blocks whose shard has row-major codes (format 1) is rewritten once,
-            # so that the next load maps its blocks instead of converting them.
-            upgrade = segment.shard is not None and segment.encoded.blocks is not None and not segment.shard.get("codes")
-            rewrite = fresh or segment.shard is None or upgrade
-            entry = _write_segment(shard_dir, segment, params, sizes, written) if rewrite else dict(segment.shard)
-            if rewrite or segment.deletions_dirty:
-                rows = np.nonzero(segment.deleted)[0].astype(np.int64) if segment.deleted is not None else None
-                entry["deleted"] = None if rows is None or not rows.size else _write_new(
-                    shard_dir / f"deleted-{uuid.uuid4().hex}.arrow", _DELETED_SCHEMA, [pa.array(rows, pa.int64())],
-                    written)
-            entries.append(entry)
-        _fsync_dir(shard_dir)
-        body = {"format": "tqindex", "format_version": FORMAT_VERSION, "generation": writer.generation + 1,
-                "params": params, "next_id": state["next_id"], "count": state["live"], "shards": entries}
-        if state["payload_schema"] is not None:
-            body["payload_schema"] = payloads.schema_to_text(state["payload_schema"])
+        entries = write_shards(state, target, fresh=fresh, written=written)
+        body = manifest_body(state["params"], generation=writer.generation + 1, next_id=state["next_id"],
+                             count=state["live"], shards=entries, payload_schema=state["payload_schema"])
         written.append(target / (MANIFEST + ".tmp"))
         _write_manifest(target, body)
     except BaseException:
@@ -509,6 +490,42 @@ def save(index, path=None) -> None:
         raise
     _record_commit(index, writer, state, body)
     _collect_garbage(target, body)
+
+
+def write_shards(state: dict, target: Path, *, fresh: bool, written: list[Path]) -> list[dict]:
+    """Write the shard files of `state`'s segments that `target` does not hold yet (all of them when
+    `fresh`), and new tombstones where deletions changed; fsync them. Returns one manifest entry per
+    segment; every file written is appended to `written` (for removal if the commit fails). Several
+    processes may do this for their own segments (`tqindex.distributed.build`) before one commits."""
+    shard_dir = target / SHARDS
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    params = state["params"]
+    sizes = _code_sizes(params)
+    entries = []
+    for segment in state["segments"]:
+        # A segment held in blocks whose shard has row-major codes (format 1) is rewritten once,
+        # so that the next load maps its blocks instead of converting them.
+        upgrade = segment.shard is not None and segment.encoded.blocks is not None and not segment.shard.get("codes")
+        rewrite = fresh or segment.shard is None or upgrade
+        entry = _write_segment(shard_dir, segment, params, sizes, written) if rewrite else dict(segment.shard)
+        if rewrite or segment.deletions_dirty:
+            rows = np.nonzero(segment.deleted)[0].astype(np.int64) if segment.deleted is not None else None
+            entry["deleted"] = None if rows is None or not rows.size else _write_new(
+                shard_dir / f"deleted-{uuid.uuid4().hex}.arrow", _DELETED_SCHEMA, [pa.array(rows, pa.int64())],
+                written)
+        entries.append(entry)
+    _fsync_dir(shard_dir)
+    return entries
+
+
+def manifest_body(params: dict, *, generation: int, next_id: int, count: int, shards: list[dict],
+                  payload_schema=None) -> dict:
+    """The manifest body a commit writes (`_write_manifest` adds its checksum)."""
+    body = {"format": "tqindex", "format_version": FORMAT_VERSION, "generation": generation, "params": params,
+            "next_id": next_id, "count": count, "shards": shards}
+    if payload_schema is not None:
+        body["payload_schema"] = payloads.schema_to_text(payload_schema)
+    return body
 
 
 def _committed(target: Path, generation: int) -> bool:
@@ -565,7 +582,10 @@ def _write_segment(shard_dir: Path, segment: Segment, params: dict, sizes: tuple
 
 
 # -- load ---------------------------------------------------------------------------------------
-def load(cls, path, *, mmap: bool = True, device: str = "cpu", verify: bool = True):
+def load(cls, path, *, mmap: bool = True, device: str = "cpu", verify: bool = True, part=None):
+    """Load the index at `path`. With `part` = (i, parts): only the i-th of `parts` shares of its
+    segments, balanced by rows (`split_shards`), as one shard actor of `tqindex.distributed` holds
+    (the live-row count is then the share's, not checked against the manifest's)."""
     path = Path(path)
     last_error = None
     # A writer may commit and delete superseded shards between our reading the manifest and opening
@@ -573,6 +593,9 @@ def load(cls, path, *, mmap: bool = True, device: str = "cpu", verify: bool = Tr
     for _ in range(_LOAD_RETRIES):
         body = _read_manifest(path)
         try:
+            if part is not None:
+                share = split_shards(body["shards"], part[1])[part[0]]
+                body = {**body, "shards": share, "count": None}
             return _load_body(cls, path, body, mmap=mmap, device=device, verify=verify)
         except IndexFormatError as exc:
             last_error = exc
@@ -582,6 +605,18 @@ def load(cls, path, *, mmap: bool = True, device: str = "cpu", verify: bool = Tr
             except FileNotFoundError:
                 raise exc from None
     raise last_error
+
+
+def split_shards(entries: list[dict], parts: int) -> list[list[dict]]:
+    """The manifest's shard entries in `parts` shares balanced by rows (largest first, each to the
+    lightest share; ties by name), the same for every caller that reads the same manifest."""
+    shares: list[list[dict]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for entry in sorted(entries, key=lambda e: (-e["rows"]["rows"], e["rows"]["name"])):
+        i = min(range(parts), key=lambda j: (load[j], j))
+        shares[i].append(entry)
+        load[i] += entry["rows"]["rows"]
+    return shares
 
 
 def _code_sizes(params: dict) -> tuple[int, int, bool]:
@@ -683,7 +718,7 @@ def _check_rows(segments: list[Segment], body: dict, where: Path) -> None:
     ids = [np.asarray(s.ids) for s in segments]
     live = np.concatenate([i if s.deleted is None else i[~s.deleted] for i, s in zip(ids, segments)] +
                           [np.empty(0, np.int64)])
-    if len(live) != body["count"]:
+    if body["count"] is not None and len(live) != body["count"]:
         raise IndexFormatError(f"manifest {where} records {body['count']} live rows, shards hold {len(live)}")
     if any(len(i) and (int(i.min()) < 0 or int(i.max()) >= body["next_id"]) for i in ids):
         raise IndexFormatError(f"manifest {where}: shards hold ids outside [0, next_id = {body['next_id']})")
