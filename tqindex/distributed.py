@@ -117,6 +117,10 @@ class _ShardActor:
     def rows(self) -> int:
         return len(self.index)
 
+    def node(self) -> str:
+        """The Ray node this actor runs on."""
+        return ray.get_runtime_context().get_node_id()
+
     def search(self, queries, k: int, rerank: int, where):
         result = self.index.search(queries, k, rerank=rerank, filter=where)
         return np.atleast_2d(result.ids), np.atleast_2d(result.scores)
