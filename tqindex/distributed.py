@@ -25,6 +25,7 @@ directory, then `refresh()`), and placement across nodes beyond Ray's default sc
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 
 from . import storage
 from .index import Index, SearchResult
+from .native import set_num_threads
 from .validation import as_float_matrix, as_id_array, check_k
 
 __all__ = ["DistributedIndex", "build"]
@@ -111,7 +113,10 @@ def build(data, path, *, dim: int, bits=4, metric: str = "ip", seed: int = 0, bl
 class _ShardActor:
     """One share of an index's shards, memory-mapped; answers local top-k searches."""
 
-    def __init__(self, path: str, part: int, parts: int, mmap: bool):
+    def __init__(self, path: str, part: int, parts: int, mmap: bool, threads: int):
+        # Ray gives a fractional-CPU actor one OpenMP thread (and so tqindex's default); the scan's
+        # threads are set here instead.
+        set_num_threads(threads)
         self.index = storage.load(Index, path, mmap=mmap, part=(part, parts))
 
     def rows(self) -> int:
@@ -127,7 +132,6 @@ class _ShardActor:
 
     def crash(self) -> None:
         """End this actor's process at once (tests of restarts)."""
-        import os
         os._exit(1)
 
 
@@ -142,8 +146,9 @@ class DistributedIndex:
 
     @classmethod
     def open(cls, path, num_actors: int | None = None, actor_options: dict | None = None, *, mmap: bool = True,
-             max_restarts: int = 3) -> "DistributedIndex":
-        """Start `num_actors` shard actors (default: one per alive Ray node) on the index at `path`."""
+             max_restarts: int = 3, threads: int | None = None) -> "DistributedIndex":
+        """Start `num_actors` shard actors (default: one per alive Ray node) on the index at `path`;
+        each scans with `threads` threads (default: the node's cores over the actors per node)."""
         path = Path(path)
         body = storage._read_manifest(path)
         if num_actors is None:
@@ -152,10 +157,16 @@ class DistributedIndex:
             raise ValueError(f"num_actors must be at least 1, got {num_actors}")
         options = {"num_cpus": 0.25, "max_restarts": max_restarts, "scheduling_strategy": "SPREAD",
                    **(actor_options or {})}
+        if threads is None:
+            nodes = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
+            threads = max(1, (os.cpu_count() or 1) // max(1, -(-num_actors // nodes)))
         actor_cls = ray.remote(_ShardActor)
-        actors = [actor_cls.options(**options).remote(str(path), i, num_actors, mmap) for i in range(num_actors)]
+        actors = [actor_cls.options(**options).remote(str(path), i, num_actors, mmap, threads)
+                  for i in range(num_actors)]
         ray.get([a.rows.remote() for a in actors])  # every share loaded (errors surface here)
-        return cls(path, actors, body["params"]["metric"], body["params"]["dim"], num_actors, options, mmap)
+        index = cls(path, actors, body["params"]["metric"], body["params"]["dim"], num_actors, options, mmap)
+        index._threads = threads
+        return index
 
     def __len__(self) -> int:
         return sum(ray.get([a.rows.remote() for a in self._actors]))
@@ -166,7 +177,7 @@ class DistributedIndex:
             ray.kill(a)
         actor_cls = ray.remote(_ShardActor)
         self._actors = [actor_cls.options(**self._actor_options).remote(str(self.path), i, self._num_actors,
-                                                                          self._mmap)
+                                                                          self._mmap, self._threads)
                         for i in range(self._num_actors)]
         ray.get([a.rows.remote() for a in self._actors])
 
