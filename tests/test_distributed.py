@@ -65,6 +65,16 @@ def test_build_from_a_ray_dataset(local_ray, tmp_path):
     _same(loaded.search(q, 10), single.search(q, 10))
 
 
+def test_a_build_with_repeated_ids_commits_nothing(local_ray, tmp_path):
+    x, _ = _data(n=400, seed=6)
+    ds = ray.data.from_items([{"vector": v, "id": int(i % 300)} for i, v in enumerate(x)])   # ids 0..99 twice
+    with pytest.raises(td.storage.IndexFormatError, match="more than once"):
+        td.build(ds, tmp_path / "ix", dim=DIM, bits=3, block_rows=300)
+    assert not (tmp_path / "ix" / "MANIFEST.json").exists()
+    td.build(x, tmp_path / "ix", dim=DIM, bits=3, block_rows=300)       # the directory can still take a build
+    assert len(Index.load(tmp_path / "ix")) == 400
+
+
 @pytest.mark.parametrize("actors", [1, 2, 3])
 def test_search_over_actors_equals_one_index(local_ray, tmp_path, actors):
     x, q = _data(seed=2)

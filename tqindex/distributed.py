@@ -7,8 +7,8 @@
     result = index.search(queries, k=10)                    # the same ids and scores as one Index
 
 `build` encodes blocks of rows in Ray tasks; each task writes uniquely named shard files of its rows under
-the directory, and the driver commits one manifest last (atomic rename), so the result is an ordinary
-tqindex directory that `Index.load` opens, or nothing if the build fails. All blocks share one rotation seed
+the directory, and the driver checks them and commits one manifest last (atomic rename), so the result is
+an ordinary tqindex directory that `Index.load` opens, or nothing if the build fails (repeated ids included). All blocks share one rotation seed
 and codebook, so their scores are comparable.
 
 `DistributedIndex.open` starts shard actors, each loading (memory-mapped) its share of the manifest's shards,
@@ -103,11 +103,13 @@ def build(data, path, *, dim: int, bits=4, metric: str = "ip", seed: int = 0, bl
         entries = [e for p in parts for e in p["entries"]]
         body = storage.manifest_body(params_record, generation=1, next_id=max([p["max_id"] for p in parts] + [-1]) + 1,
                                      count=sum(p["rows"] for p in parts), shards=entries)
+        # What the tasks wrote is checked as a load checks it (sizes, checksums, each live id once)
+        # before the manifest makes it the index: a failed build commits nothing.
+        storage._check_body(body, target / storage.MANIFEST)
+        storage._load_body(Index, target, body, mmap=True, verify=True, device="cpu")
         storage._write_manifest(target, body)
     finally:
         store.close()
-    # Loading checks what the tasks wrote (each live id once and below next_id, sizes, checksums).
-    Index.load(target).close()
 
 
 class _ShardActor:
