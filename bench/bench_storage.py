@@ -25,10 +25,25 @@ from common import RESULTS, write_json
 
 from tqindex import Index
 
+def first_and_steady(index, dim: int) -> tuple[float, float]:
+    """Seconds of the first single-query search, and the median of the next 20 (the steady state)."""
+    q = np.random.default_rng(1).standard_normal((1, dim)).astype(np.float32)
+    start = time.perf_counter()
+    index.search(q, 10)
+    first = time.perf_counter() - start
+    steady = []
+    for _ in range(20):
+        start = time.perf_counter()
+        index.search(q, 10)
+        steady.append(time.perf_counter() - start)
+    return first, float(np.median(steady))
+
+
 LOAD_PROBE = r"""
 import json, sys, time
-import numpy as np
+sys.path.insert(0, {bench!r})
 from tqindex import Index
+from bench_storage import first_and_steady
 def rss_kb():  # current resident set (not the peak, which imports already set)
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
@@ -37,17 +52,9 @@ start = time.perf_counter()
 index = Index.load({path!r}, mmap={mmap}, verify={verify})
 load_s = time.perf_counter() - start
 rss1 = rss_kb()
-q = np.random.default_rng(1).standard_normal((1, {dim})).astype(np.float32)
-start = time.perf_counter()
-index.search(q, 10)
-first_search_s = time.perf_counter() - start
-steady = []
-for _ in range(20):
-    start = time.perf_counter()
-    index.search(q, 10)
-    steady.append(time.perf_counter() - start)
+first_search_s, steady_search_s = first_and_steady(index, {dim})
 print(json.dumps({{"load_s": load_s, "rss_growth_mb": (rss1 - rss0) / 1024, "first_search_s": first_search_s,
-                   "steady_search_s": float(np.median(steady)), "n": len(index)}}))
+                   "steady_search_s": steady_search_s, "n": len(index)}}))
 """
 
 
@@ -69,16 +76,7 @@ def main() -> None:
         start = time.perf_counter()  # time the adds only, not drawing the data
         index.add(x)
         add_s += time.perf_counter() - start
-    q = np.random.default_rng(1).standard_normal((1, args.dim)).astype(np.float32)
-    start = time.perf_counter()
-    index.search(q, 10)
-    first_after_add_s = time.perf_counter() - start
-    steady = []
-    for _ in range(20):
-        start = time.perf_counter()
-        index.search(q, 10)
-        steady.append(time.perf_counter() - start)
-    steady_s = float(np.median(steady))
+    first_after_add_s, steady_s = first_and_steady(index, args.dim)
     start = time.perf_counter()
     index.save(path)
     save_s = time.perf_counter() - start
@@ -95,7 +93,8 @@ def main() -> None:
     expected = payload + per_vector_meta
     loads = {}
     for mmap, verify in [(True, False), (True, True), (False, True)]:
-        code = LOAD_PROBE.format(path=str(path), mmap=mmap, verify=verify, dim=args.dim)
+        code = LOAD_PROBE.format(path=str(path), mmap=mmap, verify=verify, dim=args.dim,
+                                 bench=str(Path(__file__).parent))
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         loads[f"mmap={mmap},verify={verify}"] = json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -140,9 +140,11 @@ class _ShardActor:
 class DistributedIndex:
     """A read-only index spread over Ray actors (see the module notes). Open with `open`."""
 
-    def __init__(self, path, actors: list, metric: str, dim: int, num_actors: int, actor_options: dict, mmap: bool):
-        self.path, self._actors, self.metric, self.dim = Path(path), actors, metric, dim
-        self._num_actors, self._actor_options, self._mmap = num_actors, actor_options, mmap
+    def __init__(self, path, *, metric: str, dim: int, num_actors: int, actor_options: dict, mmap: bool,
+                 threads: int):
+        self.path, self.metric, self.dim = Path(path), metric, dim
+        self._num_actors, self._actor_options, self._mmap, self._threads = num_actors, actor_options, mmap, threads
+        self._actors: list = []
         #: After a partial search: which shares answered (a list of actor numbers).
         self.answered: list[int] = list(range(num_actors))
 
@@ -152,36 +154,34 @@ class DistributedIndex:
         """Start `num_actors` shard actors (default: one per alive Ray node) on the index at `path`;
         each scans with `threads` threads (default: the node's cores over the actors per node)."""
         path = Path(path)
-        body = storage._read_manifest(path)
-        if num_actors is None:
-            num_actors = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
+        params = storage._read_manifest(path)["params"]
+        nodes = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
+        num_actors = nodes if num_actors is None else num_actors
         if num_actors < 1:
             raise ValueError(f"num_actors must be at least 1, got {num_actors}")
         options = {"num_cpus": 0.25, "max_restarts": max_restarts, "scheduling_strategy": "SPREAD",
                    **(actor_options or {})}
         if threads is None:
-            nodes = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
-            threads = max(1, (os.cpu_count() or 1) // max(1, -(-num_actors // nodes)))
-        actor_cls = ray.remote(_ShardActor)
-        actors = [actor_cls.options(**options).remote(str(path), i, num_actors, mmap, threads)
-                  for i in range(num_actors)]
-        ray.get([a.rows.remote() for a in actors])  # every share loaded (errors surface here)
-        index = cls(path, actors, body["params"]["metric"], body["params"]["dim"], num_actors, options, mmap)
-        index._threads = threads
+            threads = max(1, (os.cpu_count() or 1) // -(-num_actors // nodes))
+        index = cls(path, metric=params["metric"], dim=params["dim"], num_actors=num_actors, actor_options=options,
+                    mmap=mmap, threads=threads)
+        index._start()
         return index
+
+    def _start(self) -> None:
+        """Start the shard actors and wait until every share is loaded (errors surface here)."""
+        actor_cls = ray.remote(_ShardActor).options(**self._actor_options)
+        self._actors = [actor_cls.remote(str(self.path), i, self._num_actors, self._mmap, self._threads)
+                        for i in range(self._num_actors)]
+        ray.get([a.rows.remote() for a in self._actors])
 
     def __len__(self) -> int:
         return sum(ray.get([a.rows.remote() for a in self._actors]))
 
     def refresh(self) -> None:
         """Reload every share from the directory's current manifest (after another writer committed)."""
-        for a in self._actors:
-            ray.kill(a)
-        actor_cls = ray.remote(_ShardActor)
-        self._actors = [actor_cls.options(**self._actor_options).remote(str(self.path), i, self._num_actors,
-                                                                          self._mmap, self._threads)
-                        for i in range(self._num_actors)]
-        ray.get([a.rows.remote() for a in self._actors])
+        self.close()
+        self._start()
 
     def search(self, queries, k: int = 10, *, rerank: int = 0, filter=None, allow_partial: bool = False,
                wait_s: float = 120.0) -> SearchResult:

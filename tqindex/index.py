@@ -658,11 +658,11 @@ class _View:
 
     __slots__ = ("segments", "ids", "live", "schema", "gathered")
 
-    def __init__(self, segments, schema: pa.Schema | None = None, ids: IdMap | None = None):
+    def __init__(self, segments, schema: pa.Schema | None = None, ids: IdMap | None = None, gathered: bool = False):
         self.segments = tuple(segments)
         self.schema = schema
         self.ids = IdMap(lambda: self.segments) if ids is None else ids
-        self.gathered = False  # a filter's allowed rows, copied into one small segment
+        self.gathered = gathered  # a filter's allowed rows, copied into one small segment
         self.live = sum(s.live_count for s in self.segments)  # counted once, not per search
 
 
@@ -729,8 +729,7 @@ def _merged(segments: list[Segment], layout: BlockLayout | None, schema: pa.Sche
 def _take_encoded(quantizer: TurboQuantizer, enc: EncodedVectors, rows) -> EncodedVectors:
     """Rows of `enc` with row-major codes (for decoding a few rows)."""
     pick = lambda a: None if a is None else np.asarray(a)[rows]  # noqa: E731
-    codes = pick(enc.codes) if enc.blocks is None else \
-        quantizer.layout.codes_from_nibble_rows(quantizer.layout.take_nibble_rows(enc.blocks, rows))
+    codes = pick(enc.codes) if enc.blocks is None else quantizer.layout.codes_at(enc.blocks, rows)
     return EncodedVectors(codes=codes, norm=pick(enc.norm), scale=pick(enc.scale),
                           qjl=pick(enc.qjl), residual_norm=pick(enc.residual_norm))
 
@@ -743,13 +742,12 @@ def _filtered(view: _View, where, layout: BlockLayout | None) -> _View:
     # A segment the filter allows whole is scanned as it is (its cached per-row floats stay valid).
     segments = [s if m.all() else dataclasses.replace(s, deleted=~m if s.deleted is None else (s.deleted | ~m))
                 for s, m in zip(view.segments, masks)]
-    allowed = sum(s.live_count for s in segments)
-    if allowed <= _DIRECT_FRACTION * view.live and allowed:
-        gathered = _View([_merged([s for s in segments if s.live_count], layout, view.schema)], view.schema)
-        gathered.gathered = True
-        return gathered
     # Same rows and positions as the snapshot: its id map serves as it is.
-    return _View(segments, view.schema, ids=view.ids)
+    filtered = _View(segments, view.schema, ids=view.ids)
+    if filtered.live and filtered.live <= _DIRECT_FRACTION * view.live:
+        return _View([_merged([s for s in segments if s.live_count], layout, view.schema)], view.schema,
+                     gathered=True)
+    return filtered
 
 
 def _payload_at(view: _View, positions: np.ndarray, columns: list[str]) -> pa.Table:

@@ -204,7 +204,11 @@ class BlockLayout:
 
     def codes(self, blocks: np.ndarray, start: int, stop: int) -> np.ndarray:
         """Packed codes (stop − start, code_bytes) of rows [start, stop): a transient copy."""
-        return self.codes_from_nibble_rows(self.take_nibble_rows(blocks, np.arange(start, stop)))
+        return self.codes_at(blocks, np.arange(start, stop))
+
+    def codes_at(self, blocks: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Packed codes (len(rows), code_bytes) of the rows at these positions: a transient copy."""
+        return self.codes_from_nibble_rows(self.take_nibble_rows(blocks, rows))
 
     def gather(self, sources: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         """New blocks holding, in order, the given rows of each source (blocks, positions), copied a

@@ -47,14 +47,5 @@ class Segment:
     def nbytes(self, seen: set | None = None) -> int:
         """Bytes of its arrays (memory-mapped ones included), each buffer once (`held_bytes`)."""
         enc = self.encoded
-        held = held_bytes([self.ids, enc.codes, enc.blocks, enc.norm, enc.scale, enc.qjl, enc.residual_norm,
-                           self.vectors, self.deleted], seen)
-        if self.payload is not None:  # Arrow buffers (mapped ones included), each once
-            for column in self.payload.columns:
-                for chunk in column.chunks:
-                    for buf in chunk.buffers():
-                        if buf is not None and ("arrow", buf.address) not in (seen if seen is not None else ()):
-                            if seen is not None:
-                                seen.add(("arrow", buf.address))
-                            held += buf.size
-        return held
+        return held_bytes([self.ids, enc.codes, enc.blocks, enc.norm, enc.scale, enc.qjl, enc.residual_norm,
+                           self.vectors, self.deleted, self.payload], seen)

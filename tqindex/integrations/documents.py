@@ -135,12 +135,13 @@ class DocumentIndex:
 
     def get(self, ids: Sequence[str]) -> list[dict]:
         """Documents by string id, in order, unknown ids left out: dicts of id, text, metadata."""
-        internal = self.internal(ids)
-        if not len(internal):
+        return self.rows(self.internal(ids))
+
+    def rows(self, internal: np.ndarray) -> list[dict]:
+        """Documents by int64 id, in order: dicts of id, text, metadata."""
+        if self.index is None or not len(internal):
             return []
-        table = self.index.get(internal, columns=["doc_id", "text", "metadata"])
-        return [{"id": d, "text": t, "metadata": json.loads(m)} for d, t, m in
-                zip(*(table.column(c).to_pylist() for c in ("doc_id", "text", "metadata")))]
+        return _documents(self.index.get(internal, columns=list(_DOC_COLUMNS)))
 
     def search(self, vector, k: int, *, where=None, rerank: int = 0) -> list[tuple[dict, float, float]]:
         """The k nearest documents: (document dict, score, distance) triples, best first. `where` is a
@@ -150,21 +151,25 @@ class DocumentIndex:
         if rerank and not self.index.keep_vectors:
             rerank = 0
         result = self.index.search(np.asarray(vector, dtype=np.float32), k, filter=where, rerank=rerank,
-                                   columns=["doc_id", "text", "metadata"])
-        table = result.payload
-        out = []
-        for row, (id_, score, dist) in enumerate(zip(result.ids, result.scores, result.distances)):
-            if id_ < 0:
-                continue
-            doc = {"id": table.column("doc_id")[row].as_py(), "text": table.column("text")[row].as_py(),
-                   "metadata": json.loads(table.column("metadata")[row].as_py())}
-            out.append((doc, float(score), float(dist)))
-        return out
+                                   columns=list(_DOC_COLUMNS))
+        found = result.ids >= 0  # padding comes last
+        docs = _documents(result.payload.filter(pa.array(found)))
+        return [(doc, float(score), float(dist))
+                for doc, score, dist in zip(docs, result.scores[found], result.distances[found])]
 
     def save(self, path) -> None:
         if self.index is None:
             raise ValueError("nothing to save: no document was added yet")
         self.index.save(path)
+
+
+_DOC_COLUMNS = ("doc_id", "text", "metadata")
+
+
+def _documents(table: pa.Table) -> list[dict]:
+    """Payload rows of documents → dicts of id, text and metadata (decoded from its JSON)."""
+    return [{"id": d, "text": t, "metadata": json.loads(m)}
+            for d, t, m in zip(*(table.column(c).to_pylist() for c in _DOC_COLUMNS))]
 
 
 _OPERATORS = {

@@ -17,7 +17,6 @@ inside the scan.
 
 from __future__ import annotations
 
-import json
 from typing import Any, List, Optional, Sequence
 
 import numpy as np
@@ -105,7 +104,7 @@ class TQIndexVectorStore(BasePydanticVectorStore):
         if self.client is None:
             return []
         internal = self._select(node_ids=node_ids, filters=filters)
-        return [self._node(row) for row in self._rows(internal)]
+        return [self._node(row) for row in self._docs.rows(internal)]
 
     # -- queries ---------------------------------------------------------------------------------
     def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
@@ -160,13 +159,6 @@ class TQIndexVectorStore(BasePydanticVectorStore):
         if len(internal):
             docs = self.client.get(internal, columns=["doc_id"]).column("doc_id").to_pylist()
             self._docs.delete(docs)
-
-    def _rows(self, internal: np.ndarray) -> list[dict]:
-        if not len(internal):
-            return []
-        table = self.client.get(internal, columns=["doc_id", "text", "metadata"])
-        return [{"id": d, "text": t, "metadata": json.loads(m)} for d, t, m in
-                zip(*(table.column(c).to_pylist() for c in ("doc_id", "text", "metadata")))]
 
     @staticmethod
     def _node(row: dict) -> BaseNode:
