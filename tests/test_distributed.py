@@ -131,3 +131,144 @@ def test_refresh_sees_a_later_commit(local_ray, tmp_path):
         _same(index.search(q, 10), Index.load(tmp_path / "ix").search(q, 10))
     finally:
         index.close()
+
+
+def test_an_actor_killed_mid_search_is_restarted_and_the_search_is_exact(local_ray, tmp_path):
+    x, q = _data(seed=7)
+    td.build(x, tmp_path / "ix", dim=DIM, bits=3, seed=5, block_rows=1000)
+    single = _single(x)
+    index = td.DistributedIndex.open(tmp_path / "ix", num_actors=2, max_restarts=2)
+    try:
+        first = index._tokens[1]
+        ray.get(index._actors[1].crash_in_next_search.remote())
+        _same(index.search(q, 10), single.search(q, 10))      # share 1 died inside this search
+        assert index._tokens[1] != first                        # ... was restarted, reloaded from disk
+        _same(index.search(q, 10), single.search(q, 10))      # and the next search is exact too
+    finally:
+        index.close()
+
+
+def test_writes_through_the_actors_then_index_load_sees_the_same_rows(local_ray, tmp_path):
+    x, q = _data(n=4000, seed=8)
+    td.build(x[:3000], tmp_path / "ix", dim=DIM, bits=3, seed=5, block_rows=1000, keep_vectors=True)
+    single = _single(x[:3000], keep_vectors=True)
+    index = td.DistributedIndex.open(tmp_path / "ix", num_actors=3)
+    try:
+        before = index._rows()
+        new = index.add(x[3000:3900])                          # automatic ids continue after the build's
+        np.testing.assert_array_equal(new, single.add(x[3000:3900]))
+        after = index._rows()
+        assert sum(after) == 3900 and max(after) - min(after) <= 1 and after != before   # spread evenly
+        given = np.array([10_000, 10_005, 10_009])
+        index.add(x[3900:3903], ids=given)
+        single.add(x[3900:3903], ids=given)
+        with pytest.raises(ValueError, match="already in the index"):
+            index.add(x[:2], ids=[5, 10_005])
+        with pytest.raises(KeyError, match="77777"):
+            index.remove([1, 77777])                            # refused whole: row 1 stays
+        gone = np.r_[np.arange(0, 3900, 7), 10_005]
+        assert index.remove(gone) == len(gone)
+        single.remove(gone)
+        index.add(x[3903:3905], ids=[1, 10_009], upsert=True)  # replaces rows on whichever share holds them
+        single.add(x[3903:3905], ids=[1, 10_009], upsert=True)
+        assert len(index) == len(single) and index.next_id == single.next_id
+        _same(index.search(q, 10), single.search(q, 10))       # searches see unsaved writes
+        _same(index.search(q, 5, rerank=4), single.search(q, 5, rerank=4))
+        assert len(Index.load(tmp_path / "ix")) == 3000        # nothing committed yet
+        index.save()
+        loaded = Index.load(tmp_path / "ix")
+        np.testing.assert_array_equal(loaded.select(), single.select())
+        _same(loaded.search(q, 10), single.search(q, 10))
+        _same(index.search(q, 10), single.search(q, 10))       # the shares reloaded the commit
+        index.remove([2])                                       # a second commit, incremental
+        single.remove([2])
+        index.save()
+        np.testing.assert_array_equal(Index.load(tmp_path / "ix").select(), single.select())
+        names = {p.name for p in (tmp_path / "ix" / "shards").iterdir()}
+        body = td.storage._read_manifest(tmp_path / "ix")
+        named = {e[part]["name"] for e in body["shards"] for part in ("rows", "codes", "vectors", "deleted")
+                 if e.get(part)}
+        assert names == named                                   # superseded files collected
+    finally:
+        index.close()
+
+
+def test_metadata_filters_and_columns_through_the_actors(local_ray, tmp_path):
+    pc = pytest.importorskip("pyarrow.compute")
+    x, q = _data(n=2000, seed=9)
+    td.build(x[:1000], tmp_path / "ix", dim=DIM, bits=3, seed=5, block_rows=500)
+    single = _single(x[:1000])
+    index = td.DistributedIndex.open(tmp_path / "ix", num_actors=2)
+    try:
+        meta = {"year": list(range(1000, 2000)), "title": [f"t{i}" for i in range(1000)]}
+        index.add(x[1000:], metadata=meta)
+        single.add(x[1000:], metadata=meta)
+        assert index.schema == single.schema
+        with pytest.raises(ValueError, match="'year'"):
+            index.add(x[:1], metadata={"year": ["not a number"]})
+        where = pc.field("year") >= 1500
+        a = index.search(q, 10, filter=where, columns=["title", "year"])
+        b = single.search(q, 10, filter=where, columns=["title", "year"])
+        _same(a, b)
+        assert a.payload.column("title").to_pylist() == \
+            [f"t{i - 1000}" for i in a.ids.reshape(-1)]                 # each row's own metadata
+        with pytest.raises(KeyError, match="nope"):
+            index.search(q, 3, columns=["nope"])
+        got = index.get([1999, 1000, 5], columns=["title"])
+        assert got.column("id").to_pylist() == [1999, 1000, 5]
+        assert got.column("title").to_pylist() == ["t999", "t0", None]
+        index.save()
+        assert Index.load(tmp_path / "ix").get([1500]).column("year").to_pylist() == [1500]
+    finally:
+        index.close()
+
+
+def test_a_restart_that_loses_unsaved_writes_is_reported_not_hidden(local_ray, tmp_path):
+    x, q = _data(n=2000, seed=10)
+    td.build(x[:1000], tmp_path / "ix", dim=DIM, bits=3, seed=5, block_rows=500)
+    index = td.DistributedIndex.open(tmp_path / "ix", num_actors=2, max_restarts=2)
+    try:
+        index.add(x[1000:1010])                             # five new rows on each share
+        index._actors[0].crash.remote()
+        with pytest.raises(RuntimeError, match=r"share 0 .* restarted and lost the writes"):
+            index.search(q, 5)
+        with pytest.raises(RuntimeError, match="refresh"):
+            index.save()
+        assert len(Index.load(tmp_path / "ix")) == 1000     # nothing half-committed
+        index.refresh()                                      # back to the last commit
+        assert len(index) == 1000
+        _same(index.search(q, 10), _single(x[:1000]).search(q, 10))
+    finally:
+        index.close()
+
+
+def test_a_save_after_another_writer_committed_is_refused(local_ray, tmp_path):
+    x, _ = _data(n=1500, seed=11)
+    td.build(x[:1000], tmp_path / "ix", dim=DIM, bits=3, seed=5, block_rows=500)
+    index = td.DistributedIndex.open(tmp_path / "ix", num_actors=2)
+    try:
+        index.add(x[1000:1100])
+        other = Index.load(tmp_path / "ix")
+        other.remove([0])
+        other.save()
+        other.close()
+        with pytest.raises(RuntimeError, match="changed by another writer"):
+            index.save()
+        assert len(Index.load(tmp_path / "ix")) == 999
+        index.refresh()
+        index.add(x[1100:1200])
+        index.save()
+        assert len(Index.load(tmp_path / "ix")) == 1099
+    finally:
+        index.close()
+
+
+@pytest.mark.parametrize("rows, n, want", [
+    ([0, 0, 0], 7, [3, 2, 2]),
+    ([10, 0, 4], 6, [0, 5, 1]),
+    ([10, 0, 4], 20, [2, 11, 7]),
+    ([5], 3, [3]),
+    ([3, 3], 0, [0, 0]),
+])
+def test_new_rows_level_the_shares(rows, n, want):
+    assert td._share_out(rows, n) == want

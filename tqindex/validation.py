@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -25,6 +25,12 @@ MAX_ID = 1 << 62
 #: inside float32's range, so no score overflows to ±inf.
 MAX_NORM = 1e18
 _NORM_CHUNK_ROWS = 1 << 13
+
+# Read-only inputs (a memory map, an array from Ray's object store) are wrapped without a copy: the
+# index never writes to a caller's array, so torch's warning about them is noise, and only the
+# warnings raised here are silenced.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
+                        module=r"tqindex\.validation")
 
 
 def array_kind(x) -> str:
