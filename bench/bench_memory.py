@@ -41,13 +41,23 @@ def _status() -> tuple[int, int]:
     return values["VmRSS"], values["VmHWM"]
 
 
-def _vectors(rows: int, dim: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
+def _vectors(rows: int, dim: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
     x = np.empty((rows, dim), np.float32)
     for a in range(0, rows, 1 << 16):
         block = rng.standard_normal((min(rows, a + (1 << 16)) - a, dim), dtype=np.float32)
         x[a:a + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return x
+
+
+def _batches(args):
+    """The rows in batches of args.batch (default rows/10): views of one array made first, or with
+    --stream each batch made just before it is added (the whole array never exists)."""
+    size = args.batch or args.rows // 10
+    if args.stream:
+        return (_vectors(min(size, args.rows - a), args.dim, seed=a) for a in range(0, args.rows, size)), None
+    x = _vectors(args.rows, args.dim)
+    return (x[a:a + size] for a in range(0, args.rows, size)), x
 
 
 def worker(args) -> None:
@@ -69,38 +79,47 @@ def worker(args) -> None:
         out["after_first_search"] = _status()[0] - out["import_baseline"]
         report(out)
         return
-    x = _vectors(args.rows, args.dim)
+    batches, x = _batches(args)
+    first = next(batches)
     try:  # restart the peak (VmHWM) here, so that it measures add and not making the data
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass
     with_array, _ = _status()
-    out["array_bytes"] = x.nbytes
+    out["array_bytes"] = 0 if x is None else x.nbytes
+    out["batch_bytes"] = first.nbytes
+    query = first[:1].copy()
+    # Batches added one after another, as a user adding a stream would.
     if args.method == "tqindex":
         index = Index(dim=args.dim, bits=args.worker_bits)
-        for a in range(0, args.rows, args.rows // 10):  # ten batches, as a user adding a stream would
-            index.add(x[a:a + args.rows // 10])
+        add = index.add
         search = lambda q: index.search(q, 10)  # noqa: E731
     elif args.method == "turbovec":
         index = turbovec.TurboQuantIndex(args.dim, args.worker_bits)
-        for a in range(0, args.rows, args.rows // 10):
-            index.add(x[a:a + args.rows // 10])
-        index.prepare()
+        add = index.add
         search = lambda q: index.search(q, 10)  # noqa: E731
     else:
         if args.method == "faiss-rabitq":
             index = faiss.IndexRaBitQ(args.dim, faiss.METRIC_INNER_PRODUCT, args.worker_bits)
         else:
             index = faiss.IndexPQFastScan(args.dim, args.dim * args.worker_bits // 4, 4, faiss.METRIC_INNER_PRODUCT)
-        index.train(x[:100_000])
-        for a in range(0, args.rows, args.rows // 10):
-            index.add(x[a:a + args.rows // 10])
+        index.train(first[:100_000])
+        add = index.add
         search = lambda q: index.search(q, 10)  # noqa: E731
+    add(first)
+    del first
+    for batch in batches:
+        add(batch)
+        del batch
+    if args.method == "turbovec":
+        index.prepare()
+    if args.method == "tqindex":
+        out["memory_bytes"] = index.memory_bytes()
     rss, peak = _status()
     out["after_add"] = rss - with_array
     out["peak_during_add"] = peak - with_array
-    search(x[:1])
+    search(query)
     out["after_first_search"] = _status()[0] - with_array
     if args.method == "tqindex" and args.save:
         index.save(args.save)
@@ -113,6 +132,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--batch", type=int, help="rows per add (default rows/10)")
+    parser.add_argument("--stream", action="store_true",
+                        help="make each batch just before adding it (for sizes whose float32 array would not fit)")
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--worker-bits", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
@@ -123,6 +145,7 @@ def main() -> None:
         return worker(args)
     runs = []
     base = [sys.executable, __file__, "--rows", str(args.rows), "--dim", str(args.dim)]
+    base += (["--batch", str(args.batch)] if args.batch else []) + (["--stream"] if args.stream else [])
     with tempfile.TemporaryDirectory() as tmp:
         for bits in args.bits:
             for method in args.methods:
@@ -145,7 +168,12 @@ def main() -> None:
     write_json(RESULTS / f"memory-{tag}.json", {"runs": runs})
     n = args.rows
     lines = [f"`{' '.join(sys.argv)}` on {env.get('cpu', '?')}: resident bytes per vector beyond each process's "
-             f"import baseline (malloc_trim first); the float32 input array ({4 * args.dim} B/vector) excluded.", "",
+             f"import baseline (malloc_trim first); " + (
+                 f"batches of {args.batch or args.rows // 10} rows made just before each add (one batch, "
+                 f"{4 * args.dim * (args.batch or args.rows // 10) / args.rows:.1f} B/vector, is inside the peak)"
+                 if args.stream else f"the float32 input array ({4 * args.dim} B/vector) excluded") +
+             ". tqindex's `memory_bytes()` per vector: " +
+             ", ".join(f"{r['bits']} bits {r['memory_bytes'] / n:.1f}" for r in runs if 'memory_bytes' in r) + ".", "",
              "| bits | method | import baseline MB | after add | peak during add | after first search | "
              "load mmap: after load / first search | load (no mmap): after load / first search |",
              "|---:|---|---:|---:|---:|---:|---|---|"]

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from tqindex import Index, IndexFormatError, storage
@@ -301,6 +302,22 @@ def test_norms_beyond_float32_scores_are_refused(metric):
     assert len(index) == 10
 
 
+def test_norms_are_checked_in_small_chunks_and_the_row_is_named_past_the_first():
+    from tqindex import validation
+    dim = 384
+    rows = validation._NORM_CHUNK_ELEMENTS // dim          # rows per chunk: float64 temporaries of ~2 MiB
+    assert rows * dim * 8 <= 4 << 20
+    x = _x(3 * rows + 5, dim)
+    x[2 * rows + 3] = 1e37
+    with pytest.raises(ValueError, match=f"vectors row {2 * rows + 3} has norm"):
+        Index(dim=dim).add(x)
+    x[2 * rows + 3] = 0
+    with pytest.raises(ValueError, match=f"vectors row {2 * rows + 3} is zero"):
+        Index(dim=dim, metric="cosine").add(x)
+    norms = validation.check_norms(torch.from_numpy(x), zero_ok=True, metric="ip")
+    np.testing.assert_allclose(norms.numpy(), np.linalg.norm(x.astype(np.float64), axis=1), rtol=1e-6)
+
+
 def test_a_zero_cosine_query_is_refused():
     index = Index(dim=8, metric="cosine")
     index.add(_x(10, 8))
@@ -446,6 +463,7 @@ _LOADER = r"""
 import sys
 from tqindex import Index, IndexFormatError
 import numpy as np
+import torch
 path, rounds = sys.argv[1], int(sys.argv[2])
 q = np.ones(8, np.float32)
 for _ in range(rounds):

@@ -24,7 +24,8 @@ MAX_ID = 1 << 62
 #: Largest vector or query norm: every score (≤ ‖q‖·‖x‖, or ‖q − x‖² ≤ (‖q‖ + ‖x‖)²) then stays far
 #: inside float32's range, so no score overflows to ±inf.
 MAX_NORM = 1e18
-_NORM_CHUNK_ROWS = 1 << 13
+#: float64 elements per chunk of `check_norms` (2 MiB, and as much again for the norm's temporaries).
+_NORM_CHUNK_ELEMENTS = 1 << 18
 
 # Read-only inputs (a memory map, an array from Ray's object store) are wrapped without a copy: the
 # index never writes to a caller's array, so torch's warning about them is noise, and only the
@@ -140,8 +141,9 @@ def check_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str = "vec
     # In float64 (a float32 norm may overflow to inf), a chunk of rows at a time: a float64 copy of a
     # large batch would cost twice the batch itself; only the float32 norms are kept.
     norms = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    for start in range(0, x.shape[0], _NORM_CHUNK_ROWS):
-        chunk = torch.linalg.vector_norm(x[start:start + _NORM_CHUNK_ROWS].double(), dim=1)
+    rows = max(1, _NORM_CHUNK_ELEMENTS // max(1, x.shape[1]))
+    for start in range(0, x.shape[0], rows):
+        chunk = torch.linalg.vector_norm(x[start:start + rows].double(), dim=1)
         big = chunk > MAX_NORM
         if bool(big.any()):
             row = start + int(big.nonzero()[0, 0])
