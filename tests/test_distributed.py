@@ -272,3 +272,25 @@ def test_a_save_after_another_writer_committed_is_refused(local_ray, tmp_path):
 ])
 def test_new_rows_level_the_shares(rows, n, want):
     assert td._share_out(rows, n) == want
+
+
+def test_a_partitioned_index_over_actors_equals_one_index(local_ray, tmp_path):
+    x, q = _data(n=3000, seed=12)
+    with pytest.raises(ValueError, match="partitioned"):
+        td.build(x, tmp_path / "no", dim=DIM, partitions=8)
+    single = Index(dim=DIM, bits=3, seed=5, partitions=8)
+    single.add(x)
+    single.save(tmp_path / "ix")
+    single.close()
+    index = td.DistributedIndex.open(tmp_path / "ix", num_actors=3)
+    try:
+        for nprobe in (2, 8):
+            _same(index.search(q, 10, nprobe=nprobe), single.search(q, 10, nprobe=nprobe))
+        index.add(x[:50] * 0.5)
+        index.save()
+        loaded = Index.load(tmp_path / "ix")
+        np.testing.assert_array_equal(loaded.centroids, single.centroids)
+        assert len(loaded) == 3050
+        _same(index.search(q, 10, nprobe=3), loaded.search(q, 10, nprobe=3))
+    finally:
+        index.close()

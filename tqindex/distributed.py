@@ -99,6 +99,9 @@ def build(data, path, *, dim: int, bits=4, metric: str = "ip", seed: int = 0, bl
     **params : further `Index` parameters (keep_vectors, scale_dtype, center, options, ...)
     """
     target = Path(path)
+    if params.get("partitions"):
+        raise ValueError("a partitioned index needs one k-means fit before its rows are coded: build it with "
+                         "Index (train, add, save), then open it with DistributedIndex")
     index_params = dict(dim=dim, bits=bits, metric=metric, seed=seed, **params)
     params_record = Index(**index_params).params()  # validates the parameters before any work
     storage._check_empty_target(target)
@@ -165,10 +168,10 @@ class _ShardActor:
 
     # Searches have no side effects: Ray retries one whose actor died, once the actor is back.
     @ray.method(max_task_retries=_SEARCH_RETRIES)
-    def search(self, queries, k: int, rerank: int, where, columns):
+    def search(self, queries, k: int, rerank: int, where, columns, nprobe):
         if self._fail_next_search:  # a test's crash in the middle of a search
             os._exit(1)
-        result = self.index.search(queries, k, rerank=rerank, filter=where, columns=columns)
+        result = self.index.search(queries, k, rerank=rerank, filter=where, columns=columns, nprobe=nprobe)
         return np.atleast_2d(result.ids), np.atleast_2d(result.scores), result.payload, self.state()
 
     def held(self, ids: np.ndarray) -> np.ndarray:
@@ -271,6 +274,7 @@ class DistributedIndex:
         self._params = body["params"]
         self._next_id = body["next_id"]
         self._schema = payloads.schema_from_text(body["payload_schema"]) if body.get("payload_schema") else None
+        self._coarse = body.get("coarse")  # a partitioned index's centroids entry: every commit keeps it
         self._dirty: set[int] = set()     # shares holding writes not yet saved
         self._broken: str | None = None   # why the writes since the last commit cannot be trusted
 
@@ -382,7 +386,7 @@ class DistributedIndex:
             body = storage.manifest_body(
                 self._params, generation=self._generation + 1, next_id=self._next_id,
                 count=sum(r[2] for r in replies), shards=[e for r in replies for e in r[0]],
-                payload_schema=self._schema)
+                payload_schema=self._schema, coarse=self._coarse)
             storage._check_body(body, self.path / storage.MANIFEST)
             written.append(str(self.path / (storage.MANIFEST + ".tmp")))
             storage._write_manifest(self.path, body)
@@ -454,10 +458,11 @@ class DistributedIndex:
         at = {int(i): j for j, i in enumerate(table.column("id").to_numpy())}
         return table.take(pa.array([at[int(i)] for i in arr], pa.int64()))
 
-    def search(self, queries, k: int = 10, *, rerank: int = 0, filter=None, columns=None,
+    def search(self, queries, k: int = 10, *, rerank: int = 0, filter=None, columns=None, nprobe: int | None = None,
                allow_partial: bool = False, wait_s: float = 120.0) -> SearchResult:
         """The k best rows over all shares: the same ids and scores as one `Index` over the same
-        rows (and with `columns`, their metadata as `SearchResult.payload`).
+        rows (and with `columns`, their metadata as `SearchResult.payload`). A partitioned index
+        probes the same `nprobe` lists on every share (they hold the same centroids).
 
         A share whose actor is restarting is waited for (up to `wait_s` seconds), then asked again.
         Raises RuntimeError naming the shares that did not answer, unless `allow_partial`; then the
@@ -468,7 +473,7 @@ class DistributedIndex:
             columns = Index._check_columns(SimpleNamespace(schema=self._schema), columns)
         self._check_open()
         ref = ray.put(q.numpy())
-        args = (ref, k, rerank, filter, columns)
+        args = (ref, k, rerank, filter, columns, nprobe)
         calls = [a.search.remote(*args) for a in self._actors]
         parts, failed, shares = [], [], []
         for i, call in enumerate(calls):

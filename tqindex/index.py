@@ -18,10 +18,11 @@ from .backends import Queries, make_scanners
 from .codebook import CODEBOOK_VERSION, CODEBOOK_VERSIONS
 from .idmap import IdMap
 from .layout import BlockLayout
-from .quantizer import CODEBOOKS, VARIANTS, EncodedVectors, TurboQuantizer, scale_dtype_name
+from .partition import MAX_PARTITIONS, CoarseQuantizer, fit_kmeans, lists_of
+from .quantizer import CODEBOOKS, VARIANTS, EncodedVectors, TurboQuantizer, scale_dtype_name, stores_norm
 from .rotation import ROTATION_KINDS
 from .segment import Segment
-from .topk import topk_padded
+from .topk import empty_topk, topk_padded
 from .validation import MAX_DIM, MAX_ID, METRICS, array_kind, as_float_matrix, as_id_array, check_k, check_norms, to_kind
 
 __all__ = ["METRICS", "Index", "QuantizerOptions", "SearchResult"]
@@ -41,6 +42,13 @@ _DEFAULT_QUERY_BATCH = 1024
 _DIRECT_FRACTION = 0.02
 # Gathered rows up to this many are scored by decoding them (the torch scan) instead of lookup tables.
 _DECODE_BELOW_ROWS = 4096
+# A partitioned index's search scans partitions / this many lists by default.
+_DEFAULT_NPROBE_FRACTION = 16
+# A partitioned index holds at most this many segments per list after a save (see `_consolidated`).
+_MAX_SEGMENTS_PER_LIST = 4
+# An untrained partitioned index trains on its first add of at least this many rows per list (faiss
+# warns below 39 training points per centroid).
+_AUTO_TRAIN_PER_LIST = 39
 
 
 @dataclass(frozen=True)
@@ -147,11 +155,16 @@ class Index:
         The paper-reproduction and experimental settings (variant, rotation, rescale, codebook).
         Their old keywords (``variant=``, ``rotation=``, ``rescale=``, ``codebook=``) are still
         accepted and override the matching field.
+    partitions : int
+        0 (default): a flat index, no training. nlist > 0: a partitioned (IVF) index whose rows are
+        kept in nlist lists by their nearest k-means centroid and coded as residuals from it;
+        `search(..., nprobe=)` scans only the nearest lists. Trained by `train(sample)`, or on the
+        first `add` of at least 39·nlist rows (`tqindex.partition`).
     """
 
     def __init__(self, *, dim: int, bits: int = 4, metric: str = "ip", seed: int = 0, keep_vectors: bool = False,
                  device: str = "cpu", scale_dtype: str = "float32", center=None,
-                 options: QuantizerOptions | None = None, **option_keywords):
+                 options: QuantizerOptions | None = None, partitions: int = 0, **option_keywords):
         unknown = sorted(set(option_keywords) - set(_OPTION_KEYWORDS))
         if unknown:
             raise TypeError(f"Index() got unexpected keyword arguments {unknown}; parameters are dim, bits, metric, "
@@ -182,6 +195,19 @@ class Index:
             self._center = c[0]
         self._metric = metric
         self._keep_vectors = bool(keep_vectors)
+        if isinstance(partitions, bool) or not isinstance(partitions, numbers.Integral) or \
+                not 0 <= partitions <= MAX_PARTITIONS:
+            raise ValueError(f"partitions must be an integer in [0, {MAX_PARTITIONS}] (0: a flat index), "
+                             f"got {partitions!r}")
+        if partitions and self._center is not None:
+            raise ValueError("a partitioned index centers each list on its own centroid; pass center or "
+                             "partitions, not both")
+        if partitions and metric == "l2" and not stores_norm(metric, options.variant, options.rescale):
+            raise ValueError("a partitioned l2 index needs the vector norm beside its residual's codes: use the "
+                             "mse variant with rescale=True (the defaults)")
+        self._partitions = int(partitions)
+        self._coarse: CoarseQuantizer | None = None
+        self._coarse_shard: dict | None = None   # the manifest entry of the committed centroids
         # Searches read one immutable snapshot (`_View`); writers build the next one under
         # `_write_lock` and swap it in with one assignment, so a search sees the index before or
         # after a write, never half of it.
@@ -274,7 +300,66 @@ class Index:
         return {"dim": self.dim, "bits": self.bits, "metric": self.metric, "variant": self.variant,
                 "seed": self.seed, "rotation": self.rotation, "rescale": self.rescale, "scale_dtype": self.scale_dtype,
                 "codebook": self.codebook, "center": None if self._center is None else self._center.tolist(),
-                "keep_vectors": self.keep_vectors, "codebook_version": self._quantizer.codebook_version}
+                "keep_vectors": self.keep_vectors, "codebook_version": self._quantizer.codebook_version,
+                "partitions": self._partitions}
+
+    @property
+    def partitions(self) -> int:
+        """Lists of a partitioned index (0: flat)."""
+        return self._partitions
+
+    @property
+    def trained(self) -> bool:
+        """Whether a partitioned index has its centroids (a flat index needs none: always True)."""
+        return not self._partitions or self._coarse is not None
+
+    @property
+    def centroids(self) -> np.ndarray | None:
+        """(partitions, dim) float32 centroids of a trained partitioned index, else None."""
+        return None if self._coarse is None else self._coarse.centroids.numpy().copy()
+
+    def train(self, sample, *, iterations: int = 10, max_sample: int | None = None, refit: bool = False) -> None:
+        """Fit a partitioned index's centroids by k-means on `sample` (n, dim), seeded by `seed`.
+
+        At most `max_sample` rows per list are used (default 64, sampled by the seed). An index
+        that holds rows keeps its centroids (their codes depend on them) unless `refit=True`, which
+        re-encodes every row from its kept full-precision vectors (needs keep_vectors=True)."""
+        if not self._partitions:
+            raise ValueError("train() is for a partitioned index (Index(..., partitions=nlist)); a flat index "
+                             "needs no training")
+        x, _ = as_float_matrix(sample, self.dim, name="sample")
+        check_norms(x, zero_ok=self._metric != "cosine", metric=self._metric, name="sample")
+        if self._metric == "cosine":
+            x = torch.nn.functional.normalize(x, dim=1)
+        with self._write_lock:
+            live = self._view.live
+            if live and not refit:
+                raise ValueError(f"this index holds {live} rows coded against its current centroids; pass "
+                                 f"refit=True to fit new ones and re-encode every row (needs keep_vectors=True)")
+            if live and not self._keep_vectors:
+                raise ValueError("refit re-encodes rows from their full-precision vectors: this index was built "
+                                 "without keep_vectors=True, so build a new one instead")
+            coarse = fit_kmeans(x, self._partitions, seed=self.seed, iterations=iterations, max_sample=max_sample)
+            if not live:
+                self._coarse, self._coarse_shard = coarse, None
+                self._swap([])
+                return
+            view = self._view
+            rows = [(s, np.flatnonzero(~s.deleted) if s.deleted is not None else np.arange(len(s)))
+                    for s in view.segments]
+            ids = np.concatenate([np.asarray(s.ids)[r] for s, r in rows])
+            vectors = np.concatenate([np.asarray(s.vectors)[r] for s, r in rows])
+            table = payloads.take([(s.payload, len(s), r) for s, r in rows], view.schema)
+            old = self._coarse
+            self._coarse = coarse
+            try:
+                segments = self._encode_segments(torch.from_numpy(vectors), ids, table,
+                                                 torch.linalg.vector_norm(torch.from_numpy(vectors), dim=1))
+            except BaseException:
+                self._coarse = old
+                raise
+            self._coarse_shard = None
+            self._swap(segments)
 
     def __len__(self) -> int:
         return self._view.live
@@ -297,7 +382,8 @@ class Index:
         seen: set = set()  # a scanner's cache may hold a segment's own arrays: each counts once
         rows = sum(s.nbytes(seen) for s in view.segments)
         cached = sum(scanner.cache.nbytes(seen) for scanner in self._scanners) + view.ids.nbytes(seen)
-        return self._quantizer.nbytes() + rows + cached
+        coarse = 0 if self._coarse is None else self._coarse.centroids.numel() * 4
+        return self._quantizer.nbytes() + rows + cached + coarse
 
     def __contains__(self, key) -> bool:
         return bool(self._ids.positions(np.asarray([key], dtype=np.int64))[0] >= 0)
@@ -348,12 +434,49 @@ class Index:
         norms = check_norms(x, zero_ok=self._metric != "cosine", metric=self._metric)
         if self._metric == "cosine":
             x = x / norms[:, None]
+            norms = torch.ones_like(norms)
+        if self._partitions:
+            with self._write_lock:
+                if self._coarse is None:
+                    need = _AUTO_TRAIN_PER_LIST * self._partitions
+                    if n < need:
+                        raise ValueError(f"this partitioned index is not trained: call train(sample) first, or "
+                                         f"make the first add at least {need} rows ({_AUTO_TRAIN_PER_LIST} per "
+                                         f"list; got {n})")
+                    self._coarse, self._coarse_shard = fit_kmeans(x, self._partitions, seed=self.seed), None
+                coarse = self._coarse
+            return self._add_rows(n, given_ids, upsert, table, coarse=coarse, x=x, norms=norms)
         encoded = self._quantizer.encode(x if self._center is None else x - self._center, blocks=True,
                                          keep_norm=self._quantizer.stores_norm(self._metric))
         vectors_kept = x.numpy().copy() if self._keep_vectors else None
+        return self._add_rows(n, given_ids, upsert, table,
+                              new=[Segment(ids=None, encoded=encoded, vectors=vectors_kept, payload=table)])
+
+    def _encode_segments(self, x: torch.Tensor, ids: np.ndarray, table, norms: torch.Tensor) -> list[Segment]:
+        """A partitioned index's new rows: one segment per list that receives rows, holding the codes
+        of their residuals x − c (and, for "l2", ‖x‖ itself in `norm`: see `tqindex.partition`)."""
+        coarse = self._coarse
+        assign = coarse.assign(x).numpy()
+        keep_norm = self._quantizer.stores_norm(self._metric)
+        segments = []
+        for lst, rows in lists_of(assign):
+            picked = torch.from_numpy(rows)
+            xs = x[picked]
+            encoded = self._quantizer.encode(xs - coarse.centroids[lst], blocks=True, keep_norm=keep_norm)
+            if keep_norm:
+                encoded.norm = norms[picked].numpy().astype(np.float32)
+            segments.append(Segment(ids=ids[rows], encoded=encoded,
+                                    vectors=xs.numpy().copy() if self._keep_vectors else None,
+                                    payload=None if table is None else table.take(pa.array(rows)),
+                                    partition=lst))
+        return segments
+
+    def _add_rows(self, n, given_ids, upsert, table, *, new=None, coarse=None, x=None, norms=None) -> np.ndarray:
+        """Publish new rows: ids assigned or checked, upserts removed, metadata merged; `new` holds
+        the encoded segment (flat, ids still None), or the rows are encoded per list (partitioned)."""
         with self._write_lock:
             view = self._view
-            if ids is None:
+            if given_ids is None:
                 if self._next_id + n > MAX_ID:
                     raise OverflowError(f"automatic ids would pass the largest id {MAX_ID - 1}; pass ids explicitly")
                 new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
@@ -368,11 +491,18 @@ class Index:
             schema = view.schema
             if table is not None:
                 schema, table = payloads.merged_schema(schema, table)
+            if new is None:
+                if coarse is not self._coarse:
+                    raise RuntimeError("the index was refitted while this batch was being added; add it again")
+                new = self._encode_segments(x, new_ids, table, norms)
+            else:
+                new = [dataclasses.replace(new[0], ids=new_ids, payload=table)]
             # Nothing above touched the index: a rejected batch leaves it exactly as it was.
             segments = _with_deleted(view, replaced) if replaced.size else list(view.segments)
-            self._swap(_appended(segments, Segment(ids=new_ids, encoded=encoded, vectors=vectors_kept, payload=table),
-                                 self._quantizer.layout, schema), schema)
-            self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+            for segment in new:
+                segments = _appended(segments, segment, self._quantizer.layout, schema)
+            self._swap(segments, schema)
+            self._next_id = max(self._next_id, int(new_ids.max()) + 1) if n else self._next_id
         return new_ids
 
     def remove(self, ids) -> int:
@@ -393,11 +523,12 @@ class Index:
         """Drop removed rows and merge all segments into one (rewritten on the next save)."""
         with self._write_lock:
             live = [segment for segment in self._view.segments if segment.live_count]
-            self._swap([_merged(live, self._quantizer.layout, self._view.schema)] if live else [])
+            self._swap([_merged(part, self._quantizer.layout, self._view.schema)
+                        for part in _by_partition(live).values()])
 
     # -- reads ---------------------------------------------------------------------------------
     def search(self, queries, k: int = 10, *, rerank: int = 0, batch_size: int | None = None, filter=None,
-               columns=None) -> SearchResult:
+               columns=None, nprobe: int | None = None) -> SearchResult:
         """Search the k best rows for each query.
 
         Parameters
@@ -415,6 +546,9 @@ class Index:
             The result is exactly the top k of the allowed rows (fewer only if fewer exist).
         columns : list of str, optional
             Metadata columns to return with the results (`SearchResult.payload`).
+        nprobe : int, optional
+            A partitioned index: lists scanned per query, the nearest by centroid score (default
+            `default_nprobe`); nprobe = partitions scans every row. Ignored by a flat index.
 
         Returns
         -------
@@ -429,6 +563,9 @@ class Index:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
                                        or batch_size <= 0):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, numbers.Integral) or nprobe <= 0):
+            raise ValueError(f"nprobe must be a positive integer, got {nprobe!r}")
+        nprobe = self.default_nprobe if nprobe is None else int(nprobe)
         kind = array_kind(queries)
         on_gpu = self._device == "cuda"
         q, was_1d = as_float_matrix(queries, self.dim, name="queries", allow_empty=True, keep_device=on_gpu)
@@ -453,7 +590,7 @@ class Index:
         all_ids, all_scores = [], []
         for start in range(0, q.shape[0] if k_scan else 0, batch):
             qb = q[start:start + batch]
-            scores, positions = self._scan(view, qb, candidates, scanner)
+            scores, positions = self._scan(view, qb, candidates, scanner, nprobe)
             if rerank:
                 scores, positions = self._rerank(view, qb, scores, positions, k_scan)
             all_scores.append(scores)
@@ -519,7 +656,16 @@ class Index:
             raise KeyError(f"unknown metadata columns {unknown}; this index has {names}")
         return columns
 
-    def _scan(self, view: "_View", q: torch.Tensor, k: int, scanner=None) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def default_nprobe(self) -> int:
+        """Lists a search of a partitioned index scans by default: partitions / 16, at least 1 (0
+        for a flat index)."""
+        return max(1, -(-self._partitions // _DEFAULT_NPROBE_FRACTION)) if self._partitions else 0
+
+    def _scan(self, view: "_View", q: torch.Tensor, k: int, scanner=None, nprobe: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._partitions:
+            return self._scan_lists(view, q, k, scanner or self._scanner(), nprobe)
         offset = None
         if self._center is not None:
             center = self._center.to(q.device)
@@ -534,6 +680,50 @@ class Index:
         if offset is not None:
             scores = scores + offset[:, None].to(scores.device)
         return scores.cpu(), positions.cpu()
+
+    def _scan_lists(self, view: "_View", q: torch.Tensor, k: int, scanner, nprobe: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A partitioned index's top k: each query's `nprobe` nearest lists are scanned (the queries
+        probing a list together, with tables made once per query), a list's score offset is added
+        to its rows' scores (the within-list order does not depend on it), and the lists' top k
+        are merged. Positions are the view's."""
+        nq = q.shape[0]
+        if self._coarse is None or not nq:
+            return empty_topk(nq, k)
+        device = q.device
+        q = q.cpu()
+        lists, offsets = self._coarse.probe(q, self._metric, nprobe)
+        rotated, projected = self._quantizer.prepare_queries(q)
+        queries = scanner.with_tables(Queries(rotated, projected, q.square().sum(dim=1)))
+        nprobe = lists.shape[1]
+        cand_s = torch.full((nq, nprobe * k), -torch.inf, dtype=torch.float32)
+        cand_p = torch.full((nq, nprobe * k), -1, dtype=torch.int64)
+        starts = np.cumsum([0] + [len(s) for s in view.segments])
+        members: dict = {}
+        for i, segment in enumerate(view.segments):
+            if segment.live_count:
+                members.setdefault(segment.partition, []).append(i)
+        flat = lists.numpy()
+        order = np.argsort(flat, axis=None, kind="stable")
+        values, first = np.unique(flat.reshape(-1)[order], return_index=True)
+        for lst, a, b in zip(values, first, np.r_[first[1:], len(order)]):
+            where = members.get(int(lst))
+            if where is None:
+                continue
+            qs, slot = np.divmod(order[a:b], nprobe)   # the queries that probe this list, and as which
+            sub = queries.take(torch.from_numpy(qs))
+            result = scanner.topk([view.segments[i] for i in where], sub.to(device), k)
+            scores, local = result.scores.cpu(), result.positions.cpu().numpy()
+            # Local positions (over this list's segments) → the view's positions.
+            bounds = np.cumsum([0] + [len(view.segments[i]) for i in where])
+            j = np.clip(np.searchsorted(bounds, local, side="right") - 1, 0, len(where) - 1)
+            glob = np.where(local >= 0, starts[np.asarray(where)][j] + local - bounds[j], -1)
+            scores = scores + offsets[torch.from_numpy(qs), int(lst)][:, None]
+            cols = torch.from_numpy(slot[:, None] * k + np.arange(scores.shape[1])[None, :])
+            rows = torch.from_numpy(qs)[:, None].expand_as(cols)
+            cand_s[rows, cols] = scores
+            cand_p[rows, cols] = torch.from_numpy(glob)
+        return topk_padded(cand_s, cand_p, k)
 
     def _scanner(self):
         """The first backend that supports this index on its device."""
@@ -574,7 +764,13 @@ class Index:
             raise KeyError(f"ids not in the index: {arr[positions < 0][:10].tolist()}")
         out = np.empty((len(arr), self.dim), dtype=np.float32)
         for segment, where, rows in view.ids.by_segment(positions):
-            out[where] = self._quantizer.decode(_take_encoded(self._quantizer, segment.encoded, rows))
+            encoded = _take_encoded(self._quantizer, segment.encoded, rows)
+            if segment.partition is not None:
+                # c + the residual's estimate (its `norm` holds ‖x‖, not ‖x − c‖: the scale serves)
+                encoded.norm = None
+                out[where] = self._quantizer.decode(encoded) + self._coarse.centroids[segment.partition].numpy()
+            else:
+                out[where] = self._quantizer.decode(encoded)
         return out if self._center is None else out + self._center.numpy()
 
     # -- state (what storage saves and restores) -----------------------------------------------
@@ -585,7 +781,8 @@ class Index:
             self._swap(_consolidated(self._view.segments, self._quantizer.layout, self._view.schema))
         view = self._view
         return {"params": self.params(), "next_id": self._next_id, "segments": list(view.segments),
-                "live": view.live, "store": self._store, "payload_schema": view.schema}
+                "live": view.live, "store": self._store, "payload_schema": view.schema, "coarse": self._coarse,
+                "coarse_shard": self._coarse_shard}
 
     def _take_lock(self) -> None:
         """Hold the writer lock of the directory this index was loaded from (Index.open)."""
@@ -601,14 +798,16 @@ class Index:
 
     @classmethod
     def _from_state(cls, params: dict, *, segments: list[Segment], next_id: int, store=None,
-                    payload_schema: pa.Schema | None = None) -> "Index":
+                    payload_schema: pa.Schema | None = None, coarse: CoarseQuantizer | None = None,
+                    coarse_shard: dict | None = None) -> "Index":
         """An index with these params holding these segments (the load path; raises ValueError,
         KeyError or TypeError on bad params)."""
         options = QuantizerOptions(variant=params["variant"], rotation=params["rotation"], rescale=params["rescale"],
                                    codebook=params["codebook"], codebook_version=params["codebook_version"])
         index = cls(dim=params["dim"], bits=params["bits"], metric=params["metric"], seed=params["seed"],
                     keep_vectors=params["keep_vectors"], scale_dtype=params["scale_dtype"],
-                    center=params["center"], options=options)
+                    center=params["center"], options=options, partitions=params["partitions"])
+        index._coarse, index._coarse_shard = coarse, coarse_shard
         index._swap(segments, payload_schema)
         index._next_id = int(next_id)
         index._store = store
@@ -683,10 +882,13 @@ def _appended(segments: list[Segment], segment: Segment, layout: BlockLayout | N
     """Binary-counter merging: a new segment absorbs unsaved predecessors no larger than itself,
     so n one-row adds copy O(n log n) rows in total and leave O(log n) segments, where merging
     every add into the tail would copy O(n²)."""
-    while (segments and segments[-1].shard is None and segments[-1].deleted is None
-           and len(segments[-1]) <= len(segment) < _MERGE_BELOW_ROWS):
-        segment = _merged([segments.pop(), segment], layout, schema)
-    return segments + [segment]
+    while True:
+        # The latest segment of the same list (a flat index has one list: the tail).
+        i = next((j for j in range(len(segments) - 1, -1, -1) if segments[j].partition == segment.partition), None)
+        if not (i is not None and segments[i].shard is None and segments[i].deleted is None
+                and len(segments[i]) <= len(segment) < _MERGE_BELOW_ROWS):
+            return segments + [segment]
+        segment = _merged([segments.pop(i), segment], layout, schema)
 
 
 def _consolidated(segments: list[Segment], layout: BlockLayout | None, schema: pa.Schema | None) -> list[Segment]:
@@ -694,12 +896,26 @@ def _consolidated(segments: list[Segment], layout: BlockLayout | None, schema: p
     live rows is merged (removed rows dropped). Saved segments count too, so many small commits
     (add one row, save, repeat) do not leave one shard each; a merged pair is written once more on
     the next save and its old shards collected."""
-    segments = list(segments)
-    while len(segments) > _MAX_SEGMENTS:
+    if any(s.partition is not None for s in segments):  # a partitioned index: per list
+        return [s for part in _by_partition(segments).values()
+                for s in _consolidated_list(part, _MAX_SEGMENTS_PER_LIST, layout, schema)]
+    return _consolidated_list(list(segments), _MAX_SEGMENTS, layout, schema)
+
+
+def _consolidated_list(segments: list[Segment], most: int, layout, schema) -> list[Segment]:
+    while len(segments) > most:
         sizes = [a.live_count + b.live_count for a, b in zip(segments, segments[1:])]
         i = int(np.argmin(sizes))
         segments[i:i + 2] = [_merged(segments[i:i + 2], layout, schema)]
     return segments
+
+
+def _by_partition(segments) -> dict:
+    """Segments grouped by list, in list order, each group in index order."""
+    groups: dict = {}
+    for s in segments:
+        groups.setdefault(s.partition, []).append(s)
+    return dict(sorted(groups.items(), key=lambda kv: -1 if kv[0] is None else kv[0]))
 
 
 def _merged(segments: list[Segment], layout: BlockLayout | None, schema: pa.Schema | None = None) -> Segment:
@@ -723,7 +939,7 @@ def _merged(segments: list[Segment], layout: BlockLayout | None, schema: pa.Sche
                              residual_norm=field("residual_norm"), blocks=blocks)
     table = payloads.take([(s.payload, len(s), rows) for s, rows in zip(segments, keep)], schema)
     return Segment(ids=cat([s.ids for s in segments]), encoded=encoded, vectors=cat([s.vectors for s in segments]),
-                   payload=table)
+                   payload=table, partition=segments[0].partition)
 
 
 def _take_encoded(quantizer: TurboQuantizer, enc: EncodedVectors, rows) -> EncodedVectors:
@@ -744,7 +960,8 @@ def _filtered(view: _View, where, layout: BlockLayout | None) -> _View:
                 for s, m in zip(view.segments, masks)]
     # Same rows and positions as the snapshot: its id map serves as it is.
     filtered = _View(segments, view.schema, ids=view.ids)
-    if filtered.live and filtered.live <= _DIRECT_FRACTION * view.live:
+    partitioned = any(s.partition is not None for s in segments)  # its lists must stay apart
+    if not partitioned and filtered.live and filtered.live <= _DIRECT_FRACTION * view.live:
         return _View([_merged([s for s in segments if s.live_count], layout, view.schema)], view.schema,
                      gathered=True)
     return filtered

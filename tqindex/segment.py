@@ -27,6 +27,7 @@ class Segment:
     payload : pyarrow Table of n rows (metadata columns, `tqindex.payload`), or None
     shard : manifest entry (dict) of the committed files that hold these rows, or None if unsaved
     deletions_dirty : the deletion mask changed since the last commit
+    partition : the list of a partitioned index these rows belong to (residual codes), else None
     """
 
     ids: np.ndarray
@@ -36,6 +37,7 @@ class Segment:
     shard: dict | None = None
     deletions_dirty: bool = False
     payload: object = None
+    partition: int | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

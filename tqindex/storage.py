@@ -52,11 +52,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
+import torch
 
 from . import payload as payloads
 from .codebook import CODEBOOK_VERSIONS
 from .groups import CODEBOOKS, make_groups
 from .layout import BLOCK, BlockLayout, block_count
+from .partition import MAX_PARTITIONS, CoarseQuantizer
 from .quantizer import SCALE_DTYPES, VARIANTS, EncodedVectors, row_code_bytes, stores_norm
 from .rotation import ROTATION_KINDS
 from .segment import Segment
@@ -71,13 +73,13 @@ SHARDS = "shards"
 _CHECKSUM_CHUNK = 8 << 20
 _LOAD_RETRIES = 100  # a retry happens only when a writer committed meanwhile
 #: Every file the index writes under shards/ has such a name; nothing else there is ever opened or removed.
-_SHARD_NAME = re.compile(r"(rows|codes|vectors|payload|deleted)-[0-9a-f]{32}\.arrow")
+_SHARD_NAME = re.compile(r"(rows|codes|vectors|payload|deleted|centroids)-[0-9a-f]{32}\.arrow")
 #: The files of one shard entry in the manifest; only "rows" is always there.
 _PARTS = ("rows", "codes", "vectors", "payload", "deleted")
 #: A manifest larger than this is refused unread (a real one holds a few hundred bytes per shard).
 _MAX_MANIFEST_BYTES = 64 << 20
 #: Parameters indexes saved by older tqindex versions lack, as those versions built them.
-_LEGACY_PARAMS = {"scale_dtype": "float32", "codebook": "scalar", "center": None}
+_LEGACY_PARAMS = {"scale_dtype": "float32", "codebook": "scalar", "center": None, "partitions": 0}
 
 
 class IndexFormatError(ValueError):
@@ -344,6 +346,18 @@ def _check_body(body: dict, where: Path) -> None:
             bad("params.center", f"must be null or a list of {params['dim']} numbers")
         if not all(isinstance(c, numbers.Real) and not isinstance(c, bool) for c in center):
             bad("params.center", "must hold only numbers")
+    partitions = params.get("partitions", 0)
+    if not _is_int(partitions, 0, MAX_PARTITIONS):
+        bad("params.partitions", f"must be an integer in [0, {MAX_PARTITIONS}], got {_short(partitions, 80)}")
+    coarse = body.get("coarse")
+    if partitions and center is not None:
+        bad("params", "sets both center and partitions")
+    if coarse is not None:
+        if not partitions or not isinstance(coarse, dict) or not isinstance(coarse.get("fit"), dict):
+            bad("coarse", "must be null, or for a partitioned index an object with centroids and fit")
+        _check_file_entry(coarse.get("centroids"), "centroids", "coarse.centroids", bad)
+        if coarse["centroids"]["rows"] != partitions:
+            bad("coarse.centroids.rows", f"must be {partitions} (one per list)")
     index_schema = None
     if body.get("payload_schema") is not None:
         try:
@@ -353,27 +367,26 @@ def _check_body(body: dict, where: Path) -> None:
     shards = body.get("shards")
     if not isinstance(shards, list):
         bad("shards", "must be a list")
-    names = set()
+    names = set() if coarse is None else {coarse["centroids"]["name"]}
+    if shards and partitions and coarse is None:
+        bad("coarse", "is missing: a partitioned index with rows must name its centroids")
     for i, entry in enumerate(shards):
         if not isinstance(entry, dict) or not isinstance(entry.get("rows"), dict):
             bad(f"shards[{i}]", "must be an object with a rows entry")
+        partition = entry.get("partition")
+        if partitions and not _is_int(partition, 0, partitions - 1):
+            bad(f"shards[{i}].partition", f"must be a list number in [0, {partitions}), got {_short(partition, 80)}")
+        if not partitions and partition is not None:
+            bad(f"shards[{i}].partition", "is set, but the index is not partitioned")
         for part in _PARTS:
             file = entry.get(part)
             if file is None and part != "rows":
                 continue
-            if not isinstance(file, dict):
-                bad(f"shards[{i}].{part}", "must be an object or null")
-            name = file.get("name")
-            if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or not name.startswith(part + "-"):
-                bad(f"shards[{i}].{part}.name", f"is not a {part} shard name of this index: {_short(name, 80)}")
+            _check_file_entry(file, part, f"shards[{i}].{part}", bad)
+            name = file["name"]
             if name in names:
                 bad(f"shards[{i}].{part}.name", f"names {name} a second time")
             names.add(name)
-            for field in ("bytes", "rows"):
-                if not _is_int(file.get(field), 0, 2 ** 62):
-                    bad(f"shards[{i}].{part}.{field}", "must be a non-negative integer")
-            if not _is_int(file.get("crc32"), 0, 2 ** 32 - 1):
-                bad(f"shards[{i}].{part}.crc32", "must be a 32-bit checksum")
             if part == "payload":
                 if index_schema is None:
                     bad(f"shards[{i}].payload", "names a payload shard, but the manifest has no payload_schema")
@@ -388,6 +401,20 @@ def _check_body(body: dict, where: Path) -> None:
                                                            f"index schema does not")
 
 
+def _check_file_entry(file, part: str, field: str, bad) -> None:
+    """One file's manifest entry: a name of the index's own pattern for `part`, sizes, checksum."""
+    if not isinstance(file, dict):
+        bad(field, "must be an object or null")
+    name = file.get("name")
+    if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or not name.startswith(part + "-"):
+        bad(f"{field}.name", f"is not a {part} shard name of this index: {_short(name, 80)}")
+    for key in ("bytes", "rows"):
+        if not _is_int(file.get(key), 0, 2 ** 62):
+            bad(f"{field}.{key}", "must be a non-negative integer")
+    if not _is_int(file.get("crc32"), 0, 2 ** 32 - 1):
+        bad(f"{field}.crc32", "must be a 32-bit checksum")
+
+
 def _write_manifest(path: Path, body: dict) -> None:
     data = json.dumps({"body": body, "crc32": zlib.crc32(_canonical(body))}, indent=1, sort_keys=True).encode()
     tmp = path / (MANIFEST + ".tmp")
@@ -400,7 +427,7 @@ def _collect_garbage(path: Path, body: dict) -> None:
     """Delete shard files the committed manifest does not name (superseded ones, crash leftovers).
     Only regular files named as the index names its own are touched: anything else a user put in
     shards/ stays."""
-    keep = set()
+    keep = set() if not body.get("coarse") else {body["coarse"]["centroids"]["name"]}
     for entry in body["shards"]:
         for part in _PARTS:
             if entry.get(part):
@@ -476,7 +503,8 @@ def save(index, path=None) -> None:
     try:
         entries = write_shards(state, target, fresh=fresh, written=written)
         body = manifest_body(state["params"], generation=writer.generation + 1, next_id=state["next_id"],
-                             count=state["live"], shards=entries, payload_schema=state["payload_schema"])
+                             count=state["live"], shards=entries, payload_schema=state["payload_schema"],
+                             coarse=write_coarse(state, target, fresh=fresh, written=written))
         written.append(target / (MANIFEST + ".tmp"))
         _write_manifest(target, body)
     except BaseException:
@@ -508,6 +536,8 @@ def write_shards(state: dict, target: Path, *, fresh: bool, written: list[Path])
         upgrade = segment.shard is not None and segment.encoded.blocks is not None and not segment.shard.get("codes")
         rewrite = fresh or segment.shard is None or upgrade
         entry = _write_segment(shard_dir, segment, params, sizes, written) if rewrite else dict(segment.shard)
+        if segment.partition is not None:
+            entry["partition"] = int(segment.partition)
         if rewrite or segment.deletions_dirty:
             rows = np.nonzero(segment.deleted)[0].astype(np.int64) if segment.deleted is not None else None
             entry["deleted"] = None if rows is None or not rows.size else _write_new(
@@ -518,11 +548,26 @@ def write_shards(state: dict, target: Path, *, fresh: bool, written: list[Path])
     return entries
 
 
+def write_coarse(state: dict, target: Path, *, fresh: bool, written: list[Path]) -> dict | None:
+    """The manifest's "coarse" entry of a partitioned index: its centroids file (written when new
+    here) and how they were fitted; None for a flat or untrained index."""
+    coarse = state["coarse"]
+    if coarse is None:
+        return None
+    if state["coarse_shard"] is not None and not fresh:
+        return state["coarse_shard"]
+    centroids = coarse.centroids.numpy().astype(np.float32)
+    flat = pa.array(np.ascontiguousarray(centroids).reshape(-1), pa.float32())
+    entry = _write_new(target / SHARDS / f"centroids-{uuid.uuid4().hex}.arrow", _vectors_schema(centroids.shape[1]),
+                       [pa.FixedSizeListArray.from_arrays(flat, centroids.shape[1])], written)
+    return {"centroids": entry, "fit": dict(coarse.fit)}
+
+
 def manifest_body(params: dict, *, generation: int, next_id: int, count: int, shards: list[dict],
-                  payload_schema=None) -> dict:
+                  payload_schema=None, coarse: dict | None = None) -> dict:
     """The manifest body a commit writes (`_write_manifest` adds its checksum)."""
     body = {"format": "tqindex", "format_version": FORMAT_VERSION, "generation": generation, "params": params,
-            "next_id": next_id, "count": count, "shards": shards}
+            "next_id": next_id, "count": count, "shards": shards, "coarse": coarse}
     if payload_schema is not None:
         body["payload_schema"] = payloads.schema_to_text(payload_schema)
     return body
@@ -539,6 +584,7 @@ def _record_commit(index, writer: Store, state: dict, body: dict) -> None:
     """Committed: only now may the in-memory state say so (and a new directory become the index's)."""
     index._bind(writer)
     writer.generation = body["generation"]
+    index._coarse_shard = body.get("coarse")
     for segment, entry in zip(state["segments"], body["shards"]):
         segment.shard = entry
         segment.deletions_dirty = False
@@ -698,18 +744,33 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
             deleted = np.zeros(batch.num_rows, dtype=bool)
             deleted[rows] = True
         segments.append(Segment(ids=_column_numpy(col["id"]), encoded=encoded, vectors=vectors, deleted=deleted,
-                                shard=entry, payload=table))
+                                shard=entry, payload=table, partition=entry.get("partition")))
     _check_rows(segments, body, path / MANIFEST)
     store = Store(path)
     store.generation = body["generation"]
     try:
         schema = payloads.schema_from_text(body["payload_schema"]) if body.get("payload_schema") else None
-        index = cls._from_state(params, segments=segments, next_id=body["next_id"], store=store, payload_schema=schema)
+        index = cls._from_state(params, segments=segments, next_id=body["next_id"], store=store, payload_schema=schema,
+                                coarse=_load_coarse(path, body, dim, mmap=mmap, verify=verify),
+                                coarse_shard=body.get("coarse"))
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexFormatError(f"manifest {path / MANIFEST} has invalid parameters: {_short(exc, 200)}") from None
     if device != "cpu":
         index.to(device)
     return index
+
+
+def _load_coarse(path: Path, body: dict, dim: int, *, mmap: bool, verify: bool) -> CoarseQuantizer | None:
+    """A partitioned index's centroids (checked: one finite row of `dim` floats per list)."""
+    coarse = body.get("coarse")
+    if not coarse:
+        return None
+    entry = coarse["centroids"]
+    batch = _read_table(path / SHARDS / entry["name"], entry, _vectors_schema(dim), mmap=False, verify=verify)
+    centroids = _column_numpy(batch.column(0), dim).astype(np.float32)
+    if not np.isfinite(centroids).all():
+        raise IndexFormatError(f"centroids shard {entry['name']} holds values that are not finite")
+    return CoarseQuantizer(torch.from_numpy(centroids.copy()), dict(coarse["fit"]))
 
 
 def _check_rows(segments: list[Segment], body: dict, where: Path) -> None:

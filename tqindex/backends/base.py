@@ -27,18 +27,27 @@ class Queries:
     rotated : (nq, d) float32, Πq
     projected : (nq, d) float32, GΠq for the prod variant, else None
     sq_norms : (nq,) float32, ‖q‖² (used by "l2")
+    tables : a backend's per-query tables made once for several scans (`Scanner.with_tables`): a
+        tuple of host arrays with nq rows each, or None
     """
 
     rotated: torch.Tensor
     projected: torch.Tensor | None
     sq_norms: torch.Tensor
+    tables: tuple | None = None
 
     def __len__(self) -> int:
         return self.rotated.shape[0]
 
     def to(self, device) -> "Queries":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Queries(move(self.rotated), move(self.projected), move(self.sq_norms))
+        return Queries(move(self.rotated), move(self.projected), move(self.sq_norms), self.tables)
+
+    def take(self, rows: torch.Tensor) -> "Queries":
+        """These queries (int64 row numbers), tables included."""
+        pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
+        tables = None if self.tables is None else tuple(a[rows.numpy()] for a in self.tables)
+        return Queries(pick(self.rotated), pick(self.projected), pick(self.sq_norms), tables)
 
 
 @dataclass
@@ -105,6 +114,11 @@ class Scanner(ABC):
     @abstractmethod
     def topk(self, segments: list, queries: Queries, k: int) -> TopK:
         """Exact top k of the quantized scores over the live rows of `segments` (see `TopK`)."""
+
+    def with_tables(self, queries: Queries) -> Queries:
+        """`queries` with this backend's per-query tables made once, for a caller that scans several
+        groups of segments with them (a partitioned index's lists); by default none."""
+        return queries
 
     def prepare(self, segment) -> None:
         """Build what this backend needs to scan `segment` (called when rows are added, merged or

@@ -215,8 +215,8 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
 
 def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: torch.Tensor,
                    query_sq_norms: torch.Tensor, k: int, metric: str, *, portable: bool = False,
-                   threads: int | None = None, cache: SegmentCache | None = None, stats: dict | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   threads: int | None = None, cache: SegmentCache | None = None, stats: dict | None = None,
+                   tables: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract and results as `backends.torch_scan.scan_topk` (mse variant, CPU).
 
     Parameters
@@ -229,11 +229,13 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
         Where kernel layouts are kept between calls (without it they are rebuilt per call).
     stats : dict, optional
         Filled with the work done: queries, and rows per query whose exact score was summed.
+    tables : tuple, optional
+        These queries' `quantized_luts`, made once by the caller for several scans.
     """
     nq = rotated.shape[0]
     threads = threads or native.get_num_threads()
     q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
-    luts, fluts, delta, bias, tol, magnitude = quantized_luts(quantizer, rotated.contiguous())
+    luts, fluts, delta, bias, tol, magnitude = tables or quantized_luts(quantizer, rotated.contiguous())
     factor = 2.0 if metric == "l2" else 1.0
     qn2 = query_sq_norms.numpy().astype(np.float32) if metric == "l2" else None
     scores, positions = [], []
@@ -275,9 +277,12 @@ class FastScanner(Scanner):
         if len(segment):
             segment_layout(self.quantizer, segment, self.metric, self.cache)
 
+    def with_tables(self, queries: Queries) -> Queries:
+        return dataclasses.replace(queries, tables=quantized_luts(self.quantizer, queries.rotated.contiguous()))
+
     def topk(self, segments: list[Segment], queries: Queries, k: int) -> TopK:
         stats: dict = {}
         scores, positions = scan_topk_fast(self.quantizer, segments, queries.rotated, queries.sq_norms, k,
-                                           self.metric, cache=self.cache, stats=stats)
+                                           self.metric, cache=self.cache, stats=stats, tables=queries.tables)
         self.last_stats = stats
         return TopK(scores, positions, stats)

@@ -1,0 +1,214 @@
+"""Partitioned (IVF) mode: residual codes per list, nprobe, and everything the flat index does."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from tqindex import Index, IndexFormatError
+from tqindex.storage import MANIFEST
+
+from conftest import assert_topk_matches, clustered, exact_topk, recall_at
+
+DIM = 32
+NLIST = 16
+
+
+def _data(n=4000, seed=0, queries=40):
+    rng = np.random.default_rng(seed)
+    return clustered(rng, n, DIM, clusters=30, queries=queries)
+
+
+def _reference(index: Index, x: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
+    """Every row's score as the residual codes define it: c + the residual's estimate (what
+    `reconstruct` returns), with ‖x‖ itself for "l2"; (nq, n) over ids 0..n−1."""
+    xt = index.reconstruct(np.arange(len(x))).astype(np.float64)
+    qd = q.astype(np.float64)
+    if metric == "cosine":
+        qd = qd / np.linalg.norm(qd, axis=1, keepdims=True)
+    if metric == "l2":
+        xn = np.square(np.linalg.norm(x.astype(np.float64), axis=1))
+        return -(np.square(qd).sum(1)[:, None] + xn[None, :] - 2 * qd @ xt.T)   # higher is better
+    return qd @ xt.T
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_probing_every_list_is_the_flat_scan_of_the_residual_codes(metric, bits):
+    x, q = _data()
+    if metric == "l2":
+        x = x * np.random.default_rng(1).uniform(0.5, 2.0, (len(x), 1)).astype(np.float32)
+    index = Index(dim=DIM, bits=bits, metric=metric, partitions=NLIST)
+    index.add(x)
+    assert index.trained and index.centroids.shape == (NLIST, DIM)
+    ref = _reference(index, x, q, metric)
+    result = index.search(q, 10, nprobe=NLIST)
+    scores = -result.scores if metric == "l2" else result.scores
+    assert_topk_matches(result.ids, scores, ref, rtol=1e-4)
+    # The torch scan of the same lists agrees with the fast scan (tie-aware, through the same merge).
+    view = index._view
+    torch_scores, positions = index._scan(view, torch.from_numpy(q), 10, index._backend("torch"), NLIST)
+    ids = view.ids.ids_at(positions.numpy())
+    assert_topk_matches(ids, torch_scores.numpy(), ref, rtol=1e-4)
+
+
+def test_recall_rises_with_nprobe_and_the_work_with_the_lists_probed():
+    x, q = _data(n=6000, seed=2, queries=60)
+    index = Index(dim=DIM, bits=4, partitions=NLIST)
+    index.add(x)
+    truth = exact_topk(q, x, 10)
+    scanned = []
+    scanner = index._scanner()
+    real_topk = scanner.topk
+
+    def counting(segments, queries, k):
+        scanned.append(len(queries) * sum(len(s) for s in segments))
+        return real_topk(segments, queries, k)
+
+    scanner.topk = counting
+    recalls, work = [], []
+    for nprobe in (1, 2, 4, 8, 16):
+        scanned.clear()
+        recalls.append(recall_at(index.search(q, 10, nprobe=nprobe).ids, truth))
+        work.append(sum(scanned) / len(q))
+    assert all(a <= b for a, b in zip(recalls, recalls[1:])), recalls
+    assert recalls[0] < recalls[-1]
+    assert all(a < b for a, b in zip(work, work[1:])), work
+    assert work[-1] == len(x)                                   # every list: every row, once
+    assert work[0] < 3 * len(x) / NLIST                          # one list: about n / nlist rows
+
+
+def test_training_explicit_automatic_and_refused():
+    x, q = _data(n=3000, seed=3)
+    with pytest.raises(ValueError, match="not trained: call train"):
+        Index(dim=DIM, partitions=NLIST).add(x[:100])
+    with pytest.raises(ValueError, match="flat index needs no training"):
+        Index(dim=DIM).train(x)
+    with pytest.raises(ValueError, match="at least 64 vectors"):
+        Index(dim=DIM, partitions=NLIST).train(x[:10])
+    with pytest.raises(ValueError, match="partitions"):
+        Index(dim=DIM, partitions=-1)
+    with pytest.raises(ValueError, match="center or partitions"):
+        Index(dim=DIM, partitions=4, center=np.zeros(DIM))
+
+    auto = Index(dim=DIM, partitions=NLIST, seed=4)
+    auto.add(x[:39 * NLIST])                                     # the first add trains
+    explicit = Index(dim=DIM, partitions=NLIST, seed=4)
+    explicit.train(x[:39 * NLIST])
+    np.testing.assert_array_equal(auto.centroids, explicit.centroids)   # seeded: the same fit
+    before = auto.centroids
+    auto.add(x[39 * NLIST:])                                     # later adds are assigned, not refitted
+    np.testing.assert_array_equal(auto.centroids, before)
+    with pytest.raises(ValueError, match="refit=True"):
+        auto.train(x)
+    with pytest.raises(ValueError, match="keep_vectors"):
+        auto.train(x, refit=True)
+    np.testing.assert_array_equal(auto.centroids, before)        # refused: nothing changed
+
+    kept = Index(dim=DIM, partitions=NLIST, keep_vectors=True, seed=4)
+    kept.train(x[:1000])
+    kept.add(x, metadata={"n": np.arange(len(x))})
+    kept.remove([0, 1, 2])
+    kept.train(x[1000:], refit=True)                              # every row re-encoded
+    fresh = Index(dim=DIM, partitions=NLIST, keep_vectors=True, seed=4)
+    fresh.train(x[1000:])
+    fresh.add(x[3:], ids=np.arange(3, len(x)))
+    np.testing.assert_array_equal(kept.centroids, fresh.centroids)
+    assert len(kept) == len(x) - 3
+    a, b = kept.search(q, 10, nprobe=NLIST), fresh.search(q, 10, nprobe=NLIST)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+    assert kept.get([5]).column("n").to_pylist() == [5]
+
+
+def test_removes_rerank_filters_and_upserts_work_as_in_the_flat_index():
+    x, q = _data(n=3000, seed=5)
+    index = Index(dim=DIM, bits=4, partitions=NLIST, keep_vectors=True)
+    index.add(x, metadata={"year": np.arange(len(x)) % 50})
+    gone = np.arange(0, len(x), 4)
+    ref = _reference(index, x, q, "ip")
+    index.remove(gone)
+    ref[:, gone] = -np.inf
+    r = index.search(q, 10, nprobe=NLIST)
+    assert_topk_matches(r.ids, r.scores, ref)
+    assert not np.isin(r.ids, gone).any()
+    # Rerank: exact scores of the quantized top k·rerank.
+    rr = index.search(q, 5, nprobe=NLIST, rerank=4)
+    np.testing.assert_allclose(rr.scores, np.take_along_axis(q @ x.T, rr.ids, axis=1), rtol=1e-5)
+    # Filters: the top k of the allowed rows, inside the probed lists.
+    allowed = np.setdiff1d(np.arange(0, len(x), 7), gone)
+    f = index.search(q, 10, nprobe=NLIST, filter=allowed)
+    ref_f = np.full_like(ref, -np.inf)
+    ref_f[:, allowed] = ref[:, allowed]
+    assert_topk_matches(f.ids, f.scores, ref_f)
+    e = index.search(q, 10, nprobe=NLIST, filter=pc.field("year") < 3, columns=["year"])
+    assert (np.asarray(e.payload.column("year").to_pylist()) < 3).all()
+    assert set(e.ids.reshape(-1)) <= set(index.select(pc.field("year") < 3))
+    # An upsert moves the row to the list of its new vector.
+    index.add(-x[1:2], ids=[1], upsert=True)
+    np.testing.assert_allclose(index.search(-x[1], 1, nprobe=NLIST).ids, [1])
+    index.compact()
+    assert len(index._segments) <= NLIST and all(s.partition is not None for s in index._segments)
+    assert len(index) == len(x) - len(gone)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_save_load_round_trip_keeps_lists_and_the_fit(tmp_path, mmap):
+    x, q = _data(n=3000, seed=6)
+    index = Index(dim=DIM, bits=3, metric="l2", partitions=NLIST, seed=9)
+    index.add(x[:2000])
+    index.save(tmp_path / "ix")
+    index.add(x[2000:])
+    index.remove([5, 6])
+    index.save()                                             # incremental: the centroids are not rewritten
+    body = json.loads((tmp_path / "ix" / MANIFEST).read_text())["body"]
+    assert body["params"]["partitions"] == NLIST and body["coarse"]["fit"]["seed"] == 9
+    assert {e["partition"] for e in body["shards"]} <= set(range(NLIST))
+    assert len([p for p in (tmp_path / "ix" / "shards").iterdir() if p.name.startswith("centroids-")]) == 1
+    loaded = Index.load(tmp_path / "ix", mmap=mmap)
+    np.testing.assert_array_equal(loaded.centroids, index.centroids)
+    for nprobe in (2, NLIST):
+        a, b = loaded.search(q, 10, nprobe=nprobe), index.search(q, 10, nprobe=nprobe)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.scores, b.scores)
+    loaded.add(x[:5] * 2)                                    # adds after a load go to the loaded lists
+    assert len(loaded) == len(x) - 2 + 5
+
+
+def test_a_damaged_partition_manifest_is_refused(tmp_path):
+    x, _ = _data(n=1000, seed=7)
+    index = Index(dim=DIM, partitions=8)
+    index.add(x)
+    index.save(tmp_path / "ix")
+    path = tmp_path / "ix" / MANIFEST
+
+    def damaged(change):
+        doc = json.loads(path.read_text())
+        change(doc["body"])
+        from tqindex.storage import _canonical
+        import zlib
+        doc["crc32"] = zlib.crc32(_canonical(doc["body"]))
+        (tmp_path / "bad").mkdir(exist_ok=True)
+        import shutil
+        shutil.rmtree(tmp_path / "bad")
+        shutil.copytree(tmp_path / "ix", tmp_path / "bad")
+        (tmp_path / "bad" / MANIFEST).write_text(json.dumps(doc))
+        return tmp_path / "bad"
+
+    with pytest.raises(IndexFormatError, match="partition"):
+        Index.load(damaged(lambda b: b["shards"][0].update(partition=8)))
+    with pytest.raises(IndexFormatError, match="coarse"):
+        Index.load(damaged(lambda b: b.update(coarse=None)))
+    with pytest.raises(IndexFormatError, match="centroids.rows"):
+        Index.load(damaged(lambda b: b["coarse"]["centroids"].update(rows=7)))
+    with pytest.raises(IndexFormatError, match="partition"):
+        Index.load(damaged(lambda b: b["params"].update(partitions=0)))
+    centroids = next(p for p in (tmp_path / "ix" / "shards").iterdir() if p.name.startswith("centroids-"))
+    data = bytearray(centroids.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    centroids.write_bytes(bytes(data))
+    with pytest.raises(IndexFormatError, match="checksum"):
+        Index.load(tmp_path / "ix")
