@@ -485,3 +485,25 @@ def test_load_refuses_a_live_id_held_twice(tmp_path):
     (tmp_path / "a" / MANIFEST).write_text(json.dumps(doc_a))
     with pytest.raises(IndexFormatError, match="live id more than once"):
         Index.load(tmp_path / "a")
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
+def test_a_load_and_search_import_nothing_heavy(tmp_path, scale_dtype):
+    """pyarrow's Array.to_numpy imports pandas (~40 MB resident) on first use; a load reads its
+    columns without it, so a loaded index costs only its own bytes."""
+    index = Index(dim=16, bits=3, metric="l2", scale_dtype=scale_dtype, keep_vectors=True)
+    x = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    index.add(x)
+    index.remove([3])
+    index.save(tmp_path / "ix")
+    code = ("import sys, numpy as np\n"
+            "from tqindex import Index\n"
+            f"ix = Index.load({str(tmp_path / 'ix')!r})\n"
+            "r = ix.search(np.ones(16, np.float32), 5, rerank=2)\n"
+            "assert len(ix) == 299 and r.ids.shape == (5,)\n"
+            "print(sorted(m for m in ('pandas', 'pyarrow.compute') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+    loaded = Index.load(tmp_path / "ix")
+    np.testing.assert_array_equal(loaded.search(x[:4], 5).ids, index.search(x[:4], 5).ids)
