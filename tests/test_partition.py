@@ -63,13 +63,14 @@ def test_recall_rises_with_nprobe_and_the_work_with_the_lists_probed():
     truth = exact_topk(q, x, 10)
     scanned = []
     scanner = index._scanner()
-    real_topk = scanner.topk
+    real = scanner.topk_lists
 
-    def counting(segments, queries, k):
-        scanned.append(len(queries) * sum(len(s) for s in segments))
-        return real_topk(segments, queries, k)
+    def counting(request, queries, k):   # rows in the lists each query scans
+        size = {lst: sum(len(request.segments[i]) for i in where) for lst, where in request.members.items()}
+        scanned.append(sum(size.get(int(lst), 0) for lst in request.lists.reshape(-1)))
+        return real(request, queries, k)
 
-    scanner.topk = counting
+    scanner.topk_lists = counting
     recalls, work = [], []
     for nprobe in (1, 2, 4, 8, 16):
         scanned.clear()

@@ -70,8 +70,8 @@ static PyObject *release(Py_buffer *bufs, int held, int ok) {
 static PyObject *scan_fields(PyObject *codes, Py_ssize_t ncols, Py_ssize_t wcols, PyObject *luts, PyObject *fluts,
                              PyObject *delta, PyObject *bias, PyObject *tol, PyObject *eps, PyObject *row_scale,
                              PyObject *row_norm2, PyObject *query_norm2, PyObject *block_live, PyObject *rotated,
-                             PyObject *centroids, int row_bits, Py_ssize_t b0, Py_ssize_t b1, PyObject *out_s,
-                             PyObject *out_i, PyObject *exact_count, int portable) {
+                             PyObject *centroids, int row_bits, PyObject *offset, int64_t id_base, Py_ssize_t b0,
+                             Py_ssize_t b1, PyObject *out_s, PyObject *out_i, PyObject *exact_count, int portable) {
     Py_ssize_t nblocks;
     {
         Py_buffer view;
@@ -127,6 +127,15 @@ static PyObject *scan_fields(PyObject *codes, Py_ssize_t ncols, Py_ssize_t wcols
         NEXT(block_live, 0, nblocks, "block_live")
         a.block_live = v->buf;
     }
+    if (offset != Py_None) {
+        NEXT(offset, 0, a.nq * (Py_ssize_t)sizeof(float), "offset")
+        a.offset = v->buf;
+    }
+    if (id_base < 0) {
+        PyErr_SetString(PyExc_ValueError, "scan: id_base must be non-negative");
+        goto done;
+    }
+    a.id_base = id_base;
     if (row_norm2 != Py_None) {
         NEXT(row_norm2, 0, n * (Py_ssize_t)sizeof(float), "row_norm2")
         a.row_norm2 = v->buf;
@@ -189,8 +198,9 @@ done:
 static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"plan", "b0", "b1", "out_scores", "out_ids", "exact_count", "portable", NULL};
     static const char *names[] = {"codes", "luts", "fluts", "delta", "bias", "tol", "eps", "row_scale", "row_norm2",
-                                  "query_norm2", "block_live", "rotated", "centroids", "ncols", "wcols", "row_bits"};
-    enum { NFIELDS = 16 };
+                                  "query_norm2", "block_live", "rotated", "centroids", "ncols", "wcols", "row_bits",
+                                  "offset", "id_base"};
+    enum { NFIELDS = 18 };
     PyObject *plan, *out_s, *out_i, *exact_count, *f[NFIELDS] = {NULL};
     Py_ssize_t b0, b1;
     int portable = 0;
@@ -201,9 +211,10 @@ static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     for (int i = 0; i < NFIELDS; i++)
         if (!(f[i] = PyObject_GetAttrString(plan, names[i]))) goto done;
     Py_ssize_t ncols = PyLong_AsSsize_t(f[13]), wcols = PyLong_AsSsize_t(f[14]), row_bits = PyLong_AsSsize_t(f[15]);
+    long long id_base = PyLong_AsLongLong(f[17]);
     if (PyErr_Occurred()) goto done;
     result = scan_fields(f[0], ncols, wcols, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11],
-                         f[12], (int)row_bits, b0, b1, out_s, out_i, exact_count, portable);
+                         f[12], (int)row_bits, f[16], (int64_t)id_base, b0, b1, out_s, out_i, exact_count, portable);
 done:
     for (int i = 0; i < NFIELDS; i++) Py_XDECREF(f[i]);
     return result;

@@ -48,6 +48,8 @@ typedef struct {
     const uint8_t *block_live; /* [nblocks]: 0 where every row of the block is removed (skipped), or NULL */
     const float *row_norm2;    /* [nblocks * 32], slot order, or NULL ("ip") */
     const float *query_norm2;  /* [nq] or NULL */
+    const float *offset;       /* [nq] added to every exact score (a partitioned index's list term), or NULL */
+    int64_t id_base;           /* added to every id written (the segment's first position) */
     Py_ssize_t nq, kp;
     float *out_s;              /* [nq][kp], min-heaps of exact scores */
     int64_t *out_i;
@@ -185,13 +187,16 @@ static inline void exact_offer(const scan_args *a, Py_ssize_t q, Py_ssize_t bloc
         s = 2.0f * a->row_scale[slot] * dot - a->row_norm2[slot] - a->query_norm2[q];
     else
         s = a->row_scale[slot] * dot;
+    if (a->offset) s += a->offset[q];
     a->exact_count[q]++;
-    if (s > hs[0]) heap_replace_top(hs, a->out_i + q * a->kp, a->kp, s, (int64_t)(block * BLOCK + v));
+    if (s > hs[0]) heap_replace_top(hs, a->out_i + q * a->kp, a->kp, s, a->id_base + (int64_t)(block * BLOCK + v));
 }
 
-/* Rows whose score may reach the heap: factor*scale*(delta*sum + bias + tol) [- norm2 - qn2] + eps >= min. */
+/* Rows whose score may reach the heap: factor*scale*(delta*sum + bias + tol) [- norm2 - qn2] [+ offset]
+ * + eps >= min. */
 static inline float evaluation_threshold(const scan_args *a, Py_ssize_t q) {
-    return a->out_s[q * a->kp] - a->eps[q] + (a->row_norm2 ? a->query_norm2[q] : 0.0f);
+    return a->out_s[q * a->kp] - a->eps[q] + (a->row_norm2 ? a->query_norm2[q] : 0.0f) -
+           (a->offset ? a->offset[q] : 0.0f);
 }
 
 static inline void offer_block(const scan_args *a, Py_ssize_t q, Py_ssize_t block, const uint32_t *sums) {

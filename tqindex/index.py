@@ -14,7 +14,7 @@ import torch
 from . import payload as payloads
 from . import storage
 from .filters import allowed_rows
-from .backends import Queries, make_scanners
+from .backends import ListScan, Queries, make_scanners
 from .codebook import CODEBOOK_VERSION, CODEBOOK_VERSIONS
 from .idmap import IdMap
 from .layout import BlockLayout
@@ -691,39 +691,13 @@ class Index:
         if self._coarse is None or not nq:
             return empty_topk(nq, k)
         device = q.device
-        q = q.cpu()
-        lists, offsets = self._coarse.probe(q, self._metric, nprobe)
+        lists, offsets = self._coarse.probe(q.cpu(), self._metric, nprobe)
+        starts, members = view.lists()
+        request = ListScan(segments=view.segments, starts=starts, members=members, lists=lists.numpy(),
+                           offsets=offsets.numpy())
         rotated, projected = self._quantizer.prepare_queries(q)
-        queries = scanner.with_tables(Queries(rotated, projected, q.square().sum(dim=1)))
-        nprobe = lists.shape[1]
-        cand_s = torch.full((nq, nprobe * k), -torch.inf, dtype=torch.float32)
-        cand_p = torch.full((nq, nprobe * k), -1, dtype=torch.int64)
-        starts = np.cumsum([0] + [len(s) for s in view.segments])
-        members: dict = {}
-        for i, segment in enumerate(view.segments):
-            if segment.live_count:
-                members.setdefault(segment.partition, []).append(i)
-        flat = lists.numpy()
-        order = np.argsort(flat, axis=None, kind="stable")
-        values, first = np.unique(flat.reshape(-1)[order], return_index=True)
-        for lst, a, b in zip(values, first, np.r_[first[1:], len(order)]):
-            where = members.get(int(lst))
-            if where is None:
-                continue
-            qs, slot = np.divmod(order[a:b], nprobe)   # the queries that probe this list, and as which
-            sub = queries.take(torch.from_numpy(qs))
-            result = scanner.topk([view.segments[i] for i in where], sub.to(device), k)
-            scores, local = result.scores.cpu(), result.positions.cpu().numpy()
-            # Local positions (over this list's segments) → the view's positions.
-            bounds = np.cumsum([0] + [len(view.segments[i]) for i in where])
-            j = np.clip(np.searchsorted(bounds, local, side="right") - 1, 0, len(where) - 1)
-            glob = np.where(local >= 0, starts[np.asarray(where)][j] + local - bounds[j], -1)
-            scores = scores + offsets[torch.from_numpy(qs), int(lst)][:, None]
-            cols = torch.from_numpy(slot[:, None] * k + np.arange(scores.shape[1])[None, :])
-            rows = torch.from_numpy(qs)[:, None].expand_as(cols)
-            cand_s[rows, cols] = scores
-            cand_p[rows, cols] = torch.from_numpy(glob)
-        return topk_padded(cand_s, cand_p, k)
+        result = scanner.topk_lists(request, Queries(rotated, projected, q.square().sum(dim=1)).to(device), k)
+        return result.scores.cpu(), result.positions.cpu()
 
     def _scanner(self):
         """The first backend that supports this index on its device."""
@@ -855,7 +829,7 @@ class Index:
 class _View:
     """An immutable snapshot of an index's rows: its segments, their id map and payload schema."""
 
-    __slots__ = ("segments", "ids", "live", "schema", "gathered")
+    __slots__ = ("segments", "ids", "live", "schema", "gathered", "_lists")
 
     def __init__(self, segments, schema: pa.Schema | None = None, ids: IdMap | None = None, gathered: bool = False):
         self.segments = tuple(segments)
@@ -863,6 +837,18 @@ class _View:
         self.ids = IdMap(lambda: self.segments) if ids is None else ids
         self.gathered = gathered  # a filter's allowed rows, copied into one small segment
         self.live = sum(s.live_count for s in self.segments)  # counted once, not per search
+        self._lists = None
+
+    def lists(self) -> tuple[np.ndarray, dict]:
+        """Each segment's first position, and {list: segment numbers} over segments with live rows
+        (a partitioned index's search request; made once per snapshot)."""
+        if self._lists is None:
+            members: dict = {}
+            for i, segment in enumerate(self.segments):
+                if segment.live_count:
+                    members.setdefault(segment.partition, []).append(i)
+            self._lists = (np.cumsum([0] + [len(s) for s in self.segments]), members)
+        return self._lists
 
 
 def _with_deleted(view: _View, positions: np.ndarray) -> list[Segment]:

@@ -7,9 +7,9 @@ or GPU, every quantizer). `Index` runs the first that supports its request.
 
 from __future__ import annotations
 
-from .base import Queries, Scanner, TopK
+from .base import ListScan, Queries, Scanner, TopK
 
-__all__ = ["Queries", "Scanner", "TopK", "make_scanners"]
+__all__ = ["ListScan", "Queries", "Scanner", "TopK", "make_scanners"]
 
 
 def make_scanners(quantizer, metric: str) -> list[Scanner]:

@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..memory import held_bytes
+import numpy as np
 
-__all__ = ["Queries", "Scanner", "SegmentCache", "TopK"]
+from ..memory import held_bytes
+from ..topk import topk_padded
+
+__all__ = ["ListScan", "Queries", "Scanner", "SegmentCache", "TopK"]
 
 
 @dataclass(frozen=True)
@@ -27,27 +30,51 @@ class Queries:
     rotated : (nq, d) float32, Πq
     projected : (nq, d) float32, GΠq for the prod variant, else None
     sq_norms : (nq,) float32, ‖q‖² (used by "l2")
-    tables : a backend's per-query tables made once for several scans (`Scanner.with_tables`): a
-        tuple of host arrays with nq rows each, or None
     """
 
     rotated: torch.Tensor
     projected: torch.Tensor | None
     sq_norms: torch.Tensor
-    tables: tuple | None = None
 
     def __len__(self) -> int:
         return self.rotated.shape[0]
 
     def to(self, device) -> "Queries":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Queries(move(self.rotated), move(self.projected), move(self.sq_norms), self.tables)
+        return Queries(move(self.rotated), move(self.projected), move(self.sq_norms))
 
     def take(self, rows: torch.Tensor) -> "Queries":
-        """These queries (int64 row numbers), tables included."""
+        """These queries (int64 row numbers)."""
         pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
-        tables = None if self.tables is None else tuple(a[rows.numpy()] for a in self.tables)
-        return Queries(pick(self.rotated), pick(self.projected), pick(self.sq_norms), tables)
+        return Queries(pick(self.rotated), pick(self.projected), pick(self.sq_norms))
+
+
+@dataclass(frozen=True)
+class ListScan:
+    """A partitioned index's scan: each query's probed lists, and the segments that form each list.
+
+    segments : the snapshot's segments (positions are over their concatenation)
+    starts : (len(segments) + 1,) int64, each segment's first position
+    members : {list: [segment numbers]} for the lists that hold live rows
+    lists : (nq, nprobe) int64, the lists each query scans
+    offsets : (nq, nlist) float32, what list L adds to every score of query q's rows
+    """
+
+    segments: tuple
+    starts: np.ndarray
+    members: dict
+    lists: np.ndarray
+    offsets: np.ndarray
+
+    def by_list(self):
+        """(list, segment numbers, the queries probing it (ascending)) for every probed list with rows."""
+        nprobe = self.lists.shape[1]
+        order = np.argsort(self.lists, axis=None, kind="stable")
+        values, first = np.unique(self.lists.reshape(-1)[order], return_index=True)
+        for lst, a, b in zip(values, first, np.r_[first[1:], len(order)]):
+            where = self.members.get(int(lst))
+            if where is not None:
+                yield int(lst), where, order[a:b] // nprobe
 
 
 @dataclass
@@ -115,10 +142,32 @@ class Scanner(ABC):
     def topk(self, segments: list, queries: Queries, k: int) -> TopK:
         """Exact top k of the quantized scores over the live rows of `segments` (see `TopK`)."""
 
-    def with_tables(self, queries: Queries) -> Queries:
-        """`queries` with this backend's per-query tables made once, for a caller that scans several
-        groups of segments with them (a partitioned index's lists); by default none."""
-        return queries
+    def topk_lists(self, request: ListScan, queries: Queries, k: int) -> TopK:
+        """Exact top k over each query's probed lists (see `ListScan`), scores with their list's
+        offset. This default scans list by list with `topk` (a list's offset does not change the
+        order inside it) and merges; a backend may do it in one pass."""
+        nq = len(queries)
+        nprobe = request.lists.shape[1]
+        cand_s = torch.full((nq, nprobe * k), -torch.inf, dtype=torch.float32)
+        cand_p = torch.full((nq, nprobe * k), -1, dtype=torch.int64)
+        filled = np.zeros(nq, dtype=np.int64)   # candidate columns used per query
+        device = queries.rotated.device
+        for lst, where, qs in request.by_list():
+            result = self.topk([request.segments[i] for i in where], queries.take(torch.from_numpy(qs)), k)
+            scores, local = result.scores.cpu(), result.positions.cpu().numpy()
+            # Positions over this list's segments → the snapshot's positions.
+            bounds = np.cumsum([0] + [len(request.segments[i]) for i in where])
+            j = np.clip(np.searchsorted(bounds, local, side="right") - 1, 0, len(where) - 1)
+            glob = np.where(local >= 0, request.starts[np.asarray(where)][j] + local - bounds[j], -1)
+            scores = scores + torch.from_numpy(request.offsets[qs, lst])[:, None]
+            cols = torch.from_numpy(filled[qs][:, None] + np.arange(scores.shape[1])[None, :])
+            rows = torch.from_numpy(qs)[:, None].expand_as(cols)
+            cand_s[rows, cols] = scores
+            cand_p[rows, cols] = torch.from_numpy(glob)
+            filled[qs] += scores.shape[1]
+        scores, positions = topk_padded(cand_s, cand_p, k)
+        self.last_stats = {"queries": nq}
+        return TopK(scores.to(device), positions.to(device), self.last_stats)
 
     def prepare(self, segment) -> None:
         """Build what this backend needs to scan `segment` (called when rows are added, merged or

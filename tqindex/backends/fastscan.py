@@ -38,9 +38,10 @@ from ..layout import to_slots
 from ..quantizer import TurboQuantizer
 from ..segment import Segment
 from ..topk import empty_topk, topk_padded
-from .base import Queries, Scanner, SegmentCache, TopK
+from .base import ListScan, Queries, Scanner, SegmentCache, TopK
 
-__all__ = ["FastScanner", "ScanPlan", "available", "supports", "scan_topk_fast", "segment_layout", "quantized_luts"]
+__all__ = ["FastScanner", "ScanPlan", "available", "supports", "scan_lists_fast", "scan_topk_fast", "segment_layout",
+           "quantized_luts"]
 
 
 
@@ -134,6 +135,8 @@ class ScanPlan:
     block_live : (nblocks,) uint8, 0 for blocks whose rows are all removed (skipped), or None
     rotated, centroids, row_bits : Πq (nq, d), the 16 padded levels and the bits a code takes in
         the nibble columns (1, 2 or 4), for rescoring one scalar group from its codes; else None / 0
+    offset : (nq,) float32 added to every exact score (a partitioned index's list term), or None
+    id_base : added to every position written (so several segments can fill one heap)
     """
 
     codes: np.ndarray
@@ -152,8 +155,10 @@ class ScanPlan:
     rotated: np.ndarray | None = None
     centroids: np.ndarray | None = None
     row_bits: int = 0
+    offset: np.ndarray | None = None
+    id_base: int = 0
 
-    _PER_QUERY = ("luts", "fluts", "delta", "bias", "tol", "eps", "query_norm2", "rotated")
+    _PER_QUERY = ("luts", "fluts", "delta", "bias", "tol", "eps", "query_norm2", "rotated", "offset")
 
     def queries(self, q0: int, q1: int) -> "ScanPlan":
         """The plan for queries [q0, q1) (views, no copies)."""
@@ -163,10 +168,10 @@ class ScanPlan:
                                             if getattr(self, name) is not None})
 
 
-def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metric, k, portable, threads):
-    """Exact top k of one segment: (scores (nq, k) float32, positions (nq, k) int64), unsorted."""
+def _segment_plan(quantizer, layout, segment, tables, rotated, query_norm2, metric, offset=None,
+                  id_base: int = 0) -> ScanPlan:
+    """The kernel's inputs for one segment and these queries' tables (luts, fluts, delta, bias, tol, eps)."""
     luts, fluts, delta, bias, tol, eps = tables
-    nq = len(delta)
     nblocks = layout["blocks"].shape[0]
     # Scales in slot order, NaN for padding and deleted rows (no comparison lets NaN through). A
     # segment's mask never changes (a removal makes a new segment), so the masked scales are kept
@@ -181,10 +186,7 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
             block_live = (~removed.reshape(nblocks, -1).all(axis=1)).astype(np.uint8)
             layout["masked_scale"] = (segment.deleted, masked, block_live)
         row_scale = masked
-    plan = ScanPlan(codes=layout["blocks"], ncols=layout["ncols"], wcols=layout["wcols"], luts=luts, fluts=fluts,
-                    delta=delta, bias=bias, tol=tol, eps=eps, row_scale=row_scale,
-                    row_norm2=layout["norm2"] if metric == "l2" else None, query_norm2=query_norm2,
-                    block_live=block_live)
+    rescore = {}
     groups = quantizer.groups
     if len(groups) == 1 and groups[0].kind.rescores_from_codes:
         # One scalar code group: rows are rescored straight from their codes in the nibble columns
@@ -194,7 +196,18 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
         g = groups[0]
         centroids = np.zeros(16, np.float32)
         centroids[: len(g.centroids)] = g.centroids.numpy()
-        plan = dataclasses.replace(plan, rotated=rotated, centroids=centroids, row_bits=4 if g.bits == 3 else g.bits)
+        rescore = dict(rotated=rotated, centroids=centroids, row_bits=4 if g.bits == 3 else g.bits)
+    return ScanPlan(codes=layout["blocks"], ncols=layout["ncols"], wcols=layout["wcols"], luts=luts, fluts=fluts,
+                    delta=delta, bias=bias, tol=tol, eps=eps, row_scale=row_scale,
+                    row_norm2=layout["norm2"] if metric == "l2" else None, query_norm2=query_norm2,
+                    block_live=block_live, offset=offset, id_base=int(id_base), **rescore)
+
+
+def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metric, k, portable, threads):
+    """Exact top k of one segment: (scores (nq, k) float32, positions (nq, k) int64), unsorted."""
+    nq = len(tables[2])
+    nblocks = layout["blocks"].shape[0]
+    plan = _segment_plan(quantizer, layout, segment, tables, rotated, query_norm2, metric)
 
     def run(q0, q1, b0, b1):
         out_s = np.full((q1 - q0, k), -np.inf, dtype=np.float32)
@@ -215,8 +228,8 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
 
 def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: torch.Tensor,
                    query_sq_norms: torch.Tensor, k: int, metric: str, *, portable: bool = False,
-                   threads: int | None = None, cache: SegmentCache | None = None, stats: dict | None = None,
-                   tables: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   threads: int | None = None, cache: SegmentCache | None = None, stats: dict | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract and results as `backends.torch_scan.scan_topk` (mse variant, CPU).
 
     Parameters
@@ -229,13 +242,11 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
         Where kernel layouts are kept between calls (without it they are rebuilt per call).
     stats : dict, optional
         Filled with the work done: queries, and rows per query whose exact score was summed.
-    tables : tuple, optional
-        These queries' `quantized_luts`, made once by the caller for several scans.
     """
     nq = rotated.shape[0]
     threads = threads or native.get_num_threads()
     q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
-    luts, fluts, delta, bias, tol, magnitude = tables or quantized_luts(quantizer, rotated.contiguous())
+    luts, fluts, delta, bias, tol, magnitude = quantized_luts(quantizer, rotated.contiguous())
     factor = 2.0 if metric == "l2" else 1.0
     qn2 = query_sq_norms.numpy().astype(np.float32) if metric == "l2" else None
     scores, positions = [], []
@@ -261,6 +272,53 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
                        torch.from_numpy(np.concatenate(positions, axis=1)), k)
 
 
+def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch.Tensor,
+                    query_sq_norms: torch.Tensor, k: int, metric: str, *, portable: bool = False,
+                    threads: int | None = None, cache: SegmentCache | None = None, stats: dict | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A partitioned index's top k (see `base.ListScan`) in one heap per query: tables are made
+    once per query, and every probed list's segments are scanned into the same heap, each with its
+    list's score offset (`ScanPlan.offset`) and first position (`id_base`), so a list's rows are
+    pruned against the best scores of the lists scanned before it. Threads take disjoint queries."""
+    nq = rotated.shape[0]
+    threads = threads or native.get_num_threads()
+    q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
+    luts, fluts, delta, bias, tol, magnitude = quantized_luts(quantizer, rotated.contiguous())
+    factor = 2.0 if metric == "l2" else 1.0
+    qn2 = query_sq_norms.numpy().astype(np.float32) if metric == "l2" else np.zeros(nq, np.float32)
+    segments = request.segments
+    heap_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    heap_i = np.full((nq, k), -1, dtype=np.int64)
+    count = np.zeros(nq, dtype=np.int64)
+
+    def run(q0, q1):
+        part = ListScan(segments, request.starts, request.members, request.lists[q0:q1], request.offsets[q0:q1])
+        for lst, where, qs in part.by_list():
+            g = qs + q0
+            # A run of consecutive queries (always, for one query) is read and written in place.
+            rows = slice(int(g[0]), int(g[-1]) + 1) if g[-1] - g[0] + 1 == len(g) else g
+            hs, hi, cnt = heap_s[rows], heap_i[rows], np.zeros(len(g), dtype=np.int64)
+            offset = np.ascontiguousarray(request.offsets[g, lst], dtype=np.float32)
+            base = (luts[rows], fluts[rows], delta[rows], bias[rows], tol[rows])
+            for i in where:
+                layout = segment_layout(quantizer, segments[i], metric, cache)
+                # Room for float32 rounding in a score: 1e-5 of the size of the terms it is made of.
+                eps = 1e-5 * (factor * layout["max_scale"] * magnitude[rows] + np.abs(offset)
+                              + ((layout["max_norm2"] + qn2[rows]) if metric == "l2" else 0.0))
+                plan = _segment_plan(quantizer, layout, segments[i], base + (eps.astype(np.float32),), q[rows],
+                                     qn2[rows] if metric == "l2" else None, metric, offset=offset,
+                                     id_base=request.starts[i])
+                native.kernels.scan(plan, 0, layout["blocks"].shape[0], hs, hi, cnt, portable=portable)
+            if isinstance(rows, np.ndarray):  # copies: written back
+                heap_s[rows], heap_i[rows] = hs, hi
+            count[g] += cnt
+
+    native.parallel_ranges(nq, run, threads)
+    if stats is not None:
+        stats.update(queries=nq, exact_per_query=float(count.sum()) / max(nq, 1))
+    return topk_padded(torch.from_numpy(heap_s), torch.from_numpy(heap_i), k)
+
+
 class FastScanner(Scanner):
     """The native fast scan behind the scanner protocol (mse codes of 1-5 bits, CPU, AVX2)."""
 
@@ -277,12 +335,16 @@ class FastScanner(Scanner):
         if len(segment):
             segment_layout(self.quantizer, segment, self.metric, self.cache)
 
-    def with_tables(self, queries: Queries) -> Queries:
-        return dataclasses.replace(queries, tables=quantized_luts(self.quantizer, queries.rotated.contiguous()))
+    def topk_lists(self, request: ListScan, queries: Queries, k: int) -> TopK:
+        stats: dict = {}
+        scores, positions = scan_lists_fast(self.quantizer, request, queries.rotated, queries.sq_norms, k,
+                                            self.metric, cache=self.cache, stats=stats)
+        self.last_stats = stats
+        return TopK(scores, positions, stats)
 
     def topk(self, segments: list[Segment], queries: Queries, k: int) -> TopK:
         stats: dict = {}
         scores, positions = scan_topk_fast(self.quantizer, segments, queries.rotated, queries.sq_norms, k,
-                                           self.metric, cache=self.cache, stats=stats, tables=queries.tables)
+                                           self.metric, cache=self.cache, stats=stats)
         self.last_stats = stats
         return TopK(scores, positions, stats)

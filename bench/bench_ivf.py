@@ -1,0 +1,201 @@
+"""Partitioned search: recall@10 against QPS for tqindex's IVF mode and its peers, nprobe (or ef) swept.
+
+    python bench/bench_ivf.py --dataset ../shared/data/dbpedia-titles-minilm-384-ip.hdf5 --bits 2 4
+
+Methods, each at its own bytes per vector and in its own fresh process on the same CPU, one after
+another: tqindex flat and partitioned (`--nlist` lists), faiss IndexIVFRaBitQ and its FastScan
+variant (8-bit queries), faiss IndexIVFPQFastScan, and usearch HNSW with f16 and i8 vectors. Each
+process builds its index once (build time and resident bytes per vector measured: RSS growth after
+malloc_trim), then for every nprobe (HNSW: expansion_search) times a batch of all queries per call
+(QPS, median of 3) and `--single` queries one at a time (QPS from their mean latency), with recall@10
+from the batch. The CPU model and each library's SIMD level are recorded. Writes
+bench/results/ivf-<dataset>.json, .md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import RESULTS, environment, load_ip_dataset, median_time, report, run_worker, write_json
+
+METHODS = ("tqindex-flat", "tqindex-ivf", "faiss-ivfrabitq", "faiss-ivfrabitq-fs", "faiss-ivfpq-fs",
+           "usearch-hnsw-f16", "usearch-hnsw-i8")
+PROBES = (1, 2, 4, 8, 16, 32, 64, 128)
+EFS = (16, 32, 64, 128, 256)
+
+
+def _rss() -> int:
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+
+class TqIndex:
+    def __init__(self, method, bits, dim, nlist):
+        from tqindex import Index, native
+        self.index = Index(dim=dim, bits=bits, partitions=nlist if method == "tqindex-ivf" else 0)
+        self.simd = native.simd()
+        self.sweep = PROBES if self.index.partitions else (None,)
+
+    def build(self, x):
+        self.index.add(x)
+
+    def search(self, q, k, p):
+        return self.index.search(q, k, nprobe=p).ids
+
+
+class FaissIvf:
+    def __init__(self, method, bits, dim, nlist):
+        import faiss
+        self.faiss = faiss
+        code = {"faiss-ivfrabitq": f"RaBitQ{bits}", "faiss-ivfrabitq-fs": f"RaBitQfs{bits}",
+                "faiss-ivfpq-fs": f"PQ{dim * bits // 4}x4fs"}[method]
+        self.index = faiss.index_factory(dim, f"IVF{nlist},{code}", faiss.METRIC_INNER_PRODUCT)
+        self.ivf = faiss.extract_index_ivf(self.index)
+        if hasattr(self.ivf, "qb"):
+            self.ivf.qb = 8  # 8-bit queries, as bench_recall.py uses RaBitQ
+        self.simd = faiss.get_compile_options().strip()
+        self.sweep = PROBES
+
+    def build(self, x):
+        self.index.train(x)
+        self.index.add(x)
+
+    def search(self, q, k, p):
+        self.ivf.nprobe = p
+        return self.index.search(q, k)[1]
+
+
+class USearch:
+    def __init__(self, method, bits, dim, nlist):
+        from usearch.index import Index
+        self.index = Index(ndim=dim, metric="ip", dtype=method.rsplit("-", 1)[1], connectivity=16,
+                           expansion_add=128)
+        self.simd = self.index.hardware_acceleration
+        self.sweep = EFS
+
+    def build(self, x):
+        self.index.add(np.arange(len(x)), x, threads=0)
+
+    def search(self, q, k, p):
+        self.index.expansion_search = p
+        found = self.index.search(q, k, threads=0)
+        return found.keys if q.ndim == 2 else found.keys[None]
+
+
+def _make(method, bits, dim, nlist):
+    if method.startswith("tqindex"):
+        return TqIndex(method, bits, dim, nlist)
+    if method.startswith("faiss"):
+        return FaissIvf(method, bits, dim, nlist)
+    return USearch(method, bits, dim, nlist)
+
+
+def _recall(found, gt) -> float:
+    return float(np.mean([len(set(f[:10].tolist()) & set(g[:10].tolist())) / 10 for f, g in zip(found, gt)]))
+
+
+def worker(args) -> None:
+    ds, x, q = load_ip_dataset(args.dataset)
+    gt = ds.groundtruth(10)
+    method = _make(args.method, args.worker_bits, x.shape[1], args.nlist)
+    before = _rss()
+    start = time.perf_counter()
+    method.build(x)
+    out = {"method": args.method, "bits": args.worker_bits, "build_s": time.perf_counter() - start,
+           "bytes_per_vector": (_rss() - before) / len(x), "simd": method.simd, "rows": len(x), "dim": x.shape[1],
+           "nlist": args.nlist, "points": []}
+    for p in method.sweep:
+        method.search(q[:20], 10, p)  # warm-up
+        batch_s, found = median_time(lambda: method.search(q, 10, p), 3)
+        times = []
+        for i in range(args.single):
+            t = time.perf_counter()
+            method.search(q[i % len(q)][None], 10, p)
+            times.append(time.perf_counter() - t)
+        out["points"].append({"param": p, "recall": _recall(found, gt), "batch_qps": len(q) / batch_s,
+                              "single_qps": 1.0 / float(np.mean(times)),
+                              "single_p50_ms": 1e3 * float(np.median(times))})
+    report(out)
+
+
+def _table(runs, env, args) -> str:
+    lines = [f"`{' '.join(['bench/bench_ivf.py'] + sys.argv[1:])}` on {env.get('cpu', '?')} ({env.get('cpus')} cores), "
+             f"{runs[0]['rows'] if runs else '?'} × {runs[0]['dim'] if runs else '?'}, 1,000 queries, k = 10; "
+             f"IVF indexes with {args.nlist} lists. Bytes per vector: resident-set growth over the build. "
+             f"Single-query QPS is 1 / mean latency over {args.single} queries; batch QPS: all queries per call.", "",
+             "| bits | method | build s | B/vector | param | recall@10 | single QPS | batch QPS | SIMD |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in runs:
+        for i, pt in enumerate(r["points"]):
+            head = (f"| {r['bits']} | {r['method']} | {r['build_s']:.2f} | {r['bytes_per_vector']:.0f}" if i == 0
+                    else "| | | | ")
+            lines.append(f"{head} | {pt['param'] if pt['param'] is not None else 'all'} | {pt['recall']:.4f} | "
+                         f"{pt['single_qps']:,.0f} | {pt['batch_qps']:,.0f} | {r['simd'] if i == 0 else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(runs, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    bits = sorted({r["bits"] for r in runs})
+    fig, axes = plt.subplots(1, len(bits), figsize=(6 * len(bits), 4.5), squeeze=False)
+    for ax, b in zip(axes[0], bits):
+        for r in (r for r in runs if r["bits"] == b):
+            pts = r["points"]
+            ax.plot([p["recall"] for p in pts], [p["single_qps"] for p in pts], marker="o",
+                    label=f"{r['method']} ({r['bytes_per_vector']:.0f} B)")
+        ax.set_yscale("log")
+        ax.set_xlabel("recall@10")
+        ax.set_ylabel("single-query QPS")
+        ax.set_title(f"{b} bits")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--nlist", type=int, default=256)
+    parser.add_argument("--single", type=int, default=200)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-bits", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.method:
+        return worker(args)
+    runs = []
+    for bits in args.bits:
+        for method in args.methods:
+            if method.startswith("usearch") and bits != args.bits[0]:
+                continue  # its bytes do not depend on our bit widths: measured once
+            result = run_worker([sys.executable, __file__, "--dataset", args.dataset, "--nlist", str(args.nlist),
+                                 "--single", str(args.single), "--method", method, "--worker-bits", str(bits)])
+            if result:
+                runs.append(result)
+                print(json.dumps({k: v for k, v in result.items() if k != "points"}), flush=True)
+    env = environment()
+    tag = Path(args.dataset).stem
+    write_json(RESULTS / f"ivf-{tag}.json", {"runs": runs})
+    text = _table(runs, env, args)
+    (RESULTS / f"ivf-{tag}.md").write_text(text)
+    _plot(runs, RESULTS / f"ivf-{tag}.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
