@@ -1,6 +1,7 @@
 """Partitioned search: recall@10 against QPS for tqindex's IVF mode and its peers, nprobe (or ef) swept.
 
     python bench/bench_ivf.py --dataset ../shared/data/dbpedia-titles-minilm-384-ip.hdf5 --bits 2 4
+    python bench/bench_ivf.py --synthetic 1000000 --nlist 1024 --bits 4
 
 Methods, each at its own bytes per vector and in its own fresh process on the same CPU, one after
 another: tqindex flat and partitioned (`--nlist` lists), faiss IndexIVFRaBitQ and its FastScan
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, environment, load_ip_dataset, median_time, report, run_worker, write_json
+from common import RESULTS, environment, load_ip_dataset, median_time, report, run_worker, synthetic_clustered, write_json
 
 METHODS = ("tqindex-flat", "tqindex-ivf", "faiss-ivfrabitq", "faiss-ivfrabitq-fs", "faiss-ivfpq-fs",
            "usearch-hnsw-f16", "usearch-hnsw-i8")
@@ -103,8 +104,11 @@ def _recall(found, gt) -> float:
 
 
 def worker(args) -> None:
-    ds, x, q = load_ip_dataset(args.dataset)
-    gt = ds.groundtruth(10)
+    if args.dataset:
+        ds, x, q = load_ip_dataset(args.dataset)
+        gt = ds.groundtruth(10)
+    else:
+        x, q, gt = synthetic_clustered(args.synthetic, args.dim)
     method = _make(args.method, args.worker_bits, x.shape[1], args.nlist)
     before = _rss()
     start = time.perf_counter()
@@ -168,7 +172,9 @@ def _plot(runs, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--dataset")
+    parser.add_argument("--synthetic", type=int, help="rows of synthetic clustered unit vectors (no real set)")
+    parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--nlist", type=int, default=256)
@@ -176,20 +182,23 @@ def main() -> None:
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--worker-bits", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not (args.dataset or args.synthetic):
+        raise SystemExit("give --dataset or --synthetic")
     if args.method:
         return worker(args)
+    data = ["--dataset", args.dataset] if args.dataset else ["--synthetic", str(args.synthetic), "--dim", str(args.dim)]
     runs = []
     for bits in args.bits:
         for method in args.methods:
             if method.startswith("usearch") and bits != args.bits[0]:
                 continue  # its bytes do not depend on our bit widths: measured once
-            result = run_worker([sys.executable, __file__, "--dataset", args.dataset, "--nlist", str(args.nlist),
+            result = run_worker([sys.executable, __file__, *data, "--nlist", str(args.nlist),
                                  "--single", str(args.single), "--method", method, "--worker-bits", str(bits)])
             if result:
                 runs.append(result)
                 print(json.dumps({k: v for k, v in result.items() if k != "points"}), flush=True)
     env = environment()
-    tag = Path(args.dataset).stem
+    tag = Path(args.dataset).stem if args.dataset else f"synthetic-{args.synthetic}x{args.dim}"
     write_json(RESULTS / f"ivf-{tag}.json", {"runs": runs})
     text = _table(runs, env, args)
     (RESULTS / f"ivf-{tag}.md").write_text(text)

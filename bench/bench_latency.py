@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from common import RESULTS, environment, report, run_worker, write_json
+from common import RESULTS, environment, load_ip_dataset, report, run_worker, synthetic_clustered, write_json
 
 METHODS = ("tqindex", "turbovec", "faiss-rabitq", "faiss-pqfastscan", "usearch-i8")
 BATCHES = (1, 8, 64, 1000)
@@ -31,35 +31,10 @@ BATCHES = (1, 8, 64, 1000)
 def _data(args):
     """(database, queries, ground-truth ids (nq, ≥10)) as float32 unit vectors for inner product."""
     if args.dataset:
+        _, x, q = load_ip_dataset(args.dataset)
         from tqindex.datasets import load_dataset
-        ds = load_dataset(args.dataset)
-        x = np.ascontiguousarray(np.asarray(ds.database()), dtype=np.float32)
-        q = np.ascontiguousarray(ds.queries(), dtype=np.float32)
-        if ds.metric == "cosine":
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
-            q /= np.linalg.norm(q, axis=1, keepdims=True)
-        return x, q, ds.groundtruth(10)
-    from tqindex.datasets import cache_dir, exact_knn
-    cache = cache_dir() / "bench" / f"synthetic-{args.synthetic}x{args.dim}.npz"
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((1000, args.dim)).astype(np.float32)
-
-    def draw(m):
-        out = np.empty((m, args.dim), np.float32)
-        for a in range(0, m, 1 << 16):
-            b = min(m, a + (1 << 16))
-            block = centres[rng.integers(0, 1000, b - a)] + 0.7 * rng.standard_normal((b - a, args.dim))
-            out[a:b] = block / np.linalg.norm(block, axis=1, keepdims=True)
-        return out
-
-    x, q = draw(args.synthetic), draw(1000)
-    if cache.exists():
-        gt = np.load(cache)["gt"]
-    else:
-        gt = exact_knn(x, q, 10, "ip")[0]
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, gt=gt)
-    return x, q, gt
+        return x, q, load_dataset(args.dataset).groundtruth(10)
+    return synthetic_clustered(args.synthetic, args.dim)
 
 
 class Tq:

@@ -52,6 +52,33 @@ def load_ip_dataset(name: str):
     return ds, x, q
 
 
+def synthetic_clustered(rows: int, dim: int):
+    """(database, queries, ground-truth ids (1000, 10)): unit vectors drawn around 1,000 random
+    centres (spread 0.7, seed 0; `tests/conftest.clustered`'s model of sentence embeddings), with
+    exact inner-product neighbours computed once and cached."""
+    from tqindex.datasets import cache_dir, exact_knn
+    cache = cache_dir() / "bench" / f"synthetic-{rows}x{dim}.npz"
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((1000, dim)).astype(np.float32)
+
+    def draw(m):
+        out = np.empty((m, dim), np.float32)
+        for a in range(0, m, 1 << 16):
+            b = min(m, a + (1 << 16))
+            block = centres[rng.integers(0, 1000, b - a)] + 0.7 * rng.standard_normal((b - a, dim))
+            out[a:b] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        return out
+
+    x, q = draw(rows), draw(1000)
+    if cache.exists():
+        gt = np.load(cache)["gt"]
+    else:
+        gt = exact_knn(x, q, 10, "ip")[0]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, gt=gt)
+    return x, q, gt
+
+
 def median_time(fn, repeat: int) -> tuple[float, object]:
     """Median wall time of `repeat` calls (after one untimed warm-up call); returns (seconds, last result)."""
     result = fn()

@@ -159,7 +159,8 @@ class Index:
         0 (default): a flat index, no training. nlist > 0: a partitioned (IVF) index whose rows are
         kept in nlist lists by their nearest k-means centroid and coded as residuals from it;
         `search(..., nprobe=)` scans only the nearest lists. Trained by `train(sample)`, or on the
-        first `add` of at least 39·nlist rows (`tqindex.partition`).
+        first `add` of at least 39·nlist rows (`tqindex.partition`). Needs no `center` (each list has
+        its own), and for "l2" the mse variant with rescale (the defaults).
     """
 
     def __init__(self, *, dim: int, bits: int = 4, metric: str = "ip", seed: int = 0, keep_vectors: bool = False,
