@@ -140,17 +140,24 @@ def check_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str = "vec
     row whose norm exceeds MAX_NORM, or that is zero where `zero_ok` is False (cosine: no direction)."""
     # In float64 (a float32 norm may overflow to inf), a chunk of rows at a time: a float64 copy of a
     # large batch would cost twice the batch itself; only the float32 norms are kept.
-    norms = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    on_cpu = x.device.type == "cpu"
+    # On the CPU in numpy: a single query's check then costs a few microseconds, not a dozen torch calls.
+    norms = np.empty(x.shape[0], dtype=np.float32) if on_cpu else torch.empty(x.shape[0], device=x.device)
+    source = x.numpy() if on_cpu else x
     rows = max(1, _NORM_CHUNK_ELEMENTS // max(1, x.shape[1]))
     for start in range(0, x.shape[0], rows):
-        chunk = torch.linalg.vector_norm(x[start:start + rows].double(), dim=1)
+        if on_cpu:
+            part = source[start:start + rows].astype(np.float64)
+            chunk = np.sqrt(np.einsum("ij,ij->i", part, part))
+        else:
+            chunk = torch.linalg.vector_norm(source[start:start + rows].double(), dim=1).cpu().numpy()
         big = chunk > MAX_NORM
-        if bool(big.any()):
-            row = start + int(big.nonzero()[0, 0])
+        if big.any():
+            row = start + int(np.flatnonzero(big)[0])
             raise ValueError(f"{name} row {row} has norm {float(chunk[row - start]):.3g}, above {MAX_NORM:.0e}: its "
                              f"scores would overflow float32 (rescale the data)")
-        if not zero_ok and bool((chunk == 0).any()):
-            row = start + int((chunk == 0).nonzero()[0, 0])
+        if not zero_ok and (chunk == 0).any():
+            row = start + int(np.flatnonzero(chunk == 0)[0])
             raise ValueError(f"{name} row {row} is zero and has no direction for metric {metric!r}")
-        norms[start:start + len(chunk)] = chunk
-    return norms
+        norms[start:start + len(chunk)] = torch.from_numpy(chunk.astype(np.float32)) if not on_cpu else chunk
+    return torch.from_numpy(norms) if on_cpu else norms

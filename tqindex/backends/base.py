@@ -67,8 +67,15 @@ class ListScan:
     offsets: np.ndarray
 
     def by_list(self):
-        """(list, segment numbers, the queries probing it (ascending)) for every probed list with rows."""
+        """(list, segment numbers, the queries probing it (ascending)) for every probed list with rows
+        (a query's lists are distinct: `CoarseQuantizer.probe` takes the top nprobe)."""
         nprobe = self.lists.shape[1]
+        if len(self.lists) == 1:  # one query: its lists, each once (no grouping to do)
+            for lst in self.lists[0].tolist():
+                where = self.members.get(lst)
+                if where is not None:
+                    yield lst, where, np.zeros(1, dtype=np.int64)
+            return
         order = np.argsort(self.lists, axis=None, kind="stable")
         values, first = np.unique(self.lists.reshape(-1)[order], return_index=True)
         for lst, a, b in zip(values, first, np.r_[first[1:], len(order)]):
