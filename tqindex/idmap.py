@@ -25,12 +25,11 @@ class IdMap:
 
     def invalidate(self) -> None:
         self._offsets: np.ndarray | None = None
-        self._ids: np.ndarray | None = None
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted live ids, their positions)
 
     def nbytes(self, seen: set | None = None) -> int:
         """Memory held by the lookups built so far (not counting buffers in `seen`: `held_bytes`)."""
-        return held_bytes([self._offsets, self._ids] + list(self._lookup or ()), seen)
+        return held_bytes([self._offsets] + list(self._lookup or ()), seen)
 
     def offsets(self) -> np.ndarray:
         """(segments + 1,) int64: the first position of each segment, then the total row count."""
@@ -39,21 +38,23 @@ class IdMap:
         return self._offsets
 
     def ids(self) -> np.ndarray:
-        """(rows,) int64: the id at every position, removed rows included."""
-        if self._ids is None:
-            segments = self._segments()
-            if len(segments) == 1:  # the segment's own array (no copy of a large single segment)
-                self._ids = np.asarray(segments[0].ids)
-            else:
-                self._ids = (np.concatenate([np.asarray(s.ids) for s in segments]) if segments
-                             else np.empty(0, dtype=np.int64))
-        return self._ids
+        """(rows,) int64: the id at every position, removed rows included (a new array unless
+        there is one segment; not kept)."""
+        segments = self._segments()
+        if len(segments) == 1:  # the segment's own array
+            return np.asarray(segments[0].ids)
+        return np.concatenate([np.asarray(s.ids) for s in segments]) if segments else np.empty(0, dtype=np.int64)
 
     def ids_at(self, positions: np.ndarray) -> np.ndarray:
-        """Ids of positions (any shape), −1 where the position is −1."""
+        """Ids of positions (any shape), −1 where the position is −1. Read from each segment's own
+        ids: no index-wide copy of the ids is made or kept for it."""
         out = np.full(positions.shape, -1, dtype=np.int64)
         found = positions >= 0
-        out[found] = self.ids()[positions[found]]
+        picked = positions[found]
+        values = np.empty(len(picked), dtype=np.int64)
+        for segment, where, rows in self.by_segment(picked):
+            values[where] = np.asarray(segment.ids)[rows]
+        out[found] = values
         return out
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
@@ -74,9 +75,12 @@ class IdMap:
         return np.where(sorted_ids[where] == ids, sorted_pos[where], -1).astype(np.int64)
 
     def by_segment(self, positions: np.ndarray) -> Iterator[tuple[object, np.ndarray, np.ndarray]]:
-        """Group positions by segment: yields (segment, mask into `positions`, local rows)."""
+        """Group positions by segment: yields (segment, indices into `positions`, local rows), one
+        sort for all segments (an index may hold thousands: a partitioned index's lists)."""
         offsets, segments = self.offsets(), self._segments()
         seg_of = np.searchsorted(offsets, positions, side="right") - 1
-        for s in np.unique(seg_of):
-            where = seg_of == s
+        order = np.argsort(seg_of, kind="stable")
+        values, first = np.unique(seg_of[order], return_index=True)
+        for s, a, b in zip(values, first, np.r_[first[1:], len(order)]):
+            where = order[a:b]
             yield segments[s], where, positions[where] - offsets[s]
