@@ -295,6 +295,12 @@ def test_list_scan_kernels_agree_and_equal_the_list_by_list_scan(metric, bits):
     for other in (b, c):
         np.testing.assert_array_equal(a[1].numpy(), other[1].numpy())
         np.testing.assert_array_equal(a[0].numpy(), other[0].numpy())
+    for row in (0, 5):   # one query: all its lists in one native call
+        one = ListScan(request.segments, request.starts, members, request.lists[row:row + 1],
+                       request.offsets[row:row + 1])
+        s1 = fastscan.scan_lists_fast(index._quantizer, one, rotated[row:row + 1], sq[row:row + 1], 10, metric)
+        np.testing.assert_array_equal(s1[1].numpy()[0], a[1].numpy()[row])
+        np.testing.assert_array_equal(s1[0].numpy()[0], a[0].numpy()[row])
     from tqindex.backends.base import Queries
     generic = index._backend("torch").topk_lists(request, Queries(rotated, None, sq), 10)
     ref = np.full((len(q), len(index._ids.ids_at(np.arange(3000)))), -np.inf)

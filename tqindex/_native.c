@@ -66,6 +66,21 @@ static PyObject *release(Py_buffer *bufs, int held, int ok) {
     Py_RETURN_NONE;
 }
 
+/* The kernel this CPU runs (call without the GIL). */
+static void run_scan(const scan_args *a, int portable) {
+#if defined(TQ_X86)
+    if (a->avx2)
+        scan_avx2(a);
+    else
+#elif defined(TQ_NEON)
+    if (!portable)
+        scan_neon(a);
+    else
+#endif
+        scan_portable(a);
+    (void)portable;
+}
+
 /* The scan proper, on the plan's fields (see `scan` below). */
 static PyObject *scan_fields(PyObject *codes, Py_ssize_t ncols, Py_ssize_t wcols, PyObject *luts, PyObject *fluts,
                              PyObject *delta, PyObject *bias, PyObject *tol, PyObject *eps, PyObject *row_scale,
@@ -176,16 +191,7 @@ static PyObject *scan_fields(PyObject *codes, Py_ssize_t ncols, Py_ssize_t wcols
     a.avx2 = !portable && have_avx2();
 #endif
     Py_BEGIN_ALLOW_THREADS
-#if defined(TQ_X86)
-    if (a.avx2)
-        scan_avx2(&a);
-    else
-#elif defined(TQ_NEON)
-    if (!portable)
-        scan_neon(&a);
-    else
-#endif
-        scan_portable(&a);
+    run_scan(&a, portable);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
@@ -218,6 +224,169 @@ static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
 done:
     for (int i = 0; i < NFIELDS; i++) Py_XDECREF(f[i]);
     return result;
+}
+
+/* scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False): one call for many
+ * segments sharing the plan's per-query fields (luts, fluts, delta, bias, tol, query_norm2, rotated, centroids,
+ * ncols, wcols, row_bits; its per-segment fields and eps are not read). Each segment is a tuple (codes, row_scale,
+ * row_norm2 or None, block_live or None, offset float32[nq] or None, id_base, max_scale, max_norm2) scanned
+ * whole into the same heaps, with eps = 1e-5 * (factor * max_scale * magnitude + |offset| [+ max_norm2 + qn2])
+ * (the room for float32 rounding that `scan_topk_fast` gives a score). A partitioned index's probed lists, one
+ * call per query group: the per-segment work done in Python before is this loop. */
+static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"plan", "segments", "magnitude", "out_scores", "out_ids", "exact_count", "portable", NULL};
+    static const char *names[] = {"luts", "fluts", "delta", "bias", "tol", "query_norm2", "rotated", "centroids",
+                                  "ncols", "wcols", "row_bits"};
+    enum { NFIELDS = 11 };
+    PyObject *plan, *segments, *magnitude, *out_s, *out_i, *exact_count, *f[NFIELDS] = {NULL};
+    int portable = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OOOO|p", kwlist, &plan, &PyList_Type, &segments, &magnitude,
+                                     &out_s, &out_i, &exact_count, &portable))
+        return NULL;
+    Py_buffer bufs[16];
+    int held = 0, ok = 0;
+    float *eps = NULL;
+    Py_buffer *v;
+    scan_args a;
+    memset(&a, 0, sizeof(a));
+    for (int i = 0; i < NFIELDS; i++)
+        if (!(f[i] = PyObject_GetAttrString(plan, names[i]))) goto done;
+    Py_ssize_t ncols = PyLong_AsSsize_t(f[8]), wcols = PyLong_AsSsize_t(f[9]), row_bits = PyLong_AsSsize_t(f[10]);
+    if (PyErr_Occurred()) goto done;
+    if (ncols < 1 || wcols < 0 || wcols % 4 || wcols > ncols) {
+        PyErr_SetString(PyExc_ValueError, "scan_segments: inconsistent ncols / wcols");
+        goto done;
+    }
+    if (PyObject_GetBuffer(f[2], &bufs[held], PyBUF_C_CONTIGUOUS) < 0) goto done;  /* delta fixes nq */
+    a.nq = bufs[held].len / (Py_ssize_t)sizeof(float);
+    a.delta = bufs[held].buf;
+    held++;
+    if (PyObject_GetBuffer(out_s, &bufs[held], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+    a.kp = a.nq ? bufs[held].len / (Py_ssize_t)sizeof(float) / a.nq : 0;
+    a.out_s = bufs[held].buf;
+    held++;
+    if (a.nq && (a.kp < 1 || bufs[held - 1].len != a.nq * a.kp * (Py_ssize_t)sizeof(float))) {
+        PyErr_SetString(PyExc_ValueError, "scan_segments: out_scores must be float32 [nq][k] with k >= 1");
+        goto done;
+    }
+#define NEXT(obj, w, nbytes, name)                                     \
+    v = &bufs[held];                                                   \
+    if (get_buffer(obj, v, w, nbytes, name) < 0) goto done;            \
+    held++;
+    NEXT(f[0], 0, a.nq * (ncols + wcols) * 32, "luts")
+    a.luts = v->buf;
+    NEXT(f[1], 0, a.nq * (ncols + wcols) * 32 * (Py_ssize_t)sizeof(float), "fluts")
+    a.fluts = v->buf;
+    NEXT(f[3], 0, a.nq * (Py_ssize_t)sizeof(float), "bias")
+    a.bias = v->buf;
+    NEXT(f[4], 0, a.nq * (Py_ssize_t)sizeof(float), "tol")
+    a.tol = v->buf;
+    NEXT(magnitude, 0, a.nq * (Py_ssize_t)sizeof(float), "magnitude")
+    const float *mag = v->buf;
+    NEXT(exact_count, 1, a.nq * (Py_ssize_t)sizeof(int64_t), "exact_count")
+    a.exact_count = v->buf;
+    NEXT(out_i, 1, a.nq * a.kp * (Py_ssize_t)sizeof(int64_t), "out_ids")
+    a.out_i = v->buf;
+    const float *qn2 = NULL;
+    if (f[5] != Py_None) {
+        NEXT(f[5], 0, a.nq * (Py_ssize_t)sizeof(float), "query_norm2")
+        qn2 = v->buf;
+    }
+    if (row_bits) {
+        if ((row_bits != 1 && row_bits != 2 && row_bits != 4) || wcols) {
+            PyErr_SetString(PyExc_ValueError, "scan_segments: row_bits must be 1, 2 or 4, without wide columns");
+            goto done;
+        }
+        a.row_bits = (int)row_bits;
+        if (PyObject_GetBuffer(f[6], &bufs[held], PyBUF_C_CONTIGUOUS) < 0) goto done;
+        a.rotated = bufs[held].buf;
+        a.dim = a.nq ? bufs[held].len / (Py_ssize_t)sizeof(float) / a.nq : 0;
+        held++;
+        if (a.nq && (a.dim < 1 || a.dim * a.nq * (Py_ssize_t)sizeof(float) != bufs[held - 1].len ||
+                     (a.dim * row_bits + 7) / 8 > ncols)) {
+            PyErr_SetString(PyExc_ValueError, "scan_segments: rotated must be float32 [nq][dim]");
+            goto done;
+        }
+        NEXT(f[7], 0, 16 * (Py_ssize_t)sizeof(float), "centroids")
+        a.centroids = v->buf;
+    }
+#undef NEXT
+    a.ncols = ncols;
+    a.wcols = wcols;
+#ifdef TQ_X86
+    a.avx2 = !portable && have_avx2();
+#endif
+    eps = PyMem_Malloc((a.nq ? a.nq : 1) * sizeof(float));
+    if (!eps) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    a.eps = eps;
+    Py_ssize_t count = PyList_GET_SIZE(segments);
+    for (Py_ssize_t s = 0; s < count; s++) {
+        PyObject *codes, *row_scale, *row_norm2, *block_live, *offset;
+        long long id_base;
+        double max_scale, max_norm2;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(segments, s), "OOOOOLdd;scan_segments: a segment is (codes, row_scale, "
+                              "row_norm2, block_live, offset, id_base, max_scale, max_norm2)", &codes, &row_scale,
+                              &row_norm2, &block_live, &offset, &id_base, &max_scale, &max_norm2))
+            goto done;
+        if (id_base < 0 || (row_norm2 != Py_None) != (qn2 != NULL)) {
+            PyErr_SetString(PyExc_ValueError, "scan_segments: id_base must be >= 0, and row_norm2 given with query_norm2");
+            goto done;
+        }
+        Py_buffer seg[5];
+        int sheld = 0, sok = 0;
+        Py_ssize_t nblocks = 0;
+        if (PyObject_GetBuffer(codes, &seg[sheld], PyBUF_C_CONTIGUOUS) < 0) goto seg_done;
+        nblocks = seg[sheld].len / ((ncols + wcols / 4) * BLOCK);
+        if (nblocks * (ncols + wcols / 4) * BLOCK != seg[sheld].len) {
+            PyErr_SetString(PyExc_ValueError, "scan_segments: codes are not whole blocks of this layout");
+            sheld++;
+            goto seg_done;
+        }
+        a.codes = seg[sheld++].buf;
+        if (get_buffer(row_scale, &seg[sheld], 0, nblocks * BLOCK * (Py_ssize_t)sizeof(float), "row_scale") < 0)
+            goto seg_done;
+        a.row_scale = seg[sheld++].buf;
+        a.row_norm2 = NULL;
+        a.query_norm2 = NULL;
+        if (row_norm2 != Py_None) {
+            if (get_buffer(row_norm2, &seg[sheld], 0, nblocks * BLOCK * (Py_ssize_t)sizeof(float), "row_norm2") < 0)
+                goto seg_done;
+            a.row_norm2 = seg[sheld++].buf;
+            a.query_norm2 = qn2;
+        }
+        a.block_live = NULL;
+        if (block_live != Py_None) {
+            if (get_buffer(block_live, &seg[sheld], 0, nblocks, "block_live") < 0) goto seg_done;
+            a.block_live = seg[sheld++].buf;
+        }
+        a.offset = NULL;
+        if (offset != Py_None) {
+            if (get_buffer(offset, &seg[sheld], 0, a.nq * (Py_ssize_t)sizeof(float), "offset") < 0) goto seg_done;
+            a.offset = seg[sheld++].buf;
+        }
+        const float factor = a.row_norm2 ? 2.0f : 1.0f;
+        for (Py_ssize_t q = 0; q < a.nq; q++)
+            eps[q] = 1e-5f * (factor * (float)max_scale * mag[q] + (a.offset ? fabsf(a.offset[q]) : 0.0f) +
+                              (a.row_norm2 ? (float)max_norm2 + qn2[q] : 0.0f));
+        a.id_base = id_base;
+        a.b0 = 0;
+        a.b1 = nblocks;
+        Py_BEGIN_ALLOW_THREADS
+        run_scan(&a, portable);
+        Py_END_ALLOW_THREADS
+        sok = 1;
+    seg_done:
+        for (int i = 0; i < sheld; i++) PyBuffer_Release(&seg[i]);
+        if (!sok) goto done;
+    }
+    ok = 1;
+done:
+    PyMem_Free(eps);
+    for (int i = 0; i < NFIELDS; i++) Py_XDECREF(f[i]);
+    return release(bufs, held, ok);
 }
 
 /* ---- encoding ----------------------------------------------------------------------------------
@@ -617,6 +786,10 @@ static PyMethodDef methods[] = {
      "(tqindex.backends.fastscan). Offer blocks [b0, b1) of every query to its "
      "min-heap of exact scores in out_scores/out_ids (float32/int64 [nq][k], initialised by the caller); adds "
      "the number of exact evaluations to exact_count (int64 [nq]). Releases the GIL."},
+    {"scan_segments", (PyCFunction)(void (*)(void))scan_segments, METH_VARARGS | METH_KEYWORDS,
+     "scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False)\n\nscan for many "
+     "segments (tuples (codes, row_scale, row_norm2, block_live, offset, id_base, max_scale, max_norm2)) sharing "
+     "the plan's per-query fields, into the same heaps. Releases the GIL per segment."},
     {"encode", encode, METH_VARARGS,
      "encode(y, dim, rows, groups, codes, alignment)\n\nQuantize rows of rotated unit vectors into packed codes "
      "(groups: list of (start, stop, bits, byte_offset, boundaries, centroids)) and their alignment "

@@ -15,6 +15,9 @@ from .memory import held_bytes
 
 __all__ = ["IdMap"]
 
+#: Up to this many positions, `ids_at` looks each up on its own (cheaper than grouping by segment).
+_FEW_POSITIONS = 64
+
 
 class IdMap:
     """Ids ↔ positions over the segments returned by `segments()` (read at each rebuild)."""
@@ -52,8 +55,14 @@ class IdMap:
         found = positions >= 0
         picked = positions[found]
         values = np.empty(len(picked), dtype=np.int64)
-        for segment, where, rows in self.by_segment(picked):
-            values[where] = np.asarray(segment.ids)[rows]
+        if len(picked) <= _FEW_POSITIONS:  # a query's k results: one look-up each, no grouping
+            offsets, segments = self.offsets(), self._segments()
+            seg_of = np.searchsorted(offsets, picked, side="right") - 1
+            for j, (s, p) in enumerate(zip(seg_of.tolist(), picked.tolist())):
+                values[j] = segments[s].ids[p - offsets[s]]
+        else:
+            for segment, where, rows in self.by_segment(picked):
+                values[where] = np.asarray(segment.ids)[rows]
         out[found] = values
         return out
 

@@ -44,6 +44,12 @@ class CoarseQuantizer:
     centroids: torch.Tensor
     fit: dict
 
+    def __post_init__(self):
+        # Probing's operands, made once: Cᵀ (d, nlist) float32 and ‖c‖².
+        c = self.centroids.numpy().astype(np.float32)
+        object.__setattr__(self, "_centroids_t", np.ascontiguousarray(c.T))
+        object.__setattr__(self, "_sq_norms", np.square(c, dtype=np.float32).sum(axis=1))
+
     @property
     def nlist(self) -> int:
         return self.centroids.shape[0]
@@ -52,24 +58,27 @@ class CoarseQuantizer:
         """(n,) int64: each row's nearest centroid by Euclidean distance (the shortest residual)."""
         return _nearest(x, self.centroids)
 
-    def scores(self, q: torch.Tensor, metric: str) -> torch.Tensor:
-        """(nq, nlist) float32: what a list adds to every score of its rows, and probing's key
-        (higher is better): ⟨q, c⟩, or 2⟨q, c⟩ for "l2"."""
-        s = q @ self.centroids.T
-        return 2 * s if metric == "l2" else s
-
     def probe(self, q: torch.Tensor, metric: str, nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The `nprobe` lists to scan per query, best first, and every list's score offset.
+        """The `nprobe` lists to scan per query, best first, and every list's score offset: what a
+        list adds to every score of its rows, ⟨q, c⟩ (2⟨q, c⟩ for "l2"), which also ranks the lists
+        (for "l2" less ‖c‖²: the nearest centroids).
 
         Returns
         -------
-        lists : (nq, nprobe) int64; offsets : (nq, nlist) float32 (`scores`)
+        lists : (nq, nprobe) int64; offsets : (nq, nlist) float32
         """
-        offsets = self.scores(q, metric)
-        key = offsets
-        if metric == "l2":  # nearest centroids: −‖q − c‖² ranks as 2⟨q, c⟩ − ‖c‖²
-            key = offsets - self.centroids.square().sum(dim=1)[None, :]
-        return torch.topk(key, min(nprobe, self.nlist), dim=1).indices, offsets
+        # In numpy: for a single query, a dozen microseconds less than torch's calls.
+        offsets = q.numpy() @ self._centroids_t
+        if metric == "l2":
+            offsets *= 2
+        key = offsets - self._sq_norms[None, :] if metric == "l2" else offsets  # l2: the nearest centroids
+        nprobe = min(nprobe, self.nlist)
+        if nprobe < self.nlist:
+            top = np.argpartition(-key, nprobe - 1, axis=1)[:, :nprobe]
+        else:
+            top = np.broadcast_to(np.arange(self.nlist), key.shape)
+        order = np.argsort(-np.take_along_axis(key, top, axis=1), axis=1, kind="stable")
+        return torch.from_numpy(np.take_along_axis(top, order, axis=1).astype(np.int64)), torch.from_numpy(offsets)
 
 
 def fit_kmeans(x: torch.Tensor, nlist: int, *, seed: int, iterations: int = 10,

@@ -168,39 +168,47 @@ class ScanPlan:
                                             if getattr(self, name) is not None})
 
 
+def _live_scale(layout: dict, segment: Segment) -> tuple[np.ndarray, np.ndarray | None]:
+    """The segment's scales in slot order with NaN for padding and removed rows (no comparison lets
+    NaN through), and which blocks have a live row (None: all). A segment's mask never changes (a
+    removal makes a new segment), so the masked scales are kept with the layout, beside the mask
+    they were made from."""
+    if segment.deleted is None:
+        return layout["scale"], None
+    mask, masked, block_live = layout.get("masked_scale", (None, None, None))
+    if mask is not segment.deleted:
+        nblocks = layout["blocks"].shape[0]
+        removed = to_slots(np.asarray(segment.deleted), nblocks, True)
+        masked = np.where(removed, np.float32(np.nan), layout["scale"])
+        # Blocks with no row left (common under a filter) are skipped by the kernel.
+        block_live = (~removed.reshape(nblocks, -1).all(axis=1)).astype(np.uint8)
+        layout["masked_scale"] = (segment.deleted, masked, block_live)
+    return masked, block_live
+
+
 def _segment_plan(quantizer, layout, segment, tables, rotated, query_norm2, metric, offset=None,
                   id_base: int = 0) -> ScanPlan:
     """The kernel's inputs for one segment and these queries' tables (luts, fluts, delta, bias, tol, eps)."""
     luts, fluts, delta, bias, tol, eps = tables
-    nblocks = layout["blocks"].shape[0]
-    # Scales in slot order, NaN for padding and deleted rows (no comparison lets NaN through). A
-    # segment's mask never changes (a removal makes a new segment), so the masked scales are kept
-    # with the layout, beside the mask they were made from.
-    row_scale, block_live = layout["scale"], None
-    if segment.deleted is not None:
-        mask, masked, block_live = layout.get("masked_scale", (None, None, None))
-        if mask is not segment.deleted:
-            removed = to_slots(np.asarray(segment.deleted), nblocks, True)
-            masked = np.where(removed, np.float32(np.nan), row_scale)
-            # Blocks with no row left (common under a filter) are skipped by the kernel.
-            block_live = (~removed.reshape(nblocks, -1).all(axis=1)).astype(np.uint8)
-            layout["masked_scale"] = (segment.deleted, masked, block_live)
-        row_scale = masked
-    rescore = {}
-    groups = quantizer.groups
-    if len(groups) == 1 and groups[0].kind.rescores_from_codes:
-        # One scalar code group: rows are rescored straight from their codes in the nibble columns
-        # (a SIMD decode-and-dot, cheaper than summing 2·ncols float table entries; a 3-bit code
-        # takes a whole nibble). Other kinds rescore from the float tables, whose entries already
-        # hold each codeword's dot product.
-        g = groups[0]
-        centroids = np.zeros(16, np.float32)
-        centroids[: len(g.centroids)] = g.centroids.numpy()
-        rescore = dict(rotated=rotated, centroids=centroids, row_bits=4 if g.bits == 3 else g.bits)
+    row_scale, block_live = _live_scale(layout, segment)
     return ScanPlan(codes=layout["blocks"], ncols=layout["ncols"], wcols=layout["wcols"], luts=luts, fluts=fluts,
                     delta=delta, bias=bias, tol=tol, eps=eps, row_scale=row_scale,
                     row_norm2=layout["norm2"] if metric == "l2" else None, query_norm2=query_norm2,
-                    block_live=block_live, offset=offset, id_base=int(id_base), **rescore)
+                    block_live=block_live, offset=offset, id_base=int(id_base), **_rescore_fields(quantizer, rotated))
+
+
+def _rescore_fields(quantizer, rotated) -> dict:
+    """With one scalar code group, rows are rescored straight from their codes in the nibble
+    columns (a SIMD decode-and-dot, cheaper than summing 2·ncols float table entries; a 3-bit code
+    takes a whole nibble): the plan's rotated queries, 16 padded levels and bits per code. Other
+    kinds rescore from the float tables, whose entries already hold each codeword's dot product."""
+    groups = quantizer.groups
+    if not (len(groups) == 1 and groups[0].kind.rescores_from_codes):
+        return {}
+    g = groups[0]
+    centroids = np.zeros(16, np.float32)
+    centroids[: len(g.centroids)] = g.centroids.numpy()
+    return dict(rotated=rotated, centroids=centroids, row_bits=4 if g.bits == 3 else g.bits)
 
 
 def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metric, k, portable, threads):
@@ -284,34 +292,43 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
     threads = threads or native.get_num_threads()
     q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
     luts, fluts, delta, bias, tol, magnitude = quantized_luts(quantizer, rotated.contiguous())
-    factor = 2.0 if metric == "l2" else 1.0
-    qn2 = query_sq_norms.numpy().astype(np.float32) if metric == "l2" else np.zeros(nq, np.float32)
+    qn2 = query_sq_norms.numpy().astype(np.float32) if metric == "l2" else None
     segments = request.segments
     heap_s = np.full((nq, k), -np.inf, dtype=np.float32)
     heap_i = np.full((nq, k), -1, dtype=np.int64)
     count = np.zeros(nq, dtype=np.int64)
+    rescore = _rescore_fields(quantizer, q)
+
+    def segment_args(i, offset):
+        layout = segment_layout(quantizer, segments[i], metric, cache)
+        row_scale, block_live = _live_scale(layout, segments[i])
+        return (layout["blocks"], row_scale, layout["norm2"] if metric == "l2" else None, block_live, offset,
+                int(request.starts[i]), layout["max_scale"], layout.get("max_norm2", 0.0))
+
+    def scan(rows, args):
+        # The queries' fields; `scan_segments` reads no per-segment field of the plan.
+        plan = ScanPlan(codes=None, ncols=quantizer.layout.ncols, wcols=quantizer.layout.wcols, luts=luts[rows],
+                        fluts=fluts[rows], delta=delta[rows], bias=bias[rows], tol=tol[rows], eps=None,
+                        row_scale=None, query_norm2=None if qn2 is None else qn2[rows],
+                        **({**rescore, "rotated": q[rows]} if rescore else {}))
+        hs, hi, cnt = heap_s[rows], heap_i[rows], np.zeros(len(plan.delta), dtype=np.int64)
+        native.kernels.scan_segments(plan, args, magnitude[rows], hs, hi, cnt, portable=portable)
+        if isinstance(rows, np.ndarray):  # copies: written back
+            heap_s[rows], heap_i[rows] = hs, hi
+        count[rows] += cnt
 
     def run(q0, q1):
         part = ListScan(segments, request.starts, request.members, request.lists[q0:q1], request.offsets[q0:q1])
+        if q1 - q0 == 1:  # one query: all its lists' segments in one native call
+            args = [segment_args(i, request.offsets[q0:q1, lst]) for lst, where, _ in part.by_list() for i in where]
+            scan(slice(q0, q1), args)
+            return
         for lst, where, qs in part.by_list():
             g = qs + q0
-            # A run of consecutive queries (always, for one query) is read and written in place.
+            # A run of consecutive queries is read and written in place; others are copied.
             rows = slice(int(g[0]), int(g[-1]) + 1) if g[-1] - g[0] + 1 == len(g) else g
-            hs, hi, cnt = heap_s[rows], heap_i[rows], np.zeros(len(g), dtype=np.int64)
             offset = np.ascontiguousarray(request.offsets[g, lst], dtype=np.float32)
-            base = (luts[rows], fluts[rows], delta[rows], bias[rows], tol[rows])
-            for i in where:
-                layout = segment_layout(quantizer, segments[i], metric, cache)
-                # Room for float32 rounding in a score: 1e-5 of the size of the terms it is made of.
-                eps = 1e-5 * (factor * layout["max_scale"] * magnitude[rows] + np.abs(offset)
-                              + ((layout["max_norm2"] + qn2[rows]) if metric == "l2" else 0.0))
-                plan = _segment_plan(quantizer, layout, segments[i], base + (eps.astype(np.float32),), q[rows],
-                                     qn2[rows] if metric == "l2" else None, metric, offset=offset,
-                                     id_base=request.starts[i])
-                native.kernels.scan(plan, 0, layout["blocks"].shape[0], hs, hi, cnt, portable=portable)
-            if isinstance(rows, np.ndarray):  # copies: written back
-                heap_s[rows], heap_i[rows] = hs, hi
-            count[g] += cnt
+            scan(rows, [segment_args(i, offset) for i in where])
 
     native.parallel_ranges(nq, run, threads)
     if stats is not None:
