@@ -684,10 +684,9 @@ class Index:
 
     def _scan_lists(self, view: "_View", q: torch.Tensor, k: int, scanner, nprobe: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A partitioned index's top k: each query's `nprobe` nearest lists are scanned (the queries
-        probing a list together, with tables made once per query), a list's score offset is added
-        to its rows' scores (the within-list order does not depend on it), and the lists' top k
-        are merged. Positions are the view's."""
+        """A partitioned index's top k: each query's `nprobe` best lists (`CoarseQuantizer.probe`)
+        are scanned by the backend's `topk_lists`, every score with its list's offset added.
+        Positions are the view's."""
         nq = q.shape[0]
         if self._coarse is None or not nq:
             return empty_topk(nq, k)
