@@ -278,6 +278,13 @@ def test_a_partitioned_index_over_actors_equals_one_index(local_ray, tmp_path):
     x, q = _data(n=3000, seed=12)
     with pytest.raises(ValueError, match="partitioned"):
         td.build(x, tmp_path / "no", dim=DIM, partitions=8)
+    Index(dim=DIM, bits=3, partitions=8).save(tmp_path / "untrained")
+    untrained = td.DistributedIndex.open(tmp_path / "untrained", num_actors=2)
+    try:
+        with pytest.raises(ValueError, match="no centroids yet"):
+            untrained.add(x)
+    finally:
+        untrained.close()
     single = Index(dim=DIM, bits=3, seed=5, partitions=8)
     single.add(x)
     single.save(tmp_path / "ix")

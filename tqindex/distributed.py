@@ -318,6 +318,9 @@ class DistributedIndex:
         ids : (n,) int64
         """
         self._check_writable()
+        if self._params.get("partitions") and self._coarse is None:
+            raise ValueError("this partitioned index has no centroids yet: train it with Index (train or a first "
+                             "add, then save) before adding through shares, which must share one fit")
         x, _ = as_float_matrix(vectors, self.dim)
         check_norms(x, zero_ok=self.metric != "cosine", metric=self.metric)  # as Index.add: refused here
         x = x.numpy()
