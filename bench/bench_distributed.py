@@ -18,16 +18,7 @@ import time
 
 import numpy as np
 
-from common import RESULTS, environment, write_json
-
-
-def _vectors(rows: int, dim: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = np.empty((rows, dim), np.float32)
-    for a in range(0, rows, 1 << 16):
-        block = rng.standard_normal((min(rows, a + (1 << 16)) - a, dim), dtype=np.float32)
-        x[a:a + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    return x
+from common import RESULTS, environment, unit_vectors, write_json
 
 
 def _median(fn, repeat):
@@ -52,8 +43,8 @@ def main() -> None:
     from tqindex import Index
     from tqindex.distributed import _merge
 
-    x = _vectors(args.rows, args.dim, 0)
-    q = _vectors(args.queries, args.dim, 1)
+    x = unit_vectors(args.rows, args.dim, 0)
+    q = unit_vectors(args.queries, args.dim, 1)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     out = {"rows": args.rows, "dim": args.dim, "bits": args.bits, "queries": args.queries, "actors": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,7 @@ import tempfile
 
 import numpy as np
 
-from common import RESULTS, environment, report, run_worker, write_json
+from common import RESULTS, environment, report, run_worker, unit_vectors, write_json
 
 METHODS = ("tqindex", "turbovec", "faiss-rabitq", "faiss-pqfastscan")
 
@@ -41,22 +41,13 @@ def _status() -> tuple[int, int]:
     return values["VmRSS"], values["VmHWM"]
 
 
-def _vectors(rows: int, dim: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = np.empty((rows, dim), np.float32)
-    for a in range(0, rows, 1 << 16):
-        block = rng.standard_normal((min(rows, a + (1 << 16)) - a, dim), dtype=np.float32)
-        x[a:a + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    return x
-
-
 def _batches(args):
     """The rows in batches of args.batch (default rows/10): views of one array made first, or with
     --stream each batch made just before it is added (the whole array never exists)."""
     size = args.batch or args.rows // 10
     if args.stream:
-        return (_vectors(min(size, args.rows - a), args.dim, seed=a) for a in range(0, args.rows, size)), None
-    x = _vectors(args.rows, args.dim)
+        return (unit_vectors(min(size, args.rows - a), args.dim, seed=a) for a in range(0, args.rows, size)), None
+    x = unit_vectors(args.rows, args.dim)
     return (x[a:a + size] for a in range(0, args.rows, size)), x
 
 

@@ -52,6 +52,16 @@ def load_ip_dataset(name: str):
     return ds, x, q
 
 
+def unit_vectors(rows: int, dim: int, seed: int = 0) -> np.ndarray:
+    """(rows, dim) float32 Gaussian rows scaled to unit length, made 65,536 rows at a time."""
+    rng = np.random.default_rng(seed)
+    x = np.empty((rows, dim), np.float32)
+    for a in range(0, rows, 1 << 16):
+        block = rng.standard_normal((min(rows, a + (1 << 16)) - a, dim), dtype=np.float32)
+        x[a:a + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return x
+
+
 def synthetic_clustered(rows: int, dim: int):
     """(database, queries, ground-truth ids (1000, 10)): unit vectors drawn around 1,000 random
     centres (spread 0.7, seed 0; `tests/conftest.clustered`'s model of sentence embeddings), with

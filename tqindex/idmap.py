@@ -13,10 +13,18 @@ import numpy as np
 
 from .memory import held_bytes
 
-__all__ = ["IdMap"]
+__all__ = ["IdMap", "grouped"]
 
 #: Up to this many positions, `ids_at` looks each up on its own (cheaper than grouping by segment).
 _FEW_POSITIONS = 64
+
+
+def grouped(values: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(value, indices of its entries, ascending) for each distinct value of a 1-D integer array, in
+    value order: one stable sort, not a mask per value (there may be thousands of values)."""
+    order = np.argsort(values, kind="stable")
+    distinct, first = np.unique(values[order], return_index=True)
+    return [(int(v), order[a:b]) for v, a, b in zip(distinct, first, np.r_[first[1:], len(order)])]
 
 
 class IdMap:
@@ -87,9 +95,5 @@ class IdMap:
         """Group positions by segment: yields (segment, indices into `positions`, local rows), one
         sort for all segments (an index may hold thousands: a partitioned index's lists)."""
         offsets, segments = self.offsets(), self._segments()
-        seg_of = np.searchsorted(offsets, positions, side="right") - 1
-        order = np.argsort(seg_of, kind="stable")
-        values, first = np.unique(seg_of[order], return_index=True)
-        for s, a, b in zip(values, first, np.r_[first[1:], len(order)]):
-            where = order[a:b]
+        for s, where in grouped(np.searchsorted(offsets, positions, side="right") - 1):
             yield segments[s], where, positions[where] - offsets[s]

@@ -16,9 +16,9 @@ from . import storage
 from .filters import allowed_rows
 from .backends import ListScan, Queries, make_scanners
 from .codebook import CODEBOOK_VERSION, CODEBOOK_VERSIONS
-from .idmap import IdMap
+from .idmap import IdMap, grouped
 from .layout import BlockLayout
-from .partition import MAX_PARTITIONS, CoarseQuantizer, fit_kmeans, lists_of
+from .partition import MAX_PARTITIONS, CoarseQuantizer, fit_kmeans
 from .quantizer import CODEBOOKS, VARIANTS, EncodedVectors, TurboQuantizer, scale_dtype_name, stores_norm
 from .rotation import ROTATION_KINDS
 from .segment import Segment
@@ -460,7 +460,7 @@ class Index:
         assign = coarse.assign(x).numpy()
         keep_norm = self._quantizer.stores_norm(self._metric)
         segments = []
-        for lst, rows in lists_of(assign):
+        for lst, rows in grouped(assign):
             picked = torch.from_numpy(rows)
             xs = x[picked]
             encoded = self._quantizer.encode(xs - coarse.centroids[lst], blocks=True, keep_norm=keep_norm)

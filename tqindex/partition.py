@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["CoarseQuantizer", "MAX_PARTITIONS", "MIN_ROWS_PER_LIST", "fit_kmeans", "lists_of"]
+__all__ = ["CoarseQuantizer", "MAX_PARTITIONS", "MIN_ROWS_PER_LIST", "fit_kmeans"]
 
 #: Most lists a partitioned index may have (a bound a manifest is checked against too).
 MAX_PARTITIONS = 1 << 20
@@ -120,11 +120,3 @@ def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
         chunk = x[start:start + rows]
         out[start:start + len(chunk)] = torch.argmin(c_sq[None, :] - 2 * (chunk @ centroids.T), dim=1)
     return out
-
-
-def lists_of(assign: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """(list, rows of the batch in it, ascending) for each list that received rows."""
-    order = np.argsort(assign, kind="stable")
-    values, starts = np.unique(assign[order], return_index=True)
-    ends = np.r_[starts[1:], len(order)]
-    return [(int(v), order[a:b]) for v, a, b in zip(values, starts, ends)]

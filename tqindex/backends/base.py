@@ -17,6 +17,7 @@ import torch
 
 import numpy as np
 
+from ..idmap import grouped
 from ..memory import held_bytes
 from ..topk import topk_padded
 
@@ -76,12 +77,10 @@ class ListScan:
                 if where is not None:
                     yield lst, where, np.zeros(1, dtype=np.int64)
             return
-        order = np.argsort(self.lists, axis=None, kind="stable")
-        values, first = np.unique(self.lists.reshape(-1)[order], return_index=True)
-        for lst, a, b in zip(values, first, np.r_[first[1:], len(order)]):
-            where = self.members.get(int(lst))
+        for lst, entries in grouped(self.lists.reshape(-1)):
+            where = self.members.get(lst)
             if where is not None:
-                yield int(lst), where, order[a:b] // nprobe
+                yield lst, where, entries // nprobe
 
 
 @dataclass
