@@ -190,5 +190,5 @@ def test_contiguous_filters_skip_whole_blocks_and_stay_exact(backend):
         filtered = index_module._filtered(index._view, allowed, index._quantizer.layout).segments[0]
         index._scanner().topk([filtered], index_module.Queries(*index._quantizer.prepare_queries(
             torch.from_numpy(q)), torch.from_numpy((q ** 2).sum(1))), 5)
-        live = index._scanner().cache.peek(segment, "layout")["masked_scale"][2]
+        live = index._scanner().cache.peek(segment, "layout")["removed"][2]
         assert 0 < live.sum() < len(live) // 2          # most blocks skipped, the allowed ones scanned

@@ -368,8 +368,8 @@ def test_memory_bytes_counts_what_the_rotation_holds():
     segment_bytes = sum(s.nbytes(seen) for s in index._segments)
     cached = sum(s.cache.nbytes(seen) for s in index._scanners) + index._ids.nbytes(seen)
     assert index.memory_bytes() == index._quantizer.nbytes() + segment_bytes + cached
-    # The fast scan's cache refers to the segment's blocks: they are counted once, not twice.
-    blocks = sum(s.encoded.blocks.nbytes for s in index._segments)
+    # The fast scan's cache refers to the segment's blocks and scales: they are counted once, not twice.
+    blocks = sum(s.encoded.blocks.nbytes + s.encoded.scale.nbytes for s in index._segments)
     alone = sum(s.nbytes() for s in index._segments) + sum(sc.cache.nbytes() for sc in index._scanners)
     shared: set = set()
     together = sum(s.nbytes(shared) for s in index._segments) + sum(sc.cache.nbytes(shared) for sc in index._scanners)

@@ -267,6 +267,40 @@ def test_avx2_and_portable_kernels_agree_exactly(metric, bits, d):
 
 
 @needs_avx2
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_fast_scan_reads_the_held_scales_and_flags_in_place(scale_dtype, metric):
+    # The kernels read a segment's own scales (float32 or float16, in row order) and removal flags:
+    # a search derives no per-row array, and AVX2, the portable loop and the torch scan agree. 2021
+    # rows leave padding in the last block; removals fall in it too.
+    rng = np.random.default_rng(31 + len(metric))
+    x, near = clustered(rng, 2021, 96, clusters=30, spread=0.5, queries=10)
+    x *= rng.uniform(0.5, 2.0, (len(x), 1)).astype(np.float32)
+    index = Index(dim=96, bits=3, metric=metric, scale_dtype=scale_dtype, seed=2)
+    index.add(x)
+    removed = np.r_[np.arange(0, 2021, 9), 2017, 2020]
+    index.remove(removed)
+    (segment,) = index._segments
+    assert segment.encoded.scale.dtype == np.dtype(scale_dtype)
+    before = index.memory_bytes()
+    ref = _all_scores(index, near)
+    rotated, _ = index._quantizer.prepare_queries(torch.from_numpy(near))
+    sq = torch.from_numpy((near ** 2).sum(1))
+    runs = [fastscan.scan_topk_fast(index._quantizer, index._segments, rotated, sq, k, metric, threads=t,
+                                    portable=p, cache=index._backend("fastscan").cache)
+            for k in (1, 25) for t in (1, 2) for p in (False, True)]
+    for i, (scores, pos) in enumerate(runs):
+        assert_topk_matches(pos.numpy(), scores.numpy(), ref, rtol=2e-5)
+        assert not np.isin(pos.numpy(), removed).any()
+        np.testing.assert_array_equal(pos.numpy(), runs[i - i % 2][1].numpy())   # AVX2 = portable, exactly
+        np.testing.assert_array_equal(scores.numpy(), runs[i - i % 2][0].numpy())
+    layout = index._backend("fastscan").cache.peek(segment, "layout")
+    assert layout["scale"] is segment.encoded.scale
+    # What the scan keeps beyond the segment's arrays: a byte per block of 32 rows, no per-row copy.
+    assert index.memory_bytes() - before <= len(layout["blocks"])
+
+
+@needs_avx2
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_list_scan_kernels_agree_and_equal_the_list_by_list_scan(metric, bits):

@@ -17,7 +17,6 @@ import torch
 
 from tqindex import Index, QuantizerOptions, native
 from tqindex.backends import fastscan
-from tqindex.layout import to_slots
 
 from conftest import clustered
 
@@ -52,22 +51,24 @@ def _inputs(bits, metric, codebook, d=203, n=1500, nq=6, k=13):
     rotated, _ = quantizer.prepare_queries(torch.from_numpy(q))
     luts, fluts, delta, bias, tol, magnitude = fastscan.quantized_luts(quantizer, rotated)
     nblocks = layout["blocks"].shape[0]
-    scale = np.where(to_slots(segment.deleted, nblocks, False), np.float32(np.nan), layout["scale"])
+    assert n % 32  # the last block has padding rows
     qn2 = (q ** 2).sum(1).astype(np.float32)
     eps = (1e-5 * (layout["max_scale"] * magnitude * (2 if metric == "l2" else 1) +
                    ((layout["max_norm2"] + qn2) if metric == "l2" else 0))).astype(np.float32)
-    arrays = dict(codes=layout["blocks"], ncols=layout["ncols"], wcols=layout["wcols"], nblocks=nblocks, luts=luts,
-                  fluts=fluts, delta=delta, bias=bias, tol=tol, eps=eps, row_scale=scale.astype(np.float32),
-                  row_norm2=layout["norm2"] if metric == "l2" else None, query_norm2=qn2 if metric == "l2" else None,
-                  nq=nq, k=k)
+    arrays = dict(codes=layout["blocks"], rows=n, ncols=layout["ncols"], wcols=layout["wcols"], nblocks=nblocks,
+                  luts=luts, fluts=fluts, delta=delta, bias=bias, tol=tol, eps=eps, row_scale=layout["scale"],
+                  row_norm=layout["norm"] if metric == "l2" else None, query_norm2=qn2 if metric == "l2" else None,
+                  deleted=segment.deleted.view(np.uint8), nq=nq, k=k)
     return arrays
 
 
 def _write(path, a):
-    header = np.array([a["nblocks"], a["ncols"], a["wcols"], a["nq"], a["k"], a["row_norm2"] is not None], np.int64)
-    parts = [header, a["codes"], a["luts"], a["fluts"], a["delta"], a["bias"], a["tol"], a["eps"], a["row_scale"]]
-    if a["row_norm2"] is not None:
-        parts += [a["row_norm2"], a["query_norm2"]]
+    header = np.array([a["nblocks"], a["ncols"], a["wcols"], a["nq"], a["k"], a["row_norm"] is not None, a["rows"]],
+                      np.int64)
+    parts = [header, a["codes"], a["luts"], a["fluts"], a["delta"], a["bias"], a["tol"], a["eps"], a["row_scale"],
+             a["deleted"]]
+    if a["row_norm"] is not None:
+        parts += [a["row_norm"], a["query_norm2"]]
     path.write_bytes(b"".join(np.ascontiguousarray(p).tobytes() for p in parts))
 
 
@@ -100,9 +101,10 @@ def test_neon_equals_the_portable_loop(harnesses, tmp_path, bits, metric, codebo
     out_s = np.full((nq, k), -np.inf, np.float32)
     out_i = np.full((nq, k), -1, np.int64)
     count = np.zeros(nq, np.int64)
-    plan = fastscan.ScanPlan(codes=a["codes"], ncols=a["ncols"], wcols=a["wcols"], luts=a["luts"], fluts=a["fluts"],
-                             delta=a["delta"], bias=a["bias"], tol=a["tol"], eps=a["eps"], row_scale=a["row_scale"],
-                             row_norm2=a["row_norm2"], query_norm2=a["query_norm2"])
+    plan = fastscan.ScanPlan(codes=a["codes"], rows=a["rows"], ncols=a["ncols"], wcols=a["wcols"], luts=a["luts"],
+                             fluts=a["fluts"], delta=a["delta"], bias=a["bias"], tol=a["tol"], eps=a["eps"],
+                             row_scale=a["row_scale"], row_norm=a["row_norm"], query_norm2=a["query_norm2"],
+                             deleted=a["deleted"])
     native.kernels.scan(plan, 0, a["nblocks"], out_s, out_i, count, portable=True)
     np.testing.assert_array_equal(ids, out_i)
     np.testing.assert_array_equal(scores, out_s)

@@ -9,11 +9,11 @@
  * value to the dot product) and its quantization Lq[m][v] to 0..LUT_MAX. The approximate dot product of
  * vector i is  delta * sum_m Lq[m][nibble_m(i)] + bias,  which differs from the exact one,
  * sum_m L[m][nibble_m(i)], by at most `tol` (computed by the caller from the rounding). Scores are
- * row_scale[i] * dot for "ip", and 2 * that - row_norm2[i] - query_norm2 for "l2".
+ * row_scale[i] * dot for "ip", and 2 * that - row_norm[i]^2 - query_norm2 for "l2".
  *
- * Per-row arrays (row_scale, row_norm2) are in "slot order" within each block of 32, the order in
- * which the AVX2 path produces sums: slot(v) = 16*(v & 1) + 8*(v >= 16) + ((v & 15) >> 1). Deleted
- * rows and the padding of the last block have scale NaN, which no comparison lets through.
+ * Per-row arrays (row_scale, row_norm, the removal flags `deleted`) are the segment's own, in row
+ * order, so the scan derives nothing per row: the rows of the last block past the segment's end and
+ * removed rows are masked out of every block's candidates (`live_rows`).
  * Scales are never negative (they are norms, or norms over a positive alignment).
  *
  * Each query keeps a min-heap of its k best *exact* scores. A vector is skipped when its
@@ -41,7 +41,7 @@
 static int have_avx2(void) {
 #ifdef TQ_X86
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
     return 0;
 #endif
@@ -81,312 +81,273 @@ static void run_scan(const scan_args *a, int portable) {
     (void)portable;
 }
 
-/* The scan proper, on the plan's fields (see `scan` below). */
-static PyObject *scan_fields(PyObject *codes, Py_ssize_t ncols, Py_ssize_t wcols, PyObject *luts, PyObject *fluts,
-                             PyObject *delta, PyObject *bias, PyObject *tol, PyObject *eps, PyObject *row_scale,
-                             PyObject *row_norm2, PyObject *query_norm2, PyObject *block_live, PyObject *rotated,
-                             PyObject *centroids, int row_bits, PyObject *offset, int64_t id_base, Py_ssize_t b0,
-                             Py_ssize_t b1, PyObject *out_s, PyObject *out_i, PyObject *exact_count, int portable) {
-    Py_ssize_t nblocks;
-    {
-        Py_buffer view;
-        if (PyObject_GetBuffer(codes, &view, PyBUF_C_CONTIGUOUS) < 0) return NULL;
-        Py_ssize_t block = (ncols + (wcols > 0 ? wcols : 0) / 4) * BLOCK;
-        nblocks = block > 0 ? view.len / block : 0;
-        PyBuffer_Release(&view);
+/* ---- scan entry points --------------------------------------------------------------------------
+ * `scan` (one segment, a block range) and `scan_segments` (many segments into the same heaps) bind
+ * the same per-query and per-segment inputs; each buffer is checked against the exact byte size the
+ * kernel reads or writes. */
+
+#define MAX_BUFS 24
+typedef struct {
+    Py_buffer v[MAX_BUFS];
+    int held;
+} buffer_set;
+
+/* Take obj's buffer into the set (nbytes < 0: any size); *ptr gets its data. */
+static int take(buffer_set *b, PyObject *obj, int writable, Py_ssize_t nbytes, const char *name, void **ptr) {
+    if (b->held == MAX_BUFS) {
+        PyErr_SetString(PyExc_RuntimeError, "scan: too many buffers");
+        return -1;
     }
-    Py_ssize_t n = nblocks * BLOCK;
-    if (ncols < 1 || nblocks < 0 || b0 < 0 || b1 < b0 || b1 > nblocks || wcols < 0 || wcols % 4 || wcols > ncols) {
-        PyErr_SetString(PyExc_ValueError, "scan: inconsistent ncols / wcols / nblocks / block range");
-        return NULL;
+    Py_buffer *v = &b->v[b->held];
+    if (nbytes < 0) {
+        if (PyObject_GetBuffer(obj, v, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
+    } else if (get_buffer(obj, v, writable, nbytes, name) < 0) {
+        return -1;
     }
-    Py_buffer bufs[20];
-    int held = 0, ok = 0;
-    scan_args a;
-    memset(&a, 0, sizeof(a));
-    Py_buffer *v;
-    /* delta has one float per query: it fixes nq, and everything else is checked against it. */
-    if (PyObject_GetBuffer(delta, &bufs[held], PyBUF_C_CONTIGUOUS) < 0) goto done;
-    a.nq = bufs[held].len / (Py_ssize_t)sizeof(float);
-    held++;
-    if (PyObject_GetBuffer(out_s, &bufs[held], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
-    a.kp = a.nq ? bufs[held].len / (Py_ssize_t)sizeof(float) / a.nq : 0;
-    held++;
-    if (a.nq && (a.kp < 1 || bufs[held - 1].len != a.nq * a.kp * (Py_ssize_t)sizeof(float))) {
+    b->held++;
+    *ptr = v->buf;
+    return 0;
+}
+
+static void release_to(buffer_set *b, int mark) {
+    while (b->held > mark) PyBuffer_Release(&b->v[--b->held]);
+}
+
+/* A plan field as a buffer of nbytes (None allowed where `optional`: *ptr = NULL). */
+static int take_field(buffer_set *b, PyObject *plan, const char *name, int optional, Py_ssize_t nbytes, void **ptr) {
+    PyObject *obj = PyObject_GetAttrString(plan, name);
+    if (!obj) return -1;
+    int rc = 0;
+    *ptr = NULL;
+    if (obj == Py_None) {
+        if (!optional) {
+            PyErr_Format(PyExc_ValueError, "scan: %s is required", name);
+            rc = -1;
+        }
+    } else {
+        rc = take(b, obj, 0, nbytes, name, ptr);
+    }
+    Py_DECREF(obj);
+    return rc;
+}
+
+static int int_field(PyObject *plan, const char *name, long long *out) {
+    PyObject *obj = PyObject_GetAttrString(plan, name);
+    if (!obj) return -1;
+    *out = PyLong_AsLongLong(obj);
+    Py_DECREF(obj);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+#define TAKE(expr, field)         \
+    do {                          \
+        void *p_;                 \
+        if ((expr) < 0) return -1; \
+        (field) = p_;             \
+    } while (0)
+
+/* The plan's per-query inputs (luts, fluts, delta, which fixes nq, bias, tol, query_norm2, and for
+ * rescoring from codes rotated, centroids, row_bits), its layout (ncols, wcols), and the heaps. */
+static int bind_queries(scan_args *a, buffer_set *b, PyObject *plan, PyObject *out_s, PyObject *out_i,
+                        PyObject *exact_count, int portable) {
+    long long ncols, wcols, row_bits;
+    if (int_field(plan, "ncols", &ncols) < 0 || int_field(plan, "wcols", &wcols) < 0 ||
+        int_field(plan, "row_bits", &row_bits) < 0)
+        return -1;
+    if (ncols < 1 || wcols < 0 || wcols % 4 || wcols > ncols) {
+        PyErr_SetString(PyExc_ValueError, "scan: inconsistent ncols / wcols");
+        return -1;
+    }
+    a->ncols = (Py_ssize_t)ncols;
+    a->wcols = (Py_ssize_t)wcols;
+    TAKE(take_field(b, plan, "delta", 0, -1, &p_), a->delta);
+    a->nq = b->v[b->held - 1].len / (Py_ssize_t)sizeof(float);
+    const Py_ssize_t per_query = a->nq * (Py_ssize_t)sizeof(float), entries = a->nq * (a->ncols + a->wcols) * 32;
+    TAKE(take(b, out_s, 1, -1, "out_scores", &p_), a->out_s);
+    a->kp = a->nq ? b->v[b->held - 1].len / per_query : 0;
+    if (a->nq && (a->kp < 1 || b->v[b->held - 1].len != a->kp * per_query)) {
         PyErr_SetString(PyExc_ValueError, "scan: out_scores must be float32 [nq][k] with k >= 1");
-        goto done;
+        return -1;
     }
-#define NEXT(obj, w, nbytes, name)                                     \
-    v = &bufs[held];                                                   \
-    if (get_buffer(obj, v, w, nbytes, name) < 0) goto done;            \
-    held++;
-    NEXT(codes, 0, nblocks * (ncols + wcols / 4) * BLOCK, "codes")
-    a.codes = v->buf;
-    NEXT(luts, 0, a.nq * (ncols + wcols) * 32, "luts")
-    a.luts = v->buf;
-    NEXT(fluts, 0, a.nq * (ncols + wcols) * 32 * (Py_ssize_t)sizeof(float), "fluts")
-    a.fluts = v->buf;
-    NEXT(bias, 0, a.nq * (Py_ssize_t)sizeof(float), "bias")
-    a.bias = v->buf;
-    NEXT(tol, 0, a.nq * (Py_ssize_t)sizeof(float), "tol")
-    a.tol = v->buf;
-    NEXT(eps, 0, a.nq * (Py_ssize_t)sizeof(float), "eps")
-    a.eps = v->buf;
-    NEXT(exact_count, 1, a.nq * (Py_ssize_t)sizeof(int64_t), "exact_count")
-    a.exact_count = v->buf;
-    NEXT(row_scale, 0, n * (Py_ssize_t)sizeof(float), "row_scale")
-    a.row_scale = v->buf;
-    NEXT(out_i, 1, a.nq * a.kp * (Py_ssize_t)sizeof(int64_t), "out_ids")
-    a.out_i = v->buf;
-    if (block_live != Py_None) {
-        NEXT(block_live, 0, nblocks, "block_live")
-        a.block_live = v->buf;
+    TAKE(take(b, out_i, 1, a->nq * a->kp * (Py_ssize_t)sizeof(int64_t), "out_ids", &p_), a->out_i);
+    TAKE(take(b, exact_count, 1, a->nq * (Py_ssize_t)sizeof(int64_t), "exact_count", &p_), a->exact_count);
+    TAKE(take_field(b, plan, "luts", 0, entries, &p_), a->luts);
+    TAKE(take_field(b, plan, "fluts", 0, entries * (Py_ssize_t)sizeof(float), &p_), a->fluts);
+    TAKE(take_field(b, plan, "bias", 0, per_query, &p_), a->bias);
+    TAKE(take_field(b, plan, "tol", 0, per_query, &p_), a->tol);
+    TAKE(take_field(b, plan, "query_norm2", 1, per_query, &p_), a->query_norm2);
+    if (row_bits) {
+        /* The rotated queries fix dim; a row's ncols column bytes hold its dim codes of row_bits. */
+        if ((row_bits != 1 && row_bits != 2 && row_bits != 4) || wcols) {
+            PyErr_SetString(PyExc_ValueError, "scan: row_bits must be 0, 1, 2 or 4, and 0 with wide columns");
+            return -1;
+        }
+        a->row_bits = (int)row_bits;
+        TAKE(take_field(b, plan, "rotated", 0, -1, &p_), a->rotated);
+        a->dim = a->nq ? b->v[b->held - 1].len / per_query : 0;
+        if (a->nq && (a->dim < 1 || a->dim * per_query != b->v[b->held - 1].len || (a->dim * row_bits + 7) / 8 > ncols)) {
+            PyErr_SetString(PyExc_ValueError, "scan: rotated must be float32 [nq][dim] with dim codes in ncols columns");
+            return -1;
+        }
+        TAKE(take_field(b, plan, "centroids", 0, 16 * (Py_ssize_t)sizeof(float), &p_), a->centroids);
     }
-    if (offset != Py_None) {
-        NEXT(offset, 0, a.nq * (Py_ssize_t)sizeof(float), "offset")
-        a.offset = v->buf;
+#ifdef TQ_X86
+    a->avx2 = !portable && have_avx2();
+#endif
+    (void)portable;
+    return 0;
+}
+
+/* One segment's inputs: codes (whole blocks holding `rows` rows), its per-row arrays in row order
+ * (row_scale float32 or float16; row_norm float32 for "l2", given exactly when the queries have query_norm2; deleted, 1 byte a
+ * row, or None), block_live (a byte a block, or None), offset (float32 [nq], or None) and id_base.
+ * Sets *nblocks. */
+static int bind_segment(scan_args *a, buffer_set *b, PyObject *codes, Py_ssize_t rows, PyObject *row_scale,
+                        PyObject *row_norm, PyObject *deleted, PyObject *block_live, PyObject *offset,
+                        long long id_base, Py_ssize_t *nblocks) {
+    const Py_ssize_t block = (a->ncols + a->wcols / 4) * BLOCK, floats = rows * (Py_ssize_t)sizeof(float);
+    TAKE(take(b, codes, 0, -1, "codes", &p_), a->codes);
+    *nblocks = b->v[b->held - 1].len / block;
+    if (rows < 0 || *nblocks * block != b->v[b->held - 1].len || *nblocks != (rows + BLOCK - 1) / BLOCK) {
+        PyErr_Format(PyExc_ValueError, "scan: codes must be the whole blocks of %zd rows in this layout", rows);
+        return -1;
     }
     if (id_base < 0) {
         PyErr_SetString(PyExc_ValueError, "scan: id_base must be non-negative");
+        return -1;
+    }
+    if ((row_norm != Py_None) != (a->query_norm2 != NULL)) {
+        PyErr_SetString(PyExc_ValueError, "scan: row_norm and query_norm2 come together (\"l2\") or not at all");
+        return -1;
+    }
+    a->rows = rows;
+    a->id_base = id_base;
+    a->row_norm = NULL;
+    a->deleted = a->block_live = NULL;
+    a->offset = NULL;
+    /* Scales are float32 or float16 (an index's scale_dtype), read as they are held. */
+    Py_buffer *sv = &b->v[b->held];
+    if (b->held == MAX_BUFS || PyObject_GetBuffer(row_scale, sv, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "scan: too many buffers");
+        return -1;
+    }
+    b->held++;
+    a->scale_half = sv->format && strcmp(sv->format, "e") == 0;
+    if (!(a->scale_half || (sv->format && strcmp(sv->format, "f") == 0)) || sv->len != rows * sv->itemsize) {
+        PyErr_Format(PyExc_ValueError, "scan: row_scale must be float32 or float16 [%zd]", rows);
+        return -1;
+    }
+    a->row_scale = sv->buf;
+    if (row_norm != Py_None) TAKE(take(b, row_norm, 0, floats, "row_norm", &p_), a->row_norm);
+    if (deleted != Py_None) TAKE(take(b, deleted, 0, rows, "deleted", &p_), a->deleted);
+    if (block_live != Py_None) TAKE(take(b, block_live, 0, *nblocks, "block_live", &p_), a->block_live);
+    if (offset != Py_None) TAKE(take(b, offset, 0, a->nq * (Py_ssize_t)sizeof(float), "offset", &p_), a->offset);
+    return 0;
+}
+#undef TAKE
+
+/* scan(plan, b0, b1, out_scores, out_ids, exact_count, portable=False): one typed plan object
+ * (tqindex.backends.fastscan.ScanPlan) carries every input; its fields are read by name. */
+static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"plan", "b0", "b1", "out_scores", "out_ids", "exact_count", "portable", NULL};
+    PyObject *plan, *out_s, *out_i, *exact_count;
+    Py_ssize_t b0, b1, nblocks;
+    int portable = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnnOOO|p", kwlist, &plan, &b0, &b1, &out_s, &out_i, &exact_count,
+                                     &portable))
+        return NULL;
+    static const char *names[] = {"codes", "row_scale", "row_norm", "deleted", "block_live", "offset"};
+    PyObject *f[6] = {NULL};
+    buffer_set b;
+    b.held = 0;
+    int ok = 0;
+    long long rows, id_base;
+    scan_args a;
+    memset(&a, 0, sizeof(a));
+    for (int i = 0; i < 6; i++)
+        if (!(f[i] = PyObject_GetAttrString(plan, names[i]))) goto done;
+    if (int_field(plan, "rows", &rows) < 0 || int_field(plan, "id_base", &id_base) < 0) goto done;
+    if (bind_queries(&a, &b, plan, out_s, out_i, exact_count, portable) < 0) goto done;
+    void *eps;
+    if (take_field(&b, plan, "eps", 0, a.nq * (Py_ssize_t)sizeof(float), &eps) < 0) goto done;
+    a.eps = eps;
+    if (bind_segment(&a, &b, f[0], (Py_ssize_t)rows, f[1], f[2], f[3], f[4], f[5], id_base, &nblocks) < 0) goto done;
+    if (b0 < 0 || b1 < b0 || b1 > nblocks) {
+        PyErr_Format(PyExc_ValueError, "scan: block range [%zd, %zd) outside [0, %zd)", b0, b1, nblocks);
         goto done;
     }
-    a.id_base = id_base;
-    if (row_norm2 != Py_None) {
-        NEXT(row_norm2, 0, n * (Py_ssize_t)sizeof(float), "row_norm2")
-        a.row_norm2 = v->buf;
-        NEXT(query_norm2, 0, a.nq * (Py_ssize_t)sizeof(float), "query_norm2")
-        a.query_norm2 = v->buf;
-    }
-    if (row_bits) {
-        /* The rotated queries fix dim; a row's ncols column bytes hold its dim codes of row_bits. */
-        if (row_bits != 1 && row_bits != 2 && row_bits != 4) {
-            PyErr_SetString(PyExc_ValueError, "scan: row_bits must be 0, 1, 2 or 4");
-            goto done;
-        }
-        if (wcols) {
-            PyErr_SetString(PyExc_ValueError, "scan: rows are rescored from codes only without wide columns");
-            goto done;
-        }
-        a.row_bits = row_bits;
-        if (PyObject_GetBuffer(rotated, &bufs[held], PyBUF_C_CONTIGUOUS) < 0) goto done;
-        a.rotated = bufs[held].buf;
-        a.dim = a.nq ? bufs[held].len / (Py_ssize_t)sizeof(float) / a.nq : 0;
-        held++;
-        if (a.nq && (a.dim < 1 || a.dim * a.nq * (Py_ssize_t)sizeof(float) != bufs[held - 1].len ||
-                     (a.dim * row_bits + 7) / 8 > ncols)) {
-            PyErr_SetString(PyExc_ValueError, "scan: rotated must be float32 [nq][dim] with dim codes in ncols columns");
-            goto done;
-        }
-        NEXT(centroids, 0, 16 * (Py_ssize_t)sizeof(float), "centroids")
-        a.centroids = v->buf;
-    }
-#undef NEXT
-    a.delta = bufs[0].buf;
-    a.out_s = bufs[1].buf;
-    a.ncols = ncols;
-    a.wcols = wcols;
     a.b0 = b0;
     a.b1 = b1;
-#ifdef TQ_X86
-    a.avx2 = !portable && have_avx2();
-#endif
     Py_BEGIN_ALLOW_THREADS
     run_scan(&a, portable);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
-    return release(bufs, held, ok);
-}
-
-/* scan(plan, b0, b1, out_scores, out_ids, exact_count, portable=False): one typed plan object
- * (tqindex.backends.fastscan.ScanPlan) carries every input; this reads its fields by name, so a new
- * kernel input is a new field in two places (the dataclass and the list below). */
-static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"plan", "b0", "b1", "out_scores", "out_ids", "exact_count", "portable", NULL};
-    static const char *names[] = {"codes", "luts", "fluts", "delta", "bias", "tol", "eps", "row_scale", "row_norm2",
-                                  "query_norm2", "block_live", "rotated", "centroids", "ncols", "wcols", "row_bits",
-                                  "offset", "id_base"};
-    enum { NFIELDS = 18 };
-    PyObject *plan, *out_s, *out_i, *exact_count, *f[NFIELDS] = {NULL};
-    Py_ssize_t b0, b1;
-    int portable = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnnOOO|p", kwlist, &plan, &b0, &b1, &out_s, &out_i, &exact_count,
-                                     &portable))
-        return NULL;
-    PyObject *result = NULL;
-    for (int i = 0; i < NFIELDS; i++)
-        if (!(f[i] = PyObject_GetAttrString(plan, names[i]))) goto done;
-    Py_ssize_t ncols = PyLong_AsSsize_t(f[13]), wcols = PyLong_AsSsize_t(f[14]), row_bits = PyLong_AsSsize_t(f[15]);
-    long long id_base = PyLong_AsLongLong(f[17]);
-    if (PyErr_Occurred()) goto done;
-    result = scan_fields(f[0], ncols, wcols, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11],
-                         f[12], (int)row_bits, f[16], (int64_t)id_base, b0, b1, out_s, out_i, exact_count, portable);
-done:
-    for (int i = 0; i < NFIELDS; i++) Py_XDECREF(f[i]);
-    return result;
+    for (int i = 0; i < 6; i++) Py_XDECREF(f[i]);
+    release_to(&b, 0);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
 }
 
 /* scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False): one call for many
- * segments sharing the plan's per-query fields (luts, fluts, delta, bias, tol, query_norm2, rotated, centroids,
- * ncols, wcols, row_bits; its per-segment fields and eps are not read). Each segment is a tuple (codes, row_scale,
- * row_norm2 or None, block_live or None, offset float32[nq] or None, id_base, max_scale, max_norm2) scanned
- * whole into the same heaps, with eps = 1e-5 * (factor * max_scale * magnitude + |offset| [+ max_norm2 + qn2])
- * (the room for float32 rounding that `scan_topk_fast` gives a score). A partitioned index's probed lists, one
- * call per query group: the per-segment work done in Python before is this loop. */
+ * segments sharing the plan's per-query fields (its per-segment fields and eps are not read). Each segment is a
+ * tuple (codes, rows, row_scale, row_norm or None, deleted or None, block_live or None, offset float32[nq] or
+ * None, id_base, max_scale, max_norm2) scanned whole into the same heaps, with
+ * eps = 1e-5 * (factor * max_scale * magnitude + |offset| [+ max_norm2 + qn2]) (the room for float32 rounding
+ * that `scan_topk_fast` gives a score). A partitioned index's probed lists, one call per query group. */
 static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"plan", "segments", "magnitude", "out_scores", "out_ids", "exact_count", "portable", NULL};
-    static const char *names[] = {"luts", "fluts", "delta", "bias", "tol", "query_norm2", "rotated", "centroids",
-                                  "ncols", "wcols", "row_bits"};
-    enum { NFIELDS = 11 };
-    PyObject *plan, *segments, *magnitude, *out_s, *out_i, *exact_count, *f[NFIELDS] = {NULL};
+    PyObject *plan, *segments, *magnitude, *out_s, *out_i, *exact_count;
     int portable = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OOOO|p", kwlist, &plan, &PyList_Type, &segments, &magnitude,
                                      &out_s, &out_i, &exact_count, &portable))
         return NULL;
-    Py_buffer bufs[16];
-    int held = 0, ok = 0;
+    buffer_set b;
+    b.held = 0;
+    int ok = 0;
     float *eps = NULL;
-    Py_buffer *v;
+    void *mag_p;
     scan_args a;
     memset(&a, 0, sizeof(a));
-    for (int i = 0; i < NFIELDS; i++)
-        if (!(f[i] = PyObject_GetAttrString(plan, names[i]))) goto done;
-    Py_ssize_t ncols = PyLong_AsSsize_t(f[8]), wcols = PyLong_AsSsize_t(f[9]), row_bits = PyLong_AsSsize_t(f[10]);
-    if (PyErr_Occurred()) goto done;
-    if (ncols < 1 || wcols < 0 || wcols % 4 || wcols > ncols) {
-        PyErr_SetString(PyExc_ValueError, "scan_segments: inconsistent ncols / wcols");
-        goto done;
-    }
-    if (PyObject_GetBuffer(f[2], &bufs[held], PyBUF_C_CONTIGUOUS) < 0) goto done;  /* delta fixes nq */
-    a.nq = bufs[held].len / (Py_ssize_t)sizeof(float);
-    a.delta = bufs[held].buf;
-    held++;
-    if (PyObject_GetBuffer(out_s, &bufs[held], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
-    a.kp = a.nq ? bufs[held].len / (Py_ssize_t)sizeof(float) / a.nq : 0;
-    a.out_s = bufs[held].buf;
-    held++;
-    if (a.nq && (a.kp < 1 || bufs[held - 1].len != a.nq * a.kp * (Py_ssize_t)sizeof(float))) {
-        PyErr_SetString(PyExc_ValueError, "scan_segments: out_scores must be float32 [nq][k] with k >= 1");
-        goto done;
-    }
-#define NEXT(obj, w, nbytes, name)                                     \
-    v = &bufs[held];                                                   \
-    if (get_buffer(obj, v, w, nbytes, name) < 0) goto done;            \
-    held++;
-    NEXT(f[0], 0, a.nq * (ncols + wcols) * 32, "luts")
-    a.luts = v->buf;
-    NEXT(f[1], 0, a.nq * (ncols + wcols) * 32 * (Py_ssize_t)sizeof(float), "fluts")
-    a.fluts = v->buf;
-    NEXT(f[3], 0, a.nq * (Py_ssize_t)sizeof(float), "bias")
-    a.bias = v->buf;
-    NEXT(f[4], 0, a.nq * (Py_ssize_t)sizeof(float), "tol")
-    a.tol = v->buf;
-    NEXT(magnitude, 0, a.nq * (Py_ssize_t)sizeof(float), "magnitude")
-    const float *mag = v->buf;
-    NEXT(exact_count, 1, a.nq * (Py_ssize_t)sizeof(int64_t), "exact_count")
-    a.exact_count = v->buf;
-    NEXT(out_i, 1, a.nq * a.kp * (Py_ssize_t)sizeof(int64_t), "out_ids")
-    a.out_i = v->buf;
-    const float *qn2 = NULL;
-    if (f[5] != Py_None) {
-        NEXT(f[5], 0, a.nq * (Py_ssize_t)sizeof(float), "query_norm2")
-        qn2 = v->buf;
-    }
-    if (row_bits) {
-        if ((row_bits != 1 && row_bits != 2 && row_bits != 4) || wcols) {
-            PyErr_SetString(PyExc_ValueError, "scan_segments: row_bits must be 1, 2 or 4, without wide columns");
-            goto done;
-        }
-        a.row_bits = (int)row_bits;
-        if (PyObject_GetBuffer(f[6], &bufs[held], PyBUF_C_CONTIGUOUS) < 0) goto done;
-        a.rotated = bufs[held].buf;
-        a.dim = a.nq ? bufs[held].len / (Py_ssize_t)sizeof(float) / a.nq : 0;
-        held++;
-        if (a.nq && (a.dim < 1 || a.dim * a.nq * (Py_ssize_t)sizeof(float) != bufs[held - 1].len ||
-                     (a.dim * row_bits + 7) / 8 > ncols)) {
-            PyErr_SetString(PyExc_ValueError, "scan_segments: rotated must be float32 [nq][dim]");
-            goto done;
-        }
-        NEXT(f[7], 0, 16 * (Py_ssize_t)sizeof(float), "centroids")
-        a.centroids = v->buf;
-    }
-#undef NEXT
-    a.ncols = ncols;
-    a.wcols = wcols;
-#ifdef TQ_X86
-    a.avx2 = !portable && have_avx2();
-#endif
+    if (bind_queries(&a, &b, plan, out_s, out_i, exact_count, portable) < 0) goto done;
+    if (take(&b, magnitude, 0, a.nq * (Py_ssize_t)sizeof(float), "magnitude", &mag_p) < 0) goto done;
+    const float *mag = mag_p;
     eps = PyMem_Malloc((a.nq ? a.nq : 1) * sizeof(float));
     if (!eps) {
         PyErr_NoMemory();
         goto done;
     }
     a.eps = eps;
-    Py_ssize_t count = PyList_GET_SIZE(segments);
-    for (Py_ssize_t s = 0; s < count; s++) {
-        PyObject *codes, *row_scale, *row_norm2, *block_live, *offset;
+    const int mark = b.held;
+    for (Py_ssize_t s = 0; s < PyList_GET_SIZE(segments); s++) {
+        PyObject *codes, *row_scale, *row_norm, *deleted, *block_live, *offset;
+        Py_ssize_t rows, nblocks;
         long long id_base;
         double max_scale, max_norm2;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(segments, s), "OOOOOLdd;scan_segments: a segment is (codes, row_scale, "
-                              "row_norm2, block_live, offset, id_base, max_scale, max_norm2)", &codes, &row_scale,
-                              &row_norm2, &block_live, &offset, &id_base, &max_scale, &max_norm2))
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(segments, s), "OnOOOOOLdd;scan_segments: a segment is (codes, rows, "
+                              "row_scale, row_norm, deleted, block_live, offset, id_base, max_scale, max_norm2)",
+                              &codes, &rows, &row_scale, &row_norm, &deleted, &block_live, &offset, &id_base,
+                              &max_scale, &max_norm2))
             goto done;
-        if (id_base < 0 || (row_norm2 != Py_None) != (qn2 != NULL)) {
-            PyErr_SetString(PyExc_ValueError, "scan_segments: id_base must be >= 0, and row_norm2 given with query_norm2");
+        if (bind_segment(&a, &b, codes, rows, row_scale, row_norm, deleted, block_live, offset, id_base, &nblocks) < 0)
             goto done;
-        }
-        Py_buffer seg[5];
-        int sheld = 0, sok = 0;
-        Py_ssize_t nblocks = 0;
-        if (PyObject_GetBuffer(codes, &seg[sheld], PyBUF_C_CONTIGUOUS) < 0) goto seg_done;
-        nblocks = seg[sheld].len / ((ncols + wcols / 4) * BLOCK);
-        if (nblocks * (ncols + wcols / 4) * BLOCK != seg[sheld].len) {
-            PyErr_SetString(PyExc_ValueError, "scan_segments: codes are not whole blocks of this layout");
-            sheld++;
-            goto seg_done;
-        }
-        a.codes = seg[sheld++].buf;
-        if (get_buffer(row_scale, &seg[sheld], 0, nblocks * BLOCK * (Py_ssize_t)sizeof(float), "row_scale") < 0)
-            goto seg_done;
-        a.row_scale = seg[sheld++].buf;
-        a.row_norm2 = NULL;
-        a.query_norm2 = NULL;
-        if (row_norm2 != Py_None) {
-            if (get_buffer(row_norm2, &seg[sheld], 0, nblocks * BLOCK * (Py_ssize_t)sizeof(float), "row_norm2") < 0)
-                goto seg_done;
-            a.row_norm2 = seg[sheld++].buf;
-            a.query_norm2 = qn2;
-        }
-        a.block_live = NULL;
-        if (block_live != Py_None) {
-            if (get_buffer(block_live, &seg[sheld], 0, nblocks, "block_live") < 0) goto seg_done;
-            a.block_live = seg[sheld++].buf;
-        }
-        a.offset = NULL;
-        if (offset != Py_None) {
-            if (get_buffer(offset, &seg[sheld], 0, a.nq * (Py_ssize_t)sizeof(float), "offset") < 0) goto seg_done;
-            a.offset = seg[sheld++].buf;
-        }
-        const float factor = a.row_norm2 ? 2.0f : 1.0f;
+        const float factor = a.row_norm ? 2.0f : 1.0f;
         for (Py_ssize_t q = 0; q < a.nq; q++)
             eps[q] = 1e-5f * (factor * (float)max_scale * mag[q] + (a.offset ? fabsf(a.offset[q]) : 0.0f) +
-                              (a.row_norm2 ? (float)max_norm2 + qn2[q] : 0.0f));
-        a.id_base = id_base;
+                              (a.row_norm ? (float)max_norm2 + a.query_norm2[q] : 0.0f));
         a.b0 = 0;
         a.b1 = nblocks;
         Py_BEGIN_ALLOW_THREADS
         run_scan(&a, portable);
         Py_END_ALLOW_THREADS
-        sok = 1;
-    seg_done:
-        for (int i = 0; i < sheld; i++) PyBuffer_Release(&seg[i]);
-        if (!sok) goto done;
+        release_to(&b, mark);
     }
     ok = 1;
 done:
     PyMem_Free(eps);
-    for (int i = 0; i < NFIELDS; i++) Py_XDECREF(f[i]);
-    return release(bufs, held, ok);
+    release_to(&b, 0);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
 }
 
 /* ---- encoding ----------------------------------------------------------------------------------
@@ -788,7 +749,8 @@ static PyMethodDef methods[] = {
      "the number of exact evaluations to exact_count (int64 [nq]). Releases the GIL."},
     {"scan_segments", (PyCFunction)(void (*)(void))scan_segments, METH_VARARGS | METH_KEYWORDS,
      "scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False)\n\nscan for many "
-     "segments (tuples (codes, row_scale, row_norm2, block_live, offset, id_base, max_scale, max_norm2)) sharing "
+     "segments (tuples (codes, rows, row_scale, row_norm, deleted, block_live, offset, id_base, max_scale, "
+     "max_norm2)) sharing "
      "the plan's per-query fields, into the same heaps. Releases the GIL per segment."},
     {"encode", encode, METH_VARARGS,
      "encode(y, dim, rows, groups, codes, alignment)\n\nQuantize rows of rotated unit vectors into packed codes "

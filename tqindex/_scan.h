@@ -19,6 +19,8 @@ typedef ptrdiff_t Py_ssize_t;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define TQ_X86 1
+/* The x86 kernels' instruction sets: every CPU with AVX2 has FMA and F16C (float16 scales). */
+#define TQ_AVX2 "avx2,fma,f16c"
 #endif
 #if defined(__aarch64__)
 #include <arm_neon.h>
@@ -44,9 +46,12 @@ typedef struct {
     const float *fluts;        /* [nq][2*(ncols + wcols)][16] */
     const float *delta, *bias; /* [nq] */
     const float *tol, *eps;    /* [nq]: bound on |approx - exact| dot, and room for float rounding of a score */
-    const float *row_scale;    /* [nblocks * 32], slot order, NaN where deleted or padding */
+    Py_ssize_t rows;           /* rows scanned: those of the last block from here on are padding */
+    const void *row_scale;     /* [rows] float32, or float16 where scale_half */
+    int scale_half;
+    const float *row_norm;     /* [rows]: ||x|| for "l2" (squared here), or NULL ("ip") */
+    const uint8_t *deleted;    /* [rows]: nonzero where the row is removed, or NULL */
     const uint8_t *block_live; /* [nblocks]: 0 where every row of the block is removed (skipped), or NULL */
-    const float *row_norm2;    /* [nblocks * 32], slot order, or NULL ("ip") */
     const float *query_norm2;  /* [nq] or NULL */
     const float *offset;       /* [nq] added to every exact score (a partitioned index's list term), or NULL */
     int64_t id_base;           /* added to every id written (the segment's first position) */
@@ -79,7 +84,56 @@ static inline void heap_replace_top(float *hs, int64_t *hi, Py_ssize_t k, float 
     hi[i] = id;
 }
 
-static inline int slot_of(int v) { return 16 * (v & 1) + 8 * (v >= 16) + ((v & 15) >> 1); }
+/* IEEE binary16 to float32 (exact, as numpy's astype). */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {  /* zero or subnormal: man * 2^-24 */
+        float f = (float)man * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    bits = sign | (exp == 31 ? 0x7f800000u : (exp + 112) << 23) | man << 13;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float scale_at(const scan_args *a, Py_ssize_t row) {
+    return a->scale_half ? half_to_float(((const uint16_t *)a->row_scale)[row]) : ((const float *)a->row_scale)[row];
+}
+
+/* Which of a block's 32 rows may be returned (bit v: row v): not padding, not removed. */
+static inline uint32_t live_rows(const scan_args *a, Py_ssize_t block) {
+    const Py_ssize_t first = block * BLOCK, count = a->rows - first < BLOCK ? a->rows - first : BLOCK;
+    uint32_t live = count == BLOCK ? 0xffffffffu : (1u << count) - 1;
+    if (a->deleted)
+        for (Py_ssize_t v = 0; v < count; v++)
+            if (a->deleted[first + v]) live &= ~(1u << v);
+    return live;
+}
+
+/* The block's per-row floats, as pointers to its first row: into the arrays, or into `tail_*` for
+ * float16 scales (converted) and a last block with padding (its rows copied, the rest zero: the
+ * SIMD test reads all 32). */
+static inline void block_floats(const scan_args *a, Py_ssize_t block, float *tail_scale, float *tail_norm,
+                                const float **scale, const float **norm) {
+    const Py_ssize_t first = block * BLOCK, count = a->rows - first < BLOCK ? a->rows - first : BLOCK;
+    *scale = a->scale_half ? tail_scale : (const float *)a->row_scale + first;
+    *norm = a->row_norm ? a->row_norm + first : NULL;
+    if (a->scale_half) {
+        for (Py_ssize_t v = 0; v < BLOCK; v++) tail_scale[v] = v < count ? scale_at(a, first + v) : 0.0f;
+    } else if (count < BLOCK) {
+        memset(tail_scale, 0, BLOCK * sizeof(float));
+        memcpy(tail_scale, *scale, (size_t)count * sizeof(float));
+        *scale = tail_scale;
+    }
+    if (count >= BLOCK) return;
+    if (a->row_norm) {
+        memset(tail_norm, 0, BLOCK * sizeof(float));
+        memcpy(tail_norm, *norm, (size_t)count * sizeof(float));
+        *norm = tail_norm;
+    }
+}
 
 /* Bytes of one block of codes, and of one query's tables (in entries). */
 static inline Py_ssize_t block_bytes(const scan_args *a) { return (a->ncols + a->wcols / 4) * BLOCK; }
@@ -113,7 +167,7 @@ static float dot_portable(const scan_args *a, const uint8_t *col, const float *q
 }
 
 #ifdef TQ_X86
-__attribute__((target("avx2,fma"))) static float dot_avx2(const scan_args *a, const uint8_t *col, const float *q) {
+__attribute__((target(TQ_AVX2))) static float dot_avx2(const scan_args *a, const uint8_t *col, const float *q) {
     const int bits = a->row_bits;
     const __m256 low = _mm256_loadu_ps(a->centroids), high = _mm256_loadu_ps(a->centroids + 8);
     const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
@@ -181,12 +235,12 @@ static inline float exact_dot(const scan_args *a, Py_ssize_t q, Py_ssize_t block
 static inline void exact_offer(const scan_args *a, Py_ssize_t q, Py_ssize_t block, int v) {
     float *hs = a->out_s + q * a->kp;
     float dot = exact_dot(a, q, block, v);
-    Py_ssize_t slot = block * BLOCK + slot_of(v);
+    Py_ssize_t row = block * BLOCK + v;
     float s;
-    if (a->row_norm2)
-        s = 2.0f * a->row_scale[slot] * dot - a->row_norm2[slot] - a->query_norm2[q];
+    if (a->row_norm)
+        s = 2.0f * scale_at(a, row) * dot - a->row_norm[row] * a->row_norm[row] - a->query_norm2[q];
     else
-        s = a->row_scale[slot] * dot;
+        s = scale_at(a, row) * dot;
     if (a->offset) s += a->offset[q];
     a->exact_count[q]++;
     if (s > hs[0]) heap_replace_top(hs, a->out_i + q * a->kp, a->kp, s, a->id_base + (int64_t)(block * BLOCK + v));
@@ -195,17 +249,20 @@ static inline void exact_offer(const scan_args *a, Py_ssize_t q, Py_ssize_t bloc
 /* Rows whose score may reach the heap: factor*scale*(delta*sum + bias + tol) [- norm2 - qn2] [+ offset]
  * + eps >= min. */
 static inline float evaluation_threshold(const scan_args *a, Py_ssize_t q) {
-    return a->out_s[q * a->kp] - a->eps[q] + (a->row_norm2 ? a->query_norm2[q] : 0.0f) -
+    return a->out_s[q * a->kp] - a->eps[q] + (a->row_norm ? a->query_norm2[q] : 0.0f) -
            (a->offset ? a->offset[q] : 0.0f);
 }
 
-static inline void offer_block(const scan_args *a, Py_ssize_t q, Py_ssize_t block, const uint32_t *sums) {
-    const float factor = a->row_norm2 ? 2.0f : 1.0f;
+/* sums: row order; live: `live_rows`. */
+static inline void offer_block(const scan_args *a, Py_ssize_t q, Py_ssize_t block, const uint32_t *sums,
+                               uint32_t live) {
+    const float factor = a->row_norm ? 2.0f : 1.0f;
     const float mul = factor * a->delta[q], add = factor * (a->bias[q] + a->tol[q]);
     for (int v = 0; v < BLOCK; v++) {
-        Py_ssize_t slot = block * BLOCK + slot_of(v);
-        float upper = a->row_scale[slot] * (mul * (float)sums[v] + add);
-        if (a->row_norm2) upper -= a->row_norm2[slot];
+        if (!(live >> v & 1)) continue;
+        Py_ssize_t row = block * BLOCK + v;
+        float upper = scale_at(a, row) * (mul * (float)sums[v] + add);
+        if (a->row_norm) upper -= a->row_norm[row] * a->row_norm[row];
         if (upper >= evaluation_threshold(a, q)) exact_offer(a, q, block, v);
     }
 }
@@ -238,7 +295,7 @@ static inline void scan_row_order(const scan_args *a, block_sums_fn block_sums) 
             for (Py_ssize_t b = p; b < pe; b++) {
                 if (a->block_live && !a->block_live[b]) continue;  /* no row of it may be returned */
                 block_sums(a, q, b, sums);
-                offer_block(a, q, b, sums);
+                offer_block(a, q, b, sums, live_rows(a, b));
             }
     }
 }
@@ -247,7 +304,7 @@ static void scan_portable(const scan_args *a) { scan_row_order(a, block_sums_por
 
 #ifdef TQ_X86
 /* Sums of `tile` queries (compile-time constant after inlining) over one block. */
-__attribute__((target("avx2,fma"), always_inline)) static inline void block_sums_avx2(
+__attribute__((target(TQ_AVX2), always_inline)) static inline void block_sums_avx2(
         const scan_args *a, Py_ssize_t q0, const int tile, Py_ssize_t block, __m256i sums[][4]) {
     const uint8_t *blk = a->codes + block * block_bytes(a);
     const __m256i low4 = _mm256_set1_epi8(0x0f);
@@ -313,25 +370,34 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void block_sums
     }
 }
 
-/* The portable offer_block's test on 8 slots at a time; rows that pass go in row order to exact_offer. */
-__attribute__((target("avx2,fma"), always_inline)) static inline void offer_block_avx2(
-        const scan_args *a, Py_ssize_t q, Py_ssize_t block, const __m256i *sums) {
-    const float factor = a->row_norm2 ? 2.0f : 1.0f;
+/* The portable offer_block's test on 8 rows at a time (sums in block_sums_avx2's slot order are put
+ * in row order first); rows that pass go in row order to exact_offer. scale, norm: the block's
+ * (`block_floats`). */
+__attribute__((target(TQ_AVX2), always_inline)) static inline void offer_block_avx2(
+        const scan_args *a, Py_ssize_t q, Py_ssize_t block, const __m256i *sums, const float *scale,
+        const float *norm, uint32_t live) {
+    const float factor = norm ? 2.0f : 1.0f;
     const __m256 mul = _mm256_set1_ps(factor * a->delta[q]), add = _mm256_set1_ps(factor * (a->bias[q] + a->tol[q]));
     const __m256 threshold = _mm256_set1_ps(evaluation_threshold(a, q));
-    const float *scale = a->row_scale + block * BLOCK;
+    /* Slots 0-7 are rows 0, 2, .., 14, slots 8-15 rows 16, .., 30, then the odd rows likewise:
+     * interleaving even and odd (per 128-bit lane) and joining lanes gives rows 8g .. 8g + 7. */
+    __m256i by_row[4];
+    for (int h = 0; h < 2; h++) {
+        __m256i lo = _mm256_unpacklo_epi32(sums[h], sums[h + 2]), hi = _mm256_unpackhi_epi32(sums[h], sums[h + 2]);
+        by_row[2 * h] = _mm256_permute2x128_si256(lo, hi, 0x20);
+        by_row[2 * h + 1] = _mm256_permute2x128_si256(lo, hi, 0x31);
+    }
     uint32_t rows = 0;
     for (int g = 0; g < 4; g++) {
         __m256 upper = _mm256_mul_ps(_mm256_loadu_ps(scale + 8 * g),
-                                     _mm256_fmadd_ps(mul, _mm256_cvtepi32_ps(sums[g]), add));
-        if (a->row_norm2) upper = _mm256_sub_ps(upper, _mm256_loadu_ps(a->row_norm2 + block * BLOCK + 8 * g));
-        uint32_t m = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(upper, threshold, _CMP_GE_OQ));
-        while (m) {  /* slot 8g + j holds row 2j + 16*(g & 1) + (g >> 1) */
-            int j = __builtin_ctz(m);
-            m &= m - 1;
-            rows |= 1u << (2 * j + 16 * (g & 1) + (g >> 1));
+                                     _mm256_fmadd_ps(mul, _mm256_cvtepi32_ps(by_row[g]), add));
+        if (norm) {
+            __m256 n = _mm256_loadu_ps(norm + 8 * g);
+            upper = _mm256_sub_ps(upper, _mm256_mul_ps(n, n));
         }
+        rows |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(upper, threshold, _CMP_GE_OQ)) << (8 * g);
     }
+    rows &= live;
     while (rows) {
         int v = __builtin_ctz(rows);
         rows &= rows - 1;
@@ -339,14 +405,41 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void offer_bloc
     }
 }
 
+/* live_rows, with one compare for the removal flags of a whole block. */
+__attribute__((target(TQ_AVX2), always_inline)) static inline uint32_t live_rows_avx2(const scan_args *a,
+                                                                                         Py_ssize_t block) {
+    if (!a->deleted || a->rows - block * BLOCK < BLOCK) return live_rows(a, block);
+    const __m256i flags = _mm256_loadu_si256((const __m256i *)(a->deleted + block * BLOCK));
+    return (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(flags, _mm256_setzero_si256()));
+}
+
+/* block_floats, converting a whole block's float16 scales with F16C. */
+__attribute__((target(TQ_AVX2), always_inline)) static inline void block_floats_avx2(
+        const scan_args *a, Py_ssize_t block, float *tail_scale, float *tail_norm, const float **scale,
+        const float **norm) {
+    if (!a->scale_half || a->rows - block * BLOCK < BLOCK) {
+        block_floats(a, block, tail_scale, tail_norm, scale, norm);
+        return;
+    }
+    const uint16_t *half = (const uint16_t *)a->row_scale + block * BLOCK;
+    for (int g = 0; g < 4; g++)
+        _mm256_storeu_ps(tail_scale + 8 * g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(half + 8 * g))));
+    *scale = tail_scale;
+    *norm = a->row_norm ? a->row_norm + block * BLOCK : NULL;
+}
+
 #define DEFINE_TILE(T)                                                                               \
-    __attribute__((target("avx2,fma"))) static void scan_tile_##T(const scan_args *a, Py_ssize_t q0, \
+    __attribute__((target(TQ_AVX2))) static void scan_tile_##T(const scan_args *a, Py_ssize_t q0, \
                                                                     Py_ssize_t p, Py_ssize_t pe) {   \
         __m256i sums[MAX_TILE][4];                                                                   \
+        float tail_scale[BLOCK], tail_norm[BLOCK];                                                   \
         for (Py_ssize_t b = p; b < pe; b++) {                                                        \
             if (a->block_live && !a->block_live[b]) continue;                                        \
+            const uint32_t live = live_rows_avx2(a, b);                                              \
+            const float *scale, *norm;                                                               \
+            block_floats_avx2(a, b, tail_scale, tail_norm, &scale, &norm);                           \
             block_sums_avx2(a, q0, T, b, sums);                                                      \
-            for (int t = 0; t < T; t++) offer_block_avx2(a, q0 + t, b, sums[t]);                     \
+            for (int t = 0; t < T; t++) offer_block_avx2(a, q0 + t, b, sums[t], scale, norm, live);  \
         }                                                                                            \
     }
 DEFINE_TILE(1)

@@ -18,8 +18,7 @@ load gives a column of a whole block. Rows past the end of the last block are ze
 Where a single group's nibbles are its packed codes (1, 2 or 4 bits, one group), a row's column
 bytes are exactly its `tqindex.packing` row.
 
-Per-row floats the kernels read with the block sums (scales, norms) are in *slot order*, the order
-in which the AVX2 kernel produces a block's sums: slot 8g + j holds row 2j + 16·(g & 1) + (g >> 1).
+Per-row floats (scales, norms) stay in row order beside the blocks; the kernels read them as they are.
 """
 
 from __future__ import annotations
@@ -31,21 +30,10 @@ import numpy as np
 
 from .packing import pack_codes, unpack_codes
 
-__all__ = ["BLOCK", "BlockLayout", "block_count", "to_slots"]
+__all__ = ["BLOCK", "BlockLayout", "block_count"]
 
 BLOCK = 32
 _CHUNK_ROWS = 1 << 15  # rows converted at a time: bounds the temporaries of every conversion
-
-# Slot order (see the module notes and _native.c).
-_SLOT_ROW = np.array([2 * (s % 8) + 16 * ((s // 8) & 1) + (s // 16) for s in range(BLOCK)])
-
-
-def to_slots(values: np.ndarray, nblocks: int, fill) -> np.ndarray:
-    """(n,) per-row values → (nblocks·32,) in slot order, `fill` for the padding of the last block."""
-    padded = np.full(nblocks * BLOCK, fill, dtype=values.dtype)
-    padded[: len(values)] = values
-    return np.ascontiguousarray(padded.reshape(nblocks, BLOCK)[:, _SLOT_ROW]).reshape(-1)
-
 
 def block_count(rows: int) -> int:
     return -(-rows // BLOCK)

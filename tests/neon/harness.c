@@ -5,10 +5,10 @@
  *
  * The sums-* modes write the integer sums of every query and block (uint32 [nq][nblocks][32], row
  * order) instead of running the scan: the NEON and portable table lookups compared directly.
- * Input (little-endian): int64 nblocks, ncols, wcols, nq, kp, has_norm2; then uint8 codes
+ * Input (little-endian): int64 nblocks, ncols, wcols, nq, kp, has_norm, rows; then uint8 codes
  * [nblocks][ncols + wcols/4][32], uint8 luts [nq][2(ncols + wcols)][16], float32 fluts (same shape),
- * float32 delta, bias, tol, eps [nq], float32 row_scale [nblocks*32], and with has_norm2 float32
- * row_norm2 [nblocks*32] and query_norm2 [nq]. Output: float32 scores [nq][kp], int64 ids [nq][kp],
+ * float32 delta, bias, tol, eps [nq], float32 row_scale [rows], uint8 deleted [rows], and with
+ * has_norm float32 row_norm [rows] and query_norm2 [nq]. Output: float32 scores [nq][kp], int64 ids [nq][kp],
  * int64 exact counts [nq]. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,14 +25,15 @@ int main(int argc, char **argv) {
     if (argc != 4) { fprintf(stderr, "usage: harness input output portable|neon\n"); return 2; }
     FILE *in = fopen(argv[1], "rb");
     if (!in) { perror(argv[1]); return 2; }
-    int64_t h[6];
-    if (fread(h, sizeof(int64_t), 6, in) != 6) { fprintf(stderr, "short header\n"); return 2; }
+    int64_t h[7];
+    if (fread(h, sizeof(int64_t), 7, in) != 7) { fprintf(stderr, "short header\n"); return 2; }
     scan_args a;
     memset(&a, 0, sizeof(a));
     Py_ssize_t nblocks = h[0];
     a.ncols = h[1]; a.wcols = h[2]; a.nq = h[3]; a.kp = h[4];
     a.b0 = 0; a.b1 = nblocks;
-    size_t entries = (size_t)(a.ncols + a.wcols) * 32, nq = (size_t)a.nq, rows = (size_t)nblocks * BLOCK;
+    size_t entries = (size_t)(a.ncols + a.wcols) * 32, nq = (size_t)a.nq, rows = (size_t)h[6];
+    a.rows = h[6];
     a.codes = take(in, (size_t)nblocks * (a.ncols + a.wcols / 4) * BLOCK);
     a.luts = take(in, nq * entries);
     a.fluts = take(in, nq * entries * sizeof(float));
@@ -41,8 +42,9 @@ int main(int argc, char **argv) {
     a.tol = take(in, nq * sizeof(float));
     a.eps = take(in, nq * sizeof(float));
     a.row_scale = take(in, rows * sizeof(float));
+    a.deleted = take(in, rows);
     if (h[5]) {
-        a.row_norm2 = take(in, rows * sizeof(float));
+        a.row_norm = take(in, rows * sizeof(float));
         a.query_norm2 = take(in, nq * sizeof(float));
     }
     fclose(in);

@@ -9,7 +9,8 @@ How a search runs
    bit-plane 5-bit group is read as two parts (its codes' high 4 bits, and their lowest bits as
    1-bit codes four to a nibble); a Lloyd-Max 5-bit group keeps its low 4 bits in a nibble and its
    5th bits in mask columns ("masked": 32-entry tables, the kernel blends the two lookups by the
-   mask). The scanner caches only per-row floats in the kernel's slot order.
+   mask). The kernel reads the segment's own per-row floats and removal flags (row order), so a
+   search derives nothing per row; the scanner caches a few numbers per segment and a byte per block.
 2. Per query, nibble m gets a 16-entry float table L[m][v] = Σ_t (Πq)_j · c(code_t(v)), the exact
    contribution of every value the nibble can take; the tables are shifted per nibble and
    quantized to 0..127 with one step δ per query.
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from .. import native
-from ..layout import to_slots
+from ..layout import block_count
 from ..quantizer import TurboQuantizer
 from ..segment import Segment
 from ..topk import empty_topk, topk_padded
@@ -59,14 +60,15 @@ def supports(quantizer: TurboQuantizer) -> bool:
 
 
 def segment_layout(quantizer: TurboQuantizer, segment: Segment, metric: str, cache: SegmentCache | None = None) -> dict:
-    """What the kernel reads of a segment: its blocks (held by the segment itself) and the per-row
-    floats in slot order, derived once and kept in `cache` (a `SegmentCache`).
+    """What the kernel reads of a segment, all of it the segment's own arrays: its blocks and its
+    per-row floats in row order (scales float32 or float16, as held), with the maxima that size the
+    rounding room, kept in `cache` (a `SegmentCache`).
 
     Returns
     -------
-    dict with blocks (nblocks, width, 32) uint8, ncols, wcols (`BlockLayout`), n, scale
-    ((nblocks·32,) float32 in slot order, NaN for padding), max_scale, and for "l2" norm2 (‖x‖² in
-    slot order) and max_norm2 (the maxima size the rounding room)
+    dict with blocks (nblocks, width, 32) uint8, ncols, wcols (`BlockLayout`), n, scale ((n,) float32
+    or float16),
+    max_scale, and for "l2" norm ((n,) float32, ‖x‖; the kernel squares it) and max_norm2
     """
     layout = None if cache is None else cache.peek(segment, "layout")
     if layout is None:
@@ -74,18 +76,24 @@ def segment_layout(quantizer: TurboQuantizer, segment: Segment, metric: str, cac
         # Row-major codes (a segment built outside an index) are converted; an index's segments
         # hold blocks already, so nothing is built here for them.
         blocks = enc.blocks if enc.blocks is not None else quantizer.layout.from_codes(enc.codes)
-        n, nblocks = len(enc), len(blocks)
-        scale = np.asarray(enc.scale, dtype=np.float32)
-        layout = {"blocks": blocks, "ncols": quantizer.layout.ncols, "wcols": quantizer.layout.wcols, "n": n,
-                  "scale": to_slots(scale, nblocks, np.nan), "max_scale": float(np.abs(scale).max()) if n else 0.0}
+        scale = np.asarray(enc.scale)
+        if scale.dtype not in (np.float32, np.float16) or not scale.flags.c_contiguous:
+            scale = np.ascontiguousarray(scale, dtype=np.float32)
+        layout = {"blocks": blocks, "ncols": quantizer.layout.ncols, "wcols": quantizer.layout.wcols, "n": len(enc),
+                  "scale": scale, "max_scale": _largest_magnitude(scale)}
         if cache is not None:
             cache.get(segment, "layout", lambda: layout)
-    if metric == "l2" and "norm2" not in layout:
+    if metric == "l2" and "norm" not in layout:
         enc = segment.encoded
-        norm2 = np.square(np.asarray(enc.norm if enc.norm is not None else enc.scale, dtype=np.float32))
-        layout["norm2"] = to_slots(norm2, len(layout["blocks"]), np.float32(0))
-        layout["max_norm2"] = float(norm2.max()) if len(norm2) else 0.0
+        norm = np.ascontiguousarray(enc.norm, dtype=np.float32) if enc.norm is not None else layout["scale"]
+        largest = np.float32(_largest_magnitude(norm))
+        layout["norm"], layout["max_norm2"] = norm, float(largest * largest)
     return layout
+
+
+def _largest_magnitude(values: np.ndarray) -> float:
+    """max |v| over a float array, without an n-sized temporary (0.0 when empty)."""
+    return max(float(values.max()), -float(values.min())) if len(values) else 0.0
 
 
 def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
@@ -124,14 +132,16 @@ def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
 @dataclass(frozen=True)
 class ScanPlan:
     """Every input of the native scan, in one typed object (`_native.scan` reads these fields by
-    name). Per-query arrays have nq rows; per-row arrays are in slot order (see `_to_slots`).
+    name). Per-query arrays have nq rows; per-row arrays have `rows`, in row order.
 
-    codes : (nblocks, ncols + wcols/4, 32) uint8, the kernel layout
+    codes : (ceil(rows/32), ncols + wcols/4, 32) uint8, the kernel layout
+    rows : rows in the blocks (the last block's rows past it are padding)
     ncols, wcols : nibble columns, of which the first wcols are masked 5-bit ones
     luts : (nq, 2·(ncols + wcols), 16) uint8; fluts : the same in float32 (`quantized_luts`)
     delta, bias, tol, eps : (nq,) float32
-    row_scale : (nblocks·32,) float32, NaN for padding and removed rows
-    row_norm2, query_norm2 : ‖x‖² per row and ‖q‖² per query for "l2", else None
+    row_scale : (rows,) float32 or float16
+    row_norm, query_norm2 : ‖x‖ per row and ‖q‖² per query for "l2", else None
+    deleted : (rows,) bool or uint8, nonzero for removed rows, or None
     block_live : (nblocks,) uint8, 0 for blocks whose rows are all removed (skipped), or None
     rotated, centroids, row_bits : Πq (nq, d), the 16 padded levels and the bits a code takes in
         the nibble columns (1, 2 or 4), for rescoring one scalar group from its codes; else None / 0
@@ -140,6 +150,7 @@ class ScanPlan:
     """
 
     codes: np.ndarray
+    rows: int
     ncols: int
     wcols: int
     luts: np.ndarray
@@ -149,8 +160,9 @@ class ScanPlan:
     tol: np.ndarray
     eps: np.ndarray
     row_scale: np.ndarray
-    row_norm2: np.ndarray | None = None
+    row_norm: np.ndarray | None = None
     query_norm2: np.ndarray | None = None
+    deleted: np.ndarray | None = None
     block_live: np.ndarray | None = None
     rotated: np.ndarray | None = None
     centroids: np.ndarray | None = None
@@ -168,33 +180,39 @@ class ScanPlan:
                                             if getattr(self, name) is not None})
 
 
-def _live_scale(layout: dict, segment: Segment) -> tuple[np.ndarray, np.ndarray | None]:
-    """The segment's scales in slot order with NaN for padding and removed rows (no comparison lets
-    NaN through), and which blocks have a live row (None: all). A segment's mask never changes (a
-    removal makes a new segment), so the masked scales are kept with the layout, beside the mask
-    they were made from."""
+def _removed(layout: dict, segment: Segment) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The segment's removal flags as bytes (a view of its mask) and which blocks have a live row
+    (None, None: nothing removed). A segment's mask never changes (a removal makes a new segment), so
+    the block flags are kept with the layout, beside the mask they were made from."""
     if segment.deleted is None:
-        return layout["scale"], None
-    mask, masked, block_live = layout.get("masked_scale", (None, None, None))
+        return None, None
+    mask, flags, block_live = layout.get("removed", (None, None, None))
     if mask is not segment.deleted:
-        nblocks = layout["blocks"].shape[0]
-        removed = to_slots(np.asarray(segment.deleted), nblocks, True)
-        masked = np.where(removed, np.float32(np.nan), layout["scale"])
+        mask = segment.deleted
+        flags = np.ascontiguousarray(mask).view(np.uint8)
+        nblocks = block_count(len(mask))
+        padded = np.ones(nblocks * 32, dtype=bool)
+        padded[: len(mask)] = mask
         # Blocks with no row left (common under a filter) are skipped by the kernel.
-        block_live = (~removed.reshape(nblocks, -1).all(axis=1)).astype(np.uint8)
-        layout["masked_scale"] = (segment.deleted, masked, block_live)
-    return masked, block_live
+        block_live = (~padded.reshape(nblocks, -1).all(axis=1)).astype(np.uint8)
+        layout["removed"] = (mask, flags, block_live)
+    return flags, block_live
+
+
+def _segment_fields(layout: dict, segment: Segment, metric: str) -> dict:
+    """A segment's fields of the plan (`ScanPlan`), all views of what the segment and layout hold."""
+    deleted, block_live = _removed(layout, segment)
+    return dict(codes=layout["blocks"], rows=layout["n"], row_scale=layout["scale"],
+                row_norm=layout["norm"] if metric == "l2" else None, deleted=deleted, block_live=block_live)
 
 
 def _segment_plan(quantizer, layout, segment, tables, rotated, query_norm2, metric, offset=None,
                   id_base: int = 0) -> ScanPlan:
     """The kernel's inputs for one segment and these queries' tables (luts, fluts, delta, bias, tol, eps)."""
     luts, fluts, delta, bias, tol, eps = tables
-    row_scale, block_live = _live_scale(layout, segment)
-    return ScanPlan(codes=layout["blocks"], ncols=layout["ncols"], wcols=layout["wcols"], luts=luts, fluts=fluts,
-                    delta=delta, bias=bias, tol=tol, eps=eps, row_scale=row_scale,
-                    row_norm2=layout["norm2"] if metric == "l2" else None, query_norm2=query_norm2,
-                    block_live=block_live, offset=offset, id_base=int(id_base), **_rescore_fields(quantizer, rotated))
+    return ScanPlan(ncols=layout["ncols"], wcols=layout["wcols"], luts=luts, fluts=fluts, delta=delta, bias=bias,
+                    tol=tol, eps=eps, query_norm2=query_norm2, offset=offset, id_base=int(id_base),
+                    **_segment_fields(layout, segment, metric), **_rescore_fields(quantizer, rotated))
 
 
 def _rescore_fields(quantizer, rotated) -> dict:
@@ -301,13 +319,13 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
 
     def segment_args(i, offset):
         layout = segment_layout(quantizer, segments[i], metric, cache)
-        row_scale, block_live = _live_scale(layout, segments[i])
-        return (layout["blocks"], row_scale, layout["norm2"] if metric == "l2" else None, block_live, offset,
+        f = _segment_fields(layout, segments[i], metric)
+        return (f["codes"], f["rows"], f["row_scale"], f["row_norm"], f["deleted"], f["block_live"], offset,
                 int(request.starts[i]), layout["max_scale"], layout.get("max_norm2", 0.0))
 
     def scan(rows, args):
         # The queries' fields; `scan_segments` reads no per-segment field of the plan.
-        plan = ScanPlan(codes=None, ncols=quantizer.layout.ncols, wcols=quantizer.layout.wcols, luts=luts[rows],
+        plan = ScanPlan(codes=None, rows=0, ncols=quantizer.layout.ncols, wcols=quantizer.layout.wcols, luts=luts[rows],
                         fluts=fluts[rows], delta=delta[rows], bias=bias[rows], tol=tol[rows], eps=None,
                         row_scale=None, query_norm2=None if qn2 is None else qn2[rows],
                         **({**rescore, "rotated": q[rows]} if rescore else {}))
