@@ -60,7 +60,7 @@ def scale_dtype_name(value) -> str:
 
 # Encode in chunks so that the temporary float buffers (a few (rows, d) float32 copies: unit,
 # rotated, reconstructed rows) stay near this many bytes per thread whatever the batch size.
-_ENCODE_CHUNK_BYTES = 4 << 20
+_ENCODE_CHUNK_BYTES = 2 << 20
 _ENCODE_MIN_ROWS = 256  # per thread: below this, handing rows to a thread costs more than it saves
 
 
@@ -232,8 +232,11 @@ class TurboQuantizer:
         # Each chunk's rows go straight into arrays of the final size: the peak is the result plus
         # one chunk's temporaries, not the result twice (as concatenating the parts would be).
         fields: dict = {}
+        # The chunks' two (rows, d) float buffers are made once and reused: fresh ones per chunk
+        # leave freed blocks scattered in the heap, resident until the allocator trims them.
+        buffers = (torch.empty((min(n, chunk), self.dim)), torch.empty((min(n, chunk), self.dim))) if n else None
         for start in range(0, max(n, 1), chunk):
-            part = self._encode_chunk(x[start:start + chunk])
+            part = self._encode_chunk(x[start:start + chunk], buffers)
             if not keep_norm:
                 part.norm = None
             if layout is not None:
@@ -278,11 +281,15 @@ class TurboQuantizer:
                              f"scale_dtype='float32' or rescale the vectors")
         return half
 
-    def _encode_chunk(self, x: torch.Tensor) -> EncodedVectors:
+    def _encode_chunk(self, x: torch.Tensor, buffers: tuple | None = None) -> EncodedVectors:
+        """buffers: two float32 (≥ n, d) tensors for the unit and rotated rows (CPU), or None."""
         n = x.shape[0]
         norms = torch.linalg.vector_norm(x, dim=1)
-        unit = x / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
-        y = self.rotation.apply(unit)
+        denominator = torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
+        if buffers is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            y = self.rotation.apply(torch.div(x, denominator, out=buffers[0][:n]), out=buffers[1][:n])
+        else:
+            y = self.rotation.apply(x / denominator)
         codes = np.zeros((n, self.code_bytes), dtype=np.uint8)
         if self.groups and native.enabled() and y.device.type == "cpu":
             # One pass per row in C: codes and ⟨y, ỹ⟩ (bucketize + gather + pack in torch take longer).

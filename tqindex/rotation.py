@@ -94,10 +94,11 @@ class Rotation:
             return sum(held.values())
         return sum(t.nbytes for t in self._signs + self._perms + self._inverse_perms)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate rows: (n, d) → (n, d), same dtype (float32 or float64)."""
+    def apply(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate rows: (n, d) → (n, d), same dtype (float32 or float64). out: a tensor of that shape
+        and dtype to write into (the dense kind; others return a new tensor)."""
         if self.kind == "dense":
-            return x @ self._dense_t(x)
+            return torch.matmul(x, self._dense_t(x), out=out) if out is not None else x @ self._dense_t(x)
         y = x
         for signs, perm in zip(self._signs, self._perms):
             y = (y * signs.to(dtype=y.dtype, device=y.device))[:, perm.to(y.device)]

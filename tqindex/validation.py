@@ -24,8 +24,8 @@ MAX_ID = 1 << 62
 #: Largest vector or query norm: every score (≤ ‖q‖·‖x‖, or ‖q − x‖² ≤ (‖q‖ + ‖x‖)²) then stays far
 #: inside float32's range, so no score overflows to ±inf.
 MAX_NORM = 1e18
-#: float64 elements per chunk of `check_norms` (2 MiB, and as much again for the norm's temporaries).
-_NORM_CHUNK_ELEMENTS = 1 << 18
+#: float64 elements per chunk of `check_norms` (512 KiB, in one buffer reused by every chunk).
+_NORM_CHUNK_ELEMENTS = 1 << 16
 
 # Read-only inputs (a memory map, an array from Ray's object store) are wrapped without a copy: the
 # index never writes to a caller's array, so torch's warning about them is noise, and only the
@@ -145,9 +145,13 @@ def check_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str = "vec
     norms = np.empty(x.shape[0], dtype=np.float32) if on_cpu else torch.empty(x.shape[0], device=x.device)
     source = x.numpy() if on_cpu else x
     rows = max(1, _NORM_CHUNK_ELEMENTS // max(1, x.shape[1]))
+    # One float64 buffer for every chunk: a fresh copy per chunk leaves freed blocks in the heap,
+    # resident until the allocator trims them (megabytes for a large batch).
+    buffer = np.empty((min(rows, x.shape[0]), x.shape[1]), np.float64) if on_cpu else None
     for start in range(0, x.shape[0], rows):
         if on_cpu:
-            part = source[start:start + rows].astype(np.float64)
+            part = buffer[:len(source[start:start + rows])]
+            np.copyto(part, source[start:start + rows])
             chunk = np.sqrt(np.einsum("ij,ij->i", part, part))
         else:
             chunk = torch.linalg.vector_norm(source[start:start + rows].double(), dim=1).cpu().numpy()
