@@ -414,3 +414,29 @@ def test_native_rotation_equals_torch(rows, dim):
     exact = (x.double() @ torch.from_numpy(rotation.matrix()).T).float()  # float64 reference
     np.testing.assert_allclose(native_out.numpy(), exact.numpy(), rtol=1e-5, atol=1e-5)
     assert make_rotation(dim, "hadamard", 3).apply_native(x) is None  # other kinds keep torch
+
+
+@needs_avx2
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_fast_scan_results_do_not_depend_on_the_thread_split(metric):
+    # Exact ties across the k-th place (rows repeated 40 times): among equal scores the lowest
+    # position wins, in every heap and every merge, so one thread, several threads and the portable
+    # loop give the same ids in the same order.
+    rng = np.random.default_rng(5)
+    base, near = clustered(rng, 50, 64, clusters=5, spread=0.3, queries=6)
+    x = np.repeat(base, 40, axis=0)[rng.permutation(2000)]
+    index = Index(dim=64, bits=2, metric=metric)
+    index.add(x[:1300])
+    index.add(x[1300:])
+    rotated, _ = index._quantizer.prepare_queries(torch.from_numpy(near))
+    sq = torch.from_numpy((near ** 2).sum(1))
+    for k in (5, 57):
+        runs = [fastscan.scan_topk_fast(index._quantizer, index._segments, rotated, sq, k, metric, threads=t,
+                                        portable=p) for t in (1, 2, 3) for p in (False, True)]
+        scores, pos = runs[0]
+        s, p = scores.numpy(), pos.numpy()
+        # The order is total: score descending, then position ascending.
+        assert ((s[:, :-1] > s[:, 1:]) | ((s[:, :-1] == s[:, 1:]) & (p[:, :-1] < p[:, 1:]))).all()
+        for other_s, other_p in runs[1:]:
+            np.testing.assert_array_equal(other_p.numpy(), p)
+            np.testing.assert_array_equal(other_s.numpy(), s)

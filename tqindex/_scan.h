@@ -68,13 +68,21 @@ typedef struct {
     int avx2;                  /* which dot_* to use */
 } scan_args;
 
+/* Results are ordered by score, then by id (the lower first among equal scores): a total order, so
+ * every heap keeps the same k rows however the rows are split between threads or segments. */
+static inline int ranks_below(float s, int64_t id, float s2, int64_t id2) {
+    return s < s2 || (s == s2 && id > id2);
+}
+
+/* Min-heap of the k best (score, id) pairs, the worst on top. */
 static inline void heap_replace_top(float *hs, int64_t *hi, Py_ssize_t k, float s, int64_t id) {
     Py_ssize_t i = 0;
     for (;;) {
         Py_ssize_t l = 2 * i + 1, r = l + 1, m = i;
         float ms = s;
-        if (l < k && hs[l] < ms) { m = l; ms = hs[l]; }
-        if (r < k && hs[r] < ms) { m = r; ms = hs[r]; }
+        int64_t mid = id;
+        if (l < k && ranks_below(hs[l], hi[l], ms, mid)) { m = l; ms = hs[l]; mid = hi[l]; }
+        if (r < k && ranks_below(hs[r], hi[r], ms, mid)) { m = r; ms = hs[r]; mid = hi[r]; }
         if (m == i) break;
         hs[i] = hs[m];
         hi[i] = hi[m];
@@ -243,7 +251,9 @@ static inline void exact_offer(const scan_args *a, Py_ssize_t q, Py_ssize_t bloc
         s = scale_at(a, row) * dot;
     if (a->offset) s += a->offset[q];
     a->exact_count[q]++;
-    if (s > hs[0]) heap_replace_top(hs, a->out_i + q * a->kp, a->kp, s, a->id_base + (int64_t)(block * BLOCK + v));
+    const int64_t id = a->id_base + (int64_t)(block * BLOCK + v);
+    int64_t *hi = a->out_i + q * a->kp;
+    if (ranks_below(hs[0], hi[0], s, id)) heap_replace_top(hs, hi, a->kp, s, id);
 }
 
 /* Rows whose score may reach the heap: factor*scale*(delta*sum + bias + tol) [- norm2 - qn2] [+ offset]

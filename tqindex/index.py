@@ -676,11 +676,15 @@ class Index:
                 offset = q @ center  # ⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩
         rotated, projected = self._quantizer.prepare_queries(q)
         result = (scanner or self._scanner()).topk(list(view.segments), Queries(rotated, projected,
-                                                                                q.square().sum(dim=1)), k)
+                                                                                self._sq_norms(q)), k)
         scores, positions = result.scores, result.positions
         if offset is not None:
             scores = scores + offset[:, None].to(scores.device)
         return scores.cpu(), positions.cpu()
+
+    def _sq_norms(self, q: torch.Tensor) -> torch.Tensor:
+        """‖q‖² per query (nq,) float32 for "l2"; zeros for the other metrics, whose scores do not use it."""
+        return q.square().sum(dim=1) if self._metric == "l2" else torch.zeros(q.shape[0], device=q.device)
 
     def _scan_lists(self, view: "_View", q: torch.Tensor, k: int, scanner, nprobe: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -696,7 +700,7 @@ class Index:
         request = ListScan(segments=view.segments, starts=starts, members=members, lists=lists.numpy(),
                            offsets=offsets.numpy())
         rotated, projected = self._quantizer.prepare_queries(q)
-        result = scanner.topk_lists(request, Queries(rotated, projected, q.square().sum(dim=1)).to(device), k)
+        result = scanner.topk_lists(request, Queries(rotated, projected, self._sq_norms(q)).to(device), k)
         return result.scores.cpu(), result.positions.cpu()
 
     def _scanner(self):

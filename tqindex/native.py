@@ -22,6 +22,7 @@ __all__ = ["kernels", "enabled", "simd", "parallel_ranges", "get_num_threads", "
 _EXECUTOR: ThreadPoolExecutor | None = None
 _EXECUTOR_LOCK = threading.Lock()
 _THREADS: int | None = None
+_ACTIVE = 0  # parallel_ranges calls in flight, from any thread
 
 
 def set_num_threads(threads: int | None) -> None:
@@ -52,16 +53,27 @@ def parallel_ranges(count: int, fn, threads: int | None = None, min_per_thread: 
     """Run fn(start, stop) over `threads` contiguous slices of range(count) (the kernels release
     the GIL) and return the results in order. The calling thread runs the first slice itself, so a
     call hands at most threads − 1 slices to the pool (one hand-off fewer, which counts on a busy
-    machine, where a pool thread may wait for a core)."""
-    threads = max(1, min(threads or get_num_threads(), count // max(1, min_per_thread)))
-    if threads == 1:
-        return [fn(0, count)]
-    global _EXECUTOR
+    machine, where a pool thread may wait for a core).
+
+    Calls in flight at once (several Python threads searching one index) share the thread budget:
+    each takes its share, so concurrent single queries run side by side, each in its own caller's
+    thread, instead of queueing for the same pool threads. Results never depend on the split."""
+    global _EXECUTOR, _ACTIVE
     with _EXECUTOR_LOCK:
-        if _EXECUTOR is None or _EXECUTOR._max_workers < threads - 1:
-            _EXECUTOR = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="tqindex")
-        executor = _EXECUTOR
-    edges = [count * i // threads for i in range(threads + 1)]
-    futures = [executor.submit(fn, edges[i], edges[i + 1]) for i in range(1, threads)]
-    first = fn(edges[0], edges[1])
-    return [first] + [f.result() for f in futures]
+        _ACTIVE += 1
+        sharing = _ACTIVE
+    try:
+        threads = max(1, min((threads or get_num_threads()) // sharing, count // max(1, min_per_thread)))
+        if threads == 1:
+            return [fn(0, count)]
+        with _EXECUTOR_LOCK:
+            if _EXECUTOR is None or _EXECUTOR._max_workers < threads - 1:
+                _EXECUTOR = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="tqindex")
+            executor = _EXECUTOR
+        edges = [count * i // threads for i in range(threads + 1)]
+        futures = [executor.submit(fn, edges[i], edges[i + 1]) for i in range(1, threads)]
+        first = fn(edges[0], edges[1])
+        return [first] + [f.result() for f in futures]
+    finally:
+        with _EXECUTOR_LOCK:
+            _ACTIVE -= 1

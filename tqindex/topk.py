@@ -7,9 +7,10 @@ rows and padding look the same to the caller.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-__all__ = ["topk_padded", "merge_topk", "empty_topk"]
+__all__ = ["topk_padded", "topk_ordered", "merge_topk", "empty_topk"]
 
 
 def empty_topk(nq: int, k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +40,19 @@ def topk_padded(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[
         pad_s, pad_p = empty_topk(nq, k - take, scores.device)
         best, best_pos = torch.cat([best, pad_s], 1), torch.cat([best_pos, pad_p], 1)
     return best, best_pos.masked_fill(torch.isneginf(best), -1)
+
+
+def topk_ordered(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`topk_padded` (CPU tensors) with ties broken by position, the lower first: the order the
+    native heaps keep, so merging partial answers gives the same result however rows were split."""
+    s, p = scores.numpy(), positions.numpy()
+    nq, m = s.shape
+    take = min(k, m)
+    order = np.lexsort((p, -s), axis=1)[:, :take]   # score descending, then position ascending
+    best, best_pos = np.take_along_axis(s, order, 1), np.take_along_axis(p, order, 1)
+    out_s, out_p = empty_topk(nq, k)
+    out_s[:, :take], out_p[:, :take] = torch.from_numpy(best), torch.from_numpy(best_pos)
+    return out_s, out_p.masked_fill(torch.isneginf(out_s), -1)
 
 
 def merge_topk(parts: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:

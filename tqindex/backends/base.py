@@ -30,7 +30,7 @@ class Queries:
 
     rotated : (nq, d) float32, Πq
     projected : (nq, d) float32, GΠq for the prod variant, else None
-    sq_norms : (nq,) float32, ‖q‖² (used by "l2")
+    sq_norms : (nq,) float32, ‖q‖² for "l2" (zeros for the other metrics, which do not use it)
     """
 
     rotated: torch.Tensor

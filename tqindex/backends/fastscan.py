@@ -38,7 +38,7 @@ from .. import native
 from ..layout import block_count
 from ..quantizer import TurboQuantizer
 from ..segment import Segment
-from ..topk import empty_topk, topk_padded
+from ..topk import empty_topk, topk_ordered
 from .base import ListScan, Queries, Scanner, SegmentCache, TopK
 
 __all__ = ["FastScanner", "ScanPlan", "available", "supports", "scan_lists_fast", "scan_topk_fast", "segment_layout",
@@ -294,7 +294,7 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
         stats.update(queries=nq, exact_per_query=exact / max(nq, 1))
     if not scores:
         return empty_topk(nq, k)
-    return topk_padded(torch.from_numpy(np.concatenate(scores, axis=1)),
+    return topk_ordered(torch.from_numpy(np.concatenate(scores, axis=1)),
                        torch.from_numpy(np.concatenate(positions, axis=1)), k)
 
 
@@ -351,7 +351,7 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
     native.parallel_ranges(nq, run, threads)
     if stats is not None:
         stats.update(queries=nq, exact_per_query=float(count.sum()) / max(nq, 1))
-    return topk_padded(torch.from_numpy(heap_s), torch.from_numpy(heap_i), k)
+    return topk_ordered(torch.from_numpy(heap_s), torch.from_numpy(heap_i), k)
 
 
 class FastScanner(Scanner):
