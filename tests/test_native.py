@@ -440,3 +440,23 @@ def test_fast_scan_results_do_not_depend_on_the_thread_split(metric):
         for other_s, other_p in runs[1:]:
             np.testing.assert_array_equal(other_p.numpy(), p)
             np.testing.assert_array_equal(other_s.numpy(), s)
+
+
+@needs_native
+def test_select_kernel_equals_the_numpy_order(monkeypatch):
+    # Merging partial answers: the kernel's k best, ties by position, equal numpy's lexsort oracle,
+    # with many ties, -inf entries (no row) and k above and below the candidates.
+    from tqindex import topk
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        nq, m, k = int(rng.integers(1, 5)), int(rng.integers(0, 60)), int(rng.integers(1, 40))
+        s = rng.integers(0, 6, (nq, m)).astype(np.float32)
+        s[rng.random((nq, m)) < 0.2] = -np.inf
+        p = rng.permutation(1000)[:nq * m].reshape(nq, m).astype(np.int64)
+        fast = topk.topk_ordered(torch.from_numpy(s), torch.from_numpy(p), k)
+        with monkeypatch.context() as patch:
+            patch.setattr(native, "kernels", None)
+            oracle = topk.topk_ordered(torch.from_numpy(s), torch.from_numpy(p), k)
+        np.testing.assert_array_equal(fast[0].numpy(), oracle[0].numpy())
+        np.testing.assert_array_equal(fast[1].numpy(), oracle[1].numpy())
+        assert (fast[1].numpy()[np.isneginf(fast[0].numpy())] == -1).all()

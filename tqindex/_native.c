@@ -733,6 +733,84 @@ done:
     return release(bufs, held, ok);
 }
 
+/* ---- selection ----------------------------------------------------------------------------------
+ * select(scores, positions, out_scores, out_positions): per row, the k best of m (score, position) pairs
+ * (float32 / int64 [nq][m]) in the scan's order (score descending, then position ascending: `ranks_below`),
+ * written to out_* ([nq][k]) best first, padded with (-inf, -1). Merges partial answers of the fast scan
+ * (thread splits, segments) so that the result never depends on the split. Releases the GIL. */
+typedef struct {
+    float s;
+    int64_t id;
+} scored;
+
+static int best_first(const void *x, const void *y) {
+    const scored *a = x, *b = y;
+    return ranks_below(a->s, a->id, b->s, b->id) ? 1 : ranks_below(b->s, b->id, a->s, a->id) ? -1 : 0;
+}
+
+static PyObject *select_best(PyObject *self, PyObject *args) {
+    PyObject *scores, *positions, *out_s, *out_p;
+    if (!PyArg_ParseTuple(args, "OOOO", &scores, &positions, &out_s, &out_p)) return NULL;
+    Py_buffer bufs[4];
+    int held = 0, ok = 0;
+    scored *tmp = NULL;
+    if (PyObject_GetBuffer(out_s, &bufs[held], PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_ND) < 0) goto done;
+    held++;
+    if (bufs[0].ndim != 2 || bufs[0].itemsize != (Py_ssize_t)sizeof(float)) {
+        PyErr_SetString(PyExc_ValueError, "select: out_scores must be float32 [nq][k]");
+        goto done;
+    }
+    const Py_ssize_t nq = bufs[0].shape[0], k = bufs[0].shape[1];
+    if (PyObject_GetBuffer(scores, &bufs[held], PyBUF_C_CONTIGUOUS | PyBUF_ND) < 0) goto done;
+    held++;
+    if (bufs[1].ndim != 2 || bufs[1].shape[0] != nq || bufs[1].itemsize != (Py_ssize_t)sizeof(float)) {
+        PyErr_SetString(PyExc_ValueError, "select: scores must be float32 [nq][m]");
+        goto done;
+    }
+    const Py_ssize_t m = bufs[1].shape[1];
+    if (get_buffer(positions, &bufs[held], 0, nq * m * (Py_ssize_t)sizeof(int64_t), "positions") < 0) goto done;
+    held++;
+    if (get_buffer(out_p, &bufs[held], 1, nq * k * (Py_ssize_t)sizeof(int64_t), "out_positions") < 0) goto done;
+    held++;
+    tmp = PyMem_Malloc((k ? k : 1) * sizeof(scored));
+    if (!tmp) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const float *sc = bufs[1].buf;
+    const int64_t *ps = bufs[2].buf;
+    float *os = bufs[0].buf;
+    int64_t *op = bufs[3].buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t q = 0; q < nq; q++) {
+        float *hs = os + q * k;
+        int64_t *hi = op + q * k;
+        for (Py_ssize_t j = 0; j < k; j++) {
+            hs[j] = -INFINITY;
+            hi[j] = -1;
+        }
+        for (Py_ssize_t j = 0; k && j < m; j++) {
+            const float s = sc[q * m + j];
+            const int64_t id = ps[q * m + j];
+            if (s > -INFINITY && ranks_below(hs[0], hi[0], s, id)) heap_replace_top(hs, hi, k, s, id);
+        }
+        for (Py_ssize_t j = 0; j < k; j++) {
+            tmp[j].s = hs[j];
+            tmp[j].id = hi[j];
+        }
+        qsort(tmp, (size_t)k, sizeof(scored), best_first);
+        for (Py_ssize_t j = 0; j < k; j++) {
+            hs[j] = tmp[j].s;
+            hi[j] = tmp[j].s > -INFINITY ? tmp[j].id : -1;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    ok = 1;
+done:
+    PyMem_Free(tmp);
+    return release(bufs, held, ok);
+}
+
 static PyObject *simd(PyObject *self, PyObject *unused) {
 #ifdef TQ_NEON
     return PyUnicode_FromString("neon");  /* every aarch64 CPU has NEON */
@@ -763,6 +841,9 @@ static PyMethodDef methods[] = {
     {"rotate", rotate, METH_VARARGS,
      "rotate(x, mt, out, rows, dim)\n\nout = x @ mt (float32 [rows][dim] @ [dim][dim]) in the calling thread, "
      "without torch's thread pool. Releases the GIL."},
+    {"select", select_best, METH_VARARGS,
+     "select(scores, positions, out_scores, out_positions)\n\nPer row, the k best (score, position) pairs, score "
+     "descending then position ascending, padded with (-inf, -1). Releases the GIL."},
     {"simd", simd, METH_NOARGS, "The scan kernel this CPU runs: 'avx2', 'neon' or 'portable'."},
     {NULL, NULL, 0, NULL}};
 

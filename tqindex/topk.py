@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import native
+
 __all__ = ["topk_padded", "topk_ordered", "merge_topk", "empty_topk"]
 
 
@@ -44,15 +46,22 @@ def topk_padded(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[
 
 def topk_ordered(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`topk_padded` (CPU tensors) with ties broken by position, the lower first: the order the
-    native heaps keep, so merging partial answers gives the same result however rows were split."""
-    s, p = scores.numpy(), positions.numpy()
+    native heaps keep, so merging partial answers gives the same result however rows were split.
+    In the compiled kernels where built (a few microseconds), else in numpy."""
+    s = np.ascontiguousarray(scores.numpy(), dtype=np.float32)
+    p = np.ascontiguousarray(positions.numpy(), dtype=np.int64)
     nq, m = s.shape
+    out_s = np.empty((nq, k), np.float32)
+    out_p = np.empty((nq, k), np.int64)
+    if native.kernels is not None:
+        native.kernels.select(s, p, out_s, out_p)
+        return torch.from_numpy(out_s), torch.from_numpy(out_p)
     take = min(k, m)
     order = np.lexsort((p, -s), axis=1)[:, :take]   # score descending, then position ascending
-    best, best_pos = np.take_along_axis(s, order, 1), np.take_along_axis(p, order, 1)
-    out_s, out_p = empty_topk(nq, k)
-    out_s[:, :take], out_p[:, :take] = torch.from_numpy(best), torch.from_numpy(best_pos)
-    return out_s, out_p.masked_fill(torch.isneginf(out_s), -1)
+    out_s[:], out_p[:] = -np.inf, -1
+    out_s[:, :take], out_p[:, :take] = np.take_along_axis(s, order, 1), np.take_along_axis(p, order, 1)
+    out_p[np.isneginf(out_s)] = -1
+    return torch.from_numpy(out_s), torch.from_numpy(out_p)
 
 
 def merge_topk(parts: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
