@@ -199,9 +199,9 @@ static int bind_queries(scan_args *a, buffer_set *b, PyObject *plan, PyObject *o
 }
 
 /* One segment's inputs: codes (whole blocks holding `rows` rows), its per-row arrays in row order
- * (row_scale float32 or float16; row_norm float32 for "l2", given exactly when the queries have query_norm2; deleted, 1 byte a
- * row, or None), block_live (a byte a block, or None), offset (float32 [nq], or None) and id_base.
- * Sets *nblocks. */
+ * (row_scale float32 or float16; row_norm float32 for "l2", given exactly when the queries have
+ * query_norm2; deleted, 1 byte a row, or None), block_live (a byte a block, or None), offset
+ * (float32 [nq], or None) and id_base. Sets *nblocks. */
 static int bind_segment(scan_args *a, buffer_set *b, PyObject *codes, Py_ssize_t rows, PyObject *row_scale,
                         PyObject *row_norm, PyObject *deleted, PyObject *block_live, PyObject *offset,
                         long long id_base, Py_ssize_t *nblocks) {
@@ -800,8 +800,8 @@ static PyObject *select_best(PyObject *self, PyObject *args) {
         }
         qsort(tmp, (size_t)k, sizeof(scored), best_first);
         for (Py_ssize_t j = 0; j < k; j++) {
-            hs[j] = tmp[j].s;
-            hi[j] = tmp[j].s > -INFINITY ? tmp[j].id : -1;
+            hs[j] = tmp[j].s;  /* only finite scores entered: a -inf slot still holds id -1 */
+            hi[j] = tmp[j].id;
         }
     }
     Py_END_ALLOW_THREADS

@@ -564,8 +564,8 @@ def write_coarse(state: dict, target: Path, *, fresh: bool, written: list[Path])
         return None
     if state["coarse_shard"] is not None and not fresh:
         return state["coarse_shard"]
-    centroids = coarse.centroids.numpy().astype(np.float32)
-    flat = pa.array(np.ascontiguousarray(centroids).reshape(-1), pa.float32())
+    centroids = coarse.centroids.numpy().astype(np.float32)  # a contiguous copy
+    flat = pa.array(centroids.reshape(-1), pa.float32())
     entry = _write_new(target / SHARDS / f"centroids-{uuid.uuid4().hex}.arrow", _vectors_schema(centroids.shape[1]),
                        [pa.FixedSizeListArray.from_arrays(flat, centroids.shape[1])], written)
     return {"centroids": entry, "fit": dict(coarse.fit)}
@@ -759,7 +759,7 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
     try:
         schema = payloads.schema_from_text(body["payload_schema"]) if body.get("payload_schema") else None
         index = cls._from_state(params, segments=segments, next_id=body["next_id"], store=store, payload_schema=schema,
-                                coarse=_load_coarse(path, body, dim, mmap=mmap, verify=verify),
+                                coarse=_load_coarse(path, body, dim, verify=verify),
                                 coarse_shard=body.get("coarse"))
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexFormatError(f"manifest {path / MANIFEST} has invalid parameters: {_short(exc, 200)}") from None
@@ -768,17 +768,17 @@ def _load_body(cls, path: Path, body: dict, *, mmap: bool, verify: bool, device:
     return index
 
 
-def _load_coarse(path: Path, body: dict, dim: int, *, mmap: bool, verify: bool) -> CoarseQuantizer | None:
+def _load_coarse(path: Path, body: dict, dim: int, *, verify: bool) -> CoarseQuantizer | None:
     """A partitioned index's centroids (checked: one finite row of `dim` floats per list)."""
     coarse = body.get("coarse")
     if not coarse:
         return None
     entry = coarse["centroids"]
     batch = _read_table(path / SHARDS / entry["name"], entry, _vectors_schema(dim), mmap=False, verify=verify)
-    centroids = _column_numpy(batch.column(0), dim).astype(np.float32)
+    centroids = _column_numpy(batch.column(0), dim).astype(np.float32)  # an owned, writable copy for torch
     if not np.isfinite(centroids).all():
         raise IndexFormatError(f"centroids shard {entry['name']} holds values that are not finite")
-    return CoarseQuantizer(torch.from_numpy(centroids.copy()), dict(coarse["fit"]))
+    return CoarseQuantizer(torch.from_numpy(centroids), dict(coarse["fit"]))
 
 
 def _check_rows(segments: list[Segment], body: dict, where: Path) -> None:

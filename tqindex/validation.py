@@ -150,8 +150,9 @@ def check_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str = "vec
     buffer = np.empty((min(rows, x.shape[0]), x.shape[1]), np.float64) if on_cpu else None
     for start in range(0, x.shape[0], rows):
         if on_cpu:
-            part = buffer[:len(source[start:start + rows])]
-            np.copyto(part, source[start:start + rows])
+            rows_here = source[start:start + rows]
+            part = buffer[:len(rows_here)]
+            np.copyto(part, rows_here)
             chunk = np.sqrt(np.einsum("ij,ij->i", part, part))
         else:
             chunk = torch.linalg.vector_norm(source[start:start + rows].double(), dim=1).cpu().numpy()

@@ -13,9 +13,8 @@ import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-import torch
-
 import numpy as np
+import torch
 
 from ..idmap import grouped
 from ..memory import held_bytes
