@@ -213,3 +213,18 @@ def test_a_damaged_partition_manifest_is_refused(tmp_path):
     centroids.write_bytes(bytes(data))
     with pytest.raises(IndexFormatError, match="checksum"):
         Index.load(tmp_path / "ix")
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_a_single_query_probes_the_lists_a_batch_gives_it(metric):
+    from tqindex.partition import fit_kmeans
+    x, q = _data(queries=12)
+    coarse = fit_kmeans(torch.from_numpy(x), NLIST, seed=3)
+    q[5] = q[4]  # equal rows: the same lists, ties broken the same way
+    for nprobe in (1, 3, NLIST - 1, NLIST):
+        lists, offsets = coarse.probe(torch.from_numpy(q), metric, nprobe)
+        for i in range(len(q)):
+            one, one_offsets = coarse.probe(torch.from_numpy(q[i:i + 1]), metric, nprobe)
+            np.testing.assert_array_equal(one.numpy(), lists[i:i + 1].numpy())
+            # One row or many: BLAS may round the centroid products differently in the last bit.
+            np.testing.assert_allclose(one_offsets.numpy(), offsets[i:i + 1].numpy(), rtol=1e-5, atol=1e-6)

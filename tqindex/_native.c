@@ -541,60 +541,126 @@ typedef struct {
     const float *centroids, *codewords;
 } nibble_group;
 
+/* The least and greatest of a nibble's 16 entries `a` (and 16 more, `b`, for a wide nibble). */
+static inline void entry_range(const float *a, const float *b, float *lo_out, float *hi_out) {
+    float lo[4], hi[4];
+    for (int i = 0; i < 4; i++) lo[i] = hi[i] = a[i];
+    for (int v = 4; v < 16; v += 4)
+        for (int i = 0; i < 4; i++) {
+            lo[i] = a[v + i] < lo[i] ? a[v + i] : lo[i];
+            hi[i] = a[v + i] > hi[i] ? a[v + i] : hi[i];
+        }
+    if (b)
+        for (int v = 0; v < 16; v += 4)
+            for (int i = 0; i < 4; i++) {
+                lo[i] = b[v + i] < lo[i] ? b[v + i] : lo[i];
+                hi[i] = b[v + i] > hi[i] ? b[v + i] : hi[i];
+            }
+    const float l01 = lo[0] < lo[1] ? lo[0] : lo[1], l23 = lo[2] < lo[3] ? lo[2] : lo[3];
+    const float h01 = hi[0] > hi[1] ? hi[0] : hi[1], h23 = hi[2] > hi[3] ? hi[2] : hi[3];
+    *lo_out = l01 < l23 ? l01 : l23;
+    *hi_out = h01 > h23 ? h01 : h23;
+}
+
+/* A nibble's 16 entries f as levels out[v] = min(trunc((f[v] - lo) * inv + 0.5), LUT_MAX), the nearest
+ * level to (f[v] - lo) / step within one (f[v] >= lo); returns max_v |level * step - (f[v] - lo)|, the
+ * rounding error. SSE2 on x86-64 (every such CPU has it) computes exactly what the loop does. */
+static inline float quantize16(const float *f, float lo, float inv, float step, uint8_t *out) {
+#ifdef TQ_X86
+    const __m128 vlo = _mm_set1_ps(lo), vinv = _mm_set1_ps(inv), vstep = _mm_set1_ps(step),
+                 half = _mm_set1_ps(0.5f), top = _mm_set1_ps((float)LUT_MAX),
+                 sign = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+    __m128 worst = _mm_setzero_ps();
+    __m128i ints[4];
+    for (int i = 0; i < 4; i++) {
+        const __m128 d = _mm_sub_ps(_mm_loadu_ps(f + 4 * i), vlo);
+        const __m128 level = _mm_min_ps(_mm_cvtepi32_ps(_mm_cvttps_epi32(_mm_add_ps(_mm_mul_ps(d, vinv), half))), top);
+        worst = _mm_max_ps(worst, _mm_and_ps(_mm_sub_ps(_mm_mul_ps(level, vstep), d), sign));
+        ints[i] = _mm_cvttps_epi32(level);
+    }
+    _mm_storeu_si128((__m128i *)out, _mm_packus_epi16(_mm_packs_epi32(ints[0], ints[1]),
+                                                      _mm_packs_epi32(ints[2], ints[3])));
+    float w[4];
+    _mm_storeu_ps(w, worst);
+    const float w01 = w[0] > w[1] ? w[0] : w[1], w23 = w[2] > w[3] ? w[2] : w[3];
+    return w01 > w23 ? w01 : w23;
+#else
+    float worst = 0.0f;
+    for (int v = 0; v < 16; v++) {
+        const float d = f[v] - lo;
+        float level = (float)(int)(d * inv + 0.5f);
+        level = level < (float)LUT_MAX ? level : (float)LUT_MAX;
+        out[v] = (uint8_t)level;
+        const float err = fabsf(level * step - d);
+        worst = err > worst ? err : worst;
+    }
+    return worst;
+#endif
+}
+
 static void query_tables(const float *q, const nibble_group *groups, int ngroups, Py_ssize_t nibbles,
                          Py_ssize_t wide, uint8_t *lut, float *flut, float *delta, float *bias, float *tol,
                          float *magnitude) {
-    /* Nibble m's entries: flut[m*16 ..] (16), and for m < wide also flut[(nibbles + m)*16 ..] (16 more). */
+    /* Nibble m's entries: flut[m*16 ..] (16), and for m < wide also flut[(nibbles + m)*16 ..] (16 more).
+     * Each entry is summed over t in increasing order from 0.0f, whatever the branch below. */
     memset(flut, 0, (size_t)(nibbles + wide) * 16 * sizeof(float));
     Py_ssize_t m = 0;
     for (int gi = 0; gi < ngroups; gi++) {
         const nibble_group *g = &groups[gi];
         const int mask = (1 << g->bits) - 1;
         Py_ssize_t first = m;
-        for (Py_ssize_t j = g->start; j < g->stop; j += g->per, m++) {
-            float *row = flut + m * 16;
-            for (int v = 0; v < 16; v++) {
-                float sum = 0.0f;
-                for (int t = 0; t < g->per && j + t < g->stop; t++)
-                    sum += q[j + t] * (g->codewords ? g->codewords[v * g->per + t]
-                                                    : g->centroids[(v >> (t * g->bits)) & mask]);
-                row[v] = sum;
-                if (g->bits == 5) flut[(nibbles + m) * 16 + v] = q[j] * g->centroids[16 + v];
+        if (g->per == 1 && !g->codewords) {
+            /* One code per nibble (3-5 bits, or 1-2 bits in a group of one coordinate per nibble):
+             * row[v] = q[j] * c[v], a loop the compiler vectorizes. */
+            const int levels = 1 << (g->bits < 4 ? g->bits : 4);
+            float c[16];
+            for (int v = 0; v < 16; v++) c[v] = g->centroids[v & (levels - 1)];
+            for (Py_ssize_t j = g->start; j < g->stop; j++, m++) {
+                float *row = flut + m * 16;
+                const float x = q[j];
+                for (int v = 0; v < 16; v++) row[v] = 0.0f + x * c[v];
+                if (g->bits == 5)
+                    for (int v = 0; v < 16; v++) flut[(nibbles + m) * 16 + v] = x * g->centroids[16 + v];
+            }
+        } else {
+            for (Py_ssize_t j = g->start; j < g->stop; j += g->per, m++) {
+                float *row = flut + m * 16;
+                const int per = j + g->per <= g->stop ? (int)g->per : (int)(g->stop - j);
+                for (int v = 0; v < 16; v++) {
+                    float sum = 0.0f;
+                    if (g->codewords)
+                        for (int t = 0; t < per; t++) sum += q[j + t] * g->codewords[v * g->per + t];
+                    else
+                        for (int t = 0; t < per; t++) sum += q[j + t] * g->centroids[(v >> (t * g->bits)) & mask];
+                    row[v] = sum;
+                }
             }
         }
         if (g->bits == 5) m = first + wide;  /* the wide group's zero padding */
     }
+    /* One pass for every nibble's minimum (its shift), span and largest magnitude. Minima and maxima
+     * are kept in four lanes (independent, so the compiler can use SIMD without reordering a sum). */
     float span = 0.0f, shift_sum = 0.0f, mag = 0.0f;
     for (m = 0; m < nibbles; m++) {
-        const float *parts[2] = {flut + m * 16, flut + (nibbles + m) * 16};
-        float lo = parts[0][0], hi = parts[0][0], big = fabsf(parts[0][0]);
-        for (int p = 0; p < (m < wide ? 2 : 1); p++)
-            for (int v = 0; v < 16; v++) {
-                const float x = parts[p][v];
-                lo = x < lo ? x : lo;
-                hi = x > hi ? x : hi;
-                big = fabsf(x) > big ? fabsf(x) : big;
-            }
+        float lo, hi;
+        entry_range(flut + m * 16, m < wide ? flut + (nibbles + m) * 16 : NULL, &lo, &hi);
         span = hi - lo > span ? hi - lo : span;
         shift_sum += lo;
-        mag += big;
+        mag += fabsf(lo) > fabsf(hi) ? fabsf(lo) : fabsf(hi);  /* max |x| is at an end of [lo, hi] */
     }
     const float step = span > 0.0f ? span / (float)LUT_MAX : 1.0f;
+    const float inv = 1.0f / step;
     float err_sum = 0.0f;
     for (m = 0; m < nibbles; m++) {
         const Py_ssize_t at[2] = {m * 16, (nibbles + m) * 16};
         const int nparts = m < wide ? 2 : 1;
-        float lo = flut[at[0]], worst = 0.0f;
-        for (int p = 0; p < nparts; p++)
-            for (int v = 0; v < 16; v++) lo = flut[at[p] + v] < lo ? flut[at[p] + v] : lo;
-        for (int p = 0; p < nparts; p++)
-            for (int v = 0; v < 16; v++) {
-                float level = rintf((flut[at[p] + v] - lo) / step);
-                level = level < 0.0f ? 0.0f : (level > (float)LUT_MAX ? (float)LUT_MAX : level);
-                lut[at[p] + v] = (uint8_t)level;
-                float err = fabsf(level * step - (flut[at[p] + v] - lo));
-                worst = err > worst ? err : worst;
-            }
+        float lo, hi;
+        entry_range(flut + at[0], nparts == 2 ? flut + at[1] : NULL, &lo, &hi);
+        float worst = 0.0f;
+        for (int p = 0; p < nparts; p++) {
+            const float err = quantize16(flut + at[p], lo, inv, step, lut + at[p]);
+            worst = err > worst ? err : worst;
+        }
         err_sum += worst;
     }
     *delta = step;
@@ -680,8 +746,8 @@ done:
  * rotation's transpose), in this thread. Row i's k-th value is sum_j x[i][j] * mt[j][k] in increasing
  * j; four rows share each row of mt. It exists so that a search never starts torch's intra-op
  * (OpenMP) pool, whose threads spin after a matmul and take the cores from the scan threads. */
-static void rotate_rows(const float *restrict x, const float *restrict mt, float *restrict out, Py_ssize_t rows,
-                        Py_ssize_t dim) {
+__attribute__((always_inline)) static inline void rotate_rows(const float *restrict x, const float *restrict mt,
+                                                             float *restrict out, Py_ssize_t rows, Py_ssize_t dim) {
     Py_ssize_t i = 0;
     for (; i + 4 <= rows; i += 4) {
         float *restrict o0 = out + i * dim, *restrict o1 = o0 + dim, *restrict o2 = o1 + dim, *restrict o3 = o2 + dim;
@@ -709,6 +775,15 @@ static void rotate_rows(const float *restrict x, const float *restrict mt, float
     }
 }
 
+#ifdef TQ_X86
+/* The same loop in 256-bit vectors: each output is still summed in increasing j, one multiply and one
+ * add at a time (no contraction), so the results are the SSE loop's, bit for bit. */
+__attribute__((target(TQ_AVX2))) static void rotate_rows_avx2(const float *restrict x, const float *restrict mt,
+                                                          float *restrict out, Py_ssize_t rows, Py_ssize_t dim) {
+    rotate_rows(x, mt, out, rows, dim);
+}
+#endif
+
 static PyObject *rotate(PyObject *self, PyObject *args) {
     PyObject *x, *mt, *out;
     Py_ssize_t rows, dim;
@@ -726,6 +801,10 @@ static PyObject *rotate(PyObject *self, PyObject *args) {
     if (get_buffer(out, &bufs[held], 1, rows * dim * (Py_ssize_t)sizeof(float), "out") < 0) goto done;
     held++;
     Py_BEGIN_ALLOW_THREADS
+#ifdef TQ_X86
+    if (have_avx2()) rotate_rows_avx2(bufs[0].buf, bufs[1].buf, bufs[2].buf, rows, dim);
+    else
+#endif
     rotate_rows(bufs[0].buf, bufs[1].buf, bufs[2].buf, rows, dim);
     Py_END_ALLOW_THREADS
     ok = 1;

@@ -63,8 +63,11 @@ class IdMap:
         found = positions >= 0
         picked = positions[found]
         values = np.empty(len(picked), dtype=np.int64)
-        if len(picked) <= _FEW_POSITIONS:  # a query's k results: one look-up each, no grouping
-            offsets, segments = self.offsets(), self._segments()
+        segments = self._segments()
+        if len(segments) == 1:
+            values = np.asarray(segments[0].ids)[picked]
+        elif len(picked) <= _FEW_POSITIONS:  # a query's k results: one look-up each, no grouping
+            offsets = self.offsets()
             seg_of = np.searchsorted(offsets, picked, side="right") - 1
             for j, (s, p) in enumerate(zip(seg_of.tolist(), picked.tolist())):
                 values[j] = segments[s].ids[p - offsets[s]]

@@ -596,7 +596,9 @@ class Index:
                 scores, positions = self._rerank(view, qb, scores, positions, k_scan)
             all_scores.append(scores)
             all_ids.append(positions)
-        if all_ids:
+        if len(all_ids) == 1:
+            scores, positions = all_scores[0].numpy(), all_ids[0].numpy()
+        elif all_ids:
             scores = torch.cat(all_scores).numpy()
             positions = torch.cat(all_ids).numpy()
         else:

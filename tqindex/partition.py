@@ -73,6 +73,10 @@ class CoarseQuantizer:
             offsets *= 2
         key = offsets - self._sq_norms[None, :] if metric == "l2" else offsets  # l2: the nearest centroids
         nprobe = min(nprobe, self.nlist)
+        if len(key) == 1 and nprobe < self.nlist:  # one query: the same lists, without 2-D index juggling
+            top = np.argpartition(-key[0], nprobe - 1)[:nprobe]
+            top = top[np.argsort(-key[0][top], kind="stable")]
+            return torch.from_numpy(top.astype(np.int64)[None, :]), torch.from_numpy(offsets)
         if nprobe < self.nlist:
             top = np.argpartition(-key, nprobe - 1, axis=1)[:, :nprobe]
         else:

@@ -32,6 +32,9 @@ __all__ = ["ROTATION_KINDS", "Rotation", "make_rotation", "seeded_rng"]
 ROTATION_KINDS = ("dense", "hadamard")
 
 _ROUNDS = 3
+# Rows a thread rotates at least (a query's rotation is microseconds: splitting fewer rows costs more
+# in the hand-off than it saves).
+_ROTATE_ROWS_PER_THREAD = 16
 
 
 def seeded_rng(seed: int, purpose: str, dim: int) -> np.random.Generator:
@@ -111,12 +114,14 @@ class Rotation:
         from . import native
         if self.kind != "dense" or x.dtype != torch.float32 or x.device.type != "cpu" or not native.enabled():
             return None
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        xs, outs, mt = x.numpy(), out.numpy(), self._matrix_t[torch.float32].numpy()
-        native.parallel_ranges(x.shape[0], lambda a, b: native.kernels.rotate(xs[a:b], mt, outs[a:b], b - a, self.dim),
-                               min_per_thread=16)
-        return out
+        xs = np.ascontiguousarray(x.numpy())
+        outs, mt = np.empty_like(xs), self._matrix_t[torch.float32].numpy()
+        if len(xs) < 2 * _ROTATE_ROWS_PER_THREAD:  # one thread's work (a single query): no hand-off
+            native.kernels.rotate(xs, mt, outs, len(xs), self.dim)
+        else:
+            native.parallel_ranges(len(xs), lambda a, b: native.kernels.rotate(xs[a:b], mt, outs[a:b], b - a, self.dim),
+                                   min_per_thread=_ROTATE_ROWS_PER_THREAD)
+        return torch.from_numpy(outs)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """Undo `apply` on rows: (n, d) → (n, d)."""

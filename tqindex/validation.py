@@ -74,11 +74,13 @@ def as_float_matrix(x, dim: int, *, name: str = "vectors", allow_empty: bool = F
         if kind == "cupy":
             x = x.get()
         arr = np.asarray(x)
-        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or arr.size == 0):
-            raise TypeError(f"{name} must have a floating dtype (float16/32/64), got {arr.dtype}")
-        if arr.dtype not in _FLOAT_DTYPES and arr.size:
-            raise TypeError(f"{name} dtype {arr.dtype} is not supported; use float16, float32 or float64")
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        if arr.dtype != np.float32 or not arr.flags.c_contiguous:  # contiguous float32 is taken as it is
+            if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or arr.size == 0):
+                raise TypeError(f"{name} must have a floating dtype (float16/32/64), got {arr.dtype}")
+            if arr.dtype not in _FLOAT_DTYPES and arr.size:
+                raise TypeError(f"{name} dtype {arr.dtype} is not supported; use float16, float32 or float64")
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+        t = torch.from_numpy(arr)
     was_1d = t.ndim == 1
     if was_1d:
         t = t.unsqueeze(0)
@@ -141,6 +143,12 @@ def check_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str = "vec
     # In float64 (a float32 norm may overflow to inf), a chunk of rows at a time: a float64 copy of a
     # large batch would cost twice the batch itself; only the float32 norms are kept.
     on_cpu = x.device.type == "cpu"
+    if on_cpu and x.numel() <= _NORM_CHUNK_ELEMENTS:
+        # A few rows (a query batch): one float64 copy, and the loop below only to name a bad row.
+        rows64 = x.numpy().astype(np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", rows64, rows64))
+        if norms.size == 0 or (norms.max() <= MAX_NORM and (zero_ok or norms.min() > 0)):
+            return torch.from_numpy(norms.astype(np.float32))
     # On the CPU in numpy: a single query's check then costs a few microseconds, not a dozen torch calls.
     norms = np.empty(x.shape[0], dtype=np.float32) if on_cpu else torch.empty(x.shape[0], device=x.device)
     source = x.numpy() if on_cpu else x

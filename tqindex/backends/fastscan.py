@@ -229,6 +229,20 @@ def _rescore_fields(quantizer, rotated) -> dict:
     return dict(rotated=rotated, centroids=centroids, row_bits=4 if g.bits == 3 else g.bits)
 
 
+def _list_args(quantizer, segment: Segment, metric: str, cache: SegmentCache | None) -> tuple[tuple, tuple]:
+    """A segment's entry of `_native.scan_segments` but for its offset and id base (which come
+    between the two parts), kept with the segment's layout: a partitioned search makes one entry per
+    probed list per query, and building it anew each time cost more than scanning a small list."""
+    layout = segment_layout(quantizer, segment, metric, cache)
+    kept = layout.get("list_args")
+    if kept is None or kept[0] is not segment.deleted:  # a removal's copy shares the layout, not the mask
+        f = _segment_fields(layout, segment, metric)
+        kept = (segment.deleted, (f["codes"], f["rows"], f["row_scale"], f["row_norm"], f["deleted"], f["block_live"]),
+                (layout["max_scale"], layout.get("max_norm2", 0.0)))
+        layout["list_args"] = kept
+    return kept[1], kept[2]
+
+
 def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metric, k, portable, threads):
     """Exact top k of one segment: (scores (nq, k) float32, positions (nq, k) int64), unsorted."""
     nq = len(tables[2])
@@ -318,10 +332,8 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
     rescore = _rescore_fields(quantizer, q)
 
     def segment_args(i, offset):
-        layout = segment_layout(quantizer, segments[i], metric, cache)
-        f = _segment_fields(layout, segments[i], metric)
-        return (f["codes"], f["rows"], f["row_scale"], f["row_norm"], f["deleted"], f["block_live"], offset,
-                int(request.starts[i]), layout["max_scale"], layout.get("max_norm2", 0.0))
+        head, tail = _list_args(quantizer, segments[i], metric, cache)
+        return (*head, offset, int(request.starts[i]), *tail)
 
     def scan(rows, args):
         # The queries' fields; `scan_segments` reads no per-segment field of the plan.
