@@ -2,6 +2,12 @@
 
     python bench/bench_ivf.py --dataset ../shared/data/dbpedia-titles-minilm-384-ip.hdf5 --bits 2 4
     python bench/bench_ivf.py --synthetic 1000000 --nlist 1024 --bits 4
+    python bench/bench_ivf.py --dataset dbpedia-titles-minilm-1m --nlist 1024 --bits 2 4 5 \
+        --probes 4 8 16 32 64 128 256 --single 200
+
+faiss IVF-PQ FastScan is run only where its 4-bit sub-quantizers give the width asked (dim · bits / 4
+of them dividing dim); every other method at every width asked. usearch runs once (its bytes do not
+depend on our widths).
 
 Methods, each at its own bytes per vector and in its own fresh process on the same CPU, one after
 another: tqindex flat and partitioned (`--nlist` lists), faiss IndexIVFRaBitQ and its FastScan
@@ -39,11 +45,11 @@ def _rss() -> int:
 
 
 class TqIndex:
-    def __init__(self, method, bits, dim, nlist):
+    def __init__(self, method, bits, dim, nlist, probes):
         from tqindex import Index, native
         self.index = Index(dim=dim, bits=bits, partitions=nlist if method == "tqindex-ivf" else 0)
         self.simd = native.simd()
-        self.sweep = PROBES if self.index.partitions else (None,)
+        self.sweep = probes if self.index.partitions else (None,)
 
     def build(self, x):
         self.index.add(x)
@@ -53,7 +59,7 @@ class TqIndex:
 
 
 class FaissIvf:
-    def __init__(self, method, bits, dim, nlist):
+    def __init__(self, method, bits, dim, nlist, probes):
         import faiss
         self.faiss = faiss
         code = {"faiss-ivfrabitq": f"RaBitQ{bits}", "faiss-ivfrabitq-fs": f"RaBitQfs{bits}",
@@ -63,7 +69,7 @@ class FaissIvf:
         if hasattr(self.ivf, "qb"):
             self.ivf.qb = 8  # 8-bit queries, as bench_recall.py uses RaBitQ
         self.simd = faiss.get_compile_options().strip()
-        self.sweep = PROBES
+        self.sweep = probes
 
     def build(self, x):
         self.index.train(x)
@@ -75,12 +81,12 @@ class FaissIvf:
 
 
 class USearch:
-    def __init__(self, method, bits, dim, nlist):
+    def __init__(self, method, bits, dim, nlist, efs):
         from usearch.index import Index
         self.index = Index(ndim=dim, metric="ip", dtype=method.rsplit("-", 1)[1], connectivity=16,
                            expansion_add=128)
         self.simd = self.index.hardware_acceleration
-        self.sweep = EFS
+        self.sweep = efs
 
     def build(self, x):
         self.index.add(np.arange(len(x)), x, threads=0)
@@ -91,12 +97,21 @@ class USearch:
         return found.keys if q.ndim == 2 else found.keys[None]
 
 
-def _make(method, bits, dim, nlist):
+def _make(method, bits, dim, args):
     if method.startswith("tqindex"):
-        return TqIndex(method, bits, dim, nlist)
+        return TqIndex(method, bits, dim, args.nlist, args.probes)
     if method.startswith("faiss"):
-        return FaissIvf(method, bits, dim, nlist)
-    return USearch(method, bits, dim, nlist)
+        return FaissIvf(method, bits, dim, args.nlist, args.probes)
+    return USearch(method, bits, dim, args.nlist, args.efs)
+
+
+def _runs_at(method: str, bits: int, dim: int, first_bits: int) -> bool:
+    """Whether `method` is measured at this width (see the module docstring)."""
+    if method.startswith("usearch"):
+        return bits == first_bits
+    if method == "faiss-ivfpq-fs":
+        return dim * bits % 4 == 0 and dim % (dim * bits // 4) == 0
+    return True
 
 
 def _recall(found, gt) -> float:
@@ -109,7 +124,7 @@ def worker(args) -> None:
         gt = ds.groundtruth(10)
     else:
         x, q, gt = synthetic_clustered(args.synthetic, args.dim)
-    method = _make(args.method, args.worker_bits, x.shape[1], args.nlist)
+    method = _make(args.method, args.worker_bits, x.shape[1], args)
     before = _rss()
     start = time.perf_counter()
     method.build(x)
@@ -130,6 +145,28 @@ def worker(args) -> None:
     report(out)
 
 
+def _dataset_dim(name: str) -> int:
+    from tqindex.datasets import load_dataset
+    return int(load_dataset(name).dim)
+
+
+def _at_recall(runs, target: float) -> list[str]:
+    """Per method and width, the fastest single-query point at recall@10 >= target (or that it has none)."""
+    lines = [f"At recall@10 ≥ {target}: the fastest single-query point of each method.", "",
+             "| bits | method | build s | B/vector | param | recall@10 | single QPS |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        ok = [p for p in r["points"] if p["recall"] >= target]
+        if not ok:
+            best = max(p["recall"] for p in r["points"])
+            lines.append(f"| {r['bits']} | {r['method']} | {r['build_s']:.2f} | {r['bytes_per_vector']:.0f} | – | "
+                         f"not reached (best {best:.4f}) | – |")
+            continue
+        p = max(ok, key=lambda p: p["single_qps"])
+        lines.append(f"| {r['bits']} | {r['method']} | {r['build_s']:.2f} | {r['bytes_per_vector']:.0f} | "
+                     f"{p['param'] if p['param'] is not None else 'all'} | {p['recall']:.4f} | {p['single_qps']:,.0f} |")
+    return lines
+
+
 def _table(runs, env, args) -> str:
     lines = [f"`{' '.join(['bench/bench_ivf.py'] + sys.argv[1:])}` on {env.get('cpu', '?')} ({env.get('cpus')} cores), "
              f"{runs[0]['rows'] if runs else '?'} × {runs[0]['dim'] if runs else '?'}, 1,000 queries, k = 10; "
@@ -143,6 +180,7 @@ def _table(runs, env, args) -> str:
                     else "| | | | ")
             lines.append(f"{head} | {pt['param'] if pt['param'] is not None else 'all'} | {pt['recall']:.4f} | "
                          f"{pt['single_qps']:,.0f} | {pt['batch_qps']:,.0f} | {r['simd'] if i == 0 else ''} |")
+    lines += [""] + _at_recall(runs, 0.95)
     return "\n".join(lines) + "\n"
 
 
@@ -179,6 +217,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--nlist", type=int, default=256)
     parser.add_argument("--single", type=int, default=200)
+    parser.add_argument("--probes", type=int, nargs="+", default=list(PROBES), help="nprobe values swept")
+    parser.add_argument("--efs", type=int, nargs="+", default=list(EFS), help="HNSW expansion_search values swept")
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--worker-bits", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -190,10 +230,11 @@ def main() -> None:
     runs = []
     for bits in args.bits:
         for method in args.methods:
-            if method.startswith("usearch") and bits != args.bits[0]:
-                continue  # its bytes do not depend on our bit widths: measured once
+            if not _runs_at(method, bits, args.dim if args.synthetic else _dataset_dim(args.dataset), args.bits[0]):
+                continue
             result = run_worker([sys.executable, __file__, *data, "--nlist", str(args.nlist),
-                                 "--single", str(args.single), "--method", method, "--worker-bits", str(bits)])
+                                 "--single", str(args.single), "--probes", *map(str, args.probes),
+                                 "--efs", *map(str, args.efs), "--method", method, "--worker-bits", str(bits)])
             if result:
                 runs.append(result)
                 print(json.dumps({k: v for k, v in result.items() if k != "points"}), flush=True)
