@@ -471,3 +471,45 @@ def test_select_kernel_equals_the_numpy_order(monkeypatch):
         np.testing.assert_array_equal(fast[0].numpy(), oracle[0].numpy())
         np.testing.assert_array_equal(fast[1].numpy(), oracle[1].numpy())
         assert (fast[1].numpy()[np.isneginf(fast[0].numpy())] == -1).all()
+
+
+@needs_avx2
+@pytest.mark.parametrize("portable", [False, True])
+def test_a_shared_floor_prunes_disjoint_heaps_without_changing_the_answer(portable):
+    # Two heaps over the two halves of one segment's blocks: sharing the floor (the best k-th score
+    # either has) lets the second skip rows the first already beats, and the merged answer is the
+    # answer without it. A floor above every score offers nothing, so the kernel does read it.
+    from tqindex.topk import topk_ordered
+    rng = np.random.default_rng(11)
+    x, near = clustered(rng, 6000, 64, clusters=20, spread=0.5, queries=4)
+    index = Index(dim=64, bits=4)
+    index.add(x)
+    quantizer, segment = index._quantizer, index._segments[0]
+    rotated, _ = quantizer.prepare_queries(torch.from_numpy(near))
+    layout = fastscan.segment_layout(quantizer, segment, "ip")
+    luts, fluts, delta, bias, tol, magnitude = fastscan.quantized_luts(quantizer, rotated)
+    eps = (1e-5 * layout["max_scale"] * magnitude).astype(np.float32)
+    plan = fastscan._segment_plan(quantizer, layout, segment, (luts, fluts, delta, bias, tol, eps),
+                                  np.ascontiguousarray(rotated.numpy()), None, "ip")
+    nq, k, nblocks = len(near), 10, layout["blocks"].shape[0]
+
+    def halves(floor):
+        out, counts = [], []
+        for b0, b1 in ((0, nblocks // 2), (nblocks // 2, nblocks)):
+            s, i = np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
+            count = np.zeros(nq, np.int64)
+            native.kernels.scan(plan, b0, b1, s, i, count, portable=portable, floor=floor)
+            out.append((s, i))
+            counts.append(count)
+        merged = topk_ordered(torch.from_numpy(np.concatenate([o[0] for o in out], 1)),
+                              torch.from_numpy(np.concatenate([o[1] for o in out], 1)), k)
+        return merged, counts
+
+    (alone_s, alone_i), alone_counts = halves(None)
+    (shared_s, shared_i), shared_counts = halves(np.full(nq, -np.inf, np.float32))
+    np.testing.assert_array_equal(shared_i.numpy(), alone_i.numpy())
+    np.testing.assert_array_equal(shared_s.numpy(), alone_s.numpy())
+    assert (shared_counts[0] == alone_counts[0]).all()        # the first half had no floor yet
+    assert (shared_counts[1] <= alone_counts[1]).all() and shared_counts[1].sum() < alone_counts[1].sum()
+    (_, none_i), none_counts = halves(np.full(nq, np.inf, np.float32))
+    assert (none_i.numpy() == -1).all() and sum(c.sum() for c in none_counts) == 0

@@ -198,6 +198,14 @@ static int bind_queries(scan_args *a, buffer_set *b, PyObject *plan, PyObject *o
     return 0;
 }
 
+/* The optional shared floor (float32 [nq], writable; scan_args.floor), or None. */
+static int bind_floor(scan_args *a, buffer_set *b, PyObject *floor) {
+    a->floor = NULL;
+    if (floor == Py_None) return 0;
+    TAKE(take(b, floor, 1, a->nq * (Py_ssize_t)sizeof(float), "floor", &p_), a->floor);
+    return 0;
+}
+
 /* One segment's inputs: codes (whole blocks holding `rows` rows), its per-row arrays in row order
  * (row_scale float32 or float16; row_norm float32 for "l2", given exactly when the queries have
  * query_norm2; deleted, 1 byte a row, or None), block_live (a byte a block, or None), offset
@@ -246,15 +254,16 @@ static int bind_segment(scan_args *a, buffer_set *b, PyObject *codes, Py_ssize_t
 }
 #undef TAKE
 
-/* scan(plan, b0, b1, out_scores, out_ids, exact_count, portable=False): one typed plan object
- * (tqindex.backends.fastscan.ScanPlan) carries every input; its fields are read by name. */
+/* scan(plan, b0, b1, out_scores, out_ids, exact_count, portable=False, floor=None): one typed plan object
+ * (tqindex.backends.fastscan.ScanPlan) carries every input; its fields are read by name. floor: float32 [nq]
+ * shared by calls that scan disjoint rows of these queries into their own heaps (-inf to start), or None. */
 static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"plan", "b0", "b1", "out_scores", "out_ids", "exact_count", "portable", NULL};
-    PyObject *plan, *out_s, *out_i, *exact_count;
+    static char *kwlist[] = {"plan", "b0", "b1", "out_scores", "out_ids", "exact_count", "portable", "floor", NULL};
+    PyObject *plan, *out_s, *out_i, *exact_count, *floor = Py_None;
     Py_ssize_t b0, b1, nblocks;
     int portable = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnnOOO|p", kwlist, &plan, &b0, &b1, &out_s, &out_i, &exact_count,
-                                     &portable))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnnOOO|pO", kwlist, &plan, &b0, &b1, &out_s, &out_i, &exact_count,
+                                     &portable, &floor))
         return NULL;
     static const char *names[] = {"codes", "row_scale", "row_norm", "deleted", "block_live", "offset"};
     PyObject *f[6] = {NULL};
@@ -268,6 +277,7 @@ static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
         if (!(f[i] = PyObject_GetAttrString(plan, names[i]))) goto done;
     if (int_field(plan, "rows", &rows) < 0 || int_field(plan, "id_base", &id_base) < 0) goto done;
     if (bind_queries(&a, &b, plan, out_s, out_i, exact_count, portable) < 0) goto done;
+    if (bind_floor(&a, &b, floor) < 0) goto done;
     void *eps;
     if (take_field(&b, plan, "eps", 0, a.nq * (Py_ssize_t)sizeof(float), &eps) < 0) goto done;
     a.eps = eps;
@@ -289,18 +299,19 @@ done:
     Py_RETURN_NONE;
 }
 
-/* scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False): one call for many
+/* scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None): many
  * segments sharing the plan's per-query fields (its per-segment fields and eps are not read). Each segment is a
  * tuple (codes, rows, row_scale, row_norm or None, deleted or None, block_live or None, offset float32[nq] or
  * None, id_base, max_scale, max_norm2) scanned whole into the same heaps, with
  * eps = 1e-5 * (factor * max_scale * magnitude + |offset| [+ max_norm2 + qn2]) (the room for float32 rounding
  * that `scan_topk_fast` gives a score). A partitioned index's probed lists, one call per query group. */
 static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"plan", "segments", "magnitude", "out_scores", "out_ids", "exact_count", "portable", NULL};
-    PyObject *plan, *segments, *magnitude, *out_s, *out_i, *exact_count;
+    static char *kwlist[] = {"plan", "segments", "magnitude", "out_scores", "out_ids", "exact_count", "portable",
+                             "floor", NULL};
+    PyObject *plan, *segments, *magnitude, *out_s, *out_i, *exact_count, *floor = Py_None;
     int portable = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OOOO|p", kwlist, &plan, &PyList_Type, &segments, &magnitude,
-                                     &out_s, &out_i, &exact_count, &portable))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OOOO|pO", kwlist, &plan, &PyList_Type, &segments, &magnitude,
+                                     &out_s, &out_i, &exact_count, &portable, &floor))
         return NULL;
     buffer_set b;
     b.held = 0;
@@ -310,6 +321,7 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
     scan_args a;
     memset(&a, 0, sizeof(a));
     if (bind_queries(&a, &b, plan, out_s, out_i, exact_count, portable) < 0) goto done;
+    if (bind_floor(&a, &b, floor) < 0) goto done;
     if (take(&b, magnitude, 0, a.nq * (Py_ssize_t)sizeof(float), "magnitude", &mag_p) < 0) goto done;
     const float *mag = mag_p;
     eps = PyMem_Malloc((a.nq ? a.nq : 1) * sizeof(float));
@@ -900,12 +912,15 @@ static PyObject *simd(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"scan", (PyCFunction)(void (*)(void))scan, METH_VARARGS | METH_KEYWORDS,
-     "scan(plan, b0, b1, out_scores, out_ids, exact_count, portable=False)\n\nplan: a ScanPlan "
+     "scan(plan, b0, b1, out_scores, out_ids, exact_count, portable=False, floor=None)\n\nplan: a ScanPlan "
      "(tqindex.backends.fastscan). Offer blocks [b0, b1) of every query to its "
      "min-heap of exact scores in out_scores/out_ids (float32/int64 [nq][k], initialised by the caller); adds "
-     "the number of exact evaluations to exact_count (int64 [nq]). Releases the GIL."},
+     "the number of exact evaluations to exact_count (int64 [nq]). floor (float32 [nq], -inf to start): shared "
+     "by calls scanning disjoint rows into their own heaps, so each prunes with the best k-th score of all. "
+     "Releases the GIL."},
     {"scan_segments", (PyCFunction)(void (*)(void))scan_segments, METH_VARARGS | METH_KEYWORDS,
-     "scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False)\n\nscan for many "
+     "scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None)\n\n"
+     "scan for many "
      "segments (tuples (codes, rows, row_scale, row_norm, deleted, block_live, offset, id_base, max_scale, "
      "max_norm2)) sharing "
      "the plan's per-query fields, into the same heaps. Releases the GIL per segment."},

@@ -54,6 +54,8 @@ typedef struct {
     const uint8_t *block_live; /* [nblocks]: 0 where every row of the block is removed (skipped), or NULL */
     const float *query_norm2;  /* [nq] or NULL */
     const float *offset;       /* [nq] added to every exact score (a partitioned index's list term), or NULL */
+    uint32_t *floor;           /* [nq] float32 bits shared by threads scanning disjoint rows of the same queries
+                                * into their own heaps: the best k-th score of any of them, or NULL */
     int64_t id_base;           /* added to every id written (the segment's first position) */
     Py_ssize_t nq, kp;
     float *out_s;              /* [nq][kp], min-heaps of exact scores */
@@ -239,6 +241,27 @@ static inline float exact_dot(const scan_args *a, Py_ssize_t q, Py_ssize_t block
     return (part[0] + part[1]) + (part[2] + part[3]);
 }
 
+/* The shared floor (see scan_args.floor): a k-th best exact score of rows disjoint from this heap's, so
+ * no row scoring below it can be in the top k of all rows. Read and raised without locks (relaxed
+ * atomics: a stale value is only a lower floor, which is still safe). */
+static inline float floor_load(const uint32_t *f) {
+    const uint32_t bits = __atomic_load_n(f, __ATOMIC_RELAXED);
+    float v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+static inline void floor_raise(uint32_t *f, float s) {
+    uint32_t cur = __atomic_load_n(f, __ATOMIC_RELAXED), want;
+    memcpy(&want, &s, sizeof want);
+    for (;;) {
+        float v;
+        memcpy(&v, &cur, sizeof v);
+        if (!(s > v)) return;
+        if (__atomic_compare_exchange_n(f, &cur, want, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return;
+    }
+}
+
 /* Offer row v's exact score to q's heap. */
 static inline void exact_offer(const scan_args *a, Py_ssize_t q, Py_ssize_t block, int v) {
     float *hs = a->out_s + q * a->kp;
@@ -253,14 +276,22 @@ static inline void exact_offer(const scan_args *a, Py_ssize_t q, Py_ssize_t bloc
     a->exact_count[q]++;
     const int64_t id = a->id_base + (int64_t)(block * BLOCK + v);
     int64_t *hi = a->out_i + q * a->kp;
-    if (ranks_below(hs[0], hi[0], s, id)) heap_replace_top(hs, hi, a->kp, s, id);
+    if (ranks_below(hs[0], hi[0], s, id)) {
+        heap_replace_top(hs, hi, a->kp, s, id);
+        if (a->floor) floor_raise(a->floor + q, hs[0]);  /* -inf until the heap is full: no change */
+    }
 }
 
 /* Rows whose score may reach the heap: factor*scale*(delta*sum + bias + tol) [- norm2 - qn2] [+ offset]
- * + eps >= min. */
+ * + eps >= min, the heap's least score or the shared floor, whichever is higher. A row below the floor
+ * scores below k rows of other heaps, so it cannot be in the top k (ties included: it is strictly below). */
 static inline float evaluation_threshold(const scan_args *a, Py_ssize_t q) {
-    return a->out_s[q * a->kp] - a->eps[q] + (a->row_norm ? a->query_norm2[q] : 0.0f) -
-           (a->offset ? a->offset[q] : 0.0f);
+    float least = a->out_s[q * a->kp];
+    if (a->floor) {
+        const float f = floor_load(a->floor + q);
+        least = f > least ? f : least;
+    }
+    return least - a->eps[q] + (a->row_norm ? a->query_norm2[q] : 0.0f) - (a->offset ? a->offset[q] : 0.0f);
 }
 
 /* sums: row order; live: `live_rows`. */

@@ -229,6 +229,11 @@ def _rescore_fields(quantizer, rotated) -> dict:
     return dict(rotated=rotated, centroids=centroids, row_bits=4 if g.bits == 3 else g.bits)
 
 
+# Below this many queries per thread, a segment's blocks are split between threads instead of the
+# queries: every thread then reads its share of the codes once for all queries, rather than all of
+# them for its share of the queries.
+_QUERIES_PER_THREAD = 1
+
 # Rows a thread scans at least when one query's lists are split between threads (fewer cost more in
 # the hand-off than they save).
 _LIST_ROWS_PER_THREAD = 2048
@@ -248,8 +253,9 @@ def _list_args(quantizer, segment: Segment, metric: str, cache: SegmentCache | N
     return kept[1], kept[2]
 
 
-def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metric, k, portable, threads):
-    """Exact top k of one segment: (scores (nq, k) float32, positions (nq, k) int64), unsorted."""
+def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metric, k, portable, threads, floor):
+    """Exact top k of one segment: (scores (nq, k) float32, positions (nq, k) int64), unsorted.
+    floor: (nq,) float32 shared by every heap of these queries (see `_native.scan`)."""
     nq = len(tables[2])
     nblocks = layout["blocks"].shape[0]
     plan = _segment_plan(quantizer, layout, segment, tables, rotated, query_norm2, metric)
@@ -258,10 +264,11 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
         out_s = np.full((q1 - q0, k), -np.inf, dtype=np.float32)
         out_i = np.full((q1 - q0, k), -1, dtype=np.int64)
         count = np.zeros(q1 - q0, dtype=np.int64)
-        native.kernels.scan(plan.queries(q0, q1), b0, b1, out_s, out_i, count, portable=portable)
+        native.kernels.scan(plan.queries(q0, q1), b0, b1, out_s, out_i, count, portable=portable,
+                            floor=floor[q0:q1])
         return out_s, out_i, count
 
-    if nq >= threads:
+    if nq >= threads * _QUERIES_PER_THREAD:
         # Split the queries: every thread streams all blocks with its own tables.
         parts = native.parallel_ranges(nq, lambda q0, q1: run(q0, q1, 0, nblocks), threads)
         return tuple(np.concatenate(a) for a in zip(*parts))
@@ -297,6 +304,8 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
     scores, positions = [], []
     exact = 0
     offset = 0
+    # Every heap of a query (segments, thread shares) holds disjoint rows: they share one floor.
+    floor = np.full(nq, -np.inf, dtype=np.float32)
     for seg in segments:
         if len(seg):
             layout = segment_layout(quantizer, seg, metric, cache)
@@ -304,7 +313,7 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
             eps = 1e-5 * (factor * layout["max_scale"] * magnitude
                           + ((layout["max_norm2"] + qn2) if metric == "l2" else 0.0))
             tables = (luts, fluts, delta, bias, tol, eps.astype(np.float32))
-            s, p, count = _scan_segment(quantizer, layout, seg, tables, q, qn2, metric, k, portable, threads)
+            s, p, count = _scan_segment(quantizer, layout, seg, tables, q, qn2, metric, k, portable, threads, floor)
             scores.append(s)
             positions.append(np.where(p >= 0, p + offset, -1))
             exact += int(count.sum())
@@ -340,7 +349,7 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
         head, tail = _list_args(quantizer, segments[i], metric, cache)
         return (*head, offset, int(request.starts[i]), *tail)
 
-    def scan(rows, args, heap=None):
+    def scan(rows, args, heap=None, floor=None):
         # The queries' fields; `scan_segments` reads no per-segment field of the plan.
         plan = ScanPlan(codes=None, rows=0, ncols=quantizer.layout.ncols, wcols=quantizer.layout.wcols, luts=luts[rows],
                         fluts=fluts[rows], delta=delta[rows], bias=bias[rows], tol=tol[rows], eps=None,
@@ -348,7 +357,7 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
                         **({**rescore, "rotated": q[rows]} if rescore else {}))
         hs, hi = heap if heap is not None else (heap_s[rows], heap_i[rows])
         cnt = np.zeros(len(plan.delta), dtype=np.int64)
-        native.kernels.scan_segments(plan, args, magnitude[rows], hs, hi, cnt, portable=portable)
+        native.kernels.scan_segments(plan, args, magnitude[rows], hs, hi, cnt, portable=portable, floor=floor)
         if heap is None and isinstance(rows, np.ndarray):  # copies: written back
             heap_s[rows], heap_i[rows] = hs, hi
         return cnt
@@ -369,7 +378,8 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
             count[row] += scan(slice(row, row + 1), args)[0]
             return
         heaps = [(np.full((1, k), -np.inf, np.float32), np.full((1, k), -1, np.int64)) for _ in range(ways)]
-        counts = native.parallel_ranges(ways, lambda w0, w1: [scan(slice(row, row + 1), args[w::ways], heaps[w])[0]
+        floor = np.full(1, -np.inf, np.float32)  # the heaps hold disjoint rows: they prune with the best k-th
+        counts = native.parallel_ranges(ways, lambda w0, w1: [scan(slice(row, row + 1), args[w::ways], heaps[w], floor)[0]
                                                               for w in range(w0, w1)], ways)
         merged_s, merged_i = topk_ordered(torch.from_numpy(np.concatenate([h[0] for h in heaps], axis=1)),
                                           torch.from_numpy(np.concatenate([h[1] for h in heaps], axis=1)), k)
