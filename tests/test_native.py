@@ -193,6 +193,28 @@ def test_query_tables_match_oracle_and_bound_the_rounding(d, bits, codebook):
         assert np.nanmax(worst, axis=1).sum() <= tol[i] * (1 + 1e-4) + 1e-7
 
 
+@needs_native
+@pytest.mark.parametrize("d,bits", [(97, 2), (384, 4), (200, 3.75), (97, 5), (13, 1.4)])
+@pytest.mark.parametrize("codebook", ["scalar", "vq"])
+def test_query_tables_portable_loop_equals_the_simd_one(d, bits, codebook):
+    # ARM builds quantize the tables with the portable loop; on x86 it can be asked for, and must give
+    # what SSE2 gives, bit for bit (the same float operations).
+    quantizer = TurboQuantizer(dim=d, bits=bits, seed=2, codebook=codebook)
+    q = np.random.default_rng(d).standard_normal((5, d)).astype(np.float32)
+    rotated = quantizer.prepare_queries(torch.from_numpy(q))[0].numpy()
+    ncols, wcols = quantizer.layout.ncols, quantizer.layout.wcols
+    groups = [(p.start, p.stop, p.spec.bits, p.spec.per, p.spec.centroids)
+              + (() if p.spec.codewords is None else (p.spec.codewords,)) for p in quantizer.layout.parts]
+    outs = []
+    for portable in (False, True):
+        out = (np.empty((5, 2 * (ncols + wcols), 16), np.uint8), np.empty((5, 2 * (ncols + wcols), 16), np.float32),
+               *(np.empty(5, np.float32) for _ in range(4)))
+        native.kernels.tables(rotated, d, 5, groups, ncols, *out, wcols, portable)
+        outs.append(out)
+    for simd, loop in zip(*outs):
+        np.testing.assert_array_equal(simd, loop)
+
+
 def _torch_scan(index, queries, k):
     q = torch.from_numpy(queries)
     if index.metric == "cosine":

@@ -538,7 +538,7 @@ done:
 }
 
 /* ---- query tables -------------------------------------------------------------------------------
- * tables(rotated, dim, nq, groups, ncols, luts, fluts, delta, bias, tol, magnitude, wcols=0): for each
+ * tables(rotated, dim, nq, groups, ncols, luts, fluts, delta, bias, tol, magnitude, wcols=0, portable=0): for each
  * query (float32 [nq][dim]) and nibble m, fluts[m][v] = sum_t q[j_t] * centroid(code_t(v)) with the
  * group's `per` codes of `bits` bits packed in v (coordinates past the group's end count 0; nibbles
  * past the last group, padding, are all 0). A 5-bit group (first, one code per nibble, its nibbles
@@ -576,9 +576,23 @@ static inline void entry_range(const float *a, const float *b, float *lo_out, fl
 
 /* A nibble's 16 entries f as levels out[v] = min(trunc((f[v] - lo) * inv + 0.5), LUT_MAX), the nearest
  * level to (f[v] - lo) / step within one (f[v] >= lo); returns max_v |level * step - (f[v] - lo)|, the
- * rounding error. SSE2 on x86-64 (every such CPU has it) computes exactly what the loop does. */
-static inline float quantize16(const float *f, float lo, float inv, float step, uint8_t *out) {
+ * rounding error. The portable loop (what ARM runs) and SSE2 (every x86-64 CPU) perform the same float
+ * operations and agree bit for bit; tables(portable=True) runs the loop on x86 so tests compare them. */
+static inline float quantize16_portable(const float *f, float lo, float inv, float step, uint8_t *out) {
+    float worst = 0.0f;
+    for (int v = 0; v < 16; v++) {
+        const float d = f[v] - lo;
+        float level = (float)(int)(d * inv + 0.5f);
+        level = level < (float)LUT_MAX ? level : (float)LUT_MAX;
+        out[v] = (uint8_t)level;
+        const float err = fabsf(level * step - d);
+        worst = err > worst ? err : worst;
+    }
+    return worst;
+}
+
 #ifdef TQ_X86
+static inline float quantize16_sse2(const float *f, float lo, float inv, float step, uint8_t *out) {
     const __m128 vlo = _mm_set1_ps(lo), vinv = _mm_set1_ps(inv), vstep = _mm_set1_ps(step),
                  half = _mm_set1_ps(0.5f), top = _mm_set1_ps((float)LUT_MAX),
                  sign = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
@@ -596,23 +610,20 @@ static inline float quantize16(const float *f, float lo, float inv, float step, 
     _mm_storeu_ps(w, worst);
     const float w01 = w[0] > w[1] ? w[0] : w[1], w23 = w[2] > w[3] ? w[2] : w[3];
     return w01 > w23 ? w01 : w23;
-#else
-    float worst = 0.0f;
-    for (int v = 0; v < 16; v++) {
-        const float d = f[v] - lo;
-        float level = (float)(int)(d * inv + 0.5f);
-        level = level < (float)LUT_MAX ? level : (float)LUT_MAX;
-        out[v] = (uint8_t)level;
-        const float err = fabsf(level * step - d);
-        worst = err > worst ? err : worst;
-    }
-    return worst;
+}
 #endif
+
+static inline float quantize16(const float *f, float lo, float inv, float step, uint8_t *out, int portable) {
+#ifdef TQ_X86
+    if (!portable) return quantize16_sse2(f, lo, inv, step, out);
+#endif
+    (void)portable;
+    return quantize16_portable(f, lo, inv, step, out);
 }
 
 static void query_tables(const float *q, const nibble_group *groups, int ngroups, Py_ssize_t nibbles,
                          Py_ssize_t wide, uint8_t *lut, float *flut, float *delta, float *bias, float *tol,
-                         float *magnitude) {
+                         float *magnitude, int portable) {
     /* Nibble m's entries: flut[m*16 ..] (16), and for m < wide also flut[(nibbles + m)*16 ..] (16 more).
      * Each entry is summed over t in increasing order from 0.0f, whatever the branch below. */
     memset(flut, 0, (size_t)(nibbles + wide) * 16 * sizeof(float));
@@ -670,7 +681,7 @@ static void query_tables(const float *q, const nibble_group *groups, int ngroups
         entry_range(flut + at[0], nparts == 2 ? flut + at[1] : NULL, &lo, &hi);
         float worst = 0.0f;
         for (int p = 0; p < nparts; p++) {
-            const float err = quantize16(flut + at[p], lo, inv, step, lut + at[p]);
+            const float err = quantize16(flut + at[p], lo, inv, step, lut + at[p], portable);
             worst = err > worst ? err : worst;
         }
         err_sum += worst;
@@ -684,8 +695,9 @@ static void query_tables(const float *q, const nibble_group *groups, int ngroups
 static PyObject *tables(PyObject *self, PyObject *args) {
     PyObject *rotated, *groups, *luts, *fluts, *delta, *bias, *tol, *magnitude;
     Py_ssize_t dim, nq, ncols, wcols = 0;
-    if (!PyArg_ParseTuple(args, "OnnO!nOOOOOO|n", &rotated, &dim, &nq, &PyList_Type, &groups, &ncols, &luts, &fluts,
-                          &delta, &bias, &tol, &magnitude, &wcols))
+    int portable = 0;
+    if (!PyArg_ParseTuple(args, "OnnO!nOOOOOO|np", &rotated, &dim, &nq, &PyList_Type, &groups, &ncols, &luts, &fluts,
+                          &delta, &bias, &tol, &magnitude, &wcols, &portable))
         return NULL;
     int ngroups = (int)PyList_GET_SIZE(groups);
     if (ngroups < 1 || ngroups > 8 || dim < 1 || nq < 0 || ncols < 1 || wcols < 0 || wcols % 4 || wcols > ncols) {
@@ -746,7 +758,7 @@ static PyObject *tables(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < nq; i++)
         query_tables(qp + i * dim, g, ngroups, nibbles, 2 * wcols, lp + i * entries, fp + i * entries, outs[0] + i,
-                     outs[1] + i, outs[2] + i, outs[3] + i);
+                     outs[1] + i, outs[2] + i, outs[3] + i, portable);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
@@ -929,9 +941,10 @@ static PyMethodDef methods[] = {
      "(groups: list of (start, stop, bits, byte_offset, boundaries, centroids)) and their alignment "
      "<y, y_tilde>. Releases the GIL."},
     {"tables", tables, METH_VARARGS,
-     "tables(rotated, dim, nq, groups, ncols, luts, fluts, delta, bias, tol, magnitude, wcols=0)\n\nPer-query "
-     "lookup tables for scan (groups: list of (start, stop, bits, codes_per_nibble, centroids); a first group of "
-     "5 bits takes 2*wcols nibbles and has upper tables). Releases the GIL."},
+     "tables(rotated, dim, nq, groups, ncols, luts, fluts, delta, bias, tol, magnitude, wcols=0, portable=False)"
+     "\n\nPer-query lookup tables for scan (groups: list of (start, stop, bits, codes_per_nibble, centroids); a first "
+     "group of 5 bits takes 2*wcols nibbles and has upper tables). portable: the loop ARM runs, not SSE2 (the same "
+     "results; for tests). Releases the GIL."},
     {"rotate", rotate, METH_VARARGS,
      "rotate(x, mt, out, rows, dim)\n\nout = x @ mt (float32 [rows][dim] @ [dim][dim]) in the calling thread, "
      "without torch's thread pool. Releases the GIL."},
