@@ -325,7 +325,7 @@ def test_fast_scan_reads_the_held_scales_and_flags_in_place(scale_dtype, metric)
 @needs_avx2
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_list_scan_kernels_agree_and_equal_the_list_by_list_scan(metric, bits, monkeypatch):
+def test_list_scan_kernels_agree_and_equal_the_list_by_list_scan(metric, bits):
     # A partitioned index: every probed list's segments scanned into one heap per query, each with
     # its list's offset and first position (ScanPlan.offset, id_base), on AVX2 and the portable loop.
     from tqindex.backends.base import ListScan
@@ -351,23 +351,12 @@ def test_list_scan_kernels_agree_and_equal_the_list_by_list_scan(metric, bits, m
     for other in (b, c):
         np.testing.assert_array_equal(a[1].numpy(), other[1].numpy())
         np.testing.assert_array_equal(a[0].numpy(), other[0].numpy())
-    # One query: all its lists in one native call, or (split) dealt out to threads, one heap each.
-    # k = 300 reaches past the best list, so every thread's share shows in the answer.
-    monkeypatch.setattr(fastscan, "_LIST_ROWS_PER_THREAD", 1)
-    wide = fastscan.scan_lists_fast(index._quantizer, request, rotated, sq, 300, metric, threads=1)
-    for row in (0, 5):
+    for row in (0, 5):   # one query: all its lists in one native call
         one = ListScan(request.segments, request.starts, members, request.lists[row:row + 1],
                        request.offsets[row:row + 1])
-        for threads in (1, 2, 3):
-            s1 = fastscan.scan_lists_fast(index._quantizer, one, rotated[row:row + 1], sq[row:row + 1], 300, metric,
-                                          threads=threads)
-            np.testing.assert_array_equal(s1[1].numpy()[0], wide[1].numpy()[row])
-            np.testing.assert_array_equal(s1[0].numpy()[0], wide[0].numpy()[row])
-    few = fastscan.scan_lists_fast(index._quantizer, ListScan(request.segments, request.starts, members,
-                                                              request.lists[:2], request.offsets[:2]),
-                                   rotated[:2], sq[:2], 300, metric, threads=3)     # 2 queries, 3 threads
-    np.testing.assert_array_equal(few[1].numpy(), wide[1].numpy()[:2])
-    np.testing.assert_array_equal(few[0].numpy(), wide[0].numpy()[:2])
+        s1 = fastscan.scan_lists_fast(index._quantizer, one, rotated[row:row + 1], sq[row:row + 1], 10, metric)
+        np.testing.assert_array_equal(s1[1].numpy()[0], a[1].numpy()[row])
+        np.testing.assert_array_equal(s1[0].numpy()[0], a[0].numpy()[row])
     from tqindex.backends.base import Queries
     generic = index._backend("torch").topk_lists(request, Queries(rotated, None, sq), 10)
     ref = np.full((len(q), len(index._ids.ids_at(np.arange(3000)))), -np.inf)

@@ -229,16 +229,6 @@ def _rescore_fields(quantizer, rotated) -> dict:
     return dict(rotated=rotated, centroids=centroids, row_bits=4 if g.bits == 3 else g.bits)
 
 
-# Below this many queries per thread, a segment's blocks are split between threads instead of the
-# queries: every thread then reads its share of the codes once for all queries, rather than all of
-# them for its share of the queries.
-_QUERIES_PER_THREAD = 1
-
-# Rows a thread scans at least when one query's lists are split between threads (fewer cost more in
-# the hand-off than they save).
-_LIST_ROWS_PER_THREAD = 2048
-
-
 def _list_args(quantizer, segment: Segment, metric: str, cache: SegmentCache | None) -> tuple[tuple, tuple]:
     """A segment's entry of `_native.scan_segments` but for its offset and id base (which come
     between the two parts), kept with the segment's layout: a partitioned search makes one entry per
@@ -268,7 +258,7 @@ def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metr
                             floor=floor[q0:q1])
         return out_s, out_i, count
 
-    if nq >= threads * _QUERIES_PER_THREAD:
+    if nq >= threads:
         # Split the queries: every thread streams all blocks with its own tables.
         parts = native.parallel_ranges(nq, lambda q0, q1: run(q0, q1, 0, nblocks), threads)
         return tuple(np.concatenate(a) for a in zip(*parts))
@@ -349,16 +339,15 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
         head, tail = _list_args(quantizer, segments[i], metric, cache)
         return (*head, offset, int(request.starts[i]), *tail)
 
-    def scan(rows, args, heap=None, floor=None):
+    def scan(rows, args):
         # The queries' fields; `scan_segments` reads no per-segment field of the plan.
         plan = ScanPlan(codes=None, rows=0, ncols=quantizer.layout.ncols, wcols=quantizer.layout.wcols, luts=luts[rows],
                         fluts=fluts[rows], delta=delta[rows], bias=bias[rows], tol=tol[rows], eps=None,
                         row_scale=None, query_norm2=None if qn2 is None else qn2[rows],
                         **({**rescore, "rotated": q[rows]} if rescore else {}))
-        hs, hi = heap if heap is not None else (heap_s[rows], heap_i[rows])
-        cnt = np.zeros(len(plan.delta), dtype=np.int64)
-        native.kernels.scan_segments(plan, args, magnitude[rows], hs, hi, cnt, portable=portable, floor=floor)
-        if heap is None and isinstance(rows, np.ndarray):  # copies: written back
+        hs, hi, cnt = heap_s[rows], heap_i[rows], np.zeros(len(plan.delta), dtype=np.int64)
+        native.kernels.scan_segments(plan, args, magnitude[rows], hs, hi, cnt, portable=portable)
+        if isinstance(rows, np.ndarray):  # copies: written back
             heap_s[rows], heap_i[rows] = hs, hi
         return cnt
 
@@ -367,24 +356,6 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
         part = ListScan(segments, request.starts, request.members, request.lists[row:row + 1],
                         request.offsets[row:row + 1])
         return [segment_args(i, request.offsets[row:row + 1, lst]) for lst, where, _ in part.by_list() for i in where]
-
-    def run_split(row):
-        # One query on several threads: its segments dealt out in turn (so each thread starts with
-        # some of the best lists, whose high scores prune the rest), each thread into its own heap;
-        # the heaps merge by (score, position), so the answer is the one-heap answer.
-        args = query_args(row)
-        ways = min(threads, len(args), max(1, sum(a[1] for a in args) // _LIST_ROWS_PER_THREAD))
-        if ways == 1:
-            count[row] += scan(slice(row, row + 1), args)[0]
-            return
-        heaps = [(np.full((1, k), -np.inf, np.float32), np.full((1, k), -1, np.int64)) for _ in range(ways)]
-        floor = np.full(1, -np.inf, np.float32)  # the heaps hold disjoint rows: they prune with the best k-th
-        counts = native.parallel_ranges(ways, lambda w0, w1: [scan(slice(row, row + 1), args[w::ways], heaps[w], floor)[0]
-                                                              for w in range(w0, w1)], ways)
-        merged_s, merged_i = topk_ordered(torch.from_numpy(np.concatenate([h[0] for h in heaps], axis=1)),
-                                          torch.from_numpy(np.concatenate([h[1] for h in heaps], axis=1)), k)
-        heap_s[row], heap_i[row] = merged_s.numpy()[0], merged_i.numpy()[0]
-        count[row] += sum(sum(c) for c in counts)
 
     def run(q0, q1):
         if q1 - q0 == 1:  # one query: all its lists' segments in one native call
@@ -398,11 +369,7 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
             offset = np.ascontiguousarray(request.offsets[g, lst], dtype=np.float32)
             count[g] += scan(rows, [segment_args(i, offset) for i in where])
 
-    if nq < threads:  # fewer queries than threads: each query's lists are split instead
-        for row in range(nq):
-            run_split(row)
-    else:
-        native.parallel_ranges(nq, run, threads)
+    native.parallel_ranges(nq, run, threads)
     if stats is not None:
         stats.update(queries=nq, exact_per_query=float(count.sum()) / max(nq, 1))
     return topk_ordered(torch.from_numpy(heap_s), torch.from_numpy(heap_i), k)
