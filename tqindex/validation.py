@@ -74,7 +74,7 @@ def as_float_matrix(x, dim: int, *, name: str = "vectors", allow_empty: bool = F
         if kind == "cupy":
             x = x.get()
         arr = np.asarray(x)
-        if arr.dtype != np.float32 or not arr.flags.c_contiguous:  # contiguous float32 is taken as it is
+        if arr.dtype != np.float32 or not arr.flags.c_contiguous or arr.ndim == 0:  # else taken as it is
             if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or arr.size == 0):
                 raise TypeError(f"{name} must have a floating dtype (float16/32/64), got {arr.dtype}")
             if arr.dtype not in _FLOAT_DTYPES and arr.size:
