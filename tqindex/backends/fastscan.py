@@ -18,7 +18,8 @@ How a search runs
    moves a row's dot product by at most E = Σ_m max_v |δ·Lq[m][v] + shift_m − L[m][v]|, so a row
    whose approximate score plus scale·E is below the k-th best exact score so far cannot enter the
    top k and is skipped; every other row gets its exact score from the float tables and is
-   offered to the query's heap.
+   offered to the query's heap. The "best so far" is the best k-th score of any heap holding other
+   rows of the query (thread shares, segments), shared through a per-query floor.
 
 So the results are the torch scan's (the same estimator, float32) up to float rounding of the
 sums, and the uint8 pass only saves work. `FastScanner.supports` the mse variant on the CPU when
