@@ -143,16 +143,16 @@ def check_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str = "vec
     # In float64 (a float32 norm may overflow to inf), a chunk of rows at a time: a float64 copy of a
     # large batch would cost twice the batch itself; only the float32 norms are kept.
     on_cpu = x.device.type == "cpu"
-    if on_cpu and x.numel() <= _NORM_CHUNK_ELEMENTS:
-        # A few rows (a query batch): one float64 copy, and the loop below only to name a bad row.
+    rows = max(1, _NORM_CHUNK_ELEMENTS // max(1, x.shape[1]))
+    if on_cpu and x.shape[0] <= rows:
+        # One chunk (a query batch): its float64 copy is the only one, so there is no buffer to reuse.
         rows64 = x.numpy().astype(np.float64)
         norms = np.sqrt(np.einsum("ij,ij->i", rows64, rows64))
-        if norms.size == 0 or (norms.max() <= MAX_NORM and (zero_ok or norms.min() > 0)):
-            return torch.from_numpy(norms.astype(np.float32))
+        _check_norm_chunk(norms, 0, zero_ok=zero_ok, metric=metric, name=name)
+        return torch.from_numpy(norms.astype(np.float32))
     # On the CPU in numpy: a single query's check then costs a few microseconds, not a dozen torch calls.
     norms = np.empty(x.shape[0], dtype=np.float32) if on_cpu else torch.empty(x.shape[0], device=x.device)
     source = x.numpy() if on_cpu else x
-    rows = max(1, _NORM_CHUNK_ELEMENTS // max(1, x.shape[1]))
     # One float64 buffer for every chunk: a fresh copy per chunk leaves freed blocks in the heap,
     # resident until the allocator trims them (megabytes for a large batch).
     buffer = np.empty((min(rows, x.shape[0]), x.shape[1]), np.float64) if on_cpu else None
@@ -164,13 +164,18 @@ def check_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str = "vec
             chunk = np.sqrt(np.einsum("ij,ij->i", part, part))
         else:
             chunk = torch.linalg.vector_norm(source[start:start + rows].double(), dim=1).cpu().numpy()
-        big = chunk > MAX_NORM
-        if big.any():
-            row = start + int(np.flatnonzero(big)[0])
-            raise ValueError(f"{name} row {row} has norm {float(chunk[row - start]):.3g}, above {MAX_NORM:.0e}: its "
-                             f"scores would overflow float32 (rescale the data)")
-        if not zero_ok and (chunk == 0).any():
-            row = start + int(np.flatnonzero(chunk == 0)[0])
-            raise ValueError(f"{name} row {row} is zero and has no direction for metric {metric!r}")
+        _check_norm_chunk(chunk, start, zero_ok=zero_ok, metric=metric, name=name)
         norms[start:start + len(chunk)] = torch.from_numpy(chunk.astype(np.float32)) if not on_cpu else chunk
     return torch.from_numpy(norms) if on_cpu else norms
+
+
+def _check_norm_chunk(chunk: np.ndarray, start: int, *, zero_ok: bool, metric: str, name: str) -> None:
+    """`check_norms`' tests on the float64 norms of rows start, start + 1, ..."""
+    big = chunk > MAX_NORM
+    if big.any():
+        row = start + int(np.flatnonzero(big)[0])
+        raise ValueError(f"{name} row {row} has norm {float(chunk[row - start]):.3g}, above {MAX_NORM:.0e}: its "
+                         f"scores would overflow float32 (rescale the data)")
+    if not zero_ok and (chunk == 0).any():
+        row = start + int(np.flatnonzero(chunk == 0)[0])
+        raise ValueError(f"{name} row {row} is zero and has no direction for metric {metric!r}")
