@@ -16,14 +16,20 @@ from conftest import assert_topk_matches
 pytestmark = pytest.mark.cuda
 
 
-def _pair(d, bits, variant, metric, n, seed=0, **kw):
+def _data(n, d, seed=0):
     rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((n, d)) * rng.uniform(0.5, 2, (n, 1))).astype(np.float32)
+    return (rng.standard_normal((n, d)) * rng.uniform(0.5, 2, (n, 1))).astype(np.float32)
+
+
+def _pair(d, bits, variant, metric, n, seed=0, **kw):
+    """The same codes searched on the CPU and on the GPU: both indexes are encoded on the CPU (the
+    GPU encoder, whose rotation rounds differently, is compared with it by the `gpu_add` tests)."""
+    x = _data(n, d, seed)
     cpu = Index(dim=d, bits=bits, variant=variant, metric=metric, seed=3, **kw)
     cpu.add(x)
-    gpu = Index(dim=d, bits=bits, variant=variant, metric=metric, seed=3, device="cuda", **kw)
+    gpu = Index(dim=d, bits=bits, variant=variant, metric=metric, seed=3, **kw)
     gpu.add(x)
-    return x, cpu, gpu
+    return x, cpu, gpu.to("cuda")
 
 
 def _all_scores(index: Index, queries: np.ndarray) -> np.ndarray:
@@ -212,3 +218,85 @@ def test_error_without_cupy_names_it(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(RuntimeError, match="CuPy"):
         Index(dim=8, bits=4, device="cuda")
+
+
+# -- indexing on the GPU ------------------------------------------------------------------------
+
+def _segment(index: Index):
+    (segment,) = index._view.segments
+    return segment
+
+
+def _unit_rotated64(index: Index, x: np.ndarray) -> np.ndarray:
+    """Πx/‖x‖ in float64 (the reference the two encoders round differently)."""
+    x64 = x.astype(np.float64)
+    x64 /= np.linalg.norm(x64, axis=1, keepdims=True)
+    return index._quantizer.rotation.apply(torch.from_numpy(x64)).numpy()
+
+
+@pytest.mark.parametrize("bits,variant,codebook", [(1, "mse", "vq"), (2, "mse", "vq"), (2, "mse", "scalar"),
+                                                   (3, "mse", "vq"), (4, "mse", "vq"), (5, "mse", "vq"),
+                                                   (5, "mse", "scalar"), (2.5, "mse", "vq"), (3, "prod", "vq")])
+@pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
+def test_gpu_add_codes_equal_cpu_add(bits, variant, codebook, metric, monkeypatch):
+    """`add` on a CUDA index rotates and codes on the GPU: the codes are the CPU encoder's except
+    where a coordinate sits within rounding of a decision boundary (then both choices are equally
+    near), and the per-vector floats agree to float rounding."""
+    from tqindex import quantizer as quantizer_module
+    monkeypatch.setattr(quantizer_module, "_DEVICE_CHUNK_BYTES", 4 * 384 * 96)  # 96-row chunks, the last partial
+    d, n = 384, 3001
+    x = _data(n, d, seed=11)
+    kw = dict(dim=d, bits=bits, variant=variant, metric=metric, seed=3, codebook=codebook)
+    cpu = Index(**kw)
+    cpu.add(x)
+    gpu = Index(**kw, device="cuda")
+    gpu.add(x)
+    q = cpu._quantizer
+    a, b = _segment(cpu).encoded, _segment(gpu).encoded
+    assert (a.blocks is None) == (b.blocks is None) == (variant == "prod")
+    idx_a, idx_b = q.unpack(q.row_codes(a)), q.unpack(q.row_codes(b))
+    rows = np.flatnonzero((idx_a != idx_b).any(axis=1))
+    assert len(rows) <= n // 500, f"{len(rows)} rows coded differently"
+    if len(rows):  # both choices equally near the float64 point, within rounding
+        y = _unit_rotated64(cpu, x[rows])
+        err = [((y - q.rotated_reconstruction(torch.from_numpy(_pack(q, codes))).numpy()) ** 2).sum(axis=1)
+               for codes in (idx_a[rows], idx_b[rows])]
+        np.testing.assert_allclose(err[1], err[0], rtol=0, atol=1e-7)
+    same = np.setdiff1d(np.arange(n), rows)
+    for name in ("norm", "scale", "residual_norm"):
+        va, vb = getattr(a, name), getattr(b, name)
+        assert (va is None) == (vb is None), name
+        if va is not None:
+            np.testing.assert_allclose(vb[same], va[same], rtol=1e-4 if name == "residual_norm" else 1e-5,
+                                       err_msg=name)
+    if variant == "prod":
+        assert np.mean(a.qjl[same] != b.qjl[same]) < 1e-2
+
+
+def _pack(q, idx: np.ndarray) -> np.ndarray:
+    """Per-coordinate codes (n, d) → packed rows (n, code_bytes)."""
+    from tqindex.packing import pack_codes
+    out = np.zeros((len(idx), q.code_bytes), np.uint8)
+    for g in q.groups:
+        out[:, g.offset:g.offset + g.nbytes] = pack_codes(idx[:, g.start:g.stop], g.bits)
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 4, 3.5])
+def test_gpu_added_index_searches_saves_and_loads_as_one(bits, tmp_path):
+    """What the GPU encoder wrote is what every path reads: the GPU search, the CPU search of the
+    same index, and the index saved and loaded."""
+    x = _data(5003, 384, seed=12)
+    gpu = Index(dim=384, bits=bits, seed=3, device="cuda")
+    gpu.add(torch.from_numpy(x).cuda())  # a CUDA tensor: no copy to the host on the way in
+    gpu.add(x[:777])  # numpy: copied up, coded there (ids 5003.., positions as `_all_scores` reads them)
+    queries = np.random.default_rng(8).standard_normal((40, 384)).astype(np.float32)
+    on_gpu = gpu.search(queries, 10)
+    ref = _all_scores(gpu.to("cpu"), queries)  # the very same codes, scanned on the CPU
+    assert_topk_matches(on_gpu.ids, on_gpu.scores, ref, rtol=1e-4)
+    gpu.save(tmp_path / "idx")
+    loaded = Index.load(tmp_path / "idx", device="cuda")
+    again = loaded.search(queries, 10)
+    assert_topk_matches(again.ids, again.scores, ref, rtol=1e-4)
+    for s_a, s_b in zip(gpu._view.segments, loaded._view.segments):
+        np.testing.assert_array_equal(np.asarray(s_b.encoded.blocks), s_a.encoded.blocks)

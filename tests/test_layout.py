@@ -63,6 +63,48 @@ def test_encoding_into_blocks_equals_converting_rows(bits, codebook, monkeypatch
     np.testing.assert_array_equal(q.row_codes(held, 10, 300), rows.codes[10:300])
 
 
+@pytest.mark.parametrize("bits,codebook", KINDS)
+def test_device_transfers_equal_the_host_conversions(bits, codebook):
+    """What the GPU encoder writes (`write_device_rows`) and the GPU upload reads (`device_rows`),
+    run on CPU tensors: the same blocks and rows as the host conversions."""
+    q = _quantizer(bits, codebook)
+    codes = q.encode(torch.from_numpy(_x(1000, 203))).codes
+    expected = q.layout.from_codes(codes)
+    blocks = q.layout.empty(1000)
+    for start in range(0, 1000, 96):  # whole blocks per chunk, the last one partial
+        q.layout.write_device_rows(blocks, start, torch.from_numpy(codes[start:start + 96]))
+    np.testing.assert_array_equal(blocks, expected)
+    with pytest.raises(ValueError, match="block boundary"):
+        q.layout.write_device_rows(blocks, 5, torch.from_numpy(codes[:10]))
+    for start, stop in [(0, 1000), (0, 1), (31, 33), (64, 96), (999, 1000), (500, 500), (17, 900)]:
+        rows = q.layout.device_rows(expected, start, stop, "cpu")
+        assert rows.dtype == torch.uint8
+        np.testing.assert_array_equal(rows.numpy(), codes[start:stop])
+
+
+@pytest.mark.parametrize("bits,codebook", KINDS + [(3, "prod")])
+def test_the_torch_encoder_gives_the_compiled_encoders_codes(bits, codebook):
+    """`_encode_on_device` (the GPU encoder, run here on CPU tensors) against the compiled encoder:
+    the same rotation, so the same codes, and the same per-vector floats up to rounding."""
+    variant = "prod" if codebook == "prod" else "mse"
+    q = TurboQuantizer(dim=203, bits=bits, variant=variant, codebook="vq" if variant == "prod" else codebook, seed=3)
+    x = torch.from_numpy(_x(700, 203, seed=4) * np.float32(3))
+    host = q.encode(x)
+    dev = q._encode_on_device(x)
+    assert set(dev) == {"codes", "norm", "scale", "qjl", "residual_norm"}
+    codes = dev["codes"].numpy()
+    differ = np.flatnonzero((q.unpack(codes) != q.unpack(host.codes)).any(axis=1))
+    assert len(differ) <= 2, f"rows {differ[:5]} coded differently"  # a coordinate on a boundary, at most
+    same = np.setdiff1d(np.arange(700), differ)
+    np.testing.assert_allclose(dev["norm"].numpy(), host.norm, rtol=1e-6)
+    np.testing.assert_allclose(dev["scale"].numpy()[same], host.scale[same], rtol=1e-5)
+    if variant == "prod":
+        assert np.mean(dev["qjl"].numpy()[same] != host.qjl[same]) < 1e-3
+        np.testing.assert_allclose(dev["residual_norm"].numpy()[same], host.residual_norm[same], rtol=1e-4)
+    else:
+        assert dev["qjl"] is None and dev["residual_norm"] is None
+
+
 def test_codes_without_a_block_layout_stay_row_major():
     for q in (TurboQuantizer(dim=40, bits=3, variant="prod"), TurboQuantizer(dim=40, bits=6)):
         assert q.layout is None

@@ -394,7 +394,8 @@ class Index:
         """Move search to `device` ("cpu" or "cuda"); returns self.
 
         On "cuda" each segment's codes and per-vector floats are uploaded on first search and stay
-        on the GPU (no float copy of the database); queries and results cross over per call.
+        on the GPU (no float copy of the database); queries and results cross over per call, and
+        `add` rotates and codes new vectors there (a flat index).
         """
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}; expected one of {DEVICES}")
@@ -428,7 +429,12 @@ class Index:
         -------
         ids : (n,) int64
         """
-        x, _ = as_float_matrix(vectors, self.dim)
+        # A flat index on "cuda" rotates and codes on the GPU (the codes come back to the host,
+        # which holds and stores them); a partitioned one assigns and codes on the CPU.
+        on_gpu = self._device == "cuda" and not self._partitions
+        x, _ = as_float_matrix(vectors, self.dim, keep_device=on_gpu)
+        if on_gpu and not x.is_cuda:
+            x = x.to("cuda")
         n = x.shape[0]
         given_ids = None if ids is None else as_id_array(ids, n)  # checked before any encoding work
         table = None if metadata is None else payloads.as_table(metadata, n)
@@ -447,9 +453,9 @@ class Index:
                     self._coarse, self._coarse_shard = fit_kmeans(x, self._partitions, seed=self.seed), None
                 coarse = self._coarse
             return self._add_rows(n, given_ids, upsert, table, coarse=coarse, x=x, norms=norms)
-        encoded = self._quantizer.encode(x if self._center is None else x - self._center, blocks=True,
+        encoded = self._quantizer.encode(x if self._center is None else x - self._center.to(x.device), blocks=True,
                                          keep_norm=self._quantizer.stores_norm(self._metric))
-        vectors_kept = x.numpy().copy() if self._keep_vectors else None
+        vectors_kept = x.cpu().numpy().copy() if self._keep_vectors else None
         return self._add_rows(n, given_ids, upsert, table,
                               new=[Segment(ids=None, encoded=encoded, vectors=vectors_kept, payload=table)])
 

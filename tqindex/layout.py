@@ -176,6 +176,37 @@ class BlockLayout:
         if m > full:
             blocks[b + full // BLOCK, :, :m - full] = rows[full:].T
 
+    def write_device_rows(self, blocks: np.ndarray, first_row: int, codes) -> None:
+        """`write_rows` for packed codes (m, code_bytes) uint8 held in a torch tensor on a GPU: where
+        the nibble rows are the codes (`direct`), the rows are put in block order there and copied
+        to the host once; otherwise they are converted on the host."""
+        if not self.direct:
+            self.write_rows(blocks, first_row, self.nibble_rows(codes.cpu().numpy()))
+            return
+        import torch
+        m = codes.shape[0]
+        if first_row % BLOCK:
+            raise ValueError(f"rows are written from a block boundary, got row {first_row}")
+        padded = torch.zeros((block_count(m) * BLOCK, self.width), dtype=torch.uint8, device=codes.device)
+        padded[:m, :codes.shape[1]] = codes
+        b = first_row // BLOCK
+        # Regrouped there, then one copy from the GPU straight into the blocks (no host temporary).
+        torch.from_numpy(blocks[b:b + block_count(m)]).copy_(padded.view(-1, BLOCK, self.width).transpose(1, 2))
+
+    def device_rows(self, blocks: np.ndarray, start: int, stop: int, device):
+        """Packed codes (stop − start, code_bytes) uint8 of rows [start, stop) as a torch tensor on
+        `device`: for a `direct` layout the blocks holding them are copied there as they are (one
+        contiguous copy) and regrouped into rows there; otherwise converted on the host."""
+        import torch
+        if not self.direct:
+            return torch.from_numpy(self.codes(blocks, start, stop)).to(device)
+        b0, b1 = start // BLOCK, block_count(stop)
+        with warnings.catch_warnings():  # memory-mapped blocks are read-only; they are only read here
+            warnings.simplefilter("ignore", UserWarning)
+            part = torch.from_numpy(np.asarray(blocks[b0:b1])).to(device)
+        rows = part.transpose(1, 2).reshape(-1, self.width)
+        return rows[start - b0 * BLOCK:stop - b0 * BLOCK, :self.code_bytes]
+
     def from_codes(self, codes: np.ndarray) -> np.ndarray:
         """Packed codes (n, code_bytes) → blocks (ceil(n/32), width, 32), converted in chunks."""
         codes = np.asarray(codes)

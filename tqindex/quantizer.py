@@ -62,6 +62,8 @@ def scale_dtype_name(value) -> str:
 # rotated, reconstructed rows) stay near this many bytes per thread whatever the batch size.
 _ENCODE_CHUNK_BYTES = 2 << 20
 _ENCODE_MIN_ROWS = 256  # per thread: below this, handing rows to a thread costs more than it saves
+# On a GPU, rows at a time: their float32 copies (input, rotated, reconstructed) stay near 3 × this.
+_DEVICE_CHUNK_BYTES = 256 << 20
 
 
 @dataclass(eq=False)  # identity hashing: backends key their caches by a segment's encoded rows
@@ -226,27 +228,38 @@ class TurboQuantizer:
         Raises ValueError, naming the first such row, if a scale does not fit `scale_dtype`."""
         n = x.shape[0]
         layout = self.layout if blocks else None
+        on_device = x.device.type != "cpu"  # a GPU: rotated and coded there, in torch
         # A whole number of blocks per chunk, so each chunk's blocks are written whole.
-        per_thread = max(_ENCODE_MIN_ROWS, _ENCODE_CHUNK_BYTES // (16 * self.dim))
-        chunk = -(-per_thread * native.get_num_threads() // BLOCK) * BLOCK
+        if on_device:
+            chunk = max(BLOCK, _DEVICE_CHUNK_BYTES // (4 * self.dim) // BLOCK * BLOCK)
+        else:
+            per_thread = max(_ENCODE_MIN_ROWS, _ENCODE_CHUNK_BYTES // (16 * self.dim))
+            chunk = -(-per_thread * native.get_num_threads() // BLOCK) * BLOCK
         # Each chunk's rows go straight into arrays of the final size: the peak is the result plus
         # one chunk's temporaries, not the result twice (as concatenating the parts would be).
         fields: dict = {}
         # The chunks' two (rows, d) float buffers are made once and reused: fresh ones per chunk
         # leave freed blocks scattered in the heap, resident until the allocator trims them.
-        buffers = (torch.empty((min(n, chunk), self.dim)), torch.empty((min(n, chunk), self.dim))) if n else None
+        buffers = None
+        if n and not on_device:
+            buffers = (torch.empty((min(n, chunk), self.dim)), torch.empty((min(n, chunk), self.dim)))
         for start in range(0, max(n, 1), chunk):
-            part = self._encode_chunk(x[start:start + chunk], buffers)
+            rows = x[start:start + chunk]
+            part = self._encode_on_device(rows) if on_device else vars(self._encode_chunk(rows, buffers))
+            part.pop("blocks", None)
             if not keep_norm:
-                part.norm = None
+                part["norm"] = None
             if layout is not None:
                 if "blocks" not in fields:
                     fields["blocks"] = layout.empty(n)
-                layout.write_rows(fields["blocks"], start, layout.nibble_rows(part.codes))
-                part.codes = None
-            for name, value in part.__dict__.items():
-                if name == "blocks":
-                    continue
+                codes, part["codes"] = part["codes"], None
+                if on_device:
+                    layout.write_device_rows(fields["blocks"], start, codes)
+                else:
+                    layout.write_rows(fields["blocks"], start, layout.nibble_rows(codes))
+            for name, value in part.items():
+                if value is not None and not isinstance(value, np.ndarray):
+                    value = value.cpu().numpy()
                 if name not in fields:
                     fields[name] = None if value is None else np.empty((n,) + value.shape[1:], value.dtype)
                 if value is not None:
@@ -290,41 +303,59 @@ class TurboQuantizer:
             y = self.rotation.apply(torch.div(x, denominator, out=buffers[0][:n]), out=buffers[1][:n])
         else:
             y = self.rotation.apply(x / denominator)
+        if not (self.groups and native.enabled() and y.device.type == "cpu"):
+            return EncodedVectors(**{name: None if t is None else t.numpy()
+                                     for name, t in self._encode_rotated(y, norms).items()})
+        # One pass per row in C: codes and ⟨y, ỹ⟩ (bucketize + gather + pack in torch take longer).
         codes = np.zeros((n, self.code_bytes), dtype=np.uint8)
-        if self.groups and native.enabled() and y.device.type == "cpu":
-            # One pass per row in C: codes and ⟨y, ỹ⟩ (bucketize + gather + pack in torch take longer).
-            y_np = y.contiguous().numpy()
-            alignment = np.empty(n, dtype=np.float32)
-            specs = [(g.start, g.stop, g.bits, g.offset, g.boundaries.numpy(), g.centroids.numpy(),
-                      g.block, g.codewords.numpy()) for g in self.groups]
-            native.parallel_ranges(n, lambda a, b: native.kernels.encode(
-                y_np[a:b], self.dim, b - a, specs, codes[a:b], alignment[a:b]), min_per_thread=_ENCODE_MIN_ROWS)
-            encoded = self._finish(codes, norms, torch.from_numpy(alignment))
-            if self.variant == "mse":
-                return encoded
-            y_tilde = self.rotated_reconstruction(torch.from_numpy(codes))  # prod: the mse stage's ỹ
-        else:
-            y_tilde = torch.zeros_like(y)
-            for g in self.groups:
-                part = y[:, g.start:g.stop].contiguous()
-                idx = g.nearest(part)
-                y_tilde[:, g.start:g.stop] = g.reconstruct(idx)
-                codes[:, g.offset:g.offset + g.nbytes] = pack_codes(idx.to(torch.uint8), g.bits).numpy()
-            encoded = self._finish(codes, norms, (y * y_tilde).sum(dim=1))
-        if self.variant == "prod":
-            residual = y - y_tilde
-            signs = (residual @ self.qjl_matrix.T) >= 0
-            encoded.qjl = pack_codes(signs.to(torch.uint8), 1).numpy()
-            encoded.residual_norm = torch.linalg.vector_norm(residual, dim=1).numpy().astype(np.float32)
+        y_np = y.contiguous().numpy()
+        alignment = np.empty(n, dtype=np.float32)
+        specs = [(g.start, g.stop, g.bits, g.offset, g.boundaries.numpy(), g.centroids.numpy(),
+                  g.block, g.codewords.numpy()) for g in self.groups]
+        native.parallel_ranges(n, lambda a, b: native.kernels.encode(
+            y_np[a:b], self.dim, b - a, specs, codes[a:b], alignment[a:b]), min_per_thread=_ENCODE_MIN_ROWS)
+        encoded = EncodedVectors(codes=codes, norm=norms.numpy().astype(np.float32),
+                                 scale=self._scale(norms, torch.from_numpy(alignment)).numpy())
+        if self.variant == "prod":  # the QJL stage on the mse stage's ỹ
+            qjl, residual_norm = self._qjl(y, self.rotated_reconstruction(torch.from_numpy(codes)))
+            encoded.qjl, encoded.residual_norm = qjl.numpy(), residual_norm.numpy()
         return encoded
 
-    def _finish(self, codes: np.ndarray, norms: torch.Tensor, alignment: torch.Tensor) -> EncodedVectors:
-        """Per-vector floats from ‖x‖ and ⟨y, ỹ⟩ (see the module notes on `scale`)."""
-        scale = norms
-        if self.rescale:
-            scale = torch.where(alignment > 0, norms / alignment.clamp_min(1e-30), norms)
-        return EncodedVectors(codes=codes, norm=norms.numpy().astype(np.float32),
-                              scale=scale.numpy().astype(np.float32))
+    def _encode_on_device(self, x: torch.Tensor) -> dict:
+        """Rows (n, d) float32 on a GPU → `_encode_rotated`'s fields, on that GPU."""
+        norms = torch.linalg.vector_norm(x, dim=1)
+        y = self.rotation.apply(x / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None])
+        return self._encode_rotated(y, norms)
+
+    def _encode_rotated(self, y: torch.Tensor, norms: torch.Tensor) -> dict:
+        """Rotated unit rows y (n, d) float32 and their norms (n,) → the `EncodedVectors` fields as
+        tensors on y's device, in torch (no compiled kernels: the CPU fallback and the GPU encoder):
+        codes (n, code_bytes) uint8, norm and scale (n,) float32, qjl and residual_norm (prod)."""
+        n = y.shape[0]
+        codes = torch.zeros((n, self.code_bytes), dtype=torch.uint8, device=y.device)
+        y_tilde = torch.zeros_like(y)
+        for g in self.groups:
+            idx = g.nearest(y[:, g.start:g.stop].contiguous())
+            y_tilde[:, g.start:g.stop] = g.reconstruct(idx)
+            codes[:, g.offset:g.offset + g.nbytes] = pack_codes(idx.to(torch.uint8), g.bits)
+        out = {"codes": codes, "norm": norms.float(), "scale": self._scale(norms, (y * y_tilde).sum(dim=1)),
+               "qjl": None, "residual_norm": None}
+        if self.variant == "prod":
+            out["qjl"], out["residual_norm"] = self._qjl(y, y_tilde)
+        return out
+
+    def _qjl(self, y: torch.Tensor, y_tilde: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """prod's second stage: packed signs of G·r (n, ceil(d/8)) uint8 and ‖r‖ (n,) float32 of the
+        residual r = y − ỹ, on y's device."""
+        residual = y - y_tilde
+        signs = (residual @ self._qjl_by_device.get(y.device).T) >= 0
+        return pack_codes(signs.to(torch.uint8), 1), torch.linalg.vector_norm(residual, dim=1).float()
+
+    def _scale(self, norms: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:
+        """The per-vector `scale` (float32) from ‖x‖ and ⟨y, ỹ⟩ (see the module notes)."""
+        if not self.rescale:
+            return norms.float()
+        return torch.where(alignment > 0, norms / alignment.clamp_min(1e-30), norms).float()
 
     # -- decoding ------------------------------------------------------------------------------
     def rotated_reconstruction(self, codes: torch.Tensor, qjl: torch.Tensor | None = None,

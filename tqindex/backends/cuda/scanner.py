@@ -138,11 +138,10 @@ class GpuScanner(Scanner):
         for a in range(0, n, _UPLOAD_ROWS):
             b = min(n, a + _UPLOAD_ROWS)
             row = torch.zeros((b - a, self.words * 4), dtype=torch.uint8, device=device)
-            codes = self.q.row_codes(enc, a, b)  # a transient row-major copy where blocks are held
+            codes = self._device_codes(enc, a, b, device)
             for r in self.regions:
-                src = enc.qjl[a:b] if r.qjl else codes
-                part = as_tensor(src[:, r.src_offset:r.src_offset + r.src_nbytes]).to(device)
-                row[:, 4 * r.woff:4 * r.woff + r.src_nbytes] = part
+                src = as_tensor(enc.qjl[a:b]).to(device) if r.qjl else codes
+                row[:, 4 * r.woff:4 * r.woff + r.src_nbytes] = src[:, r.src_offset:r.src_offset + r.src_nbytes]
             words[:, a:b, :] = row.view(torch.int32).view(b - a, w4, 4).permute(1, 0, 2)
         scale = as_tensor(enc.scale).to(device).float()
         data = {"n": n, "words": words, "scale": scale, "scale_max": float(scale.abs().max()) if n else 0.0,
@@ -153,6 +152,14 @@ class GpuScanner(Scanner):
         if self.q.variant == "prod":
             data["qjlmul"] = (self.q.qjl_scale * as_tensor(enc.residual_norm).to(device)).contiguous()
         return data
+
+    def _device_codes(self, enc, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        """Row-major packed mse codes (stop − start, code_bytes) of rows [start, stop) on `device`.
+        Blocks of a layout whose nibble rows are the codes go up as they are held (one contiguous
+        copy, from the page cache where memory-mapped) and are regrouped on the GPU."""
+        if enc.blocks is not None:
+            return self.q.layout.device_rows(enc.blocks, start, stop, device)
+        return as_tensor(enc.codes[start:stop]).to(device)
 
     def _ynorm_max(self, words: torch.Tensor, device: torch.device) -> float:
         """max over rows of ‖ỹ‖ (unit-scale centroids), for the tensor-core error bound: a 256-entry
