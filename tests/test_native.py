@@ -288,6 +288,85 @@ def test_avx2_and_portable_kernels_agree_exactly(metric, bits, d):
     np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
 
 
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+_X86_LEVELS = {"avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw"}}
+
+
+@pytest.fixture
+def simd_level(request):
+    """Run the test with the fast scan capped at request.param (skipped where this CPU lacks it)."""
+    level = request.param
+    if native.kernels is None:
+        pytest.skip("the C extension is not built")
+    if not _X86_LEVELS[level] <= _cpu_flags():
+        pytest.skip(f"this CPU has no {level} ({' '.join(sorted(_X86_LEVELS[level]))} in /proc/cpuinfo): "
+                    f"that kernel runs where it does (the lent GPU machine's host CPU has it)")
+    previous = native.set_simd_limit(level)
+    try:
+        assert native.simd() == level, f"asked for {level}, the scan runs {native.simd()}"
+        yield level
+    finally:
+        native.set_simd_limit(previous)
+
+
+@pytest.mark.parametrize("simd_level", ["avx2", "avx512"], indirect=True)
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("bits,d", [(4, 202), (4, 602), (2, 203), (1, 203), (3, 203), (3.5, 200), (4.5, 203),
+                                    (5, 203), (5, 600), (2.5, 202)])
+def test_each_simd_level_equals_the_portable_loop(simd_level, metric, bits, d):
+    # Odd column counts (202 and 602 dims at 4 bits: 101 and 301 columns), more columns than a
+    # 16-bit chunk holds (602, and 600 at 5 bits, whose wide columns cross a chunk's end), wide 5-bit
+    # columns alone and beside 4-bit ones, removed rows, a partial last block, query tiles 1-4.
+    rng = np.random.default_rng(17)
+    x, _ = clustered(rng, 1500, d, clusters=30, spread=0.6)
+    index = Index(dim=d, bits=bits, metric=metric)
+    index.add(x[:1499])
+    index.remove([0, 31, 32, 700])
+    queries = torch.from_numpy(x[:11] + 0.01)
+    rotated, _ = index._quantizer.prepare_queries(queries)
+    sq = queries.square().sum(1)
+    for nq in (1, 2, 3, 11):
+        a = fastscan.scan_topk_fast(index._quantizer, index._segments, rotated[:nq], sq[:nq], 13, metric, threads=1)
+        b = fastscan.scan_topk_fast(index._quantizer, index._segments, rotated[:nq], sq[:nq], 13, metric, threads=1,
+                                    portable=True)
+        np.testing.assert_array_equal(a[1].numpy(), b[1].numpy())
+        np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
+
+
+def test_simd_limit_is_checked_and_restored():
+    if native.kernels is None:
+        pytest.skip("the C extension is not built")
+    with pytest.raises(ValueError, match="unknown SIMD level 'sse9'"):
+        native.set_simd_limit("sse9")
+    before = native.simd()
+    previous = native.set_simd_limit("portable")
+    try:
+        assert native.simd() == "portable" and not fastscan.available()
+    finally:
+        native.set_simd_limit(previous)
+    assert native.simd() == before
+
+
+@pytest.mark.parametrize("value,expected", [("portable", "portable"), ("avx9", "TQINDEX_SIMD: unknown SIMD level")])
+def test_tqindex_simd_caps_the_level_at_import(value, expected):
+    if native.kernels is None:
+        pytest.skip("the C extension is not built")
+    import os
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", "from tqindex import native; print(native.simd())"],
+                         env={**os.environ, "TQINDEX_SIMD": value}, capture_output=True, text=True)
+    assert expected in (run.stdout + run.stderr)
+    assert (run.returncode == 0) == (value == "portable")
+
+
 @needs_avx2
 @pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("metric", ["ip", "l2"])

@@ -23,8 +23,9 @@
  * float scores, and the uint8 pass only decides which vectors need the float sum.
  *
  * The AVX2 path looks 32 nibbles up at once with vpshufb (one table per 128-bit lane, the same
- * table broadcast to both) and sums in 16-bit lanes; it is chosen at run time when the CPU has
- * AVX2. The portable path computes the very same integer sums, so both give identical results.
+ * table broadcast to both) and sums in 16-bit lanes; AVX-512 looks up two columns (64 nibbles) per
+ * shuffle. Each is chosen at run time when the CPU has it. The portable path computes the very
+ * same integer sums, so all give identical results.
  *
  * Wide codes (5 bits). A group of 5-bit codes takes the first `wcols` columns (a multiple of 4;
  * its nibble count padded to a multiple of 8 with zero tables): each nibble holds a code's low 4
@@ -45,6 +46,31 @@ static int have_avx2(void) {
 #else
     return 0;
 #endif
+}
+
+static int have_avx512(void) {
+#ifdef TQ_X86
+    __builtin_cpu_init();  /* libgcc's test includes the OS's support for the 512-bit state (XCR0) */
+    return have_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#else
+    return 0;
+#endif
+}
+
+/* The scan's SIMD levels, lowest first. The level used is the highest the CPU has, up to a
+ * process-wide limit (set_simd_limit: tests compare the levels, and TQINDEX_SIMD caps it). */
+enum { LEVEL_PORTABLE, LEVEL_NEON, LEVEL_AVX2, LEVEL_AVX512 };
+static const char *const level_names[] = {"portable", "neon", "avx2", "avx512"};
+static int simd_limit = LEVEL_AVX512;
+
+static int scan_level(void) {
+#if defined(TQ_X86)
+    if (simd_limit >= LEVEL_AVX512 && have_avx512()) return LEVEL_AVX512;
+    if (simd_limit >= LEVEL_AVX2 && have_avx2()) return LEVEL_AVX2;
+#elif defined(TQ_NEON)
+    if (simd_limit >= LEVEL_NEON) return LEVEL_NEON;  /* every aarch64 CPU has NEON */
+#endif
+    return LEVEL_PORTABLE;
 }
 
 /* Buffer helpers: each checks the exact byte size the kernel will read or write. */
@@ -69,11 +95,13 @@ static PyObject *release(Py_buffer *bufs, int held, int ok) {
 /* The kernel this CPU runs (call without the GIL). */
 static void run_scan(const scan_args *a, int portable) {
 #if defined(TQ_X86)
-    if (a->avx2)
+    if (a->avx512)
+        scan_avx512(a);
+    else if (a->avx2)
         scan_avx2(a);
     else
 #elif defined(TQ_NEON)
-    if (!portable)
+    if (!portable && scan_level() == LEVEL_NEON)
         scan_neon(a);
     else
 #endif
@@ -191,10 +219,9 @@ static int bind_queries(scan_args *a, buffer_set *b, PyObject *plan, PyObject *o
         }
         TAKE(take_field(b, plan, "centroids", 0, 16 * (Py_ssize_t)sizeof(float), &p_), a->centroids);
     }
-#ifdef TQ_X86
-    a->avx2 = !portable && have_avx2();
-#endif
-    (void)portable;
+    const int level = portable ? LEVEL_PORTABLE : scan_level();
+    a->avx2 = level >= LEVEL_AVX2;  /* the AVX-512 scan rescores with the AVX2 dot products */
+    a->avx512 = level == LEVEL_AVX512;
     return 0;
 }
 
@@ -915,11 +942,24 @@ done:
 }
 
 static PyObject *simd(PyObject *self, PyObject *unused) {
-#ifdef TQ_NEON
-    return PyUnicode_FromString("neon");  /* every aarch64 CPU has NEON */
-#else
-    return PyUnicode_FromString(have_avx2() ? "avx2" : "portable");
-#endif
+    return PyUnicode_FromString(level_names[scan_level()]);
+}
+
+/* set_simd_limit(name) -> the previous limit's name. */
+static PyObject *set_simd_limit(PyObject *self, PyObject *arg) {
+    const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    if (!name) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "set_simd_limit: the limit must be a str");
+        return NULL;
+    }
+    for (int level = LEVEL_PORTABLE; level <= LEVEL_AVX512; level++)
+        if (!strcmp(name, level_names[level])) {
+            const int previous = simd_limit;
+            simd_limit = level;
+            return PyUnicode_FromString(level_names[previous]);
+        }
+    PyErr_Format(PyExc_ValueError, "unknown SIMD level %R; expected 'portable', 'neon', 'avx2' or 'avx512'", arg);
+    return NULL;
 }
 
 static PyMethodDef methods[] = {
@@ -951,7 +991,10 @@ static PyMethodDef methods[] = {
     {"select", select_best, METH_VARARGS,
      "select(scores, positions, out_scores, out_positions)\n\nPer row, the k best (score, position) pairs, score "
      "descending then position ascending, padded with (-inf, -1). Releases the GIL."},
-    {"simd", simd, METH_NOARGS, "The scan kernel this CPU runs: 'avx2', 'neon' or 'portable'."},
+    {"simd", simd, METH_NOARGS, "The scan kernel this CPU runs: 'avx512', 'avx2', 'neon' or 'portable'."},
+    {"set_simd_limit", set_simd_limit, METH_O,
+     "set_simd_limit(name) -> previous: the highest SIMD level the scan may use ('portable', 'neon', 'avx2', "
+     "'avx512'; the CPU's own level where lower)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "tqindex native kernels: fast scan and encoding", -1, methods};

@@ -1,9 +1,9 @@
 /* The fast-scan kernels, free of Python: tqindex/_native.c wraps them, and tests/neon/harness.c
  * runs them under QEMU for ARM. Layout, tables and the error bound: see tqindex/_native.c.
  *
- * Three implementations of one computation: the portable loop (the oracle), AVX2 (x86-64, chosen at
- * run time) and NEON (aarch64, always present there). They compute the very same integer sums, so
- * all give identical results. */
+ * Four implementations of one computation: the portable loop (the oracle), AVX2 and AVX-512 (x86-64,
+ * chosen at run time by the CPU's features) and NEON (aarch64, always present there). They compute
+ * the very same integer sums, so all give identical results. */
 #ifndef TQINDEX_SCAN_H
 #define TQINDEX_SCAN_H
 
@@ -19,8 +19,10 @@ typedef ptrdiff_t Py_ssize_t;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define TQ_X86 1
-/* The x86 kernels' instruction sets: every CPU with AVX2 has FMA and F16C (float16 scales). */
+/* The x86 kernels' instruction sets: every CPU with AVX2 has FMA and F16C (float16 scales); the
+ * AVX-512 scan needs F (512-bit registers) and BW (byte shuffles, byte masks) and reuses AVX2 code. */
 #define TQ_AVX2 "avx2,fma,f16c"
+#define TQ_AVX512 "avx512f,avx512bw,avx2,fma,f16c"
 #endif
 #if defined(__aarch64__)
 #include <arm_neon.h>
@@ -68,6 +70,7 @@ typedef struct {
     Py_ssize_t dim;
     int row_bits;
     int avx2;                  /* which dot_* to use */
+    int avx512;                /* the AVX-512 block sums (x86, where the CPU has AVX512F and BW) */
 } scan_args;
 
 /* Results are ordered by score, then by id (the lower first among equal scores): a total order, so
@@ -469,9 +472,11 @@ __attribute__((target(TQ_AVX2), always_inline)) static inline void block_floats_
     *norm = a->row_norm ? a->row_norm + block * BLOCK : NULL;
 }
 
-#define DEFINE_TILE(T)                                                                               \
-    __attribute__((target(TQ_AVX2))) static void scan_tile_##T(const scan_args *a, Py_ssize_t q0, \
-                                                                    Py_ssize_t p, Py_ssize_t pe) {   \
+/* One pass of `T` queries over blocks [p, pe): SUMS gives the block's integer sums in
+ * block_sums_avx2's slot order, which the AVX2 test and offer read (TARGET: its instruction set). */
+#define DEFINE_TILE(NAME, TARGET, SUMS, T)                                                           \
+    __attribute__((target(TARGET))) static void NAME##_##T(const scan_args *a, Py_ssize_t q0,      \
+                                                           Py_ssize_t p, Py_ssize_t pe) {          \
         __m256i sums[MAX_TILE][4];                                                                   \
         float tail_scale[BLOCK], tail_norm[BLOCK];                                                   \
         for (Py_ssize_t b = p; b < pe; b++) {                                                        \
@@ -479,28 +484,122 @@ __attribute__((target(TQ_AVX2), always_inline)) static inline void block_floats_
             const uint32_t live = live_rows_avx2(a, b);                                              \
             const float *scale, *norm;                                                               \
             block_floats_avx2(a, b, tail_scale, tail_norm, &scale, &norm);                           \
-            block_sums_avx2(a, q0, T, b, sums);                                                      \
+            SUMS(a, q0, T, b, sums);                                                                 \
             for (int t = 0; t < T; t++) offer_block_avx2(a, q0 + t, b, sums[t], scale, norm, live);  \
         }                                                                                            \
     }
-DEFINE_TILE(1)
-DEFINE_TILE(2)
-DEFINE_TILE(3)
-DEFINE_TILE(4)
 
-static void scan_avx2(const scan_args *a) {
-    for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {
-        Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;
-        Py_ssize_t q = 0;
-        for (; q + 4 <= a->nq; q += 4) scan_tile_4(a, q, p, pe);
-        switch (a->nq - q) {
-            case 3: scan_tile_3(a, q, p, pe); break;
-            case 2: scan_tile_2(a, q, p, pe); break;
-            case 1: scan_tile_1(a, q, p, pe); break;
-            default: break;
+/* Blocks in passes of BLOCKS_PER_PASS, queries in tiles of up to MAX_TILE over each pass. */
+#define DEFINE_SCAN(NAME, TILE)                                                                      \
+    static void NAME(const scan_args *a) {                                                           \
+        for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {                                \
+            Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;               \
+            Py_ssize_t q = 0;                                                                        \
+            for (; q + 4 <= a->nq; q += 4) TILE##_4(a, q, p, pe);                                    \
+            switch (a->nq - q) {                                                                     \
+                case 3: TILE##_3(a, q, p, pe); break;                                                \
+                case 2: TILE##_2(a, q, p, pe); break;                                                \
+                case 1: TILE##_1(a, q, p, pe); break;                                                \
+                default: break;                                                                      \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
+DEFINE_TILE(scan_tile, TQ_AVX2, block_sums_avx2, 1)
+DEFINE_TILE(scan_tile, TQ_AVX2, block_sums_avx2, 2)
+DEFINE_TILE(scan_tile, TQ_AVX2, block_sums_avx2, 3)
+DEFINE_TILE(scan_tile, TQ_AVX2, block_sums_avx2, 4)
+DEFINE_SCAN(scan_avx2, scan_tile)
+
+/* AVX-512 (F + BW): two columns of a block per 512-bit register (they are adjacent in the layout:
+ * bytes 0-31 column c, 32-63 column c + 1, each row at the same byte of its half), looked up
+ * with the tables of both columns at once: one 64-byte load of the query's table for columns c and
+ * c + 1 holds [c low, c high, c+1 low, c+1 high] in its four 128-bit lanes, and a lane shuffle puts
+ * each column's table in the two lanes of its half. The halves sum the same rows, so adding them
+ * at the end of a chunk of columns gives block_sums_avx2's 16-bit lanes, slot order and sums
+ * exactly (each half holds at most half of a chunk's columns, so nothing new can overflow). */
+__attribute__((target(TQ_AVX512), always_inline)) static inline void block_sums_avx512(
+        const scan_args *a, Py_ssize_t q0, const int tile, Py_ssize_t block, __m256i sums[][4]) {
+    const uint8_t *blk = a->codes + block * block_bytes(a);
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const __m256i low4_256 = _mm256_set1_epi8(0x0f);
+    const Py_ssize_t upper = 2 * a->ncols * 16;
+    const uint8_t *lut[MAX_TILE];
+    for (int t = 0; t < tile; t++) {
+        lut[t] = a->luts + (q0 + t) * table_entries(a);
+        for (int g = 0; g < 4; g++) sums[t][g] = _mm256_setzero_si256();
+    }
+    for (Py_ssize_t c0 = 0; c0 < a->ncols; c0 += CHUNK_COLS) {
+        Py_ssize_t c1 = c0 + CHUNK_COLS < a->ncols ? c0 + CHUNK_COLS : a->ncols;
+        __m512i acc[MAX_TILE], odd[MAX_TILE];
+        for (int t = 0; t < tile; t++) acc[t] = odd[t] = _mm512_setzero_si512();
+        Py_ssize_t c = c0;
+        /* Wide columns come in whole pairs (wcols and every chunk start are multiples of 4): the
+         * pair's mask bits are in the same mask column, c >> 2, bits 2(c & 3) .. 2(c & 3) + 3. */
+        for (; c + 1 < c1 && c < a->wcols; c += 2) {
+            const __m512i v = _mm512_loadu_si512((const void *)(blk + c * BLOCK));
+            const __m512i lo = _mm512_and_si512(v, low4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            const __m512i bits = _mm512_broadcast_i64x4(
+                _mm256_loadu_si256((const __m256i *)(blk + (a->ncols + (c >> 2)) * BLOCK)));
+            const int s = 2 * (int)(c & 3);
+            const __m512i b0 = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << s)), _mm256_set1_epi8((char)(4 << s)), 1);
+            const __m512i b1 = _mm512_inserti64x4(_mm512_set1_epi8((char)(2 << s)), _mm256_set1_epi8((char)(8 << s)), 1);
+            const __mmask64 m0 = _mm512_test_epi8_mask(bits, b0), m1 = _mm512_test_epi8_mask(bits, b1);
+            for (int t = 0; t < tile; t++) {
+                const uint8_t *l = lut[t] + c * 32;
+                const __m512i tl = _mm512_loadu_si512((const void *)l), tu = _mm512_loadu_si512((const void *)(l + upper));
+                const __m512i r0 = _mm512_mask_blend_epi8(
+                    m0, _mm512_shuffle_epi8(_mm512_shuffle_i64x2(tl, tl, 0xA0), lo),
+                    _mm512_shuffle_epi8(_mm512_shuffle_i64x2(tu, tu, 0xA0), lo));
+                const __m512i r1 = _mm512_mask_blend_epi8(
+                    m1, _mm512_shuffle_epi8(_mm512_shuffle_i64x2(tl, tl, 0xF5), hi),
+                    _mm512_shuffle_epi8(_mm512_shuffle_i64x2(tu, tu, 0xF5), hi));
+                const __m512i r = _mm512_add_epi8(r0, r1);
+                acc[t] = _mm512_add_epi16(acc[t], r);
+                odd[t] = _mm512_add_epi16(odd[t], _mm512_srli_epi16(r, 8));
+            }
+        }
+        for (; c + 1 < c1; c += 2) {
+            const __m512i v = _mm512_loadu_si512((const void *)(blk + c * BLOCK));
+            const __m512i lo = _mm512_and_si512(v, low4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            for (int t = 0; t < tile; t++) {
+                const __m512i tl = _mm512_loadu_si512((const void *)(lut[t] + c * 32));
+                const __m512i r = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_shuffle_i64x2(tl, tl, 0xA0), lo),
+                                                  _mm512_shuffle_epi8(_mm512_shuffle_i64x2(tl, tl, 0xF5), hi));
+                acc[t] = _mm512_add_epi16(acc[t], r);
+                odd[t] = _mm512_add_epi16(odd[t], _mm512_srli_epi16(r, 8));
+            }
+        }
+        for (int t = 0; t < tile; t++) {
+            __m256i acc2 = _mm256_add_epi16(_mm512_castsi512_si256(acc[t]), _mm512_extracti64x4_epi64(acc[t], 1));
+            __m256i odd2 = _mm256_add_epi16(_mm512_castsi512_si256(odd[t]), _mm512_extracti64x4_epi64(odd[t], 1));
+            if (c < c1) {  /* an odd column count: the last column alone (never a wide one) */
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + c * BLOCK));
+                const __m256i lo = _mm256_and_si256(v, low4_256);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4_256);
+                const uint8_t *l = lut[t] + c * 32;
+                const __m256i r = _mm256_add_epi8(
+                    _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)l)), lo),
+                    _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + 16))), hi));
+                acc2 = _mm256_add_epi16(acc2, r);
+                odd2 = _mm256_add_epi16(odd2, _mm256_srli_epi16(r, 8));
+            }
+            const __m256i even = _mm256_sub_epi16(acc2, _mm256_slli_epi16(odd2, 8));
+            sums[t][0] = _mm256_add_epi32(sums[t][0], _mm256_cvtepu16_epi32(_mm256_castsi256_si128(even)));
+            sums[t][1] = _mm256_add_epi32(sums[t][1], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(even, 1)));
+            sums[t][2] = _mm256_add_epi32(sums[t][2], _mm256_cvtepu16_epi32(_mm256_castsi256_si128(odd2)));
+            sums[t][3] = _mm256_add_epi32(sums[t][3], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(odd2, 1)));
         }
     }
 }
+
+DEFINE_TILE(scan_tile512, TQ_AVX512, block_sums_avx512, 1)
+DEFINE_TILE(scan_tile512, TQ_AVX512, block_sums_avx512, 2)
+DEFINE_TILE(scan_tile512, TQ_AVX512, block_sums_avx512, 3)
+DEFINE_TILE(scan_tile512, TQ_AVX512, block_sums_avx512, 4)
+DEFINE_SCAN(scan_avx512, scan_tile512)
 #endif
 
 #ifdef TQ_NEON

@@ -1,7 +1,8 @@
 """The optional compiled kernels (tqindex/_native.c) and the threads that run them.
 
 `setup.py` builds the extension when a C compiler is present; without it every caller falls back to
-torch, with the same results. TQINDEX_NATIVE=0 turns the kernels off (to compare, or to rule them out).
+torch, with the same results. TQINDEX_NATIVE=0 turns the kernels off (to compare, or to rule them out);
+TQINDEX_SIMD caps the fast scan's SIMD level (`set_simd_limit`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ try:
 except ImportError:  # built without a C compiler
     kernels = None
 
-__all__ = ["kernels", "enabled", "simd", "parallel_ranges", "get_num_threads", "set_num_threads"]
+__all__ = ["kernels", "enabled", "simd", "set_simd_limit", "SIMD_LEVELS", "parallel_ranges", "get_num_threads",
+           "set_num_threads"]
+
+#: The fast scan's SIMD levels, lowest first (the portable loop is the oracle of the others).
+SIMD_LEVELS = ("portable", "neon", "avx2", "avx512")
 
 _EXECUTOR: ThreadPoolExecutor | None = None
 _EXECUTOR_LOCK = threading.Lock()
@@ -45,8 +50,28 @@ def enabled() -> bool:
 
 
 def simd() -> str | None:
-    """'avx2', 'neon' or 'portable': the scan kernel this CPU runs; None without the extension."""
+    """'avx512', 'avx2', 'neon' or 'portable': the scan kernel this CPU runs (the highest level it has,
+    up to `set_simd_limit`'s limit); None without the extension."""
     return None if kernels is None else kernels.simd()
+
+
+def set_simd_limit(level: str) -> str:
+    """Cap the fast scan's SIMD level process-wide (one of `SIMD_LEVELS`; the CPU's own level where
+    lower), as faiss's FAISS_OPT_LEVEL: to compare levels, or to keep AVX-512's clock penalty off a
+    CPU that has one. Results are the same at every level. Returns the previous limit. The
+    environment variable TQINDEX_SIMD sets it at import."""
+    if kernels is None:
+        raise RuntimeError("the compiled kernels are not built: there is no SIMD level to limit")
+    if level not in SIMD_LEVELS:
+        raise ValueError(f"unknown SIMD level {level!r}; expected one of {SIMD_LEVELS}")
+    return kernels.set_simd_limit(level)
+
+
+if kernels is not None and os.environ.get("TQINDEX_SIMD"):
+    try:
+        set_simd_limit(os.environ["TQINDEX_SIMD"])
+    except ValueError as exc:
+        raise ValueError(f"environment variable TQINDEX_SIMD: {exc}") from None
 
 
 def parallel_ranges(count: int, fn, threads: int | None = None, min_per_thread: int = 1) -> list:

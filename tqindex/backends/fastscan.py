@@ -51,7 +51,7 @@ def available() -> bool:
     """Whether searches use this path: the kernels are built and enabled, and the CPU has a SIMD
     kernel, AVX2 (x86-64) or NEON (aarch64); the portable loop is a test oracle for them, slower than
     the torch scan."""
-    return native.enabled() and native.simd() in ("avx2", "neon")
+    return native.enabled() and native.simd() in ("avx512", "avx2", "neon")
 
 
 def supports(quantizer: TurboQuantizer) -> bool:
