@@ -116,13 +116,36 @@ static void run_scan(const scan_args *a, int portable) {
 
 #define MAX_BUFS 24
 typedef struct {
-    Py_buffer v[MAX_BUFS];
-    int held;
+    Py_buffer *v;              /* `local`, or a heap array for calls that bind many segments */
+    int held, cap;
+    Py_buffer local[MAX_BUFS];
 } buffer_set;
+
+/* An empty set with room for `cap` buffers (sized up front: buffers taken are never moved). */
+static int buffers_init(buffer_set *b, Py_ssize_t cap) {
+    b->held = 0;
+    b->v = b->local;
+    b->cap = MAX_BUFS;
+    if (cap > MAX_BUFS) {
+        if (cap > INT_MAX || !(b->v = PyMem_Malloc((size_t)cap * sizeof(Py_buffer)))) {
+            b->v = b->local;
+            PyErr_NoMemory();
+            return -1;
+        }
+        b->cap = (int)cap;
+    }
+    return 0;
+}
+
+static void buffers_free(buffer_set *b) {
+    while (b->held > 0) PyBuffer_Release(&b->v[--b->held]);
+    if (b->v != b->local) PyMem_Free(b->v);
+    b->v = b->local;
+}
 
 /* Take obj's buffer into the set (nbytes < 0: any size); *ptr gets its data. */
 static int take(buffer_set *b, PyObject *obj, int writable, Py_ssize_t nbytes, const char *name, void **ptr) {
-    if (b->held == MAX_BUFS) {
+    if (b->held == b->cap) {
         PyErr_SetString(PyExc_RuntimeError, "scan: too many buffers");
         return -1;
     }
@@ -135,10 +158,6 @@ static int take(buffer_set *b, PyObject *obj, int writable, Py_ssize_t nbytes, c
     b->held++;
     *ptr = v->buf;
     return 0;
-}
-
-static void release_to(buffer_set *b, int mark) {
-    while (b->held > mark) PyBuffer_Release(&b->v[--b->held]);
 }
 
 /* A plan field as a buffer of nbytes (None allowed where `optional`: *ptr = NULL). */
@@ -262,7 +281,7 @@ static int bind_segment(scan_args *a, buffer_set *b, PyObject *codes, Py_ssize_t
     a->offset = NULL;
     /* Scales are float32 or float16 (an index's scale_dtype), read as they are held. */
     Py_buffer *sv = &b->v[b->held];
-    if (b->held == MAX_BUFS || PyObject_GetBuffer(row_scale, sv, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+    if (b->held == b->cap || PyObject_GetBuffer(row_scale, sv, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "scan: too many buffers");
         return -1;
     }
@@ -295,7 +314,7 @@ static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     static const char *names[] = {"codes", "row_scale", "row_norm", "deleted", "block_live", "offset"};
     PyObject *f[6] = {NULL};
     buffer_set b;
-    b.held = 0;
+    buffers_init(&b, 0);
     int ok = 0;
     long long rows, id_base;
     scan_args a;
@@ -321,9 +340,47 @@ static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     ok = 1;
 done:
     for (int i = 0; i < 6; i++) Py_XDECREF(f[i]);
-    release_to(&b, 0);
+    buffers_free(&b);
     if (!ok) return NULL;
     Py_RETURN_NONE;
+}
+
+/* One segment's bound fields (bind_segment's part of scan_args), kept while others are bound. */
+typedef struct {
+    const uint8_t *codes;
+    const void *row_scale;
+    int scale_half;
+    const float *row_norm, *offset;
+    const uint8_t *deleted, *block_live;
+    int64_t id_base;
+    Py_ssize_t rows, nblocks;
+    double max_scale, max_norm2;
+} seg_fields;
+
+static void seg_save(seg_fields *f, const scan_args *a, double max_scale, double max_norm2) {
+    f->codes = a->codes;
+    f->row_scale = a->row_scale;
+    f->scale_half = a->scale_half;
+    f->row_norm = a->row_norm;
+    f->offset = a->offset;
+    f->deleted = a->deleted;
+    f->block_live = a->block_live;
+    f->id_base = a->id_base;
+    f->rows = a->rows;
+    f->max_scale = max_scale;
+    f->max_norm2 = max_norm2;
+}
+
+static void seg_load(scan_args *a, const seg_fields *f) {
+    a->codes = f->codes;
+    a->row_scale = f->row_scale;
+    a->scale_half = f->scale_half;
+    a->row_norm = f->row_norm;
+    a->offset = f->offset;
+    a->deleted = f->deleted;
+    a->block_live = f->block_live;
+    a->id_base = f->id_base;
+    a->rows = f->rows;
 }
 
 /* scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None): many
@@ -340,27 +397,32 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OOOO|pO", kwlist, &plan, &PyList_Type, &segments, &magnitude,
                                      &out_s, &out_i, &exact_count, &portable, &floor))
         return NULL;
+    /* Every segment is bound first (up to 6 buffers each), then the GIL is released once for the
+     * whole scan: a partitioned single query probes many small lists, and a release, a reacquire
+     * and a rebinding per list cost microseconds each. */
+    const Py_ssize_t nseg = PyList_GET_SIZE(segments);
     buffer_set b;
-    b.held = 0;
     int ok = 0;
     float *eps = NULL;
+    seg_fields *seg = NULL;
     void *mag_p;
     scan_args a;
     memset(&a, 0, sizeof(a));
+    if (buffers_init(&b, MAX_BUFS + 6 * nseg) < 0) return NULL;
     if (bind_queries(&a, &b, plan, out_s, out_i, exact_count, portable) < 0) goto done;
     if (bind_floor(&a, &b, floor) < 0) goto done;
     if (take(&b, magnitude, 0, a.nq * (Py_ssize_t)sizeof(float), "magnitude", &mag_p) < 0) goto done;
     const float *mag = mag_p;
     eps = PyMem_Malloc((a.nq ? a.nq : 1) * sizeof(float));
-    if (!eps) {
+    seg = PyMem_Malloc((nseg ? nseg : 1) * sizeof(seg_fields));
+    if (!eps || !seg) {
         PyErr_NoMemory();
         goto done;
     }
     a.eps = eps;
-    const int mark = b.held;
-    for (Py_ssize_t s = 0; s < PyList_GET_SIZE(segments); s++) {
+    for (Py_ssize_t s = 0; s < nseg; s++) {
         PyObject *codes, *row_scale, *row_norm, *deleted, *block_live, *offset;
-        Py_ssize_t rows, nblocks;
+        Py_ssize_t rows;
         long long id_base;
         double max_scale, max_norm2;
         if (!PyArg_ParseTuple(PyList_GET_ITEM(segments, s), "OnOOOOOLdd;scan_segments: a segment is (codes, rows, "
@@ -368,23 +430,28 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
                               &codes, &rows, &row_scale, &row_norm, &deleted, &block_live, &offset, &id_base,
                               &max_scale, &max_norm2))
             goto done;
-        if (bind_segment(&a, &b, codes, rows, row_scale, row_norm, deleted, block_live, offset, id_base, &nblocks) < 0)
+        if (bind_segment(&a, &b, codes, rows, row_scale, row_norm, deleted, block_live, offset, id_base,
+                         &seg[s].nblocks) < 0)
             goto done;
+        seg_save(&seg[s], &a, max_scale, max_norm2);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t s = 0; s < nseg; s++) {
+        seg_load(&a, &seg[s]);
         const float factor = a.row_norm ? 2.0f : 1.0f;
         for (Py_ssize_t q = 0; q < a.nq; q++)
-            eps[q] = 1e-5f * (factor * (float)max_scale * mag[q] + (a.offset ? fabsf(a.offset[q]) : 0.0f) +
-                              (a.row_norm ? (float)max_norm2 + a.query_norm2[q] : 0.0f));
+            eps[q] = 1e-5f * (factor * (float)seg[s].max_scale * mag[q] + (a.offset ? fabsf(a.offset[q]) : 0.0f) +
+                              (a.row_norm ? (float)seg[s].max_norm2 + a.query_norm2[q] : 0.0f));
         a.b0 = 0;
-        a.b1 = nblocks;
-        Py_BEGIN_ALLOW_THREADS
+        a.b1 = seg[s].nblocks;
         run_scan(&a, portable);
-        Py_END_ALLOW_THREADS
-        release_to(&b, mark);
     }
+    Py_END_ALLOW_THREADS
     ok = 1;
 done:
     PyMem_Free(eps);
-    release_to(&b, 0);
+    PyMem_Free(seg);
+    buffers_free(&b);
     if (!ok) return NULL;
     Py_RETURN_NONE;
 }

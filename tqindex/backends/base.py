@@ -114,6 +114,9 @@ class SegmentCache:
     def peek(self, segment, key):
         return self._values.get(segment.encoded, {}).get(key)
 
+    def put(self, segment, key, value) -> None:
+        self._values.setdefault(segment.encoded, {})[key] = value
+
     def nbytes(self, seen: set | None = None) -> int:
         """Host memory held by the cached values (numpy arrays and CPU tensors, in dicts or not),
         not counting buffers already in `seen` (see `tqindex.memory.held_bytes`)."""

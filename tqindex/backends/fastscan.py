@@ -234,13 +234,16 @@ def _list_args(quantizer, segment: Segment, metric: str, cache: SegmentCache | N
     """A segment's entry of `_native.scan_segments` but for its offset and id base (which come
     between the two parts), kept with the segment's layout: a partitioned search makes one entry per
     probed list per query, and building it anew each time cost more than scanning a small list."""
-    layout = segment_layout(quantizer, segment, metric, cache)
-    kept = layout.get("list_args")
+    # Kept beside the layout in the cache (one look-up per probed list, not one for the layout and
+    # another inside it).
+    kept = None if cache is None else cache.peek(segment, "list_args")
     if kept is None or kept[0] is not segment.deleted:  # a removal's copy shares the layout, not the mask
+        layout = segment_layout(quantizer, segment, metric, cache)
         f = _segment_fields(layout, segment, metric)
         kept = (segment.deleted, (f["codes"], f["rows"], f["row_scale"], f["row_norm"], f["deleted"], f["block_live"]),
                 (layout["max_scale"], layout.get("max_norm2", 0.0)))
-        layout["list_args"] = kept
+        if cache is not None:
+            cache.put(segment, "list_args", kept)
     return kept[1], kept[2]
 
 
@@ -353,10 +356,15 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
         return cnt
 
     def query_args(row):
-        """One query's entries, its lists best first."""
-        part = ListScan(segments, request.starts, request.members, request.lists[row:row + 1],
-                        request.offsets[row:row + 1])
-        return [segment_args(i, request.offsets[row:row + 1, lst]) for lst, where, _ in part.by_list() for i in where]
+        """One query's entries, its lists best first (a plain loop: at hundreds of probed lists per
+        query, a generator and an array per list cost a visible share of a single query's time)."""
+        members, offsets, out = request.members, request.offsets[row:row + 1], []
+        for lst in request.lists[row].tolist():
+            where = members.get(lst)
+            if where is not None:
+                offset = offsets[:, lst]
+                out.extend(segment_args(i, offset) for i in where)
+        return out
 
     def run(q0, q1):
         if q1 - q0 == 1:  # one query: all its lists' segments in one native call
