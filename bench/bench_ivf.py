@@ -219,6 +219,7 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=200)
     parser.add_argument("--probes", type=int, nargs="+", default=list(PROBES), help="nprobe values swept")
     parser.add_argument("--efs", type=int, nargs="+", default=list(EFS), help="HNSW expansion_search values swept")
+    parser.add_argument("--tag", help="suffix of the results files (default: none)")
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--worker-bits", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -240,6 +241,7 @@ def main() -> None:
                 print(json.dumps({k: v for k, v in result.items() if k != "points"}), flush=True)
     env = environment()
     tag = Path(args.dataset).stem if args.dataset else f"synthetic-{args.synthetic}x{args.dim}"
+    tag += f"-{args.tag}" if args.tag else ""
     write_json(RESULTS / f"ivf-{tag}.json", {"runs": runs})
     text = _table(runs, env, args)
     (RESULTS / f"ivf-{tag}.md").write_text(text)
