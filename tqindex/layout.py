@@ -27,6 +27,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .packing import pack_codes, unpack_codes
 
@@ -183,7 +184,6 @@ class BlockLayout:
         if not self.direct:
             self.write_rows(blocks, first_row, self.nibble_rows(codes.cpu().numpy()))
             return
-        import torch
         m = codes.shape[0]
         if first_row % BLOCK:
             raise ValueError(f"rows are written from a block boundary, got row {first_row}")
@@ -197,7 +197,6 @@ class BlockLayout:
         """Packed codes (stop − start, code_bytes) uint8 of rows [start, stop) as a torch tensor on
         `device`: for a `direct` layout the blocks holding them are copied there as they are (one
         contiguous copy) and regrouped into rows there; otherwise converted on the host."""
-        import torch
         if not self.direct:
             return torch.from_numpy(self.codes(blocks, start, stop)).to(device)
         b0, b1 = start // BLOCK, block_count(stop)

@@ -223,7 +223,8 @@ class TurboQuantizer:
 
         With blocks=True the codes come in the form an index holds: the block layout where the
         quantizer has one (`layout`), else row-major. With keep_norm=False `norm` is None (for an
-        index that does not store it: never allocated at the batch's size).
+        index that does not store it: never allocated at the batch's size). Rows on a GPU are
+        rotated and coded there (`_encode_rotated`, in torch) and come back as host arrays.
 
         Raises ValueError, naming the first such row, if a scale does not fit `scale_dtype`."""
         n = x.shape[0]
