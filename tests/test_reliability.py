@@ -318,6 +318,24 @@ def test_norms_are_checked_in_small_chunks_and_the_row_is_named_past_the_first()
     np.testing.assert_allclose(norms.numpy(), np.linalg.norm(x.astype(np.float64), axis=1), rtol=1e-6)
 
 
+def test_device_norm_check_equals_the_host_one(monkeypatch):
+    # The path a GPU batch takes (large float64 chunks on its device, one check on the host), run here
+    # on a CPU tensor: the same norms, and the same rows named, across several chunks.
+    from tqindex import validation
+    monkeypatch.setattr(validation, "_DEVICE_NORM_CHUNK_ELEMENTS", 384 * 7)
+    x = _x(50, 384)
+    host = validation.check_norms(torch.from_numpy(x), zero_ok=True, metric="ip")
+    dev = validation._tensor_norms(torch.from_numpy(x), zero_ok=True, metric="ip", name="vectors")
+    assert dev.dtype == torch.float32
+    np.testing.assert_allclose(dev.numpy(), host.numpy(), rtol=1e-7)  # float64 sums, rounded to float32
+    x[23] = 1e37
+    with pytest.raises(ValueError, match="vectors row 23 has norm"):
+        validation._tensor_norms(torch.from_numpy(x), zero_ok=True, metric="ip", name="vectors")
+    x[23] = 0
+    with pytest.raises(ValueError, match="vectors row 23 is zero"):
+        validation._tensor_norms(torch.from_numpy(x), zero_ok=False, metric="cosine", name="vectors")
+
+
 def test_a_zero_cosine_query_is_refused():
     index = Index(dim=8, metric="cosine")
     index.add(_x(10, 8))

@@ -26,6 +26,8 @@ MAX_ID = 1 << 62
 MAX_NORM = 1e18
 #: float64 elements per chunk of `check_norms` (512 KiB, in one buffer reused by every chunk).
 _NORM_CHUNK_ELEMENTS = 1 << 16
+#: ... on a GPU (512 MiB of float64 there).
+_DEVICE_NORM_CHUNK_ELEMENTS = 1 << 26
 
 # Read-only inputs (a memory map, an array from Ray's object store) are wrapped without a copy: the
 # index never writes to a caller's array, so torch's warning about them is noise, and only the
@@ -142,31 +144,41 @@ def check_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str = "vec
     row whose norm exceeds MAX_NORM, or that is zero where `zero_ok` is False (cosine: no direction)."""
     # In float64 (a float32 norm may overflow to inf), a chunk of rows at a time: a float64 copy of a
     # large batch would cost twice the batch itself; only the float32 norms are kept.
-    on_cpu = x.device.type == "cpu"
+    if x.device.type != "cpu":
+        return _tensor_norms(x, zero_ok=zero_ok, metric=metric, name=name)
     rows = max(1, _NORM_CHUNK_ELEMENTS // max(1, x.shape[1]))
-    if on_cpu and x.shape[0] <= rows:
+    if x.shape[0] <= rows:
         # One chunk (a query batch): its float64 copy is the only one, so there is no buffer to reuse.
         rows64 = x.numpy().astype(np.float64)
         norms = np.sqrt(np.einsum("ij,ij->i", rows64, rows64))
         _check_norm_chunk(norms, 0, zero_ok=zero_ok, metric=metric, name=name)
         return torch.from_numpy(norms.astype(np.float32))
     # On the CPU in numpy: a single query's check then costs a few microseconds, not a dozen torch calls.
-    norms = np.empty(x.shape[0], dtype=np.float32) if on_cpu else torch.empty(x.shape[0], device=x.device)
-    source = x.numpy() if on_cpu else x
+    norms = np.empty(x.shape[0], dtype=np.float32)
+    source = x.numpy()
     # One float64 buffer for every chunk: a fresh copy per chunk leaves freed blocks in the heap,
     # resident until the allocator trims them (megabytes for a large batch).
-    buffer = np.empty((min(rows, x.shape[0]), x.shape[1]), np.float64) if on_cpu else None
+    buffer = np.empty((min(rows, x.shape[0]), x.shape[1]), np.float64)
     for start in range(0, x.shape[0], rows):
-        if on_cpu:
-            rows_here = source[start:start + rows]
-            part = buffer[:len(rows_here)]
-            np.copyto(part, rows_here)
-            chunk = np.sqrt(np.einsum("ij,ij->i", part, part))
-        else:
-            chunk = torch.linalg.vector_norm(source[start:start + rows].double(), dim=1).cpu().numpy()
+        rows_here = source[start:start + rows]
+        part = buffer[:len(rows_here)]
+        np.copyto(part, rows_here)
+        chunk = np.sqrt(np.einsum("ij,ij->i", part, part))
         _check_norm_chunk(chunk, start, zero_ok=zero_ok, metric=metric, name=name)
-        norms[start:start + len(chunk)] = torch.from_numpy(chunk.astype(np.float32)) if not on_cpu else chunk
-    return torch.from_numpy(norms) if on_cpu else norms
+        norms[start:start + len(chunk)] = chunk
+    return torch.from_numpy(norms)
+
+
+def _tensor_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str) -> torch.Tensor:
+    """`check_norms` where x stays on its device (a GPU): float64 norms in chunks of about 512 MB,
+    checked on the host once, returned as float32 (n,) on x's device. (Chunks of the CPU path's size
+    would cost a synchronised copy to the host every few dozen rows of a wide batch.)"""
+    rows = max(1, _DEVICE_NORM_CHUNK_ELEMENTS // max(1, x.shape[1]))
+    norms = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], rows):
+        norms[start:start + rows] = torch.linalg.vector_norm(x[start:start + rows].double(), dim=1)
+    _check_norm_chunk(norms.cpu().numpy(), 0, zero_ok=zero_ok, metric=metric, name=name)
+    return norms.float()
 
 
 def _check_norm_chunk(chunk: np.ndarray, start: int, *, zero_ok: bool, metric: str, name: str) -> None:
