@@ -49,8 +49,8 @@ __all__ = ["FastScanner", "ScanPlan", "available", "supports", "scan_lists_fast"
 
 def available() -> bool:
     """Whether searches use this path: the kernels are built and enabled, and the CPU has a SIMD
-    kernel, AVX2 (x86-64) or NEON (aarch64); the portable loop is a test oracle for them, slower than
-    the torch scan."""
+    kernel, AVX-512 or AVX2 (x86-64) or NEON (aarch64), within `native.set_simd_limit`'s limit; the
+    portable loop is a test oracle for them, slower than the torch scan."""
     return native.enabled() and native.simd() in ("avx512", "avx2", "neon")
 
 
@@ -281,7 +281,7 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
     Parameters
     ----------
     portable : bool
-        Use the portable C loop even where AVX2 is available (tests compare the two).
+        Use the portable C loop even where a SIMD kernel is available (tests compare them).
     threads : int, optional
         Default: `tqindex.native.get_num_threads()`.
     cache : SegmentCache, optional
@@ -385,7 +385,7 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
 
 
 class FastScanner(Scanner):
-    """The native fast scan behind the scanner protocol (mse codes of 1-5 bits, CPU, AVX2)."""
+    """The native fast scan behind the scanner protocol (mse codes of 1-5 bits, CPU: AVX-512, AVX2 or NEON)."""
 
     name = "fastscan"
 
