@@ -83,15 +83,18 @@ def test_device_transfers_equal_the_host_conversions(bits, codebook):
 
 
 @pytest.mark.parametrize("bits,codebook", KINDS + [(3, "prod")])
-def test_the_torch_encoder_gives_the_compiled_encoders_codes(bits, codebook):
-    """`_encode_on_device` (the GPU encoder, run here on CPU tensors) against the compiled encoder:
-    the same rotation, so the same codes, and the same per-vector floats up to rounding."""
+def test_the_torch_encoder_gives_the_compiled_encoders_codes(bits, codebook, monkeypatch):
+    """The torch encoder (the GPU's, run here on CPU tensors with the extension off) against the
+    compiled encoder: the same rotation, so the same codes, and the same per-vector floats up to
+    rounding."""
     variant = "prod" if codebook == "prod" else "mse"
     q = TurboQuantizer(dim=203, bits=bits, variant=variant, codebook="vq" if variant == "prod" else codebook, seed=3)
     x = torch.from_numpy(_x(700, 203, seed=4) * np.float32(3))
     host = q.encode(x)
-    dev = q._encode_on_device(x)
+    monkeypatch.setenv("TQINDEX_NATIVE", "0")
+    dev = q._encode_chunk(x)
     assert set(dev) == {"codes", "norm", "scale", "qjl", "residual_norm"}
+    assert isinstance(dev["codes"], torch.Tensor)  # the torch path ran, not the compiled one
     codes = dev["codes"].numpy()
     differ = np.flatnonzero((q.unpack(codes) != q.unpack(host.codes)).any(axis=1))
     assert len(differ) <= 2, f"rows {differ[:5]} coded differently"  # a coordinate on a boundary, at most

@@ -246,8 +246,7 @@ class TurboQuantizer:
             buffers = (torch.empty((min(n, chunk), self.dim)), torch.empty((min(n, chunk), self.dim)))
         for start in range(0, max(n, 1), chunk):
             rows = x[start:start + chunk]
-            part = self._encode_on_device(rows) if on_device else vars(self._encode_chunk(rows, buffers))
-            part.pop("blocks", None)
+            part = self._encode_chunk(rows, buffers)
             if not keep_norm:
                 part["norm"] = None
             if layout is not None:
@@ -295,8 +294,11 @@ class TurboQuantizer:
                              f"scale_dtype='float32' or rescale the vectors")
         return half
 
-    def _encode_chunk(self, x: torch.Tensor, buffers: tuple | None = None) -> EncodedVectors:
-        """buffers: two float32 (≥ n, d) tensors for the unit and rotated rows (CPU), or None."""
+    def _encode_chunk(self, x: torch.Tensor, buffers: tuple | None = None) -> dict:
+        """Rows (n, d) float32 → the `EncodedVectors` fields but blocks (codes, norm, scale, qjl,
+        residual_norm): numpy arrays from the compiled encoder on the CPU, else torch tensors on x's
+        device (`_encode_rotated`: the GPU encoder, and the CPU's without the extension).
+        buffers: two float32 (≥ n, d) tensors for the unit and rotated rows (CPU), or None."""
         n = x.shape[0]
         norms = torch.linalg.vector_norm(x, dim=1)
         denominator = torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
@@ -305,8 +307,7 @@ class TurboQuantizer:
         else:
             y = self.rotation.apply(x / denominator)
         if not (self.groups and native.enabled() and y.device.type == "cpu"):
-            return EncodedVectors(**{name: None if t is None else t.numpy()
-                                     for name, t in self._encode_rotated(y, norms).items()})
+            return self._encode_rotated(y, norms)
         # One pass per row in C: codes and ⟨y, ỹ⟩ (bucketize + gather + pack in torch take longer).
         codes = np.zeros((n, self.code_bytes), dtype=np.uint8)
         y_np = y.contiguous().numpy()
@@ -315,18 +316,12 @@ class TurboQuantizer:
                   g.block, g.codewords.numpy()) for g in self.groups]
         native.parallel_ranges(n, lambda a, b: native.kernels.encode(
             y_np[a:b], self.dim, b - a, specs, codes[a:b], alignment[a:b]), min_per_thread=_ENCODE_MIN_ROWS)
-        encoded = EncodedVectors(codes=codes, norm=norms.numpy().astype(np.float32),
-                                 scale=self._scale(norms, torch.from_numpy(alignment)).numpy())
+        out = {"codes": codes, "norm": norms.numpy().astype(np.float32),
+               "scale": self._scale(norms, torch.from_numpy(alignment)).numpy(), "qjl": None, "residual_norm": None}
         if self.variant == "prod":  # the QJL stage on the mse stage's ỹ
             qjl, residual_norm = self._qjl(y, self.rotated_reconstruction(torch.from_numpy(codes)))
-            encoded.qjl, encoded.residual_norm = qjl.numpy(), residual_norm.numpy()
-        return encoded
-
-    def _encode_on_device(self, x: torch.Tensor) -> dict:
-        """Rows (n, d) float32 on a GPU → `_encode_rotated`'s fields, on that GPU."""
-        norms = torch.linalg.vector_norm(x, dim=1)
-        y = self.rotation.apply(x / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None])
-        return self._encode_rotated(y, norms)
+            out["qjl"], out["residual_norm"] = qjl.numpy(), residual_norm.numpy()
+        return out
 
     def _encode_rotated(self, y: torch.Tensor, norms: torch.Tensor) -> dict:
         """Rotated unit rows y (n, d) float32 and their norms (n,) → the `EncodedVectors` fields as
