@@ -345,44 +345,6 @@ done:
     Py_RETURN_NONE;
 }
 
-/* One segment's bound fields (bind_segment's part of scan_args), kept while others are bound. */
-typedef struct {
-    const uint8_t *codes;
-    const void *row_scale;
-    int scale_half;
-    const float *row_norm, *offset;
-    const uint8_t *deleted, *block_live;
-    int64_t id_base;
-    Py_ssize_t rows, nblocks;
-    double max_scale, max_norm2;
-} seg_fields;
-
-static void seg_save(seg_fields *f, const scan_args *a, double max_scale, double max_norm2) {
-    f->codes = a->codes;
-    f->row_scale = a->row_scale;
-    f->scale_half = a->scale_half;
-    f->row_norm = a->row_norm;
-    f->offset = a->offset;
-    f->deleted = a->deleted;
-    f->block_live = a->block_live;
-    f->id_base = a->id_base;
-    f->rows = a->rows;
-    f->max_scale = max_scale;
-    f->max_norm2 = max_norm2;
-}
-
-static void seg_load(scan_args *a, const seg_fields *f) {
-    a->codes = f->codes;
-    a->row_scale = f->row_scale;
-    a->scale_half = f->scale_half;
-    a->row_norm = f->row_norm;
-    a->offset = f->offset;
-    a->deleted = f->deleted;
-    a->block_live = f->block_live;
-    a->id_base = f->id_base;
-    a->rows = f->rows;
-}
-
 /* scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None): many
  * segments sharing the plan's per-query fields (its per-segment fields and eps are not read). Each segment is a
  * tuple (codes, rows, row_scale, row_norm or None, deleted or None, block_live or None, offset float32[nq] or
@@ -404,7 +366,8 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
     buffer_set b;
     int ok = 0;
     float *eps = NULL;
-    seg_fields *seg = NULL;
+    scan_args *seg = NULL;     /* each segment's arguments, bound */
+    double *limits = NULL;     /* its max_scale and max_norm2 */
     void *mag_p;
     scan_args a;
     memset(&a, 0, sizeof(a));
@@ -414,43 +377,43 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
     if (take(&b, magnitude, 0, a.nq * (Py_ssize_t)sizeof(float), "magnitude", &mag_p) < 0) goto done;
     const float *mag = mag_p;
     eps = PyMem_Malloc((a.nq ? a.nq : 1) * sizeof(float));
-    seg = PyMem_Malloc((nseg ? nseg : 1) * sizeof(seg_fields));
-    if (!eps || !seg) {
+    seg = PyMem_Malloc((nseg ? nseg : 1) * sizeof(scan_args));
+    limits = PyMem_Malloc((nseg ? nseg : 1) * 2 * sizeof(double));
+    if (!eps || !seg || !limits) {
         PyErr_NoMemory();
         goto done;
     }
     a.eps = eps;
     for (Py_ssize_t s = 0; s < nseg; s++) {
         PyObject *codes, *row_scale, *row_norm, *deleted, *block_live, *offset;
-        Py_ssize_t rows;
+        Py_ssize_t rows, nblocks;
         long long id_base;
-        double max_scale, max_norm2;
         if (!PyArg_ParseTuple(PyList_GET_ITEM(segments, s), "OnOOOOOLdd;scan_segments: a segment is (codes, rows, "
                               "row_scale, row_norm, deleted, block_live, offset, id_base, max_scale, max_norm2)",
                               &codes, &rows, &row_scale, &row_norm, &deleted, &block_live, &offset, &id_base,
-                              &max_scale, &max_norm2))
+                              &limits[2 * s], &limits[2 * s + 1]))
             goto done;
-        if (bind_segment(&a, &b, codes, rows, row_scale, row_norm, deleted, block_live, offset, id_base,
-                         &seg[s].nblocks) < 0)
+        if (bind_segment(&a, &b, codes, rows, row_scale, row_norm, deleted, block_live, offset, id_base, &nblocks) < 0)
             goto done;
-        seg_save(&seg[s], &a, max_scale, max_norm2);
+        a.b0 = 0;
+        a.b1 = nblocks;
+        seg[s] = a;
     }
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t s = 0; s < nseg; s++) {
-        seg_load(&a, &seg[s]);
-        const float factor = a.row_norm ? 2.0f : 1.0f;
-        for (Py_ssize_t q = 0; q < a.nq; q++)
-            eps[q] = 1e-5f * (factor * (float)seg[s].max_scale * mag[q] + (a.offset ? fabsf(a.offset[q]) : 0.0f) +
-                              (a.row_norm ? (float)seg[s].max_norm2 + a.query_norm2[q] : 0.0f));
-        a.b0 = 0;
-        a.b1 = seg[s].nblocks;
-        run_scan(&a, portable);
+        const scan_args *g = &seg[s];
+        const float factor = g->row_norm ? 2.0f : 1.0f;
+        for (Py_ssize_t q = 0; q < g->nq; q++)
+            eps[q] = 1e-5f * (factor * (float)limits[2 * s] * mag[q] + (g->offset ? fabsf(g->offset[q]) : 0.0f) +
+                              (g->row_norm ? (float)limits[2 * s + 1] + g->query_norm2[q] : 0.0f));
+        run_scan(g, portable);
     }
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
     PyMem_Free(eps);
     PyMem_Free(seg);
+    PyMem_Free(limits);
     buffers_free(&b);
     if (!ok) return NULL;
     Py_RETURN_NONE;
@@ -1042,7 +1005,7 @@ static PyMethodDef methods[] = {
      "scan for many "
      "segments (tuples (codes, rows, row_scale, row_norm, deleted, block_live, offset, id_base, max_scale, "
      "max_norm2)) sharing "
-     "the plan's per-query fields, into the same heaps. Releases the GIL per segment."},
+     "the plan's per-query fields, into the same heaps. Binds every segment first, then releases the GIL once."},
     {"encode", encode, METH_VARARGS,
      "encode(y, dim, rows, groups, codes, alignment)\n\nQuantize rows of rotated unit vectors into packed codes "
      "(groups: list of (start, stop, bits, byte_offset, boundaries, centroids)) and their alignment "
