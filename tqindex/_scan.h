@@ -347,6 +347,27 @@ static inline void scan_row_order(const scan_args *a, block_sums_fn block_sums) 
 static void scan_portable(const scan_args *a) { scan_row_order(a, block_sums_portable); }
 
 #ifdef TQ_X86
+/* The block-sum kernels' start: each query's tables (lut[t]) and zeroed 32-bit sums. */
+__attribute__((target(TQ_AVX2), always_inline)) static inline void tile_start(
+        const scan_args *a, Py_ssize_t q0, int tile, const uint8_t **lut, __m256i sums[][4]) {
+    for (int t = 0; t < tile; t++) {
+        lut[t] = a->luts + (q0 + t) * table_entries(a);
+        for (int g = 0; g < 4; g++) sums[t][g] = _mm256_setzero_si256();
+    }
+}
+
+/* A chunk's 16-bit lanes (acc: even + 256 * odd byte sums, mod 2^16; odd: the odd sums alone) added to
+ * a query's 32-bit sums. Byte i of the register is vector i, so 16-bit lane w holds vectors 2w (even)
+ * and 2w+1: widening the halves gives the slot order (0, 2, .., 14 | 16, .., 30 | 1, .., 15 | 17, .., 31). */
+__attribute__((target(TQ_AVX2), always_inline)) static inline void add_chunk_sums(__m256i sums[4], __m256i acc,
+                                                                                  __m256i odd) {
+    const __m256i even = _mm256_sub_epi16(acc, _mm256_slli_epi16(odd, 8));
+    sums[0] = _mm256_add_epi32(sums[0], _mm256_cvtepu16_epi32(_mm256_castsi256_si128(even)));
+    sums[1] = _mm256_add_epi32(sums[1], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(even, 1)));
+    sums[2] = _mm256_add_epi32(sums[2], _mm256_cvtepu16_epi32(_mm256_castsi256_si128(odd)));
+    sums[3] = _mm256_add_epi32(sums[3], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(odd, 1)));
+}
+
 /* Sums of `tile` queries (compile-time constant after inlining) over one block. */
 __attribute__((target(TQ_AVX2), always_inline)) static inline void block_sums_avx2(
         const scan_args *a, Py_ssize_t q0, const int tile, Py_ssize_t block, __m256i sums[][4]) {
@@ -354,10 +375,7 @@ __attribute__((target(TQ_AVX2), always_inline)) static inline void block_sums_av
     const __m256i low4 = _mm256_set1_epi8(0x0f);
     const Py_ssize_t upper = 2 * a->ncols * 16;
     const uint8_t *lut[MAX_TILE];
-    for (int t = 0; t < tile; t++) {
-        lut[t] = a->luts + (q0 + t) * table_entries(a);
-        for (int g = 0; g < 4; g++) sums[t][g] = _mm256_setzero_si256();
-    }
+    tile_start(a, q0, tile, lut, sums);
     for (Py_ssize_t c0 = 0; c0 < a->ncols; c0 += CHUNK_COLS) {
         Py_ssize_t c1 = c0 + CHUNK_COLS < a->ncols ? c0 + CHUNK_COLS : a->ncols;
         /* acc: 16-bit lanes holding even + 256 * odd byte sums (mod 2^16); odd: the odd sums alone. */
@@ -402,15 +420,7 @@ __attribute__((target(TQ_AVX2), always_inline)) static inline void block_sums_av
                 odd[t] = _mm256_add_epi16(odd[t], _mm256_srli_epi16(r, 8));
             }
         }
-        for (int t = 0; t < tile; t++) {
-            /* Byte i of the register is vector i, so 16-bit lane w holds vectors 2w (even) and 2w+1:
-             * widening the halves gives the slot order (0, 2, .., 14 | 16, .., 30 | 1, .., 15 | 17, .., 31). */
-            __m256i even = _mm256_sub_epi16(acc[t], _mm256_slli_epi16(odd[t], 8));
-            sums[t][0] = _mm256_add_epi32(sums[t][0], _mm256_cvtepu16_epi32(_mm256_castsi256_si128(even)));
-            sums[t][1] = _mm256_add_epi32(sums[t][1], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(even, 1)));
-            sums[t][2] = _mm256_add_epi32(sums[t][2], _mm256_cvtepu16_epi32(_mm256_castsi256_si128(odd[t])));
-            sums[t][3] = _mm256_add_epi32(sums[t][3], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(odd[t], 1)));
-        }
+        for (int t = 0; t < tile; t++) add_chunk_sums(sums[t], acc[t], odd[t]);
     }
 }
 
@@ -525,10 +535,7 @@ __attribute__((target(TQ_AVX512), always_inline)) static inline void block_sums_
     const __m256i low4_256 = _mm256_set1_epi8(0x0f);
     const Py_ssize_t upper = 2 * a->ncols * 16;
     const uint8_t *lut[MAX_TILE];
-    for (int t = 0; t < tile; t++) {
-        lut[t] = a->luts + (q0 + t) * table_entries(a);
-        for (int g = 0; g < 4; g++) sums[t][g] = _mm256_setzero_si256();
-    }
+    tile_start(a, q0, tile, lut, sums);
     for (Py_ssize_t c0 = 0; c0 < a->ncols; c0 += CHUNK_COLS) {
         Py_ssize_t c1 = c0 + CHUNK_COLS < a->ncols ? c0 + CHUNK_COLS : a->ncols;
         __m512i acc[MAX_TILE], odd[MAX_TILE];
@@ -586,11 +593,7 @@ __attribute__((target(TQ_AVX512), always_inline)) static inline void block_sums_
                 acc2 = _mm256_add_epi16(acc2, r);
                 odd2 = _mm256_add_epi16(odd2, _mm256_srli_epi16(r, 8));
             }
-            const __m256i even = _mm256_sub_epi16(acc2, _mm256_slli_epi16(odd2, 8));
-            sums[t][0] = _mm256_add_epi32(sums[t][0], _mm256_cvtepu16_epi32(_mm256_castsi256_si128(even)));
-            sums[t][1] = _mm256_add_epi32(sums[t][1], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(even, 1)));
-            sums[t][2] = _mm256_add_epi32(sums[t][2], _mm256_cvtepu16_epi32(_mm256_castsi256_si128(odd2)));
-            sums[t][3] = _mm256_add_epi32(sums[t][3], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(odd2, 1)));
+            add_chunk_sums(sums[t], acc2, odd2);
         }
     }
 }
