@@ -12,6 +12,7 @@ import torch
 
 from tqindex import Index, native
 from tqindex.backends import fastscan
+from tqindex.layout import block_count
 from tqindex.backends.torch_scan import BlockDecoder, scan_topk
 from tqindex.packing import pack_codes, unpack_codes
 from tqindex.quantizer import TurboQuantizer
@@ -406,7 +407,7 @@ def test_fast_scan_reads_the_held_scales_and_flags_in_place(scale_dtype, metric)
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_list_scan_kernels_agree_and_equal_the_list_by_list_scan(metric, bits):
     # A partitioned index: every probed list's segments scanned into one heap per query, each with
-    # its list's offset and first position (ScanPlan.offset, id_base), on AVX2 and the portable loop.
+    # its list's offset and first position (an entry's offset and id_base), on AVX2 and the portable loop.
     from tqindex.backends.base import ListScan
     rng = np.random.default_rng(int(bits * 10))
     x, near = clustered(rng, 3000, 48, clusters=30, spread=0.6, queries=12)
@@ -576,19 +577,18 @@ def test_a_shared_floor_prunes_disjoint_heaps_without_changing_the_answer(portab
     index.add(x)
     quantizer, segment = index._quantizer, index._segments[0]
     rotated, _ = quantizer.prepare_queries(torch.from_numpy(near))
-    layout = fastscan.segment_layout(quantizer, segment, "ip")
     luts, fluts, delta, bias, tol, magnitude = fastscan.quantized_luts(quantizer, rotated)
-    eps = (1e-5 * layout["max_scale"] * magnitude).astype(np.float32)
-    plan = fastscan._segment_plan(quantizer, layout, segment, (luts, fluts, delta, bias, tol, eps),
-                                  np.ascontiguousarray(rotated.numpy()), None, "ip")
-    nq, k, nblocks = len(near), 10, layout["blocks"].shape[0]
+    plan = fastscan._query_plan(quantizer, (luts, fluts, delta, bias, tol), np.ascontiguousarray(rotated.numpy()), None)
+    head, tail = fastscan._segment_entry(quantizer, segment, "ip", None)
+    nq, k, nblocks = len(near), 10, block_count(len(segment))
 
     def halves(floor):
         out, counts = [], []
         for b0, b1 in ((0, nblocks // 2), (nblocks // 2, nblocks)):
             s, i = np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
             count = np.zeros(nq, np.int64)
-            native.kernels.scan(plan, b0, b1, s, i, count, portable=portable, floor=floor)
+            native.kernels.scan_segments(plan, [(*head, None, 0, *tail, b0, b1)], magnitude, s, i, count,
+                                         portable=portable, floor=floor)
             out.append((s, i))
             counts.append(count)
         merged = topk_ordered(torch.from_numpy(np.concatenate([o[0] for o in out], 1)),

@@ -53,12 +53,16 @@ def _inputs(bits, metric, codebook, d=203, n=1500, nq=6, k=13):
     nblocks = layout["blocks"].shape[0]
     assert n % 32  # the last block has padding rows
     qn2 = (q ** 2).sum(1).astype(np.float32)
-    eps = (1e-5 * (layout["max_scale"] * magnitude * (2 if metric == "l2" else 1) +
-                   ((layout["max_norm2"] + qn2) if metric == "l2" else 0))).astype(np.float32)
+    # The room for rounding that scan_segments gives a score, in its float32 operations and order.
+    f32 = np.float32
+    factor, max_norm2 = (f32(2), f32(layout["max_norm2"])) if metric == "l2" else (f32(1), f32(0))
+    eps = f32(1e-5) * ((factor * f32(layout["max_scale"])) * magnitude + f32(0) + (max_norm2 + qn2 if metric == "l2"
+                                                                                    else f32(0)))
     arrays = dict(codes=layout["blocks"], rows=n, ncols=layout["ncols"], wcols=layout["wcols"], nblocks=nblocks,
                   luts=luts, fluts=fluts, delta=delta, bias=bias, tol=tol, eps=eps, row_scale=layout["scale"],
                   row_norm=layout["norm"] if metric == "l2" else None, query_norm2=qn2 if metric == "l2" else None,
-                  deleted=segment.deleted.view(np.uint8), nq=nq, k=k)
+                  deleted=segment.deleted.view(np.uint8), nq=nq, k=k, magnitude=magnitude,
+                  max_scale=layout["max_scale"], max_norm2=layout.get("max_norm2", 0.0))
     return arrays
 
 
@@ -101,11 +105,11 @@ def test_neon_equals_the_portable_loop(harnesses, tmp_path, bits, metric, codebo
     out_s = np.full((nq, k), -np.inf, np.float32)
     out_i = np.full((nq, k), -1, np.int64)
     count = np.zeros(nq, np.int64)
-    plan = fastscan.ScanPlan(codes=a["codes"], rows=a["rows"], ncols=a["ncols"], wcols=a["wcols"], luts=a["luts"],
-                             fluts=a["fluts"], delta=a["delta"], bias=a["bias"], tol=a["tol"], eps=a["eps"],
-                             row_scale=a["row_scale"], row_norm=a["row_norm"], query_norm2=a["query_norm2"],
-                             deleted=a["deleted"])
-    native.kernels.scan(plan, 0, a["nblocks"], out_s, out_i, count, portable=True)
+    plan = fastscan.ScanPlan(ncols=a["ncols"], wcols=a["wcols"], luts=a["luts"], fluts=a["fluts"], delta=a["delta"],
+                             bias=a["bias"], tol=a["tol"], query_norm2=a["query_norm2"])
+    segment = (a["codes"], a["rows"], a["row_scale"], a["row_norm"], a["deleted"], None, None, 0, a["max_scale"],
+               a["max_norm2"])
+    native.kernels.scan_segments(plan, [segment], a["magnitude"], out_s, out_i, count, portable=True)
     np.testing.assert_array_equal(ids, out_i)
     np.testing.assert_array_equal(scores, out_s)
     np.testing.assert_array_equal(counts, count)

@@ -109,10 +109,9 @@ static void run_scan(const scan_args *a, int portable) {
     (void)portable;
 }
 
-/* ---- scan entry points --------------------------------------------------------------------------
- * `scan` (one segment, a block range) and `scan_segments` (many segments into the same heaps) bind
- * the same per-query and per-segment inputs; each buffer is checked against the exact byte size the
- * kernel reads or writes. */
+/* ---- the scan's entry point ---------------------------------------------------------------------
+ * `scan_segments` binds the per-query inputs once and each segment's in turn; each buffer is checked
+ * against the exact byte size the kernel reads or writes. */
 
 #define MAX_BUFS 24
 typedef struct {
@@ -300,57 +299,14 @@ static int bind_segment(scan_args *a, buffer_set *b, PyObject *codes, Py_ssize_t
 }
 #undef TAKE
 
-/* scan(plan, b0, b1, out_scores, out_ids, exact_count, portable=False, floor=None): one typed plan object
- * (tqindex.backends.fastscan.ScanPlan) carries every input; its fields are read by name. floor: float32 [nq]
- * shared by calls that scan disjoint rows of these queries into their own heaps (-inf to start), or None. */
-static PyObject *scan(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"plan", "b0", "b1", "out_scores", "out_ids", "exact_count", "portable", "floor", NULL};
-    PyObject *plan, *out_s, *out_i, *exact_count, *floor = Py_None;
-    Py_ssize_t b0, b1, nblocks;
-    int portable = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnnOOO|pO", kwlist, &plan, &b0, &b1, &out_s, &out_i, &exact_count,
-                                     &portable, &floor))
-        return NULL;
-    static const char *names[] = {"codes", "row_scale", "row_norm", "deleted", "block_live", "offset"};
-    PyObject *f[6] = {NULL};
-    buffer_set b;
-    buffers_init(&b, 0);
-    int ok = 0;
-    long long rows, id_base;
-    scan_args a;
-    memset(&a, 0, sizeof(a));
-    for (int i = 0; i < 6; i++)
-        if (!(f[i] = PyObject_GetAttrString(plan, names[i]))) goto done;
-    if (int_field(plan, "rows", &rows) < 0 || int_field(plan, "id_base", &id_base) < 0) goto done;
-    if (bind_queries(&a, &b, plan, out_s, out_i, exact_count, portable) < 0) goto done;
-    if (bind_floor(&a, &b, floor) < 0) goto done;
-    void *eps;
-    if (take_field(&b, plan, "eps", 0, a.nq * (Py_ssize_t)sizeof(float), &eps) < 0) goto done;
-    a.eps = eps;
-    if (bind_segment(&a, &b, f[0], (Py_ssize_t)rows, f[1], f[2], f[3], f[4], f[5], id_base, &nblocks) < 0) goto done;
-    if (b0 < 0 || b1 < b0 || b1 > nblocks) {
-        PyErr_Format(PyExc_ValueError, "scan: block range [%zd, %zd) outside [0, %zd)", b0, b1, nblocks);
-        goto done;
-    }
-    a.b0 = b0;
-    a.b1 = b1;
-    Py_BEGIN_ALLOW_THREADS
-    run_scan(&a, portable);
-    Py_END_ALLOW_THREADS
-    ok = 1;
-done:
-    for (int i = 0; i < 6; i++) Py_XDECREF(f[i]);
-    buffers_free(&b);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
-}
-
-/* scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None): many
- * segments sharing the plan's per-query fields (its per-segment fields and eps are not read). Each segment is a
- * tuple (codes, rows, row_scale, row_norm or None, deleted or None, block_live or None, offset float32[nq] or
- * None, id_base, max_scale, max_norm2) scanned whole into the same heaps, with
- * eps = 1e-5 * (factor * max_scale * magnitude + |offset| [+ max_norm2 + qn2]) (the room for float32 rounding
- * that `scan_topk_fast` gives a score). A partitioned index's probed lists, one call per query group. */
+/* scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None): the
+ * plan's queries (its per-query fields) over many segments, into the same heaps. Each segment is a tuple
+ * (codes, rows, row_scale, row_norm or None, deleted or None, block_live or None, offset float32[nq] or None,
+ * id_base, max_scale, max_norm2[, b0, b1]): its blocks [b0, b1) (default all) are scanned with
+ * eps = 1e-5 * (factor * max_scale * magnitude + |offset| [+ max_norm2 + qn2]), the room for float32 rounding
+ * in a score. floor: float32 [nq] shared by calls that scan disjoint rows of these queries into their own
+ * heaps (-inf to start; scan_args.floor), or None. A flat index's segments (a thread's share of their blocks)
+ * and a partitioned index's probed lists both come through here. */
 static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"plan", "segments", "magnitude", "out_scores", "out_ids", "exact_count", "portable",
                              "floor", NULL};
@@ -386,17 +342,22 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
     a.eps = eps;
     for (Py_ssize_t s = 0; s < nseg; s++) {
         PyObject *codes, *row_scale, *row_norm, *deleted, *block_live, *offset;
-        Py_ssize_t rows, nblocks;
+        Py_ssize_t rows, nblocks, b0 = 0, b1 = 0;
         long long id_base;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(segments, s), "OnOOOOOLdd;scan_segments: a segment is (codes, rows, "
-                              "row_scale, row_norm, deleted, block_live, offset, id_base, max_scale, max_norm2)",
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(segments, s), "OnOOOOOLdd|nn;scan_segments: a segment is (codes, rows, "
+                              "row_scale, row_norm, deleted, block_live, offset, id_base, max_scale, max_norm2[, b0, b1])",
                               &codes, &rows, &row_scale, &row_norm, &deleted, &block_live, &offset, &id_base,
-                              &limits[2 * s], &limits[2 * s + 1]))
+                              &limits[2 * s], &limits[2 * s + 1], &b0, &b1))
             goto done;
         if (bind_segment(&a, &b, codes, rows, row_scale, row_norm, deleted, block_live, offset, id_base, &nblocks) < 0)
             goto done;
-        a.b0 = 0;
-        a.b1 = nblocks;
+        if (PyTuple_GET_SIZE(PyList_GET_ITEM(segments, s)) < 12) b1 = nblocks;  /* no range given: every block */
+        if (b0 < 0 || b1 < b0 || b1 > nblocks) {
+            PyErr_Format(PyExc_ValueError, "scan_segments: block range [%zd, %zd) outside [0, %zd)", b0, b1, nblocks);
+            goto done;
+        }
+        a.b0 = b0;
+        a.b1 = b1;
         seg[s] = a;
     }
     Py_BEGIN_ALLOW_THREADS
@@ -993,19 +954,14 @@ static PyObject *set_simd_limit(PyObject *self, PyObject *arg) {
 }
 
 static PyMethodDef methods[] = {
-    {"scan", (PyCFunction)(void (*)(void))scan, METH_VARARGS | METH_KEYWORDS,
-     "scan(plan, b0, b1, out_scores, out_ids, exact_count, portable=False, floor=None)\n\nplan: a ScanPlan "
-     "(tqindex.backends.fastscan). Offer blocks [b0, b1) of every query to its "
-     "min-heap of exact scores in out_scores/out_ids (float32/int64 [nq][k], initialised by the caller); adds "
-     "the number of exact evaluations to exact_count (int64 [nq]). floor (float32 [nq], -inf to start): shared "
-     "by calls scanning disjoint rows into their own heaps, so each prunes with the best k-th score of all. "
-     "Releases the GIL."},
     {"scan_segments", (PyCFunction)(void (*)(void))scan_segments, METH_VARARGS | METH_KEYWORDS,
      "scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None)\n\n"
-     "scan for many "
-     "segments (tuples (codes, rows, row_scale, row_norm, deleted, block_live, offset, id_base, max_scale, "
-     "max_norm2)) sharing "
-     "the plan's per-query fields, into the same heaps. Binds every segment first, then releases the GIL once."},
+     "plan: a ScanPlan (tqindex.backends.fastscan), the queries' tables. Offer every segment's rows (tuples "
+     "(codes, rows, row_scale, row_norm, deleted, block_live, offset, id_base, max_scale, max_norm2[, b0, b1])) "
+     "to each query's min-heap of exact scores in out_scores/out_ids (float32/int64 [nq][k], initialised by the "
+     "caller); adds the number of exact evaluations to exact_count (int64 [nq]). floor (float32 [nq], -inf to "
+     "start): shared by calls scanning disjoint rows into their own heaps, so each prunes with the best k-th "
+     "score of all. Binds every segment first, then releases the GIL once."},
     {"encode", encode, METH_VARARGS,
      "encode(y, dim, rows, groups, codes, alignment)\n\nQuantize rows of rotated unit vectors into packed codes "
      "(groups: list of (start, stop, bits, byte_offset, boundaries, centroids)) and their alignment "

@@ -45,6 +45,9 @@ from .base import ListScan, Queries, Scanner, SegmentCache, TopK
 __all__ = ["FastScanner", "ScanPlan", "available", "supports", "scan_lists_fast", "scan_topk_fast", "segment_layout",
            "quantized_luts"]
 
+#: Blocks a thread's share of a few queries' scan gets at least: below that, handing a share to
+#: another thread costs more than it saves.
+_BLOCKS_PER_THREAD = 64
 
 
 def available() -> bool:
@@ -132,26 +135,17 @@ def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
 
 @dataclass(frozen=True)
 class ScanPlan:
-    """Every input of the native scan, in one typed object (`_native.scan` reads these fields by
-    name). Per-query arrays have nq rows; per-row arrays have `rows`, in row order.
+    """The queries' inputs of the native scan, in one typed object (`_native.scan_segments` reads these
+    fields by name; each segment's come in its entry, `_segment_entry`). Arrays have nq rows.
 
-    codes : (ceil(rows/32), ncols + wcols/4, 32) uint8, the kernel layout
-    rows : rows in the blocks (the last block's rows past it are padding)
     ncols, wcols : nibble columns, of which the first wcols are masked 5-bit ones
     luts : (nq, 2·(ncols + wcols), 16) uint8; fluts : the same in float32 (`quantized_luts`)
-    delta, bias, tol, eps : (nq,) float32
-    row_scale : (rows,) float32 or float16
-    row_norm, query_norm2 : ‖x‖ per row and ‖q‖² per query for "l2", else None
-    deleted : (rows,) bool or uint8, nonzero for removed rows, or None
-    block_live : (nblocks,) uint8, 0 for blocks whose rows are all removed (skipped), or None
+    delta, bias, tol : (nq,) float32
+    query_norm2 : ‖q‖² per query for "l2", else None
     rotated, centroids, row_bits : Πq (nq, d), the 16 padded levels and the bits a code takes in
         the nibble columns (1, 2 or 4), for rescoring one scalar group from its codes; else None / 0
-    offset : (nq,) float32 added to every exact score (a partitioned index's list term), or None
-    id_base : added to every position written (so several segments can fill one heap)
     """
 
-    codes: np.ndarray
-    rows: int
     ncols: int
     wcols: int
     luts: np.ndarray
@@ -159,26 +153,25 @@ class ScanPlan:
     delta: np.ndarray
     bias: np.ndarray
     tol: np.ndarray
-    eps: np.ndarray
-    row_scale: np.ndarray
-    row_norm: np.ndarray | None = None
     query_norm2: np.ndarray | None = None
-    deleted: np.ndarray | None = None
-    block_live: np.ndarray | None = None
     rotated: np.ndarray | None = None
     centroids: np.ndarray | None = None
     row_bits: int = 0
-    offset: np.ndarray | None = None
-    id_base: int = 0
 
-    _PER_QUERY = ("luts", "fluts", "delta", "bias", "tol", "eps", "query_norm2", "rotated", "offset")
+    _PER_QUERY = ("luts", "fluts", "delta", "bias", "tol", "query_norm2", "rotated")
 
-    def queries(self, q0: int, q1: int) -> "ScanPlan":
-        """The plan for queries [q0, q1) (views, no copies)."""
-        if q0 == 0 and q1 == len(self.delta):
-            return self
-        return dataclasses.replace(self, **{name: getattr(self, name)[q0:q1] for name in self._PER_QUERY
+    def queries(self, rows) -> "ScanPlan":
+        """The plan for queries `rows` (a slice: views; an index array: copies)."""
+        return dataclasses.replace(self, **{name: getattr(self, name)[rows] for name in self._PER_QUERY
                                             if getattr(self, name) is not None})
+
+
+def _query_plan(quantizer, tables, rotated: np.ndarray, query_norm2: np.ndarray | None) -> ScanPlan:
+    """The plan of these queries: their tables (`quantized_luts`' first five) and, with one scalar
+    code group, what rescoring rows from their codes needs (`_rescore_fields`)."""
+    luts, fluts, delta, bias, tol = tables
+    return ScanPlan(ncols=quantizer.layout.ncols, wcols=quantizer.layout.wcols, luts=luts, fluts=fluts, delta=delta,
+                    bias=bias, tol=tol, query_norm2=query_norm2, **_rescore_fields(quantizer, rotated))
 
 
 def _removed(layout: dict, segment: Segment) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -200,22 +193,6 @@ def _removed(layout: dict, segment: Segment) -> tuple[np.ndarray | None, np.ndar
     return flags, block_live
 
 
-def _segment_fields(layout: dict, segment: Segment, metric: str) -> dict:
-    """A segment's fields of the plan (`ScanPlan`), all views of what the segment and layout hold."""
-    deleted, block_live = _removed(layout, segment)
-    return dict(codes=layout["blocks"], rows=layout["n"], row_scale=layout["scale"],
-                row_norm=layout["norm"] if metric == "l2" else None, deleted=deleted, block_live=block_live)
-
-
-def _segment_plan(quantizer, layout, segment, tables, rotated, query_norm2, metric, offset=None,
-                  id_base: int = 0) -> ScanPlan:
-    """The kernel's inputs for one segment and these queries' tables (luts, fluts, delta, bias, tol, eps)."""
-    luts, fluts, delta, bias, tol, eps = tables
-    return ScanPlan(ncols=layout["ncols"], wcols=layout["wcols"], luts=luts, fluts=fluts, delta=delta, bias=bias,
-                    tol=tol, eps=eps, query_norm2=query_norm2, offset=offset, id_base=int(id_base),
-                    **_segment_fields(layout, segment, metric), **_rescore_fields(quantizer, rotated))
-
-
 def _rescore_fields(quantizer, rotated) -> dict:
     """With one scalar code group, rows are rescored straight from their codes in the nibble
     columns (a SIMD decode-and-dot, cheaper than summing 2·ncols float table entries; a 3-bit code
@@ -230,46 +207,24 @@ def _rescore_fields(quantizer, rotated) -> dict:
     return dict(rotated=rotated, centroids=centroids, row_bits=4 if g.bits == 3 else g.bits)
 
 
-def _list_args(quantizer, segment: Segment, metric: str, cache: SegmentCache | None) -> tuple[tuple, tuple]:
+def _segment_entry(quantizer, segment: Segment, metric: str, cache: SegmentCache | None) -> tuple[tuple, tuple]:
     """A segment's entry of `_native.scan_segments` but for its offset and id base (which come
-    between the two parts), kept with the segment's layout: a partitioned search makes one entry per
-    probed list per query, and building it anew each time cost more than scanning a small list."""
+    between the two parts): (codes, rows, row_scale, row_norm, deleted, block_live) and (max_scale,
+    max_norm2), kept with the segment's layout: a partitioned search makes one entry per probed list
+    per query, and building it anew each time cost more than scanning a small list."""
     # Kept beside the layout in the cache (one look-up per probed list, not one for the layout and
     # another inside it).
-    kept = None if cache is None else cache.peek(segment, "list_args")
+    kept = None if cache is None else cache.peek(segment, "entry")
     if kept is None or kept[0] is not segment.deleted:  # a removal's copy shares the layout, not the mask
         layout = segment_layout(quantizer, segment, metric, cache)
-        f = _segment_fields(layout, segment, metric)
-        kept = (segment.deleted, (f["codes"], f["rows"], f["row_scale"], f["row_norm"], f["deleted"], f["block_live"]),
+        deleted, block_live = _removed(layout, segment)
+        kept = (segment.deleted,
+                (layout["blocks"], layout["n"], layout["scale"], layout["norm"] if metric == "l2" else None, deleted,
+                 block_live),
                 (layout["max_scale"], layout.get("max_norm2", 0.0)))
         if cache is not None:
-            cache.put(segment, "list_args", kept)
+            cache.put(segment, "entry", kept)
     return kept[1], kept[2]
-
-
-def _scan_segment(quantizer, layout, segment, tables, rotated, query_norm2, metric, k, portable, threads, floor):
-    """Exact top k of one segment: (scores (nq, k) float32, positions (nq, k) int64), unsorted.
-    floor: (nq,) float32 shared by every heap of these queries (see `_native.scan`)."""
-    nq = len(tables[2])
-    nblocks = layout["blocks"].shape[0]
-    plan = _segment_plan(quantizer, layout, segment, tables, rotated, query_norm2, metric)
-
-    def run(q0, q1, b0, b1):
-        out_s = np.full((q1 - q0, k), -np.inf, dtype=np.float32)
-        out_i = np.full((q1 - q0, k), -1, dtype=np.int64)
-        count = np.zeros(q1 - q0, dtype=np.int64)
-        native.kernels.scan(plan.queries(q0, q1), b0, b1, out_s, out_i, count, portable=portable,
-                            floor=floor[q0:q1])
-        return out_s, out_i, count
-
-    if nq >= threads:
-        # Split the queries: every thread streams all blocks with its own tables.
-        parts = native.parallel_ranges(nq, lambda q0, q1: run(q0, q1, 0, nblocks), threads)
-        return tuple(np.concatenate(a) for a in zip(*parts))
-    # Few queries: split the blocks; each thread's heap is an exact top k of its rows.
-    parts = native.parallel_ranges(nblocks, lambda b0, b1: run(0, nq, b0, b1), threads, min_per_thread=64)
-    return (np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts], axis=1),
-            sum(p[2] for p in parts))
 
 
 def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: torch.Tensor,
@@ -277,6 +232,10 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
                    threads: int | None = None, cache: SegmentCache | None = None, stats: dict | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract and results as `backends.torch_scan.scan_topk` (mse variant, CPU).
+
+    Every segment is scanned into one heap per query (`_native.scan_segments`), the rows of segment i
+    at positions from its start on. Threads take disjoint queries, or, with fewer queries than threads,
+    disjoint runs of blocks (each its own heaps, sharing a per-query floor; merged at the end).
 
     Parameters
     ----------
@@ -292,32 +251,51 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
     nq = rotated.shape[0]
     threads = threads or native.get_num_threads()
     q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
-    luts, fluts, delta, bias, tol, magnitude = quantized_luts(quantizer, rotated.contiguous())
-    factor = 2.0 if metric == "l2" else 1.0
+    luts, fluts, delta, bias, tol, magnitude = quantized_luts(quantizer, rotated)
     qn2 = query_sq_norms.numpy().astype(np.float32) if metric == "l2" else None
-    scores, positions = [], []
-    exact = 0
-    offset = 0
-    # Every heap of a query (segments, thread shares) holds disjoint rows: they share one floor.
-    floor = np.full(nq, -np.inf, dtype=np.float32)
+    plan = _query_plan(quantizer, (luts, fluts, delta, bias, tol), q, qn2)
+    entries, start = [], 0  # (head, id base, tail, blocks) of each segment with rows
     for seg in segments:
         if len(seg):
-            layout = segment_layout(quantizer, seg, metric, cache)
-            # Room for float32 rounding in a score: 1e-5 of the size of the terms it is made of.
-            eps = 1e-5 * (factor * layout["max_scale"] * magnitude
-                          + ((layout["max_norm2"] + qn2) if metric == "l2" else 0.0))
-            tables = (luts, fluts, delta, bias, tol, eps.astype(np.float32))
-            s, p, count = _scan_segment(quantizer, layout, seg, tables, q, qn2, metric, k, portable, threads, floor)
-            scores.append(s)
-            positions.append(np.where(p >= 0, p + offset, -1))
-            exact += int(count.sum())
-        offset += len(seg)
-    if stats is not None:
-        stats.update(queries=nq, exact_per_query=exact / max(nq, 1))
-    if not scores:
+            head, tail = _segment_entry(quantizer, seg, metric, cache)
+            entries.append((head, start, tail, block_count(head[1])))
+        start += len(seg)
+    if not entries:
         return empty_topk(nq, k)
-    return topk_ordered(torch.from_numpy(np.concatenate(scores, axis=1)),
-                       torch.from_numpy(np.concatenate(positions, axis=1)), k)
+    count = np.zeros(nq, dtype=np.int64)
+    total = sum(e[3] for e in entries)
+    if nq >= threads or total < 2 * _BLOCKS_PER_THREAD:
+        # Threads take disjoint queries, each streaming every block with its own tables.
+        heap_s = np.full((nq, k), -np.inf, dtype=np.float32)
+        heap_i = np.full((nq, k), -1, dtype=np.int64)
+        args = [(*head, None, base, *tail) for head, base, tail, _ in entries]
+
+        def run(q0, q1):
+            native.kernels.scan_segments(plan.queries(slice(q0, q1)), args, magnitude[q0:q1], heap_s[q0:q1],
+                                         heap_i[q0:q1], count[q0:q1], portable=portable)
+
+        native.parallel_ranges(nq, run, threads)
+    else:
+        # Few queries: threads take disjoint runs of the blocks (of all segments in turn), each an exact
+        # top k of its rows; a shared floor lets a heap skip rows another has already beaten.
+        floor = np.full(nq, -np.inf, dtype=np.float32)
+        firsts = np.cumsum([0] + [e[3] for e in entries])
+
+        def run(b0, b1):
+            hs, hi = np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
+            cnt = np.zeros(nq, dtype=np.int64)
+            args = [(*head, None, base, *tail, max(b0 - first, 0), min(b1 - first, blocks))
+                    for (head, base, tail, blocks), first in zip(entries, firsts.tolist())
+                    if first < b1 and first + blocks > b0]
+            native.kernels.scan_segments(plan, args, magnitude, hs, hi, cnt, portable=portable, floor=floor)
+            return hs, hi, cnt
+
+        parts = native.parallel_ranges(total, run, threads, min_per_thread=_BLOCKS_PER_THREAD)
+        heap_s, heap_i = (np.concatenate([p[j] for p in parts], axis=1) for j in (0, 1))
+        count = sum(p[2] for p in parts)
+    if stats is not None:
+        stats.update(queries=nq, exact_per_query=float(count.sum()) / max(nq, 1))
+    return topk_ordered(torch.from_numpy(heap_s), torch.from_numpy(heap_i), k)
 
 
 def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch.Tensor,
@@ -326,7 +304,7 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """A partitioned index's top k (see `base.ListScan`) in one heap per query: tables are made
     once per query, and every probed list's segments are scanned into the same heap, each with its
-    list's score offset (`ScanPlan.offset`) and first position (`id_base`), so a list's rows are
+    list's score offset and first position (`id_base`), so a list's rows are
     pruned against the best scores of the lists scanned before it. Threads take disjoint queries."""
     nq = rotated.shape[0]
     threads = threads or native.get_num_threads()
@@ -337,20 +315,16 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
     heap_s = np.full((nq, k), -np.inf, dtype=np.float32)
     heap_i = np.full((nq, k), -1, dtype=np.int64)
     count = np.zeros(nq, dtype=np.int64)
-    rescore = _rescore_fields(quantizer, q)
+    plan = _query_plan(quantizer, (luts, fluts, delta, bias, tol), q, qn2)
 
     def segment_args(i, offset):
-        head, tail = _list_args(quantizer, segments[i], metric, cache)
+        head, tail = _segment_entry(quantizer, segments[i], metric, cache)
         return (*head, offset, int(request.starts[i]), *tail)
 
     def scan(rows, args):
-        # The queries' fields; `scan_segments` reads no per-segment field of the plan.
-        plan = ScanPlan(codes=None, rows=0, ncols=quantizer.layout.ncols, wcols=quantizer.layout.wcols, luts=luts[rows],
-                        fluts=fluts[rows], delta=delta[rows], bias=bias[rows], tol=tol[rows], eps=None,
-                        row_scale=None, query_norm2=None if qn2 is None else qn2[rows],
-                        **({**rescore, "rotated": q[rows]} if rescore else {}))
-        hs, hi, cnt = heap_s[rows], heap_i[rows], np.zeros(len(plan.delta), dtype=np.int64)
-        native.kernels.scan_segments(plan, args, magnitude[rows], hs, hi, cnt, portable=portable)
+        part = plan.queries(rows)
+        hs, hi, cnt = heap_s[rows], heap_i[rows], np.zeros(len(part.delta), dtype=np.int64)
+        native.kernels.scan_segments(part, args, magnitude[rows], hs, hi, cnt, portable=portable)
         if isinstance(rows, np.ndarray):  # copies: written back
             heap_s[rows], heap_i[rows] = hs, hi
         return cnt
