@@ -159,10 +159,14 @@ static inline int wide_bit(const uint8_t *blk, const scan_args *a, Py_ssize_t c,
 
 /* Exact <q, y~> of one row with a single code group whose codes fill its nibble columns at b = 1, 2
  * or 4 bits each (3-bit codes take 4), as sum_j q_j * centroid(code_j):
- * lane l of eight accumulates the j = l mod 8 terms with fused multiply-adds in increasing j, then a
- * fixed pairwise sum. The AVX2 and portable versions perform the very same float operations, so
- * they agree bit for bit. Code j sits at bits [j*b, (j+1)*b) of the row's column bytes in order. */
-static inline float lanes_sum(const float *lanes) {
+ * lane l of sixteen accumulates the j = l mod 16 terms with fused multiply-adds in increasing j (two
+ * independent chains of eight lanes: one chain's latency, not its throughput, was the cost), then
+ * lanes l and l + 8 are added and a fixed pairwise sum follows. The AVX2 and portable versions perform
+ * the very same float operations, so they agree bit for bit. Code j sits at bits [j*b, (j+1)*b) of the
+ * row's column bytes in order. */
+#define DOT_LANES 16
+static inline float lanes_sum(float *lanes) {
+    for (int l = 0; l < 8; l++) lanes[l] += lanes[l + 8];
     return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
@@ -173,36 +177,50 @@ static inline int code_at(const uint8_t *col, Py_ssize_t ncols, Py_ssize_t j, in
     return (int)((v >> (bit & 7)) & ((1u << bits) - 1));
 }
 
+/* Terms from..dim into lanes[DOT_LANES] (zeros, or the AVX2 loop's partial sums up to `from`). */
 static float dot_portable(const scan_args *a, const uint8_t *col, const float *q, Py_ssize_t from, float *lanes) {
     for (Py_ssize_t j = from; j < a->dim; j++)
-        lanes[j & 7] = fmaf(q[j], a->centroids[code_at(col, a->ncols, j, a->row_bits)], lanes[j & 7]);
+        lanes[j & 15] = fmaf(q[j], a->centroids[code_at(col, a->ncols, j, a->row_bits)], lanes[j & 15]);
     return lanes_sum(lanes);
 }
 
 #ifdef TQ_X86
+/* Codes j .. j+7 (filling exactly `bits` bytes from column j*bits/8, read a column apart) times
+ * q[j .. j+7], added to acc. */
+__attribute__((target(TQ_AVX2), always_inline)) static inline __m256 dot8_avx2(
+        const uint8_t *col, const float *q, Py_ssize_t j, int bits, __m256 low, __m256 high, __m256i shifts,
+        __m256i mask, __m256 acc) {
+    const uint8_t *at = col + (j * bits / 8) * BLOCK;
+    uint32_t word = at[0];
+    if (bits >= 2) word |= (uint32_t)at[BLOCK] << 8;
+    if (bits == 4) word |= (uint32_t)at[2 * BLOCK] << 16 | (uint32_t)at[3 * BLOCK] << 24;
+    __m256i code = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), mask);
+    __m256 c = _mm256_permutevar8x32_ps(low, code);
+    if (bits == 4)  /* 16 entries: the high half where bit 3 (moved to the sign bit) is set */
+        c = _mm256_blendv_ps(c, _mm256_permutevar8x32_ps(high, code), _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
+    return _mm256_fmadd_ps(_mm256_loadu_ps(q + j), c, acc);
+}
+
 __attribute__((target(TQ_AVX2))) static float dot_avx2(const scan_args *a, const uint8_t *col, const float *q) {
     const int bits = a->row_bits;
     const __m256 low = _mm256_loadu_ps(a->centroids), high = _mm256_loadu_ps(a->centroids + 8);
     const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
-    __m256 acc = _mm256_setzero_ps();
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  /* lanes 0-7 and 8-15 */
     Py_ssize_t j = 0;
-    /* Codes j .. j+7 fill exactly `bits` bytes (columns j*bits/8 ..), read a column apart; the rest
-     * goes to the scalar loop. */
-    for (; j + 8 <= a->dim && j * bits / 8 + bits <= a->ncols; j += 8) {
-        const uint8_t *at = col + (j * bits / 8) * BLOCK;
-        uint32_t word = at[0];
-        if (bits >= 2) word |= (uint32_t)at[BLOCK] << 8;
-        if (bits == 4) word |= (uint32_t)at[2 * BLOCK] << 16 | (uint32_t)at[3 * BLOCK] << 24;
-        __m256i code = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), mask);
-        __m256 c = _mm256_permutevar8x32_ps(low, code);
-        if (bits == 4)  /* 16 entries: the high half where bit 3 (moved to the sign bit) is set */
-            c = _mm256_blendv_ps(c, _mm256_permutevar8x32_ps(high, code),
-                                 _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), c, acc);
+    /* Whole runs of 16 codes, then one of 8 (into the even lanes: j is a multiple of 16 there); the
+     * rest goes to the scalar loop. */
+    for (; j + 16 <= a->dim && (j + 8) * bits / 8 + bits <= a->ncols; j += 16) {
+        even = dot8_avx2(col, q, j, bits, low, high, shifts, mask, even);
+        odd = dot8_avx2(col, q, j + 8, bits, low, high, shifts, mask, odd);
     }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, acc);
+    if (j + 8 <= a->dim && j * bits / 8 + bits <= a->ncols) {
+        even = dot8_avx2(col, q, j, bits, low, high, shifts, mask, even);
+        j += 8;
+    }
+    float lanes[DOT_LANES];
+    _mm256_storeu_ps(lanes, even);
+    _mm256_storeu_ps(lanes + 8, odd);
     return dot_portable(a, col, q, j, lanes);
 }
 #endif
@@ -216,7 +234,7 @@ static inline float exact_dot(const scan_args *a, Py_ssize_t q, Py_ssize_t block
 #ifdef TQ_X86
         if (a->avx2) return dot_avx2(a, col, qr);
 #endif
-        float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        float lanes[DOT_LANES] = {0.0f};
         return dot_portable(a, col, qr, 0, lanes);
     }
     const float *flut = a->fluts + q * table_entries(a);
