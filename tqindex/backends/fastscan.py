@@ -30,6 +30,7 @@ the compiled extension use the torch scan. TQINDEX_NATIVE=0 turns it off.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,8 @@ __all__ = ["FastScanner", "ScanPlan", "available", "supports", "scan_lists_fast"
 #: Blocks a thread's share of a few queries' scan gets at least: below that, handing a share to
 #: another thread costs more than it saves.
 _BLOCKS_PER_THREAD = 64
+#: Queries a thread's share of the table making gets at least.
+_TABLE_QUERIES_PER_THREAD = 64
 
 
 def available() -> bool:
@@ -124,13 +127,33 @@ def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
     ncols, wcols = quantizer.layout.ncols, quantizer.layout.wcols
     luts = np.empty((nq, 2 * (ncols + wcols), 16), np.uint8)
     fluts = np.empty((nq, 2 * (ncols + wcols), 16), np.float32)
-    delta, bias, tol, magnitude = (np.empty(nq, np.float32) for _ in range(4))
-    groups = [(p.start, p.stop, p.spec.bits, p.spec.per, p.spec.centroids)
-              + (() if p.spec.codewords is None else (p.spec.codewords,)) for p in quantizer.layout.parts]
-    native.parallel_ranges(nq, lambda a, b: native.kernels.tables(
-        q[a:b], quantizer.dim, b - a, groups, ncols, luts[a:b], fluts[a:b], delta[a:b], bias[a:b], tol[a:b],
-        magnitude[a:b], wcols), min_per_thread=64)
+    delta, bias, tol, magnitude = np.empty((4, nq), np.float32)
+    groups = _constants(quantizer)["groups"]
+
+    def tables(a, b):
+        native.kernels.tables(q[a:b], quantizer.dim, b - a, groups, ncols, luts[a:b], fluts[a:b], delta[a:b],
+                              bias[a:b], tol[a:b], magnitude[a:b], wcols)
+
+    if nq < 2 * _TABLE_QUERIES_PER_THREAD:
+        tables(0, nq)  # one thread's share: no hand-off
+    else:
+        native.parallel_ranges(nq, tables, min_per_thread=_TABLE_QUERIES_PER_THREAD)
     return luts, fluts, delta, bias, tol, magnitude
+
+
+_CONSTANTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _constants(quantizer: TurboQuantizer) -> dict:
+    """What every search of this quantizer passes the kernels unchanged, made once: the tables'
+    group tuples ("groups") and, with one scalar code group, the fields for rescoring rows from their
+    codes ("rescore", see `_rescore_fields`; empty otherwise)."""
+    kept = _CONSTANTS.get(quantizer)
+    if kept is None:
+        groups = [(p.start, p.stop, p.spec.bits, p.spec.per, p.spec.centroids)
+                  + (() if p.spec.codewords is None else (p.spec.codewords,)) for p in quantizer.layout.parts]
+        kept = _CONSTANTS[quantizer] = {"groups": groups, "rescore": _rescore_fields(quantizer)}
+    return kept
 
 
 @dataclass(frozen=True)
@@ -162,6 +185,8 @@ class ScanPlan:
 
     def queries(self, rows) -> "ScanPlan":
         """The plan for queries `rows` (a slice: views; an index array: copies)."""
+        if isinstance(rows, slice) and rows.start in (0, None) and rows.stop >= len(self.delta):
+            return self
         return dataclasses.replace(self, **{name: getattr(self, name)[rows] for name in self._PER_QUERY
                                             if getattr(self, name) is not None})
 
@@ -170,8 +195,9 @@ def _query_plan(quantizer, tables, rotated: np.ndarray, query_norm2: np.ndarray 
     """The plan of these queries: their tables (`quantized_luts`' first five) and, with one scalar
     code group, what rescoring rows from their codes needs (`_rescore_fields`)."""
     luts, fluts, delta, bias, tol = tables
+    rescore = _constants(quantizer)["rescore"]
     return ScanPlan(ncols=quantizer.layout.ncols, wcols=quantizer.layout.wcols, luts=luts, fluts=fluts, delta=delta,
-                    bias=bias, tol=tol, query_norm2=query_norm2, **_rescore_fields(quantizer, rotated))
+                    bias=bias, tol=tol, query_norm2=query_norm2, **rescore, **({"rotated": rotated} if rescore else {}))
 
 
 def _removed(layout: dict, segment: Segment) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -193,18 +219,19 @@ def _removed(layout: dict, segment: Segment) -> tuple[np.ndarray | None, np.ndar
     return flags, block_live
 
 
-def _rescore_fields(quantizer, rotated) -> dict:
+def _rescore_fields(quantizer) -> dict:
     """With one scalar code group, rows are rescored straight from their codes in the nibble
     columns (a SIMD decode-and-dot, cheaper than summing 2·ncols float table entries; a 3-bit code
-    takes a whole nibble): the plan's rotated queries, 16 padded levels and bits per code. Other
-    kinds rescore from the float tables, whose entries already hold each codeword's dot product."""
+    takes a whole nibble): the plan's 16 padded levels and bits per code (and the rotated queries,
+    which `_query_plan` adds). Other kinds rescore from the float tables, whose entries already hold
+    each codeword's dot product."""
     groups = quantizer.groups
     if not (len(groups) == 1 and groups[0].kind.rescores_from_codes):
         return {}
     g = groups[0]
     centroids = np.zeros(16, np.float32)
     centroids[: len(g.centroids)] = g.centroids.numpy()
-    return dict(rotated=rotated, centroids=centroids, row_bits=4 if g.bits == 3 else g.bits)
+    return dict(centroids=centroids, row_bits=4 if g.bits == 3 else g.bits)
 
 
 def _segment_entry(quantizer, segment: Segment, metric: str, cache: SegmentCache | None) -> tuple[tuple, tuple]:
