@@ -579,7 +579,7 @@ def test_a_shared_floor_prunes_disjoint_heaps_without_changing_the_answer(portab
     rotated, _ = quantizer.prepare_queries(torch.from_numpy(near))
     luts, fluts, delta, bias, tol, magnitude = fastscan.quantized_luts(quantizer, rotated)
     plan = fastscan._query_plan(quantizer, (luts, fluts, delta, bias, tol), np.ascontiguousarray(rotated.numpy()), None)
-    head, tail = fastscan._segment_entry(quantizer, segment, "ip", None)
+    entry = fastscan._segment_entry(quantizer, segment, "ip", None, 0)
     nq, k, nblocks = len(near), 10, block_count(len(segment))
 
     def halves(floor):
@@ -587,7 +587,7 @@ def test_a_shared_floor_prunes_disjoint_heaps_without_changing_the_answer(portab
         for b0, b1 in ((0, nblocks // 2), (nblocks // 2, nblocks)):
             s, i = np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
             count = np.zeros(nq, np.int64)
-            native.kernels.scan_segments(plan, [(*head, None, 0, *tail, b0, b1)], magnitude, s, i, count,
+            native.kernels.scan_segments(plan, [(*entry, b0, b1)], magnitude, s, i, count,
                                          portable=portable, floor=floor)
             out.append((s, i))
             counts.append(count)

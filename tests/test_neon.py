@@ -107,7 +107,7 @@ def test_neon_equals_the_portable_loop(harnesses, tmp_path, bits, metric, codebo
     count = np.zeros(nq, np.int64)
     plan = fastscan.ScanPlan(ncols=a["ncols"], wcols=a["wcols"], luts=a["luts"], fluts=a["fluts"], delta=a["delta"],
                              bias=a["bias"], tol=a["tol"], query_norm2=a["query_norm2"])
-    segment = (a["codes"], a["rows"], a["row_scale"], a["row_norm"], a["deleted"], None, None, 0, a["max_scale"],
+    segment = (a["codes"], a["rows"], a["row_scale"], a["row_norm"], a["deleted"], None, 0, a["max_scale"],
                a["max_norm2"])
     native.kernels.scan_segments(plan, [segment], a["magnitude"], out_s, out_i, count, portable=True)
     np.testing.assert_array_equal(ids, out_i)

@@ -254,9 +254,9 @@ static int bind_floor(scan_args *a, buffer_set *b, PyObject *floor) {
 /* One segment's inputs: codes (whole blocks holding `rows` rows), its per-row arrays in row order
  * (row_scale float32 or float16; row_norm float32 for "l2", given exactly when the queries have
  * query_norm2; deleted, 1 byte a row, or None), block_live (a byte a block, or None), offset
- * (float32 [nq], or None) and id_base. Sets *nblocks. */
+ * (float [nq], or NULL) and id_base. Sets *nblocks. */
 static int bind_segment(scan_args *a, buffer_set *b, PyObject *codes, Py_ssize_t rows, PyObject *row_scale,
-                        PyObject *row_norm, PyObject *deleted, PyObject *block_live, PyObject *offset,
+                        PyObject *row_norm, PyObject *deleted, PyObject *block_live, const float *offset,
                         long long id_base, Py_ssize_t *nblocks) {
     const Py_ssize_t block = (a->ncols + a->wcols / 4) * BLOCK, floats = rows * (Py_ssize_t)sizeof(float);
     TAKE(take(b, codes, 0, -1, "codes", &p_), a->codes);
@@ -277,7 +277,7 @@ static int bind_segment(scan_args *a, buffer_set *b, PyObject *codes, Py_ssize_t
     a->id_base = id_base;
     a->row_norm = NULL;
     a->deleted = a->block_live = NULL;
-    a->offset = NULL;
+    a->offset = offset;
     /* Scales are float32 or float16 (an index's scale_dtype), read as they are held. */
     Py_buffer *sv = &b->v[b->held];
     if (b->held == b->cap || PyObject_GetBuffer(row_scale, sv, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
@@ -294,28 +294,28 @@ static int bind_segment(scan_args *a, buffer_set *b, PyObject *codes, Py_ssize_t
     if (row_norm != Py_None) TAKE(take(b, row_norm, 0, floats, "row_norm", &p_), a->row_norm);
     if (deleted != Py_None) TAKE(take(b, deleted, 0, rows, "deleted", &p_), a->deleted);
     if (block_live != Py_None) TAKE(take(b, block_live, 0, *nblocks, "block_live", &p_), a->block_live);
-    if (offset != Py_None) TAKE(take(b, offset, 0, a->nq * (Py_ssize_t)sizeof(float), "offset", &p_), a->offset);
     return 0;
 }
 #undef TAKE
 
-/* scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None): the
- * plan's queries (its per-query fields) over many segments, into the same heaps. Each segment is a tuple
- * (codes, rows, row_scale, row_norm or None, deleted or None, block_live or None, offset float32[nq] or None,
- * id_base, max_scale, max_norm2[, b0, b1]): its blocks [b0, b1) (default all) are scanned with
+/* scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None,
+ * offsets=None): the plan's queries (its per-query fields) over many segments, into the same heaps. Each
+ * segment is a tuple (codes, rows, row_scale, row_norm or None, deleted or None, block_live or None, id_base,
+ * max_scale, max_norm2[, b0, b1]): its blocks [b0, b1) (default all) are scanned, every score plus its
+ * offset (offsets: float32 [nsegments][nq], a partitioned index's list terms, or None), with
  * eps = 1e-5 * (factor * max_scale * magnitude + |offset| [+ max_norm2 + qn2]), the room for float32 rounding
  * in a score. floor: float32 [nq] shared by calls that scan disjoint rows of these queries into their own
  * heaps (-inf to start; scan_args.floor), or None. A flat index's segments (a thread's share of their blocks)
  * and a partitioned index's probed lists both come through here. */
 static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"plan", "segments", "magnitude", "out_scores", "out_ids", "exact_count", "portable",
-                             "floor", NULL};
-    PyObject *plan, *segments, *magnitude, *out_s, *out_i, *exact_count, *floor = Py_None;
+                             "floor", "offsets", NULL};
+    PyObject *plan, *segments, *magnitude, *out_s, *out_i, *exact_count, *floor = Py_None, *offsets = Py_None;
     int portable = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OOOO|pO", kwlist, &plan, &PyList_Type, &segments, &magnitude,
-                                     &out_s, &out_i, &exact_count, &portable, &floor))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OOOO|pOO", kwlist, &plan, &PyList_Type, &segments, &magnitude,
+                                     &out_s, &out_i, &exact_count, &portable, &floor, &offsets))
         return NULL;
-    /* Every segment is bound first (up to 6 buffers each), then the GIL is released once for the
+    /* Every segment is bound first (up to 5 buffers each), then the GIL is released once for the
      * whole scan: a partitioned single query probes many small lists, and a release, a reacquire
      * and a rebinding per list cost microseconds each. */
     const Py_ssize_t nseg = PyList_GET_SIZE(segments);
@@ -327,11 +327,17 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
     void *mag_p;
     scan_args a;
     memset(&a, 0, sizeof(a));
-    if (buffers_init(&b, MAX_BUFS + 6 * nseg) < 0) return NULL;
+    if (buffers_init(&b, MAX_BUFS + 5 * nseg) < 0) return NULL;
     if (bind_queries(&a, &b, plan, out_s, out_i, exact_count, portable) < 0) goto done;
     if (bind_floor(&a, &b, floor) < 0) goto done;
     if (take(&b, magnitude, 0, a.nq * (Py_ssize_t)sizeof(float), "magnitude", &mag_p) < 0) goto done;
     const float *mag = mag_p;
+    const float *offset = NULL;  /* [nseg][nq] */
+    if (offsets != Py_None) {
+        void *o;
+        if (take(&b, offsets, 0, nseg * a.nq * (Py_ssize_t)sizeof(float), "offsets", &o) < 0) goto done;
+        offset = o;
+    }
     eps = PyMem_Malloc((a.nq ? a.nq : 1) * sizeof(float));
     seg = PyMem_Malloc((nseg ? nseg : 1) * sizeof(scan_args));
     limits = PyMem_Malloc((nseg ? nseg : 1) * 2 * sizeof(double));
@@ -341,17 +347,18 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     a.eps = eps;
     for (Py_ssize_t s = 0; s < nseg; s++) {
-        PyObject *codes, *row_scale, *row_norm, *deleted, *block_live, *offset;
+        PyObject *codes, *row_scale, *row_norm, *deleted, *block_live;
         Py_ssize_t rows, nblocks, b0 = 0, b1 = 0;
         long long id_base;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(segments, s), "OnOOOOOLdd|nn;scan_segments: a segment is (codes, rows, "
-                              "row_scale, row_norm, deleted, block_live, offset, id_base, max_scale, max_norm2[, b0, b1])",
-                              &codes, &rows, &row_scale, &row_norm, &deleted, &block_live, &offset, &id_base,
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(segments, s), "OnOOOOLdd|nn;scan_segments: a segment is (codes, rows, "
+                              "row_scale, row_norm, deleted, block_live, id_base, max_scale, max_norm2[, b0, b1])",
+                              &codes, &rows, &row_scale, &row_norm, &deleted, &block_live, &id_base,
                               &limits[2 * s], &limits[2 * s + 1], &b0, &b1))
             goto done;
-        if (bind_segment(&a, &b, codes, rows, row_scale, row_norm, deleted, block_live, offset, id_base, &nblocks) < 0)
+        if (bind_segment(&a, &b, codes, rows, row_scale, row_norm, deleted, block_live,
+                         offset ? offset + s * a.nq : NULL, id_base, &nblocks) < 0)
             goto done;
-        if (PyTuple_GET_SIZE(PyList_GET_ITEM(segments, s)) < 12) b1 = nblocks;  /* no range given: every block */
+        if (PyTuple_GET_SIZE(PyList_GET_ITEM(segments, s)) < 11) b1 = nblocks;  /* no range given: every block */
         if (b0 < 0 || b1 < b0 || b1 > nblocks) {
             PyErr_Format(PyExc_ValueError, "scan_segments: block range [%zd, %zd) outside [0, %zd)", b0, b1, nblocks);
             goto done;
@@ -955,13 +962,15 @@ static PyObject *set_simd_limit(PyObject *self, PyObject *arg) {
 
 static PyMethodDef methods[] = {
     {"scan_segments", (PyCFunction)(void (*)(void))scan_segments, METH_VARARGS | METH_KEYWORDS,
-     "scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None)\n\n"
+     "scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None, "
+     "offsets=None)\n\n"
      "plan: a ScanPlan (tqindex.backends.fastscan), the queries' tables. Offer every segment's rows (tuples "
-     "(codes, rows, row_scale, row_norm, deleted, block_live, offset, id_base, max_scale, max_norm2[, b0, b1])) "
+     "(codes, rows, row_scale, row_norm, deleted, block_live, id_base, max_scale, max_norm2[, b0, b1])) "
      "to each query's min-heap of exact scores in out_scores/out_ids (float32/int64 [nq][k], initialised by the "
-     "caller); adds the number of exact evaluations to exact_count (int64 [nq]). floor (float32 [nq], -inf to "
-     "start): shared by calls scanning disjoint rows into their own heaps, so each prunes with the best k-th "
-     "score of all. Binds every segment first, then releases the GIL once."},
+     "caller), each score plus its segment's offset (offsets: float32 [nsegments][nq], or None); adds the "
+     "number of exact evaluations to exact_count (int64 [nq]). floor (float32 [nq], -inf to start): shared by "
+     "calls scanning disjoint rows into their own heaps, so each prunes with the best k-th score of all. Binds "
+     "every segment first, then releases the GIL once."},
     {"encode", encode, METH_VARARGS,
      "encode(y, dim, rows, groups, codes, alignment)\n\nQuantize rows of rotated unit vectors into packed codes "
      "(groups: list of (start, stop, bits, byte_offset, boundaries, centroids)) and their alignment "

@@ -704,9 +704,9 @@ class Index:
             return empty_topk(nq, k)
         device = q.device
         lists, offsets = self._coarse.probe(q.cpu(), self._metric, nprobe)
-        starts, members = view.lists()
+        starts, members, memo = view.lists()
         request = ListScan(segments=view.segments, starts=starts, members=members, lists=lists.numpy(),
-                           offsets=offsets.numpy())
+                           offsets=offsets.numpy(), memo=memo)
         rotated, projected = self._quantizer.prepare_queries(q)
         result = scanner.topk_lists(request, Queries(rotated, projected, self._sq_norms(q)).to(device), k)
         return result.scores.cpu(), result.positions.cpu()
@@ -851,15 +851,16 @@ class _View:
         self.live = sum(s.live_count for s in self.segments)  # counted once, not per search
         self._lists = None
 
-    def lists(self) -> tuple[np.ndarray, dict]:
-        """Each segment's first position, and {list: segment numbers} over segments with live rows
-        (a partitioned index's search request; made once per snapshot)."""
+    def lists(self) -> tuple[np.ndarray, dict, dict]:
+        """Each segment's first position, {list: segment numbers} over segments with live rows, and
+        a dict where backends keep what they derive from them (`ListScan.memo`): a partitioned index's
+        search request, made once per snapshot."""
         if self._lists is None:
             members: dict = {}
             for i, segment in enumerate(self.segments):
                 if segment.live_count:
                     members.setdefault(segment.partition, []).append(i)
-            self._lists = (np.cumsum([0] + [len(s) for s in self.segments]), members)
+            self._lists = (np.cumsum([0] + [len(s) for s in self.segments]), members, {})
         return self._lists
 
 

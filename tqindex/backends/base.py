@@ -58,6 +58,7 @@ class ListScan:
     members : {list: [segment numbers]} for the lists that hold live rows
     lists : (nq, nprobe) int64, the lists each query scans
     offsets : (nq, nlist) float32, what list L adds to every score of query q's rows
+    memo : what backends keep for this snapshot of the index (made once, dropped with it), by name
     """
 
     segments: tuple
@@ -65,6 +66,7 @@ class ListScan:
     members: dict
     lists: np.ndarray
     offsets: np.ndarray
+    memo: dict = field(default_factory=dict)
 
     def by_list(self):
         """(list, segment numbers, the queries probing it (ascending)) for every probed list with rows

@@ -234,24 +234,25 @@ def _rescore_fields(quantizer) -> dict:
     return dict(centroids=centroids, row_bits=4 if g.bits == 3 else g.bits)
 
 
-def _segment_entry(quantizer, segment: Segment, metric: str, cache: SegmentCache | None) -> tuple[tuple, tuple]:
-    """A segment's entry of `_native.scan_segments` but for its offset and id base (which come
-    between the two parts): (codes, rows, row_scale, row_norm, deleted, block_live) and (max_scale,
-    max_norm2), kept with the segment's layout: a partitioned search makes one entry per probed list
-    per query, and building it anew each time cost more than scanning a small list."""
+def _segment_entry(quantizer, segment: Segment, metric: str, cache: SegmentCache | None, id_base: int) -> tuple:
+    """A segment's entry of `_native.scan_segments`, its rows numbered from id_base: (codes, rows,
+    row_scale, row_norm, deleted, block_live, id_base, max_scale, max_norm2), kept with the segment's
+    layout: a partitioned search makes one entry per probed list per query, and building it anew
+    each time cost more than scanning a small list."""
     # Kept beside the layout in the cache (one look-up per probed list, not one for the layout and
     # another inside it).
     kept = None if cache is None else cache.peek(segment, "entry")
-    if kept is None or kept[0] is not segment.deleted:  # a removal's copy shares the layout, not the mask
+    # A removal's copy shares the layout, not the mask; a segment's first position moves when earlier
+    # ones are compacted.
+    if kept is None or kept[0] is not segment.deleted or kept[1][6] != id_base:
         layout = segment_layout(quantizer, segment, metric, cache)
         deleted, block_live = _removed(layout, segment)
         kept = (segment.deleted,
                 (layout["blocks"], layout["n"], layout["scale"], layout["norm"] if metric == "l2" else None, deleted,
-                 block_live),
-                (layout["max_scale"], layout.get("max_norm2", 0.0)))
+                 block_live, int(id_base), layout["max_scale"], layout.get("max_norm2", 0.0)))
         if cache is not None:
             cache.put(segment, "entry", kept)
-    return kept[1], kept[2]
+    return kept[1]
 
 
 def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: torch.Tensor,
@@ -281,21 +282,21 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
     luts, fluts, delta, bias, tol, magnitude = quantized_luts(quantizer, rotated)
     qn2 = query_sq_norms.numpy().astype(np.float32) if metric == "l2" else None
     plan = _query_plan(quantizer, (luts, fluts, delta, bias, tol), q, qn2)
-    entries, start = [], 0  # (head, id base, tail, blocks) of each segment with rows
+    entries, start = [], 0  # of each segment with rows
     for seg in segments:
         if len(seg):
-            head, tail = _segment_entry(quantizer, seg, metric, cache)
-            entries.append((head, start, tail, block_count(head[1])))
+            entries.append(_segment_entry(quantizer, seg, metric, cache, start))
         start += len(seg)
     if not entries:
         return empty_topk(nq, k)
     count = np.zeros(nq, dtype=np.int64)
-    total = sum(e[3] for e in entries)
+    blocks = [block_count(e[1]) for e in entries]
+    total = sum(blocks)
     if nq >= threads or total < 2 * _BLOCKS_PER_THREAD:
         # Threads take disjoint queries, each streaming every block with its own tables.
         heap_s = np.full((nq, k), -np.inf, dtype=np.float32)
         heap_i = np.full((nq, k), -1, dtype=np.int64)
-        args = [(*head, None, base, *tail) for head, base, tail, _ in entries]
+        args = entries
 
         def run(q0, q1):
             native.kernels.scan_segments(plan.queries(slice(q0, q1)), args, magnitude[q0:q1], heap_s[q0:q1],
@@ -306,14 +307,13 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
         # Few queries: threads take disjoint runs of the blocks (of all segments in turn), each an exact
         # top k of its rows; a shared floor lets a heap skip rows another has already beaten.
         floor = np.full(nq, -np.inf, dtype=np.float32)
-        firsts = np.cumsum([0] + [e[3] for e in entries])
+        firsts = np.cumsum([0] + blocks).tolist()
 
         def run(b0, b1):
             hs, hi = np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
             cnt = np.zeros(nq, dtype=np.int64)
-            args = [(*head, None, base, *tail, max(b0 - first, 0), min(b1 - first, blocks))
-                    for (head, base, tail, blocks), first in zip(entries, firsts.tolist())
-                    if first < b1 and first + blocks > b0]
+            args = [(*entry, max(b0 - first, 0), min(b1 - first, n))
+                    for entry, first, n in zip(entries, firsts, blocks) if first < b1 and first + n > b0]
             native.kernels.scan_segments(plan, args, magnitude, hs, hi, cnt, portable=portable, floor=floor)
             return hs, hi, cnt
 
@@ -323,6 +323,21 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
     if stats is not None:
         stats.update(queries=nq, exact_per_query=float(count.sum()) / max(nq, 1))
     return topk_ordered(torch.from_numpy(heap_s), torch.from_numpy(heap_i), k)
+
+
+def list_entries(quantizer: TurboQuantizer, request: ListScan, metric: str, cache: SegmentCache | None) -> list:
+    """Every list's `scan_segments` entries for the request's snapshot of a partitioned index, so a
+    query's probed lists turn into the native call's arguments without a look-up per list: item L is
+    the tuple of list L's entries (empty for a list without live rows). Kept in the request's memo,
+    which lasts as long as the snapshot."""
+    kept = request.memo.get("fastscan")
+    if kept is None:
+        kept = [()] * request.offsets.shape[1]
+        for lst, where in request.members.items():
+            kept[lst] = tuple(_segment_entry(quantizer, request.segments[i], metric, cache, request.starts[i])
+                              for i in where)
+        request.memo["fastscan"] = kept
+    return kept
 
 
 def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch.Tensor,
@@ -344,40 +359,31 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
     count = np.zeros(nq, dtype=np.int64)
     plan = _query_plan(quantizer, (luts, fluts, delta, bias, tol), q, qn2)
 
-    def segment_args(i, offset):
-        head, tail = _segment_entry(quantizer, segments[i], metric, cache)
-        return (*head, offset, int(request.starts[i]), *tail)
+    of_list = list_entries(quantizer, request, metric, cache)
 
-    def scan(rows, args):
+    def scan(rows, args, offsets):
         part = plan.queries(rows)
         hs, hi, cnt = heap_s[rows], heap_i[rows], np.zeros(len(part.delta), dtype=np.int64)
-        native.kernels.scan_segments(part, args, magnitude[rows], hs, hi, cnt, portable=portable)
+        native.kernels.scan_segments(part, args, magnitude[rows], hs, hi, cnt, portable=portable, offsets=offsets)
         if isinstance(rows, np.ndarray):  # copies: written back
             heap_s[rows], heap_i[rows] = hs, hi
         return cnt
 
-    def query_args(row):
-        """One query's entries, its lists best first (a plain loop: at hundreds of probed lists per
-        query, a generator and an array per list cost a visible share of a single query's time)."""
-        members, offsets, out = request.members, request.offsets[row:row + 1], []
-        for lst in request.lists[row].tolist():
-            where = members.get(lst)
-            if where is not None:
-                offset = offsets[:, lst]
-                out.extend(segment_args(i, offset) for i in where)
-        return out
-
     def run(q0, q1):
-        if q1 - q0 == 1:  # one query: all its lists' segments in one native call
-            count[q0] += scan(slice(q0, q1), query_args(q0))[0]
+        if q1 - q0 == 1:  # one query: all its lists' segments, best list first, in one native call
+            lists = request.lists[q0].tolist()
+            args = [e for lst in lists for e in of_list[lst]]
+            offsets = request.offsets[q0, [lst for lst in lists for _ in of_list[lst]]]
+            count[q0] += scan(slice(q0, q1), args, offsets[:, None])[0]
             return
-        part = ListScan(segments, request.starts, request.members, request.lists[q0:q1], request.offsets[q0:q1])
+        part = ListScan(segments, request.starts, request.members, request.lists[q0:q1], request.offsets[q0:q1],
+                        request.memo)
         for lst, where, qs in part.by_list():
             g = qs + q0
             # A run of consecutive queries is read and written in place; others are copied.
             rows = slice(int(g[0]), int(g[-1]) + 1) if g[-1] - g[0] + 1 == len(g) else g
-            offset = np.ascontiguousarray(request.offsets[g, lst], dtype=np.float32)
-            count[g] += scan(rows, [segment_args(i, offset) for i in where])
+            offsets = np.repeat(request.offsets[g, lst][None, :], len(where), axis=0)
+            count[g] += scan(rows, list(of_list[lst]), offsets)
 
     native.parallel_ranges(nq, run, threads)
     if stats is not None:
