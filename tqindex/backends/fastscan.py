@@ -296,10 +296,9 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
         # Threads take disjoint queries, each streaming every block with its own tables.
         heap_s = np.full((nq, k), -np.inf, dtype=np.float32)
         heap_i = np.full((nq, k), -1, dtype=np.int64)
-        args = entries
 
         def run(q0, q1):
-            native.kernels.scan_segments(plan.queries(slice(q0, q1)), args, magnitude[q0:q1], heap_s[q0:q1],
+            native.kernels.scan_segments(plan.queries(slice(q0, q1)), entries, magnitude[q0:q1], heap_s[q0:q1],
                                          heap_i[q0:q1], count[q0:q1], portable=portable)
 
         native.parallel_ranges(nq, run, threads)
