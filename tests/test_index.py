@@ -222,6 +222,24 @@ def test_bad_search_arguments(kwargs, exc, match):
         index.search(np.full(4, np.nan, dtype=np.float32))
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_search_names_the_first_query_row_that_is_not_finite(metric, bad):
+    # A search checks its queries once, through their float64 norms: a row is refused exactly when
+    # one of its values is NaN or infinite, and the error names the first such row.
+    index = Index(dim=4, metric=metric)
+    index.add(np.eye(4, dtype=np.float32) + 0.1)
+    q = np.ones((5, 4), dtype=np.float32)
+    q[2, 1], q[4, 0] = bad, bad
+    with pytest.raises(ValueError, match=r"queries contain NaN or inf \(first at row 2\)"):
+        index.search(q)
+    q[2, 1] = 3e38  # finite, but its norm is too large: the other error, for that row
+    with pytest.raises(ValueError, match="queries row 2 has norm"):
+        index.search(q)
+    q[2, 1], q[4, 0] = 1.0, 1.0
+    assert index.search(q, k=2).ids.shape == (5, 2)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"dim": 1}, "dim"), ({"dim": 8, "bits": 0}, "bits"), ({"dim": 8, "bits": 9}, "bits"),
     ({"dim": 8, "metric": "hamming"}, "metric"), ({"dim": 8, "variant": "pq"}, "variant"),

@@ -575,7 +575,8 @@ class Index:
         nprobe = self.default_nprobe if nprobe is None else int(nprobe)
         kind = array_kind(queries)
         on_gpu = self._device == "cuda"
-        q, was_1d = as_float_matrix(queries, self.dim, name="queries", allow_empty=True, keep_device=on_gpu)
+        q, was_1d = as_float_matrix(queries, self.dim, name="queries", allow_empty=True, keep_device=on_gpu,
+                                    check_finite=False)  # check_norms refuses NaN and inf
         if on_gpu:
             q = q.cuda()  # a no-op for queries already on the GPU
         norms = check_norms(q, zero_ok=self._metric != "cosine", metric=self._metric, name="queries")

@@ -56,12 +56,15 @@ def to_kind(array: np.ndarray, kind: str, like=None):
 
 
 def as_float_matrix(x, dim: int, *, name: str = "vectors", allow_empty: bool = False,
-                    keep_device: bool = False) -> tuple[torch.Tensor, bool]:
+                    keep_device: bool = False, check_finite: bool = True) -> tuple[torch.Tensor, bool]:
     """Coerce to a contiguous float32 tensor of shape (n, dim), on the CPU.
 
     Accepts numpy arrays, torch tensors (float16/bfloat16/float32/float64), CuPy arrays and nested
     sequences. A 1-D input is one vector. Returns (tensor, was_1d). With `keep_device`, torch CUDA
     tensors and CuPy arrays stay on their GPU (CuPy through DLPack, no copy to the host).
+    NaN and inf are refused unless `check_finite` is False: for a caller that passes the rows
+    straight to `check_norms`, which refuses them too (a row's float64 norm is finite exactly when its
+    float32 values are), so a search checks its queries once.
     """
     kind = array_kind(x)
     if kind == "cupy" and keep_device:
@@ -93,7 +96,7 @@ def as_float_matrix(x, dim: int, *, name: str = "vectors", allow_empty: bool = F
     if t.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is an empty batch (0 rows)")
     # min and max propagate NaN and expose ±inf; aminmax is ~50x faster than isfinite().all() here.
-    if t.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(t)):
+    if check_finite and t.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(t)):
         bad_row = int((~torch.isfinite(t)).any(dim=1).nonzero()[0, 0])
         raise ValueError(f"{name} contain NaN or inf (first at row {bad_row})")
     # float16/64 inputs can overflow float32 to inf above 3.4e38; isfinite above has caught that.
@@ -140,8 +143,9 @@ def check_k(k) -> int:
 
 
 def check_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str = "vectors") -> torch.Tensor:
-    """Row norms (n,) float32 of a validated (n, d) float32 tensor; raise ValueError naming the first
-    row whose norm exceeds MAX_NORM, or that is zero where `zero_ok` is False (cosine: no direction)."""
+    """Row norms (n,) float32 of an (n, d) float32 tensor; raise ValueError naming the first row that
+    holds NaN or inf, whose norm exceeds MAX_NORM, or that is zero where `zero_ok` is False (cosine:
+    no direction)."""
     # In float64 (a float32 norm may overflow to inf), a chunk of rows at a time: a float64 copy of a
     # large batch would cost twice the batch itself; only the float32 norms are kept.
     if x.device.type != "cpu":
@@ -183,9 +187,11 @@ def _tensor_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str) -> 
 
 def _check_norm_chunk(chunk: np.ndarray, start: int, *, zero_ok: bool, metric: str, name: str) -> None:
     """`check_norms`' tests on the float64 norms of rows start, start + 1, ..."""
-    big = chunk > MAX_NORM
+    big = ~(chunk <= MAX_NORM)  # NaN too
     if big.any():
         row = start + int(np.flatnonzero(big)[0])
+        if not math.isfinite(float(chunk[row - start])):  # the row's float32 values are not all finite
+            raise ValueError(f"{name} contain NaN or inf (first at row {row})")
         raise ValueError(f"{name} row {row} has norm {float(chunk[row - start]):.3g}, above {MAX_NORM:.0e}: its "
                          f"scores would overflow float32 (rescale the data)")
     if not zero_ok and (chunk == 0).any():
