@@ -603,3 +603,35 @@ def test_a_shared_floor_prunes_disjoint_heaps_without_changing_the_answer(portab
     assert (shared_counts[1] <= alone_counts[1]).all() and shared_counts[1].sum() < alone_counts[1].sum()
     (_, none_i), none_counts = halves(np.full(nq, np.inf, np.float32))
     assert (none_i.numpy() == -1).all() and sum(c.sum() for c in none_counts) == 0
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_compiled_norm_check_equals_the_numpy_one(monkeypatch, metric):
+    # check_norms in the kernels (one pass, summed in double) against the numpy path it replaces:
+    # the same float32 norms, and for each kind of bad row the same error, naming the same row.
+    from tqindex.validation import check_norms
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy((rng.standard_normal((9000, 37)) * rng.uniform(1e-3, 1e3, (9000, 1))).astype(np.float32))
+
+    def both(rows):
+        out = []
+        for native_on in ("1", "0"):
+            monkeypatch.setenv("TQINDEX_NATIVE", native_on)
+            try:
+                out.append(check_norms(rows, zero_ok=metric != "cosine", metric=metric).numpy())
+            except ValueError as exc:
+                out.append(str(exc))
+        monkeypatch.delenv("TQINDEX_NATIVE")
+        return out
+
+    fast, slow = both(x)                      # 9,000 rows: the compiled check runs in thread shares
+    np.testing.assert_allclose(fast, slow, rtol=1e-7)
+    assert np.array_equal(fast, np.linalg.norm(x.numpy().astype(np.float64), axis=1).astype(np.float32))
+    for value, row in ((np.nan, 6001), (np.inf, 17), (3e38, 8999), (0.0, 4500)):
+        bad = x.clone()
+        bad[row] = value
+        fast, slow = both(bad)
+        if value == 0.0 and metric != "cosine":
+            assert not isinstance(fast, str) and fast[row] == 0
+            continue
+        assert isinstance(fast, str) and fast == slow and f"row {row}" in fast

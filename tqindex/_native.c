@@ -833,6 +833,48 @@ __attribute__((target(TQ_AVX2))) static void rotate_rows_avx2(const float *restr
 }
 #endif
 
+/* row_norms(x, out, rows, dim, max_norm, zero_ok) -> the first row whose norm is not finite, above
+ * max_norm, or zero where zero_ok is false, or -1. Norms are summed in double (four running sums, in a
+ * fixed order), so no float32 row can overflow them; out gets them as float32. Releases the GIL. */
+static PyObject *row_norms(PyObject *self, PyObject *args) {
+    PyObject *x, *out;
+    Py_ssize_t rows, dim;
+    double max_norm;
+    int zero_ok;
+    if (!PyArg_ParseTuple(args, "OOnndp", &x, &out, &rows, &dim, &max_norm, &zero_ok)) return NULL;
+    if (rows < 0 || dim < 1) {
+        PyErr_SetString(PyExc_ValueError, "row_norms: rows must be >= 0 and dim >= 1");
+        return NULL;
+    }
+    Py_buffer bufs[2];
+    int held = 0;
+    Py_ssize_t first = -1;
+    if (get_buffer(x, &bufs[held], 0, rows * dim * (Py_ssize_t)sizeof(float), "x") < 0) goto fail;
+    held++;
+    if (get_buffer(out, &bufs[held], 1, rows * (Py_ssize_t)sizeof(float), "out") < 0) goto fail;
+    held++;
+    const float *xs = bufs[0].buf;
+    float *norms = bufs[1].buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *v = xs + r * dim;
+        double part[4] = {0.0, 0.0, 0.0, 0.0};
+        Py_ssize_t j = 0;
+        for (; j + 4 <= dim; j += 4)
+            for (int t = 0; t < 4; t++) part[t] += (double)v[j + t] * v[j + t];
+        for (; j < dim; j++) part[0] += (double)v[j] * v[j];
+        const double norm = sqrt((part[0] + part[1]) + (part[2] + part[3]));
+        norms[r] = (float)norm;
+        if (first < 0 && (!(norm <= max_norm) || (!zero_ok && norm == 0.0))) first = r;
+    }
+    Py_END_ALLOW_THREADS
+    while (held > 0) PyBuffer_Release(&bufs[--held]);
+    return PyLong_FromSsize_t(first);
+fail:
+    while (held > 0) PyBuffer_Release(&bufs[--held]);
+    return NULL;
+}
+
 static PyObject *rotate(PyObject *self, PyObject *args) {
     PyObject *x, *mt, *out;
     Py_ssize_t rows, dim;
@@ -983,6 +1025,10 @@ static PyMethodDef methods[] = {
     {"rotate", rotate, METH_VARARGS,
      "rotate(x, mt, out, rows, dim)\n\nout = x @ mt (float32 [rows][dim] @ [dim][dim]) in the calling thread, "
      "without torch's thread pool. Releases the GIL."},
+    {"row_norms", row_norms, METH_VARARGS,
+     "row_norms(x, out, rows, dim, max_norm, zero_ok) -> int\n\nout = the L2 norm of every row of x (float32 "
+     "[rows][dim], summed in double) as float32; returns the first row whose norm is not finite, above "
+     "max_norm, or zero where zero_ok is false, else -1. Releases the GIL."},
     {"select", select_best, METH_VARARGS,
      "select(scores, positions, out_scores, out_positions)\n\nPer row, the k best (score, position) pairs, score "
      "descending then position ascending, padded with (-inf, -1). Releases the GIL."},

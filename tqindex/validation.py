@@ -9,6 +9,8 @@ import warnings
 import numpy as np
 import torch
 
+from . import native
+
 __all__ = ["METRICS", "MAX_DIM", "MAX_ID", "MAX_NORM", "as_float_matrix", "as_id_array", "check_k", "check_norms", "array_kind",
            "to_kind"]
 
@@ -26,6 +28,8 @@ MAX_ID = 1 << 62
 MAX_NORM = 1e18
 #: float64 elements per chunk of `check_norms` (512 KiB, in one buffer reused by every chunk).
 _NORM_CHUNK_ELEMENTS = 1 << 16
+# Rows a thread's share of the compiled norm check gets at least.
+_NORM_ROWS_PER_THREAD = 4096
 #: ... on a GPU (512 MiB of float64 there).
 _DEVICE_NORM_CHUNK_ELEMENTS = 1 << 26
 
@@ -150,6 +154,11 @@ def check_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str = "vec
     # large batch would cost twice the batch itself; only the float32 norms are kept.
     if x.device.type != "cpu":
         return _tensor_norms(x, zero_ok=zero_ok, metric=metric, name=name)
+    if native.enabled() and x.dtype == torch.float32:
+        norms = _native_norms(x, zero_ok=zero_ok)
+        if norms is not None:
+            return norms
+        # A row was flagged: the numpy check below names it (and decides a rounding tie at MAX_NORM).
     rows = max(1, _NORM_CHUNK_ELEMENTS // max(1, x.shape[1]))
     if x.shape[0] <= rows:
         # One chunk (a query batch): its float64 copy is the only one, so there is no buffer to reuse.
@@ -171,6 +180,22 @@ def check_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str = "vec
         _check_norm_chunk(chunk, start, zero_ok=zero_ok, metric=metric, name=name)
         norms[start:start + len(chunk)] = chunk
     return torch.from_numpy(norms)
+
+
+def _native_norms(x: torch.Tensor, *, zero_ok: bool) -> torch.Tensor | None:
+    """`check_norms` in the compiled kernels, in one pass without a float64 copy of the rows (a query's
+    check is one call): the float32 norms, or None if some row is not finite, above MAX_NORM, or zero
+    where `zero_ok` is False."""
+    source = np.ascontiguousarray(x.numpy())
+    n, dim = source.shape
+    norms = np.empty(n, dtype=np.float32)
+
+    def check(a, b):
+        return native.kernels.row_norms(source[a:b], norms[a:b], b - a, dim, MAX_NORM, zero_ok)
+
+    firsts = [check(0, n)] if n < 2 * _NORM_ROWS_PER_THREAD else native.parallel_ranges(
+        n, check, min_per_thread=_NORM_ROWS_PER_THREAD)
+    return None if any(f >= 0 for f in firsts) else torch.from_numpy(norms)
 
 
 def _tensor_norms(x: torch.Tensor, *, zero_ok: bool, metric: str, name: str) -> torch.Tensor:
