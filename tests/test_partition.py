@@ -228,3 +228,25 @@ def test_a_single_query_probes_the_lists_a_batch_gives_it(metric):
             np.testing.assert_array_equal(one.numpy(), lists[i:i + 1].numpy())
             # One row or many: BLAS may round the centroid products differently in the last bit.
             np.testing.assert_allclose(one_offsets.numpy(), offsets[i:i + 1].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_snapshot_keeps_the_scan_entries_of_the_lists_probed_only():
+    # The native scan's per-list arguments are made once per snapshot, for the lists a query
+    # probes (a filtered search has a snapshot of its own, so making every list's would cost more
+    # than its scan); a new snapshot (an add) starts afresh, and its answers see the new rows.
+    from tqindex.backends import fastscan
+    if not fastscan.available():
+        pytest.skip("needs the compiled fast scan (AVX-512, AVX2 or NEON)")
+    x, q = _data(queries=4)
+    index = Index(dim=x.shape[1], bits=4, partitions=NLIST, metric="l2")
+    index.add(x)
+    memo = index._view.lists()[2]
+    before = index.search(q[0], 5, nprobe=3)
+    probed = index._coarse.probe(torch.from_numpy(q[:1]), "l2", 3)[0].numpy()[0]
+    assert set(memo["fastscan"]) == set(probed.tolist())
+    kept = {lst: memo["fastscan"][lst] for lst in probed.tolist()}
+    assert (index.search(q[0], 5, nprobe=3).ids == before.ids).all()
+    assert all(memo["fastscan"][lst] is kept[lst] for lst in kept)    # reused, not made again
+    index.add(q[:1] * 1.0, ids=[10 ** 6])                              # the query itself, as a new row
+    assert index._view.lists()[2] is not memo
+    assert 10 ** 6 in index.search(q[0], 5, nprobe=3).ids      # in its nearest list, which is probed first

@@ -324,19 +324,22 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
     return topk_ordered(torch.from_numpy(heap_s), torch.from_numpy(heap_i), k)
 
 
-def list_entries(quantizer: TurboQuantizer, request: ListScan, metric: str, cache: SegmentCache | None) -> list:
-    """Every list's `scan_segments` entries for the request's snapshot of a partitioned index, so a
-    query's probed lists turn into the native call's arguments without a look-up per list: item L is
-    the tuple of list L's entries (empty for a list without live rows). Kept in the request's memo,
-    which lasts as long as the snapshot."""
-    kept = request.memo.get("fastscan")
-    if kept is None:
-        kept = [()] * request.offsets.shape[1]
-        for lst, where in request.members.items():
-            kept[lst] = tuple(_segment_entry(quantizer, request.segments[i], metric, cache, request.starts[i])
-                              for i in where)
-        request.memo["fastscan"] = kept
-    return kept
+def list_entries(quantizer: TurboQuantizer, request: ListScan, metric: str, cache: SegmentCache | None):
+    """A function of a list L: the tuple of its `scan_segments` entries in the request's snapshot
+    (empty for a list without live rows), made on first use and kept in the request's memo, which
+    lasts as long as the snapshot. Only probed lists are made: a filtered search has a snapshot of
+    its own, and making every list's entries for it would cost more than its scan."""
+    kept = request.memo.setdefault("fastscan", {})
+    get = kept.get
+
+    def entries_of(lst):
+        made = get(lst)
+        if made is None:
+            made = kept[lst] = tuple(_segment_entry(quantizer, request.segments[i], metric, cache, request.starts[i])
+                                     for i in request.members.get(lst, ()))
+        return made
+
+    return entries_of
 
 
 def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch.Tensor,
@@ -358,7 +361,7 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
     count = np.zeros(nq, dtype=np.int64)
     plan = _query_plan(quantizer, (luts, fluts, delta, bias, tol), q, qn2)
 
-    of_list = list_entries(quantizer, request, metric, cache)
+    entries_of = list_entries(quantizer, request, metric, cache)
 
     def scan(rows, args, offsets):
         part = plan.queries(rows)
@@ -371,8 +374,9 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
     def run(q0, q1):
         if q1 - q0 == 1:  # one query: all its lists' segments, best list first, in one native call
             lists = request.lists[q0].tolist()
-            args = [e for lst in lists for e in of_list[lst]]
-            offsets = request.offsets[q0, [lst for lst in lists for _ in of_list[lst]]]
+            per_list = [entries_of(lst) for lst in lists]
+            args = [e for entries in per_list for e in entries]
+            offsets = request.offsets[q0, [lst for lst, entries in zip(lists, per_list) for _ in entries]]
             count[q0] += scan(slice(q0, q1), args, offsets[:, None])[0]
             return
         part = ListScan(segments, request.starts, request.members, request.lists[q0:q1], request.offsets[q0:q1],
@@ -382,7 +386,7 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
             # A run of consecutive queries is read and written in place; others are copied.
             rows = slice(int(g[0]), int(g[-1]) + 1) if g[-1] - g[0] + 1 == len(g) else g
             offsets = np.repeat(request.offsets[g, lst][None, :], len(where), axis=0)
-            count[g] += scan(rows, list(of_list[lst]), offsets)
+            count[g] += scan(rows, list(entries_of(lst)), offsets)
 
     native.parallel_ranges(nq, run, threads)
     if stats is not None:
