@@ -28,7 +28,7 @@ MAX_ID = 1 << 62
 MAX_NORM = 1e18
 #: float64 elements per chunk of `check_norms` (512 KiB, in one buffer reused by every chunk).
 _NORM_CHUNK_ELEMENTS = 1 << 16
-# Rows a thread's share of the compiled norm check gets at least.
+#: Rows a thread's share of the compiled norm check gets at least.
 _NORM_ROWS_PER_THREAD = 4096
 #: ... on a GPU (512 MiB of float64 there).
 _DEVICE_NORM_CHUNK_ELEMENTS = 1 << 26
