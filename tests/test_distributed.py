@@ -16,10 +16,20 @@ DIM = 24
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(monkeypatch_module):
+    # Ray starts its workers at niceness 15: on a busy machine they then get a sliver of a core, and an
+    # actor's restart (a process importing torch) took minutes. The tests' workers run at the
+    # driver's priority instead (the raylet reads this variable when ray.init starts it).
+    monkeypatch_module.setenv("RAY_worker_niceness", "0")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
 
 
 def _data(n=3000, seed=0):

@@ -32,7 +32,9 @@ def _ray(*args, timeout=180):
     # a head token mode when ~/.ray/auth_token exists, but never a node or driver that joins by address,
     # which then cannot connect. Unset here means disabled (a loopback cluster that lives for one test);
     # an earlier local ray.init() in this process set it to "token", and then all three use tokens.
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    # Workers at the driver's priority, as in test_distributed (Ray's default niceness of 15 starves them on
+    # a busy machine).
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "RAY_worker_niceness": "0"}
     return subprocess.run([RAY, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
