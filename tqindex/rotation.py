@@ -116,11 +116,8 @@ class Rotation:
             return None
         xs = np.ascontiguousarray(x.numpy())
         outs, mt = np.empty_like(xs), self._matrix_t[torch.float32].numpy()
-        if len(xs) < 2 * _ROTATE_ROWS_PER_THREAD:  # one thread's share (a single query): no hand-off
-            native.kernels.rotate(xs, mt, outs, len(xs), self.dim)
-        else:
-            native.parallel_ranges(len(xs), lambda a, b: native.kernels.rotate(xs[a:b], mt, outs[a:b], b - a, self.dim),
-                                   min_per_thread=_ROTATE_ROWS_PER_THREAD)
+        native.parallel_ranges(len(xs), lambda a, b: native.kernels.rotate(xs[a:b], mt, outs[a:b], b - a, self.dim),
+                               min_per_thread=_ROTATE_ROWS_PER_THREAD)
         return torch.from_numpy(outs)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:

@@ -193,8 +193,7 @@ def _native_norms(x: torch.Tensor, *, zero_ok: bool) -> torch.Tensor | None:
     def check(a, b):
         return native.kernels.row_norms(source[a:b], norms[a:b], b - a, dim, MAX_NORM, zero_ok)
 
-    firsts = [check(0, n)] if n < 2 * _NORM_ROWS_PER_THREAD else native.parallel_ranges(
-        n, check, min_per_thread=_NORM_ROWS_PER_THREAD)
+    firsts = native.parallel_ranges(n, check, min_per_thread=_NORM_ROWS_PER_THREAD)
     return None if any(f >= 0 for f in firsts) else torch.from_numpy(norms)
 
 

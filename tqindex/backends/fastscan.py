@@ -134,10 +134,7 @@ def quantized_luts(quantizer: TurboQuantizer, rotated: torch.Tensor):
         native.kernels.tables(q[a:b], quantizer.dim, b - a, groups, ncols, luts[a:b], fluts[a:b], delta[a:b],
                               bias[a:b], tol[a:b], magnitude[a:b], wcols)
 
-    if nq < 2 * _TABLE_QUERIES_PER_THREAD:
-        tables(0, nq)  # one thread's share: no hand-off
-    else:
-        native.parallel_ranges(nq, tables, min_per_thread=_TABLE_QUERIES_PER_THREAD)
+    native.parallel_ranges(nq, tables, min_per_thread=_TABLE_QUERIES_PER_THREAD)
     return luts, fluts, delta, bias, tol, magnitude
 
 
