@@ -847,11 +847,11 @@ static PyObject *row_norms(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_buffer bufs[2];
-    int held = 0;
+    int held = 0, ok = 0;
     Py_ssize_t first = -1;
-    if (get_buffer(x, &bufs[held], 0, rows * dim * (Py_ssize_t)sizeof(float), "x") < 0) goto fail;
+    if (get_buffer(x, &bufs[held], 0, rows * dim * (Py_ssize_t)sizeof(float), "x") < 0) goto done;
     held++;
-    if (get_buffer(out, &bufs[held], 1, rows * (Py_ssize_t)sizeof(float), "out") < 0) goto fail;
+    if (get_buffer(out, &bufs[held], 1, rows * (Py_ssize_t)sizeof(float), "out") < 0) goto done;
     held++;
     const float *xs = bufs[0].buf;
     float *norms = bufs[1].buf;
@@ -868,11 +868,12 @@ static PyObject *row_norms(PyObject *self, PyObject *args) {
         if (first < 0 && (!(norm <= max_norm) || (!zero_ok && norm == 0.0))) first = r;
     }
     Py_END_ALLOW_THREADS
-    while (held > 0) PyBuffer_Release(&bufs[--held]);
+    ok = 1;
+done:
+    PyObject *none = release(bufs, held, ok);
+    if (!none) return NULL;
+    Py_DECREF(none);
     return PyLong_FromSsize_t(first);
-fail:
-    while (held > 0) PyBuffer_Release(&bufs[--held]);
-    return NULL;
 }
 
 static PyObject *rotate(PyObject *self, PyObject *args) {
