@@ -105,6 +105,16 @@ def test_search_over_actors_equals_one_index(local_ray, tmp_path, actors):
         index.close()
 
 
+def _wait_until_dead(actor) -> None:
+    """Return once Ray reports the actor dead. `ray.kill` only sends the request, so a call made
+    right after it may still be answered; the wait ends on Ray's own answer, not on a clock."""
+    while True:
+        try:
+            ray.get(actor.state.remote())
+        except ray.exceptions.RayActorError:
+            return
+
+
 def test_restarts_are_waited_for_and_lost_shares_named(local_ray, tmp_path):
     x, q = _data(seed=3)
     td.build(x, tmp_path / "ix", dim=DIM, bits=3, seed=5, block_rows=1000)
@@ -114,7 +124,8 @@ def test_restarts_are_waited_for_and_lost_shares_named(local_ray, tmp_path):
         index._actors[1].crash.remote()                 # the process exits; Ray restarts it
         _same(index.search(q, 10), single.search(q, 10))  # the restarted share reloaded from disk
         assert index.answered == [0, 1]
-        ray.kill(index._actors[1], no_restart=True)     # now gone for good
+        ray.kill(index._actors[1], no_restart=True)     # now gone for good ...
+        _wait_until_dead(index._actors[1])              # ... once Ray says so: the kill is only a request
         with pytest.raises(RuntimeError, match=r"shares \[1\]"):
             index.search(q, 5)
         partial = index.search(q, 5, allow_partial=True)
