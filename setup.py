@@ -8,6 +8,7 @@ and both pick the same codes (ties in a block codebook included).
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("tqindex._native", ["tqindex/_native.c"], depends=["tqindex/_scan.h"],
-                             extra_compile_args=["-O3", "-std=c11", "-Wall", "-ffp-contract=off"], libraries=["m"],
+setup(ext_modules=[Extension("tqindex._native", ["tqindex/_native.c"], depends=["tqindex/_scan.h", "tqindex/_pool.h"],
+                             extra_compile_args=["-O3", "-std=c11", "-Wall", "-ffp-contract=off", "-pthread"],
+                             extra_link_args=["-pthread"], libraries=["m"],
                              optional=True)])

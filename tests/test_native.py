@@ -431,12 +431,17 @@ def test_list_scan_kernels_agree_and_equal_the_list_by_list_scan(metric, bits):
     for other in (b, c):
         np.testing.assert_array_equal(a[1].numpy(), other[1].numpy())
         np.testing.assert_array_equal(a[0].numpy(), other[0].numpy())
-    for row in (0, 5):   # one query: all its lists in one native call
+    for row in (0, 5):   # one query: all its lists in one native call, their blocks split between threads
         one = ListScan(request.segments, request.starts, members, request.lists[row:row + 1],
                        request.offsets[row:row + 1])
-        s1 = fastscan.scan_lists_fast(index._quantizer, one, rotated[row:row + 1], sq[row:row + 1], 10, metric)
-        np.testing.assert_array_equal(s1[1].numpy()[0], a[1].numpy()[row])
-        np.testing.assert_array_equal(s1[0].numpy()[0], a[0].numpy()[row])
+        for threads, split in ((1, False), (3, False), (3, True)):
+            with pytest.MonkeyPatch.context() as patch:
+                if split:
+                    patch.setattr(fastscan, "_BYTES_PER_SHARE", 1)
+                s1 = fastscan.scan_lists_fast(index._quantizer, one, rotated[row:row + 1], sq[row:row + 1], 10,
+                                              metric, threads=threads)
+            np.testing.assert_array_equal(s1[1].numpy()[0], a[1].numpy()[row])
+            np.testing.assert_array_equal(s1[0].numpy()[0], a[0].numpy()[row])
     from tqindex.backends.base import Queries
     generic = index._backend("torch").topk_lists(request, Queries(rotated, None, sq), 10)
     ref = np.full((len(q), len(index._ids.ids_at(np.arange(3000)))), -np.inf)
@@ -518,12 +523,29 @@ def test_native_rotation_equals_torch(rows, dim):
     assert make_rotation(dim, "hadamard", 3).apply_native(x) is None  # other kinds keep torch
 
 
+@pytest.fixture
+def split_calls(monkeypatch):
+    """Every scan worth splitting (however small) and the `threads` of each kernel call, recorded:
+    a test of the split must see it happen."""
+    monkeypatch.setattr(fastscan, "_BYTES_PER_SHARE", 1)
+    seen = []
+    kernel = native.kernels.scan_segments
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("threads", 1))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(native.kernels, "scan_segments", recording)
+    return seen
+
+
 @needs_avx2
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_fast_scan_results_do_not_depend_on_the_thread_split(metric):
+def test_fast_scan_results_do_not_depend_on_the_thread_split(metric, split_calls):
     # Exact ties across the k-th place (rows repeated 40 times): among equal scores the lowest
-    # position wins, in every heap and every merge, so one thread, several threads and the portable
-    # loop give the same ids in the same order.
+    # position wins, in every heap and every merge, so one thread, several threads (shares of the
+    # queries, or of the blocks for fewer queries than threads) and the portable loop give the same
+    # ids in the same order.
     rng = np.random.default_rng(5)
     base, near = clustered(rng, 50, 64, clusters=5, spread=0.3, queries=6)
     x = np.repeat(base, 40, axis=0)[rng.permutation(2000)]
@@ -532,16 +554,127 @@ def test_fast_scan_results_do_not_depend_on_the_thread_split(metric):
     index.add(x[1300:])
     rotated, _ = index._quantizer.prepare_queries(torch.from_numpy(near))
     sq = torch.from_numpy((near ** 2).sum(1))
-    for k in (5, 57):
-        runs = [fastscan.scan_topk_fast(index._quantizer, index._segments, rotated, sq, k, metric, threads=t,
-                                        portable=p) for t in (1, 2, 3) for p in (False, True)]
-        scores, pos = runs[0]
-        s, p = scores.numpy(), pos.numpy()
-        # The order is total: score descending, then position ascending.
-        assert ((s[:, :-1] > s[:, 1:]) | ((s[:, :-1] == s[:, 1:]) & (p[:, :-1] < p[:, 1:]))).all()
-        for other_s, other_p in runs[1:]:
-            np.testing.assert_array_equal(other_p.numpy(), p)
-            np.testing.assert_array_equal(other_s.numpy(), s)
+    for nq in (1, 2, 6):
+        for k in (5, 57):
+            runs = [fastscan.scan_topk_fast(index._quantizer, index._segments, rotated[:nq], sq[:nq], k, metric,
+                                            threads=t, portable=p) for t in (1, 2, 3, 7) for p in (False, True)]
+            scores, pos = runs[0]
+            s, p = scores.numpy(), pos.numpy()
+            # The order is total: score descending, then position ascending.
+            assert ((s[:, :-1] > s[:, 1:]) | ((s[:, :-1] == s[:, 1:]) & (p[:, :-1] < p[:, 1:]))).all()
+            for other_s, other_p in runs[1:]:
+                np.testing.assert_array_equal(other_p.numpy(), p)
+                np.testing.assert_array_equal(other_s.numpy(), s)
+    assert set(split_calls) == {1, 2, 3, 7}
+
+
+def _kernel_inputs(metric, nq, seed=3):
+    """A two-segment index with removals and exact ties, and the kernel's inputs for nq queries."""
+    rng = np.random.default_rng(seed)
+    base, near = clustered(rng, 300, 48, clusters=9, spread=0.4, queries=nq)
+    x = np.repeat(base, 10, axis=0)[rng.permutation(3000)]
+    index = Index(dim=48, bits=4, metric=metric)
+    index.add(x[:1700])
+    index.add(x[1700:])
+    index.remove(np.arange(0, 3000, 11))
+    quantizer = index._quantizer
+    rotated, _ = quantizer.prepare_queries(torch.from_numpy(near))
+    luts, fluts, delta, bias, tol, magnitude = fastscan.quantized_luts(quantizer, rotated)
+    qn2 = (near ** 2).sum(1).astype(np.float32) if metric == "l2" else None
+    plan = fastscan._query_plan(quantizer, (luts, fluts, delta, bias, tol), np.ascontiguousarray(rotated.numpy()), qn2)
+    starts = np.cumsum([0] + [len(s) for s in index._segments])
+    entries = [fastscan._segment_entry(quantizer, seg, metric, None, int(start))
+               for seg, start in zip(index._segments, starts)]
+    offsets = rng.standard_normal((len(entries), nq)).astype(np.float32)   # a partitioned index's list terms
+    return plan, entries, magnitude, offsets
+
+
+@needs_avx2
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_kernel_shares_of_queries_or_blocks_equal_one_thread(metric):
+    # scan_segments(threads=t) splits the queries (nq >= t) or else the blocks of all segments in
+    # turn, heaps merged at the end: the same heaps as one thread, offsets, removals and ties included,
+    # into heaps that already hold rows (a caller's earlier scan), with and without a caller's floor.
+    # Shares of queries do each query's work in the same order, so they count the same evaluations.
+    from tqindex.topk import topk_ordered
+    for nq in (1, 3, 8):
+        plan, entries, magnitude, offsets = _kernel_inputs(metric, nq)
+
+        def scan(threads, k, floor=None, portable=False):
+            s, i = np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
+            count = np.zeros(nq, np.int64)
+            # The first segment's rows first, then the second's over those heaps.
+            for e, o in zip(entries, offsets):
+                native.kernels.scan_segments(plan, [e], magnitude, s, i, count, portable=portable, offsets=o[None, :],
+                                             threads=threads, floor=floor)
+            return (*(t.numpy() for t in topk_ordered(torch.from_numpy(s), torch.from_numpy(i), k)), count)
+
+        for k in (1, 10, 40):
+            one_s, one_i, one_count = scan(1, k)
+            assert (one_i >= 0).all()
+            for threads in (2, 3, 5, 8):
+                for floor in (None, np.full(nq, -np.inf, np.float32)):
+                    s, i, count = scan(threads, k, floor)
+                    np.testing.assert_array_equal(i, one_i)
+                    np.testing.assert_array_equal(s, one_s)
+                    if nq >= threads:
+                        np.testing.assert_array_equal(count, one_count)
+            portable = scan(3, k, portable=True)
+            np.testing.assert_array_equal(portable[0], one_s)
+            np.testing.assert_array_equal(portable[1], one_i)
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        native.kernels.scan_segments(plan, entries, magnitude, np.full((nq, 3), -np.inf, np.float32),
+                                     np.full((nq, 3), -1, np.int64), np.zeros(nq, np.int64), threads=0)
+
+
+_FORKED_SCAN = r"""
+import multiprocessing as mp, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_native import _kernel_inputs
+from tqindex import native
+
+# Made before the fork: torch's own thread pool is not safe to use in a forked child.
+PLAN, ENTRIES, MAGNITUDE, _ = _kernel_inputs("ip", 2)
+
+def scan(threads):
+    s, i = np.full((2, 10), -np.inf, np.float32), np.full((2, 10), -1, np.int64)
+    native.kernels.scan_segments(PLAN, ENTRIES, MAGNITUDE, s, i, np.zeros(2, np.int64), threads=threads)
+    return s, i
+
+def child(conn):
+    workers = native.kernels.pool_workers()
+    s, i = scan(4)
+    conn.send((workers, native.kernels.pool_workers(), s, i))
+
+if __name__ == "__main__":
+    parent_s, parent_i = scan(4)
+    assert native.kernels.pool_workers() >= 1
+    here, there = mp.get_context("fork").Pipe()
+    proc = mp.get_context("fork").Process(target=child, args=(there,))
+    proc.start()
+    workers_before, workers_after, s, i = here.recv()
+    proc.join()
+    assert proc.exitcode == 0, proc.exitcode
+    assert workers_before == 0 and workers_after >= 1, (workers_before, workers_after)
+    # The same rows (a heap's order of equal-ranked entries depends on the split, so compare sorted).
+    assert (np.sort(s, 1) == np.sort(parent_s, 1)).all() and (np.sort(i, 1) == np.sort(parent_i, 1)).all()
+    assert (i >= 0).all()
+    print("ok")
+"""
+
+
+@needs_avx2
+def test_a_forked_child_starts_its_own_workers(tmp_path):
+    # fork copies only the calling thread: the child must not wait on the parent's workers (a hang)
+    # nor on a lock one of them held; it starts workers of its own and scans as the parent does.
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = tmp_path / "forked.py"
+    script.write_text(_FORKED_SCAN.format(tests=str(Path(__file__).parent)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 @needs_native

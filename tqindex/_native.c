@@ -37,6 +37,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "_pool.h"
 #include "_scan.h"
 
 static int have_avx2(void) {
@@ -298,30 +299,134 @@ static int bind_segment(scan_args *a, buffer_set *b, PyObject *codes, Py_ssize_t
 }
 #undef TAKE
 
+/* The queries [q0, q1) of a's: every per-query pointer moved to q0. */
+static void narrow_queries(scan_args *g, Py_ssize_t q0, Py_ssize_t q1) {
+    const Py_ssize_t entries = table_entries(g);
+    g->luts += q0 * entries;
+    g->fluts += q0 * entries;
+    g->delta += q0;
+    g->bias += q0;
+    g->tol += q0;
+    if (g->query_norm2) g->query_norm2 += q0;
+    if (g->offset) g->offset += q0;
+    if (g->floor) g->floor += q0;
+    if (g->rotated) g->rotated += q0 * g->dim;
+    g->out_s += q0 * g->kp;
+    g->out_i += q0 * g->kp;
+    g->exact_count += q0;
+    g->nq = q1 - q0;
+}
+
+/* What a scan's shares have in common: the bound segments and their limits. */
+typedef struct {
+    const scan_args *seg;  /* [nseg], bound */
+    Py_ssize_t nseg;
+    const double *limits;  /* [nseg][2]: max_scale, max_norm2 */
+    const float *mag;      /* [nq] */
+    int portable;
+} scan_job;
+
+/* Queries [q0, q1) over the blocks [g0, g1) of the concatenation of every segment's block range, with
+ * each segment's eps (the room for float32 rounding in a score, per query) written to `eps` before its
+ * scan, into the heaps, counts and floor given for those queries (out_s NULL: the caller's). */
+static void scan_range(const scan_job *job, Py_ssize_t q0, Py_ssize_t q1, Py_ssize_t g0, Py_ssize_t g1, float *eps,
+                       float *out_s, int64_t *out_i, int64_t *count, uint32_t *floor) {
+    Py_ssize_t first = 0;  /* this segment's first block in the concatenation */
+    for (Py_ssize_t s = 0; s < job->nseg && first < g1; s++) {
+        scan_args g = job->seg[s];
+        const Py_ssize_t n = g.b1 - g.b0;
+        if (first + n > g0) {
+            g.b0 += g0 > first ? g0 - first : 0;
+            g.b1 -= first + n > g1 ? first + n - g1 : 0;
+            narrow_queries(&g, q0, q1);
+            if (out_s) {  /* heaps of its own, for queries [q0, q1) */
+                g.out_s = out_s;
+                g.out_i = out_i;
+                g.exact_count = count;
+                g.floor = floor;
+            }
+            g.eps = eps;
+            const float factor = g.row_norm ? 2.0f : 1.0f;
+            for (Py_ssize_t q = 0; q < g.nq; q++)
+                eps[q] = 1e-5f * (factor * (float)job->limits[2 * s] * job->mag[q0 + q] +
+                                  (g.offset ? fabsf(g.offset[q]) : 0.0f) +
+                                  (g.row_norm ? (float)job->limits[2 * s + 1] + g.query_norm2[q] : 0.0f));
+            run_scan(&g, job->portable);
+        }
+        first += n;
+    }
+}
+
+/* A scan split into shares (pool_run's tasks) that claim chunks of the work in turn, so a share whose
+ * thread starts late (a sleeping worker takes tens of microseconds to wake) or runs on a busy core
+ * takes fewer. With at least as many queries as shares, a chunk is a run of the queries over every
+ * block. With fewer, it is a run of the blocks for every query: share 0 scans into the caller's heaps,
+ * the others into their own, all pruning against one shared floor; the heaps are merged after. */
+typedef struct {
+    const scan_job *job;
+    Py_ssize_t total, nq, kp;
+    int shares, by_query;
+    Py_ssize_t chunk, units; /* queries or blocks: `units` in chunks of `chunk` */
+    Py_ssize_t next;         /* the next chunk to claim (atomic) */
+    float *eps;              /* [shares][nq] */
+    float *hs;               /* [shares - 1][nq][kp], the other shares' heaps (block shares) */
+    int64_t *hi;
+    int64_t *count;          /* [shares - 1][nq] */
+    uint32_t *floor;
+} scan_split;
+
+static void scan_share(void *ctx, int t) {
+    scan_split *p = ctx;
+    float *eps = p->eps + t * p->nq;
+    const Py_ssize_t heap = p->nq * p->kp;
+    for (;;) {
+        const Py_ssize_t u0 = __atomic_fetch_add(&p->next, 1, __ATOMIC_RELAXED) * p->chunk;
+        if (u0 >= p->units) return;
+        const Py_ssize_t u1 = u0 + p->chunk < p->units ? u0 + p->chunk : p->units;
+        if (p->by_query)
+            scan_range(p->job, u0, u1, 0, p->total, eps, NULL, NULL, NULL, NULL);
+        else if (t == 0)
+            scan_range(p->job, 0, p->nq, u0, u1, eps, NULL, NULL, NULL, NULL);
+        else
+            scan_range(p->job, 0, p->nq, u0, u1, eps, p->hs + (t - 1) * heap, p->hi + (t - 1) * heap,
+                       p->count + (t - 1) * p->nq, p->floor);
+    }
+}
+
 /* scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None,
- * offsets=None): the plan's queries (its per-query fields) over many segments, into the same heaps. Each
- * segment is a tuple (codes, rows, row_scale, row_norm or None, deleted or None, block_live or None, id_base,
- * max_scale, max_norm2[, b0, b1]): its blocks [b0, b1) (default all) are scanned, every score plus its
- * offset (offsets: float32 [nsegments][nq], a partitioned index's list terms, or None), with
+ * offsets=None, threads=1): the plan's queries (its per-query fields) over many segments, into the same
+ * heaps. Each segment is a tuple (codes, rows, row_scale, row_norm or None, deleted or None, block_live or
+ * None, id_base, max_scale, max_norm2[, b0, b1]): its blocks [b0, b1) (default all) are scanned, every score
+ * plus its offset (offsets: float32 [nsegments][nq], a partitioned index's list terms, or None), with
  * eps = 1e-5 * (factor * max_scale * magnitude + |offset| [+ max_norm2 + qn2]), the room for float32 rounding
  * in a score. floor: float32 [nq] shared by calls that scan disjoint rows of these queries into their own
- * heaps (-inf to start; scan_args.floor), or None. A flat index's segments (a thread's share of their blocks)
- * and a partitioned index's probed lists both come through here. */
+ * heaps (-inf to start; scan_args.floor), or None. threads > 1: the work is split into that many shares run
+ * at once by the module's worker threads (tqindex/_pool.h): runs of the queries where there are at least
+ * `threads` of them, else runs of the blocks (of all segments in turn), merged into the heaps at the end.
+ * The results are the same however it is split.
+ * A flat index's segments and a partitioned index's probed lists both come through here. */
 static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"plan", "segments", "magnitude", "out_scores", "out_ids", "exact_count", "portable",
-                             "floor", "offsets", NULL};
+                             "floor", "offsets", "threads", NULL};
     PyObject *plan, *segments, *magnitude, *out_s, *out_i, *exact_count, *floor = Py_None, *offsets = Py_None;
-    int portable = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OOOO|pOO", kwlist, &plan, &PyList_Type, &segments, &magnitude,
-                                     &out_s, &out_i, &exact_count, &portable, &floor, &offsets))
+    int portable = 0, threads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OOOO|pOOi", kwlist, &plan, &PyList_Type, &segments,
+                                     &magnitude, &out_s, &out_i, &exact_count, &portable, &floor, &offsets, &threads))
         return NULL;
+    if (threads < 1) {
+        PyErr_Format(PyExc_ValueError, "scan_segments: threads must be at least 1, got %d", threads);
+        return NULL;
+    }
+    if (threads > POOL_MAX_WORKERS + 1) threads = POOL_MAX_WORKERS + 1;
     /* Every segment is bound first (up to 5 buffers each), then the GIL is released once for the
      * whole scan: a partitioned single query probes many small lists, and a release, a reacquire
      * and a rebinding per list cost microseconds each. */
     const Py_ssize_t nseg = PyList_GET_SIZE(segments);
     buffer_set b;
     int ok = 0;
-    float *eps = NULL;
+    float *eps = NULL, *hs = NULL;
+    int64_t *hi = NULL, *counts = NULL;
+    uint32_t *shared_floor = NULL;
     scan_args *seg = NULL;     /* each segment's arguments, bound */
     double *limits = NULL;     /* its max_scale and max_norm2 */
     void *mag_p;
@@ -331,21 +436,19 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
     if (bind_queries(&a, &b, plan, out_s, out_i, exact_count, portable) < 0) goto done;
     if (bind_floor(&a, &b, floor) < 0) goto done;
     if (take(&b, magnitude, 0, a.nq * (Py_ssize_t)sizeof(float), "magnitude", &mag_p) < 0) goto done;
-    const float *mag = mag_p;
     const float *offset = NULL;  /* [nseg][nq] */
     if (offsets != Py_None) {
         void *o;
         if (take(&b, offsets, 0, nseg * a.nq * (Py_ssize_t)sizeof(float), "offsets", &o) < 0) goto done;
         offset = o;
     }
-    eps = PyMem_Malloc((a.nq ? a.nq : 1) * sizeof(float));
     seg = PyMem_Malloc((nseg ? nseg : 1) * sizeof(scan_args));
     limits = PyMem_Malloc((nseg ? nseg : 1) * 2 * sizeof(double));
-    if (!eps || !seg || !limits) {
+    if (!seg || !limits) {
         PyErr_NoMemory();
         goto done;
     }
-    a.eps = eps;
+    Py_ssize_t total = 0;  /* blocks to scan, of every segment */
     for (Py_ssize_t s = 0; s < nseg; s++) {
         PyObject *codes, *row_scale, *row_norm, *deleted, *block_live;
         Py_ssize_t rows, nblocks, b0 = 0, b1 = 0;
@@ -366,20 +469,73 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
         a.b0 = b0;
         a.b1 = b1;
         seg[s] = a;
+        total += b1 - b0;
     }
+    /* Shares of the queries where there are enough, else of the blocks. */
+    const int by_query = a.nq >= threads;
+    const Py_ssize_t units = by_query ? a.nq : total;
+    const int shares = units > 1 ? (int)(units < threads ? units : threads) : 1;
+    const Py_ssize_t nq = a.nq, kp = a.kp, heap = by_query ? 0 : (shares - 1) * nq * kp;
+    eps = PyMem_Malloc((size_t)shares * (nq ? nq : 1) * sizeof(float));
+    if (shares > 1 && !by_query) {
+        hs = PyMem_Malloc((size_t)heap * sizeof(float));
+        hi = PyMem_Malloc((size_t)heap * sizeof(int64_t));
+        counts = PyMem_Calloc((size_t)(shares - 1) * nq, sizeof(int64_t));
+        if (!a.floor) shared_floor = PyMem_Malloc((size_t)nq * sizeof(uint32_t));
+        if (!hs || !hi || !counts || (!a.floor && !shared_floor)) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    if (!eps) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    scan_job job = {seg, nseg, limits, mag_p, portable};
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t s = 0; s < nseg; s++) {
-        const scan_args *g = &seg[s];
-        const float factor = g->row_norm ? 2.0f : 1.0f;
-        for (Py_ssize_t q = 0; q < g->nq; q++)
-            eps[q] = 1e-5f * (factor * (float)limits[2 * s] * mag[q] + (g->offset ? fabsf(g->offset[q]) : 0.0f) +
-                              (g->row_norm ? (float)limits[2 * s + 1] + g->query_norm2[q] : 0.0f));
-        run_scan(g, portable);
+    if (shares == 1) {
+        scan_range(&job, 0, nq, 0, total, eps, NULL, NULL, NULL, NULL);
+    } else if (by_query) {
+        /* Chunks of whole query tiles, a few per share: each chunk streams every block once more. */
+        Py_ssize_t chunk = (nq + 4 * shares - 1) / (4 * shares);
+        chunk = (chunk + MAX_TILE - 1) / MAX_TILE * MAX_TILE;
+        scan_split split = {&job, total, nq, kp, shares, 1, chunk, nq, 0, eps, NULL, NULL, NULL, NULL};
+        pool_run(scan_share, &split, shares);
+    } else {
+        for (Py_ssize_t i = 0; i < heap; i++) {
+            hs[i] = -INFINITY;
+            hi[i] = -1;
+        }
+        uint32_t *fl = a.floor;
+        if (!fl) {
+            /* The caller's heaps hold rows disjoint from the other shares': their least score is a floor. */
+            fl = shared_floor;
+            for (Py_ssize_t q = 0; q < nq; q++) memcpy(&fl[q], &a.out_s[q * kp], sizeof(float));
+            for (Py_ssize_t s = 0; s < nseg; s++) seg[s].floor = fl;
+        }
+        Py_ssize_t chunk = (total + 8 * shares - 1) / (8 * shares);
+        chunk = chunk < 16 ? 16 : chunk;
+        scan_split split = {&job, total, nq, kp, shares, 0, chunk, total, 0, eps, hs, hi, counts, fl};
+        pool_run(scan_share, &split, shares);
+        for (int t = 1; t < shares; t++)
+            for (Py_ssize_t q = 0; q < nq; q++) {
+                const float *s2 = hs + ((t - 1) * nq + q) * kp;
+                const int64_t *i2 = hi + ((t - 1) * nq + q) * kp;
+                float *s1 = a.out_s + q * kp;
+                int64_t *i1 = a.out_i + q * kp;
+                for (Py_ssize_t j = 0; j < kp; j++)
+                    if (i2[j] >= 0 && ranks_below(s1[0], i1[0], s2[j], i2[j])) heap_replace_top(s1, i1, kp, s2[j], i2[j]);
+                a.exact_count[q] += counts[(t - 1) * nq + q];
+            }
     }
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
     PyMem_Free(eps);
+    PyMem_Free(hs);
+    PyMem_Free(hi);
+    PyMem_Free(counts);
+    PyMem_Free(shared_floor);
     PyMem_Free(seg);
     PyMem_Free(limits);
     buffers_free(&b);
@@ -982,6 +1138,10 @@ done:
     return release(bufs, held, ok);
 }
 
+static PyObject *pool_workers_count(PyObject *self, PyObject *unused) {
+    return PyLong_FromLong(pool_workers_started());
+}
+
 static PyObject *simd(PyObject *self, PyObject *unused) {
     return PyUnicode_FromString(level_names[scan_level()]);
 }
@@ -1006,14 +1166,18 @@ static PyObject *set_simd_limit(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"scan_segments", (PyCFunction)(void (*)(void))scan_segments, METH_VARARGS | METH_KEYWORDS,
      "scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None, "
-     "offsets=None)\n\n"
+     "offsets=None, threads=1)\n\n"
      "plan: a ScanPlan (tqindex.backends.fastscan), the queries' tables. Offer every segment's rows (tuples "
      "(codes, rows, row_scale, row_norm, deleted, block_live, id_base, max_scale, max_norm2[, b0, b1])) "
      "to each query's min-heap of exact scores in out_scores/out_ids (float32/int64 [nq][k], initialised by the "
      "caller), each score plus its segment's offset (offsets: float32 [nsegments][nq], or None); adds the "
      "number of exact evaluations to exact_count (int64 [nq]). floor (float32 [nq], -inf to start): shared by "
      "calls scanning disjoint rows into their own heaps, so each prunes with the best k-th score of all. Binds "
-     "every segment first, then releases the GIL once."},
+     "every segment first, then releases the GIL once. threads > 1: the queries (at least `threads` of them) or "
+     "else the blocks of all segments are split into that many shares scanned at once by the module's worker "
+     "threads (the same results)."},
+    {"pool_workers", pool_workers_count, METH_NOARGS,
+     "The worker threads the module has started (they live until the process ends; none in a forked child)."},
     {"encode", encode, METH_VARARGS,
      "encode(y, dim, rows, groups, codes, alignment)\n\nQuantize rows of rotated unit vectors into packed codes "
      "(groups: list of (start, stop, bits, byte_offset, boundaries, centroids)) and their alignment "
@@ -1042,6 +1206,14 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "tqindex native kernels: fast scan and encoding", -1, methods};
 
 PyMODINIT_FUNC PyInit__native(void) {
+    static int fork_handler = 0;
+    if (!fork_handler) {
+        if (pthread_atfork(NULL, NULL, pool_after_fork_child)) {
+            PyErr_SetString(PyExc_RuntimeError, "tqindex._native: could not register the thread pool's fork handler");
+            return NULL;
+        }
+        fork_handler = 1;
+    }
     PyObject *m = PyModule_Create(&module);
     if (m && PyModule_AddIntConstant(m, "LUT_MAX", LUT_MAX) < 0) {
         Py_DECREF(m);

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -18,8 +19,8 @@ try:
 except ImportError:  # built without a C compiler
     kernels = None
 
-__all__ = ["kernels", "enabled", "simd", "set_simd_limit", "SIMD_LEVELS", "parallel_ranges", "get_num_threads",
-           "set_num_threads"]
+__all__ = ["kernels", "enabled", "simd", "set_simd_limit", "SIMD_LEVELS", "parallel_ranges", "thread_share",
+           "get_num_threads", "set_num_threads"]
 
 #: The fast scan's SIMD levels, lowest first (the portable loop is the oracle of the others).
 SIMD_LEVELS = ("portable", "neon", "avx2", "avx512")
@@ -74,21 +75,31 @@ if kernels is not None and os.environ.get("TQINDEX_SIMD"):
         raise ValueError(f"environment variable TQINDEX_SIMD: {exc}") from None
 
 
-def parallel_ranges(count: int, fn, threads: int | None = None, min_per_thread: int = 1) -> list:
-    """Run fn(start, stop) over `threads` contiguous slices of range(count) (the kernels release
-    the GIL) and return the results in order. The calling thread runs the first slice itself, so a
-    call hands at most threads − 1 slices to the pool (one hand-off fewer, which counts on a busy
-    machine, where a pool thread may wait for a core).
-
-    Calls in flight at once (several Python threads searching one index) share the thread budget:
-    each takes its share, so concurrent single queries run side by side, each in its own caller's
-    thread, instead of queueing for the same pool threads. Results never depend on the split."""
-    global _EXECUTOR, _ACTIVE
+@contextmanager
+def thread_share(threads: int | None = None):
+    """This call's share of the thread budget (`threads`, default `get_num_threads()`), as an int:
+    calls in flight at once (several Python threads searching one index) divide it between them, so
+    concurrent single queries run side by side instead of queueing for the same threads."""
+    global _ACTIVE
     with _EXECUTOR_LOCK:
         _ACTIVE += 1
         sharing = _ACTIVE
     try:
-        threads = max(1, min((threads or get_num_threads()) // sharing, count // max(1, min_per_thread)))
+        yield max(1, (threads or get_num_threads()) // sharing)
+    finally:
+        with _EXECUTOR_LOCK:
+            _ACTIVE -= 1
+
+
+def parallel_ranges(count: int, fn, threads: int | None = None, min_per_thread: int = 1) -> list:
+    """Run fn(start, stop) over `threads` contiguous slices of range(count) (the kernels release
+    the GIL) and return the results in order. The calling thread runs the first slice itself, so a
+    call hands at most threads − 1 slices to the pool (one hand-off fewer, which counts on a busy
+    machine, where a pool thread may wait for a core). The threads are this call's `thread_share`.
+    Results never depend on the split."""
+    global _EXECUTOR
+    with thread_share(threads) as share:
+        threads = max(1, min(share, count // max(1, min_per_thread)))
         if threads == 1:
             return [fn(0, count)]
         with _EXECUTOR_LOCK:
@@ -99,6 +110,3 @@ def parallel_ranges(count: int, fn, threads: int | None = None, min_per_thread: 
         futures = [executor.submit(fn, edges[i], edges[i + 1]) for i in range(1, threads)]
         first = fn(edges[0], edges[1])
         return [first] + [f.result() for f in futures]
-    finally:
-        with _EXECUTOR_LOCK:
-            _ACTIVE -= 1

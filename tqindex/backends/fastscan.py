@@ -46,9 +46,9 @@ from .base import ListScan, Queries, Scanner, SegmentCache, TopK
 __all__ = ["FastScanner", "ScanPlan", "available", "supports", "scan_lists_fast", "scan_topk_fast", "segment_layout",
            "quantized_luts"]
 
-#: Blocks a thread's share of a few queries' scan gets at least: below that, handing a share to
-#: another thread costs more than it saves.
-_BLOCKS_PER_THREAD = 64
+#: Bytes of codes a thread's share of a few queries' scan gets at least: a worker that sleeps takes
+#: tens of microseconds to wake (more in a virtual machine), so a smaller share costs more than it saves.
+_BYTES_PER_SHARE = 1 << 20
 #: Queries a thread's share of the table making gets at least.
 _TABLE_QUERIES_PER_THREAD = 64
 
@@ -258,9 +258,10 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract and results as `backends.torch_scan.scan_topk` (mse variant, CPU).
 
-    Every segment is scanned into one heap per query (`_native.scan_segments`), the rows of segment i
-    at positions from its start on. Threads take disjoint queries, or, with fewer queries than threads,
-    disjoint runs of blocks (each its own heaps, sharing a per-query floor; merged at the end).
+    Every segment is scanned into one heap per query, in one `_native.scan_segments` call, the rows of
+    segment i at positions from its start on. The kernel's worker threads take runs of the queries, or,
+    with fewer queries than threads, runs of the blocks (each its own heaps, sharing a per-query floor;
+    merged at the end).
 
     Parameters
     ----------
@@ -287,35 +288,14 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
     if not entries:
         return empty_topk(nq, k)
     count = np.zeros(nq, dtype=np.int64)
-    blocks = [block_count(e[1]) for e in entries]
-    total = sum(blocks)
-    if nq >= threads or total < 2 * _BLOCKS_PER_THREAD:
-        # Threads take disjoint queries, each streaming every block with its own tables.
-        heap_s = np.full((nq, k), -np.inf, dtype=np.float32)
-        heap_i = np.full((nq, k), -1, dtype=np.int64)
-
-        def run(q0, q1):
-            native.kernels.scan_segments(plan.queries(slice(q0, q1)), entries, magnitude[q0:q1], heap_s[q0:q1],
-                                         heap_i[q0:q1], count[q0:q1], portable=portable)
-
-        native.parallel_ranges(nq, run, threads)
-    else:
-        # Few queries: threads take disjoint runs of the blocks (of all segments in turn), each an exact
-        # top k of its rows; a shared floor lets a heap skip rows another has already beaten.
-        floor = np.full(nq, -np.inf, dtype=np.float32)
-        firsts = np.cumsum([0] + blocks).tolist()
-
-        def run(b0, b1):
-            hs, hi = np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
-            cnt = np.zeros(nq, dtype=np.int64)
-            args = [(*entry, max(b0 - first, 0), min(b1 - first, n))
-                    for entry, first, n in zip(entries, firsts, blocks) if first < b1 and first + n > b0]
-            native.kernels.scan_segments(plan, args, magnitude, hs, hi, cnt, portable=portable, floor=floor)
-            return hs, hi, cnt
-
-        parts = native.parallel_ranges(total, run, threads, min_per_thread=_BLOCKS_PER_THREAD)
-        heap_s, heap_i = (np.concatenate([p[j] for p in parts], axis=1) for j in (0, 1))
-        count = sum(p[2] for p in parts)
+    heap_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    heap_i = np.full((nq, k), -1, dtype=np.int64)
+    with native.thread_share(threads) as share:
+        # Shares take runs of the queries where there are enough, else runs of the blocks (of all
+        # segments in turn), each block share a run worth a worker's wake-up.
+        shares = share if nq >= share else max(1, min(share, sum(e[0].nbytes for e in entries) // _BYTES_PER_SHARE))
+        native.kernels.scan_segments(plan, entries, magnitude, heap_s, heap_i, count, portable=portable,
+                                     threads=shares)
     if stats is not None:
         stats.update(queries=nq, exact_per_query=float(count.sum()) / max(nq, 1))
     return topk_ordered(torch.from_numpy(heap_s), torch.from_numpy(heap_i), k)
@@ -346,7 +326,8 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
     """A partitioned index's top k (see `base.ListScan`) in one heap per query: tables are made
     once per query, and every probed list's segments are scanned into the same heap, each with its
     list's score offset and first position (`id_base`), so a list's rows are
-    pruned against the best scores of the lists scanned before it. Threads take disjoint queries."""
+    pruned against the best scores of the lists scanned before it. Threads take disjoint queries; a
+    single query's blocks are split between the kernel's worker threads."""
     nq = rotated.shape[0]
     threads = threads or native.get_num_threads()
     q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
@@ -360,21 +341,29 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
 
     entries_of = list_entries(quantizer, request, metric, cache)
 
-    def scan(rows, args, offsets):
+    def scan(rows, args, offsets, threads=1):
         part = plan.queries(rows)
         hs, hi, cnt = heap_s[rows], heap_i[rows], np.zeros(len(part.delta), dtype=np.int64)
-        native.kernels.scan_segments(part, args, magnitude[rows], hs, hi, cnt, portable=portable, offsets=offsets)
+        native.kernels.scan_segments(part, args, magnitude[rows], hs, hi, cnt, portable=portable, offsets=offsets,
+                                     threads=threads)
         if isinstance(rows, np.ndarray):  # copies: written back
             heap_s[rows], heap_i[rows] = hs, hi
         return cnt
 
+    def one_query(q0, share):
+        # All its lists' segments, best list first, in one native call; with a share of more than one
+        # thread, the kernel splits their blocks (see scan_topk_fast).
+        lists = request.lists[q0].tolist()
+        per_list = [entries_of(lst) for lst in lists]
+        args = [e for entries in per_list for e in entries]
+        offsets = request.offsets[q0, [lst for lst, entries in zip(lists, per_list) for _ in entries]]
+        if share > 1:
+            share = max(1, min(share, sum(e[0].nbytes for e in args) // _BYTES_PER_SHARE))
+        count[q0] += scan(slice(q0, q0 + 1), args, offsets[:, None], share)[0]
+
     def run(q0, q1):
-        if q1 - q0 == 1:  # one query: all its lists' segments, best list first, in one native call
-            lists = request.lists[q0].tolist()
-            per_list = [entries_of(lst) for lst in lists]
-            args = [e for entries in per_list for e in entries]
-            offsets = request.offsets[q0, [lst for lst, entries in zip(lists, per_list) for _ in entries]]
-            count[q0] += scan(slice(q0, q1), args, offsets[:, None])[0]
+        if q1 - q0 == 1:
+            one_query(q0, 1)
             return
         part = ListScan(segments, request.starts, request.members, request.lists[q0:q1], request.offsets[q0:q1],
                         request.memo)
@@ -385,7 +374,11 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
             offsets = np.repeat(request.offsets[g, lst][None, :], len(where), axis=0)
             count[g] += scan(rows, list(entries_of(lst)), offsets)
 
-    native.parallel_ranges(nq, run, threads)
+    if nq == 1:
+        with native.thread_share(threads) as share:
+            one_query(0, share)
+    else:
+        native.parallel_ranges(nq, run, threads)
     if stats is not None:
         stats.update(queries=nq, exact_per_query=float(count.sum()) / max(nq, 1))
     return topk_ordered(torch.from_numpy(heap_s), torch.from_numpy(heap_i), k)

@@ -1,0 +1,166 @@
+/* A persistent pool of worker threads for the native kernels, free of Python.
+ *
+ * A single query's scan is split into a few shares of blocks; handing them to Python threads costs a
+ * queue, a condition and the GIL per share (more than a small index's whole scan). Here a call puts
+ * its shares on a queue, wakes the workers, runs shares itself too, and waits until every share of
+ * its own is done. Several calls (Python threads searching at once, the GIL released) may be in
+ * flight: each waits only for its own shares. Workers are started on first need, up to the most
+ * any call asked for, and live until the process ends. A forked child starts with none (fork copies
+ * only the calling thread), so the child handler forgets the parent's.
+ *
+ * Call without the GIL. Tasks must not fail: they are plain C over memory the caller owns. */
+#ifndef TQINDEX_POOL_H
+#define TQINDEX_POOL_H
+
+#include <pthread.h>
+#include <time.h>
+
+#define POOL_MAX_WORKERS 255
+
+typedef void (*pool_fn)(void *ctx, int task);
+
+typedef struct pool_job {
+    pool_fn fn;
+    void *ctx;
+    int ntasks;
+    int next;              /* the next task to claim */
+    int done;              /* tasks finished */
+    struct pool_job *link; /* the queue of jobs with tasks left to claim */
+} pool_job;
+
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_work = PTHREAD_COND_INITIALIZER; /* a job was queued */
+static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER; /* a job's last task finished */
+static pool_job *pool_queue = NULL;
+static int pool_workers = 0;
+static int pool_sleeping = 0;  /* workers waiting on pool_work */
+static int pool_queued = 0;    /* nonzero while the queue has tasks to claim (read without the lock by spinners) */
+
+/* How long an idle worker watches the queue before it sleeps. A sleeping worker on an idle core takes
+ * tens of microseconds to wake (more in a virtual machine), as long as a small index's whole scan;
+ * a search loop's next query comes sooner than this, so its shares start at once. */
+#define POOL_SPIN_NS 200000
+
+static inline void pool_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static double pool_clock(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e9 + (double)t.tv_nsec;
+}
+
+/* Claim the next task of the queue's first job (pool_mu held); the job leaves the queue with its last
+ * task claimed. Returns the job, or NULL when the queue is empty. */
+static pool_job *pool_claim(int *task) {
+    pool_job *j = pool_queue;
+    if (!j) return NULL;
+    *task = j->next++;
+    if (j->next == j->ntasks) pool_queue = j->link;
+    __atomic_store_n(&pool_queued, pool_queue != NULL, __ATOMIC_RELAXED);
+    return j;
+}
+
+/* Run a claimed task with the lock dropped, and count it done (pool_mu held on entry and exit). */
+static void pool_finish(pool_job *j, int task) {
+    pthread_mutex_unlock(&pool_mu);
+    j->fn(j->ctx, task);
+    pthread_mutex_lock(&pool_mu);
+    if (++j->done == j->ntasks) pthread_cond_broadcast(&pool_done);
+}
+
+static void *pool_main(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&pool_mu);
+    for (;;) {
+        int task;
+        pool_job *j = pool_claim(&task);
+        if (j) {
+            pool_finish(j, task);
+            continue;
+        }
+        /* Watch the queue for a while (without the lock), then sleep. */
+        pthread_mutex_unlock(&pool_mu);
+        const double until = pool_clock() + POOL_SPIN_NS;
+        for (int i = 1; !__atomic_load_n(&pool_queued, __ATOMIC_RELAXED); i++) {
+            pool_relax();
+            if (!(i & 255) && pool_clock() > until) break;
+        }
+        pthread_mutex_lock(&pool_mu);
+        if (pool_queue) continue;
+        pool_sleeping++;
+        pthread_cond_wait(&pool_work, &pool_mu);
+        pool_sleeping--;
+    }
+    return NULL;
+}
+
+/* Start workers up to `want` (pool_mu held). Fewer is not an error: the caller runs what is left. */
+static void pool_grow(int want) {
+    if (want > POOL_MAX_WORKERS) want = POOL_MAX_WORKERS;
+    while (pool_workers < want) {
+        pthread_t t;
+        pthread_attr_t attr;
+        if (pthread_attr_init(&attr)) return;
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int rc = pthread_create(&t, &attr, pool_main, NULL);
+        pthread_attr_destroy(&attr);
+        if (rc) return;
+        pool_workers++;
+    }
+}
+
+/* fn(ctx, t) for t in [0, ntasks), on the calling thread and up to ntasks - 1 workers; returns when all
+ * are done. Which thread runs which task is not fixed: results must not depend on it. */
+static void pool_run(pool_fn fn, void *ctx, int ntasks) {
+    if (ntasks <= 1) {
+        if (ntasks == 1) fn(ctx, 0);
+        return;
+    }
+    pool_job j = {fn, ctx, ntasks, 0, 0, NULL};
+    pthread_mutex_lock(&pool_mu);
+    pool_grow(ntasks - 1);
+    pool_job **end = &pool_queue;
+    while (*end) end = &(*end)->link;
+    *end = &j;
+    __atomic_store_n(&pool_queued, 1, __ATOMIC_RELAXED);
+    if (pool_sleeping) pthread_cond_broadcast(&pool_work);
+    /* The caller takes its own job's tasks (not another call's: it returns as soon as its own are done). */
+    while (j.next < j.ntasks) {
+        const int task = j.next++;
+        if (j.next == j.ntasks) { /* unlink: every task claimed */
+            pool_job **p = &pool_queue;
+            while (*p != &j) p = &(*p)->link;
+            *p = j.link;
+            __atomic_store_n(&pool_queued, pool_queue != NULL, __ATOMIC_RELAXED);
+        }
+        pool_finish(&j, task);
+    }
+    while (j.done < j.ntasks) pthread_cond_wait(&pool_done, &pool_mu);
+    pthread_mutex_unlock(&pool_mu);
+}
+
+/* In a forked child no worker exists, and the lock may have been held by a thread that is gone. */
+static void pool_after_fork_child(void) {
+    pthread_mutex_init(&pool_mu, NULL);
+    pthread_cond_init(&pool_work, NULL);
+    pthread_cond_init(&pool_done, NULL);
+    pool_queue = NULL;
+    pool_workers = 0;
+    pool_sleeping = 0;
+    pool_queued = 0;
+}
+
+static int pool_workers_started(void) {
+    pthread_mutex_lock(&pool_mu);
+    const int n = pool_workers;
+    pthread_mutex_unlock(&pool_mu);
+    return n;
+}
+
+#endif
