@@ -496,8 +496,11 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
     if (shares == 1) {
         scan_range(&job, 0, nq, 0, total, eps, NULL, NULL, NULL, NULL);
     } else if (by_query) {
-        /* Chunks of whole query tiles, a few per share: each chunk streams every block once more. */
-        Py_ssize_t chunk = (nq + 4 * shares - 1) / (4 * shares);
+        /* Chunks of whole query tiles, a few per share, but never fewer queries than fill 64 (or a
+         * share's all): each chunk streams every block from memory once more, and a pass's blocks are
+         * reused from cache by every query of its chunk. */
+        const Py_ssize_t few = (nq + 4 * shares - 1) / (4 * shares), even = (nq + shares - 1) / shares;
+        Py_ssize_t chunk = few > (even < 64 ? even : 64) ? few : (even < 64 ? even : 64);
         chunk = (chunk + MAX_TILE - 1) / MAX_TILE * MAX_TILE;
         scan_split split = {&job, total, nq, kp, shares, 1, chunk, nq, 0, eps, NULL, NULL, NULL, NULL};
         pool_run(scan_share, &split, shares);

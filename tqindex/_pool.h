@@ -13,6 +13,7 @@
 #define TQINDEX_POOL_H
 
 #include <pthread.h>
+#include <sched.h>
 #include <time.h>
 
 #define POOL_MAX_WORKERS 255
@@ -38,16 +39,9 @@ static int pool_queued = 0;    /* nonzero while the queue has tasks to claim (re
 
 /* How long an idle worker watches the queue before it sleeps. A sleeping worker on an idle core takes
  * tens of microseconds to wake (more in a virtual machine), as long as a small index's whole scan;
- * a search loop's next query comes sooner than this, so its shares start at once. */
+ * a search loop's next query often comes sooner than this, so its shares start at once. The worker
+ * yields its core between looks, so on a busy machine it gives way to whatever else is runnable. */
 #define POOL_SPIN_NS 200000
-
-static inline void pool_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
 
 static double pool_clock(void) {
     struct timespec t;
@@ -87,10 +81,7 @@ static void *pool_main(void *unused) {
         /* Watch the queue for a while (without the lock), then sleep. */
         pthread_mutex_unlock(&pool_mu);
         const double until = pool_clock() + POOL_SPIN_NS;
-        for (int i = 1; !__atomic_load_n(&pool_queued, __ATOMIC_RELAXED); i++) {
-            pool_relax();
-            if (!(i & 255) && pool_clock() > until) break;
-        }
+        while (!__atomic_load_n(&pool_queued, __ATOMIC_RELAXED) && pool_clock() < until) sched_yield();
         pthread_mutex_lock(&pool_mu);
         if (pool_queue) continue;
         pool_sleeping++;
