@@ -622,6 +622,9 @@ def test_kernel_shares_of_queries_or_blocks_equal_one_thread(metric):
             portable = scan(3, k, portable=True)
             np.testing.assert_array_equal(portable[0], one_s)
             np.testing.assert_array_equal(portable[1], one_i)
+    none = plan.queries(slice(0, 0))   # no queries: nothing to split, nothing written
+    native.kernels.scan_segments(none, entries, magnitude[:0], np.full((0, 3), -np.inf, np.float32),
+                                 np.full((0, 3), -1, np.int64), np.zeros(0, np.int64), threads=4)
     with pytest.raises(ValueError, match="threads must be at least 1"):
         native.kernels.scan_segments(plan, entries, magnitude, np.full((nq, 3), -np.inf, np.float32),
                                      np.full((nq, 3), -1, np.int64), np.zeros(nq, np.int64), threads=0)

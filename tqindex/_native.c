@@ -474,7 +474,7 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
     /* Shares of the queries where there are enough, else of the blocks. */
     const int by_query = a.nq >= threads;
     const Py_ssize_t units = by_query ? a.nq : total;
-    const int shares = units > 1 ? (int)(units < threads ? units : threads) : 1;
+    const int shares = units > 1 && a.nq ? (int)(units < threads ? units : threads) : 1;
     const Py_ssize_t nq = a.nq, kp = a.kp, heap = by_query ? 0 : (shares - 1) * nq * kp;
     eps = PyMem_Malloc((size_t)shares * (nq ? nq : 1) * sizeof(float));
     if (shares > 1 && !by_query) {

@@ -13,8 +13,6 @@
 #define TQINDEX_POOL_H
 
 #include <pthread.h>
-#include <sched.h>
-#include <time.h>
 
 #define POOL_MAX_WORKERS 255
 
@@ -35,19 +33,6 @@ static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER; /* a job's last task
 static pool_job *pool_queue = NULL;
 static int pool_workers = 0;
 static int pool_sleeping = 0;  /* workers waiting on pool_work */
-static int pool_queued = 0;    /* nonzero while the queue has tasks to claim (read without the lock by spinners) */
-
-/* How long an idle worker watches the queue before it sleeps. A sleeping worker on an idle core takes
- * tens of microseconds to wake (more in a virtual machine), as long as a small index's whole scan;
- * a search loop's next query often comes sooner than this, so its shares start at once. The worker
- * yields its core between looks, so on a busy machine it gives way to whatever else is runnable. */
-#define POOL_SPIN_NS 200000
-
-static double pool_clock(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec * 1e9 + (double)t.tv_nsec;
-}
 
 /* Claim the next task of the queue's first job (pool_mu held); the job leaves the queue with its last
  * task claimed. Returns the job, or NULL when the queue is empty. */
@@ -56,7 +41,6 @@ static pool_job *pool_claim(int *task) {
     if (!j) return NULL;
     *task = j->next++;
     if (j->next == j->ntasks) pool_queue = j->link;
-    __atomic_store_n(&pool_queued, pool_queue != NULL, __ATOMIC_RELAXED);
     return j;
 }
 
@@ -78,12 +62,6 @@ static void *pool_main(void *unused) {
             pool_finish(j, task);
             continue;
         }
-        /* Watch the queue for a while (without the lock), then sleep. */
-        pthread_mutex_unlock(&pool_mu);
-        const double until = pool_clock() + POOL_SPIN_NS;
-        while (!__atomic_load_n(&pool_queued, __ATOMIC_RELAXED) && pool_clock() < until) sched_yield();
-        pthread_mutex_lock(&pool_mu);
-        if (pool_queue) continue;
         pool_sleeping++;
         pthread_cond_wait(&pool_work, &pool_mu);
         pool_sleeping--;
@@ -119,7 +97,6 @@ static void pool_run(pool_fn fn, void *ctx, int ntasks) {
     pool_job **end = &pool_queue;
     while (*end) end = &(*end)->link;
     *end = &j;
-    __atomic_store_n(&pool_queued, 1, __ATOMIC_RELAXED);
     if (pool_sleeping) pthread_cond_broadcast(&pool_work);
     /* The caller takes its own job's tasks (not another call's: it returns as soon as its own are done). */
     while (j.next < j.ntasks) {
@@ -128,7 +105,6 @@ static void pool_run(pool_fn fn, void *ctx, int ntasks) {
             pool_job **p = &pool_queue;
             while (*p != &j) p = &(*p)->link;
             *p = j.link;
-            __atomic_store_n(&pool_queued, pool_queue != NULL, __ATOMIC_RELAXED);
         }
         pool_finish(&j, task);
     }
@@ -144,7 +120,6 @@ static void pool_after_fork_child(void) {
     pool_queue = NULL;
     pool_workers = 0;
     pool_sleeping = 0;
-    pool_queued = 0;
 }
 
 static int pool_workers_started(void) {

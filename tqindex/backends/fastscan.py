@@ -46,8 +46,9 @@ from .base import ListScan, Queries, Scanner, SegmentCache, TopK
 __all__ = ["FastScanner", "ScanPlan", "available", "supports", "scan_lists_fast", "scan_topk_fast", "segment_layout",
            "quantized_luts"]
 
-#: Bytes of codes a thread's share of a few queries' scan gets at least: a worker that sleeps takes
-#: tens of microseconds to wake (more in a virtual machine), so a smaller share costs more than it saves.
+#: Bytes of codes (times the queries that read them) a thread's share of a scan gets at least: a worker
+#: that sleeps takes tens of microseconds to wake (more in a virtual machine), so a smaller share costs
+#: more than it saves.
 _BYTES_PER_SHARE = 1 << 20
 #: Queries a thread's share of the table making gets at least.
 _TABLE_QUERIES_PER_THREAD = 64
@@ -292,10 +293,10 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
     heap_i = np.full((nq, k), -1, dtype=np.int64)
     with native.thread_share(threads) as share:
         # Shares take runs of the queries where there are enough, else runs of the blocks (of all
-        # segments in turn), each block share a run worth a worker's wake-up.
-        shares = share if nq >= share else max(1, min(share, sum(e[0].nbytes for e in entries) // _BYTES_PER_SHARE))
+        # segments in turn); each share's work is worth a worker's wake-up.
+        work = nq * sum(e[0].nbytes for e in entries)
         native.kernels.scan_segments(plan, entries, magnitude, heap_s, heap_i, count, portable=portable,
-                                     threads=shares)
+                                     threads=max(1, min(share, work // _BYTES_PER_SHARE)))
     if stats is not None:
         stats.update(queries=nq, exact_per_query=float(count.sum()) / max(nq, 1))
     return topk_ordered(torch.from_numpy(heap_s), torch.from_numpy(heap_i), k)
