@@ -97,7 +97,8 @@ static void pool_run(pool_fn fn, void *ctx, int ntasks) {
     pool_job **end = &pool_queue;
     while (*end) end = &(*end)->link;
     *end = &j;
-    if (pool_sleeping) pthread_cond_broadcast(&pool_work);
+    /* Wake as many sleeping workers as there are tasks for them, not all (many cores, a two-share job). */
+    for (int i = 0; i < ntasks - 1 && i < pool_sleeping; i++) pthread_cond_signal(&pool_work);
     /* The caller takes its own job's tasks (not another call's: it returns as soon as its own are done). */
     while (j.next < j.ntasks) {
         const int task = j.next++;
