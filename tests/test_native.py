@@ -568,6 +568,14 @@ def test_fast_scan_results_do_not_depend_on_the_thread_split(metric, split_calls
     assert set(split_calls) == {1, 2, 3, 7}
 
 
+def _plan_of(quantizer, rotated, qn2):
+    """The kernel's plan of these rotated queries (qn2: their squared norms for "l2", else None), and
+    their magnitudes."""
+    luts, fluts, delta, bias, tol, magnitude = fastscan.quantized_luts(quantizer, rotated)
+    return fastscan._query_plan(quantizer, (luts, fluts, delta, bias, tol), np.ascontiguousarray(rotated.numpy()),
+                                qn2), magnitude
+
+
 def _kernel_inputs(metric, nq, seed=3):
     """A two-segment index with removals and exact ties, and the kernel's inputs for nq queries."""
     rng = np.random.default_rng(seed)
@@ -579,9 +587,8 @@ def _kernel_inputs(metric, nq, seed=3):
     index.remove(np.arange(0, 3000, 11))
     quantizer = index._quantizer
     rotated, _ = quantizer.prepare_queries(torch.from_numpy(near))
-    luts, fluts, delta, bias, tol, magnitude = fastscan.quantized_luts(quantizer, rotated)
     qn2 = (near ** 2).sum(1).astype(np.float32) if metric == "l2" else None
-    plan = fastscan._query_plan(quantizer, (luts, fluts, delta, bias, tol), np.ascontiguousarray(rotated.numpy()), qn2)
+    plan, magnitude = _plan_of(quantizer, rotated, qn2)
     starts = np.cumsum([0] + [len(s) for s in index._segments])
     entries = [fastscan._segment_entry(quantizer, seg, metric, None, int(start))
                for seg, start in zip(index._segments, starts)]
@@ -713,8 +720,7 @@ def test_a_shared_floor_prunes_disjoint_heaps_without_changing_the_answer(portab
     index.add(x)
     quantizer, segment = index._quantizer, index._segments[0]
     rotated, _ = quantizer.prepare_queries(torch.from_numpy(near))
-    luts, fluts, delta, bias, tol, magnitude = fastscan.quantized_luts(quantizer, rotated)
-    plan = fastscan._query_plan(quantizer, (luts, fluts, delta, bias, tol), np.ascontiguousarray(rotated.numpy()), None)
+    plan, magnitude = _plan_of(quantizer, rotated, None)
     entry = fastscan._segment_entry(quantizer, segment, "ip", None, 0)
     nq, k, nblocks = len(near), 10, block_count(len(segment))
 

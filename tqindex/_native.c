@@ -500,8 +500,8 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
          * share's all): each chunk streams every block from memory once more, and a pass's blocks are
          * reused from cache by every query of its chunk. */
         const Py_ssize_t few = (nq + 4 * shares - 1) / (4 * shares), even = (nq + shares - 1) / shares;
-        Py_ssize_t chunk = few > (even < 64 ? even : 64) ? few : (even < 64 ? even : 64);
-        chunk = (chunk + MAX_TILE - 1) / MAX_TILE * MAX_TILE;
+        const Py_ssize_t least = even < 64 ? even : 64;
+        const Py_ssize_t chunk = ((few > least ? few : least) + MAX_TILE - 1) / MAX_TILE * MAX_TILE;
         scan_split split = {&job, total, nq, kp, shares, 1, chunk, nq, 0, eps, NULL, NULL, NULL, NULL};
         pool_run(scan_share, &split, shares);
     } else {

@@ -253,6 +253,12 @@ def _segment_entry(quantizer, segment: Segment, metric: str, cache: SegmentCache
     return kept[1]
 
 
+def _scan_threads(share: int, entries, nq: int) -> int:
+    """Threads for one `scan_segments` call over `entries` for nq queries: this call's `thread_share`,
+    but no more than give each thread `_BYTES_PER_SHARE` of codes to read (counted once per query)."""
+    return max(1, min(share, nq * sum(e[0].nbytes for e in entries) // _BYTES_PER_SHARE))
+
+
 def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: torch.Tensor,
                    query_sq_norms: torch.Tensor, k: int, metric: str, *, portable: bool = False,
                    threads: int | None = None, cache: SegmentCache | None = None, stats: dict | None = None
@@ -293,10 +299,9 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
     heap_i = np.full((nq, k), -1, dtype=np.int64)
     with native.thread_share(threads) as share:
         # Shares take runs of the queries where there are enough, else runs of the blocks (of all
-        # segments in turn); each share's work is worth a worker's wake-up.
-        work = nq * sum(e[0].nbytes for e in entries)
+        # segments in turn).
         native.kernels.scan_segments(plan, entries, magnitude, heap_s, heap_i, count, portable=portable,
-                                     threads=max(1, min(share, work // _BYTES_PER_SHARE)))
+                                     threads=_scan_threads(share, entries, nq))
     if stats is not None:
         stats.update(queries=nq, exact_per_query=float(count.sum()) / max(nq, 1))
     return topk_ordered(torch.from_numpy(heap_s), torch.from_numpy(heap_i), k)
@@ -358,9 +363,7 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
         per_list = [entries_of(lst) for lst in lists]
         args = [e for entries in per_list for e in entries]
         offsets = request.offsets[q0, [lst for lst, entries in zip(lists, per_list) for _ in entries]]
-        if share > 1:
-            share = max(1, min(share, sum(e[0].nbytes for e in args) // _BYTES_PER_SHARE))
-        count[q0] += scan(slice(q0, q0 + 1), args, offsets[:, None], share)[0]
+        count[q0] += scan(slice(q0, q0 + 1), args, offsets[:, None], _scan_threads(share, args, 1))[0]
 
     def run(q0, q1):
         if q1 - q0 == 1:
