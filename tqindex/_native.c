@@ -58,14 +58,23 @@ static int have_avx512(void) {
 #endif
 }
 
+static int have_avx512vbmi(void) {
+#ifdef TQ_X86
+    return have_avx512() && __builtin_cpu_supports("avx512vbmi");
+#else
+    return 0;
+#endif
+}
+
 /* The scan's SIMD levels, lowest first. The level used is the highest the CPU has, up to a
  * process-wide limit (set_simd_limit: tests compare the levels, and TQINDEX_SIMD caps it). */
-enum { LEVEL_PORTABLE, LEVEL_NEON, LEVEL_AVX2, LEVEL_AVX512 };
-static const char *const level_names[] = {"portable", "neon", "avx2", "avx512"};
-static int simd_limit = LEVEL_AVX512;
+enum { LEVEL_PORTABLE, LEVEL_NEON, LEVEL_AVX2, LEVEL_AVX512, LEVEL_AVX512VBMI, LEVEL_TOP = LEVEL_AVX512VBMI };
+static const char *const level_names[] = {"portable", "neon", "avx2", "avx512", "avx512vbmi"};
+static int simd_limit = LEVEL_TOP;
 
 static int scan_level(void) {
 #if defined(TQ_X86)
+    if (simd_limit >= LEVEL_AVX512VBMI && have_avx512vbmi()) return LEVEL_AVX512VBMI;
     if (simd_limit >= LEVEL_AVX512 && have_avx512()) return LEVEL_AVX512;
     if (simd_limit >= LEVEL_AVX2 && have_avx2()) return LEVEL_AVX2;
 #elif defined(TQ_NEON)
@@ -96,7 +105,9 @@ static PyObject *release(Py_buffer *bufs, int held, int ok) {
 /* The kernel this CPU runs (call without the GIL). */
 static void run_scan(const scan_args *a, int portable) {
 #if defined(TQ_X86)
-    if (a->avx512)
+    if (a->avx512 == 2)
+        scan_vbmi(a);
+    else if (a->avx512)
         scan_avx512(a);
     else if (a->avx2)
         scan_avx2(a);
@@ -240,7 +251,7 @@ static int bind_queries(scan_args *a, buffer_set *b, PyObject *plan, PyObject *o
     }
     const int level = portable ? LEVEL_PORTABLE : scan_level();
     a->avx2 = level >= LEVEL_AVX2;  /* the AVX-512 scan rescores with the AVX2 dot products */
-    a->avx512 = level == LEVEL_AVX512;
+    a->avx512 = level == LEVEL_AVX512VBMI ? 2 : level == LEVEL_AVX512;
     return 0;
 }
 
@@ -1156,13 +1167,14 @@ static PyObject *set_simd_limit(PyObject *self, PyObject *arg) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "set_simd_limit: the limit must be a str");
         return NULL;
     }
-    for (int level = LEVEL_PORTABLE; level <= LEVEL_AVX512; level++)
+    for (int level = LEVEL_PORTABLE; level <= LEVEL_TOP; level++)
         if (!strcmp(name, level_names[level])) {
             const int previous = simd_limit;
             simd_limit = level;
             return PyUnicode_FromString(level_names[previous]);
         }
-    PyErr_Format(PyExc_ValueError, "unknown SIMD level %R; expected 'portable', 'neon', 'avx2' or 'avx512'", arg);
+    PyErr_Format(PyExc_ValueError, "unknown SIMD level %R; expected 'portable', 'neon', 'avx2', 'avx512' or 'avx512vbmi'",
+                 arg);
     return NULL;
 }
 
@@ -1200,10 +1212,10 @@ static PyMethodDef methods[] = {
     {"select", select_best, METH_VARARGS,
      "select(scores, positions, out_scores, out_positions)\n\nPer row, the k best (score, position) pairs, score "
      "descending then position ascending, padded with (-inf, -1). Releases the GIL."},
-    {"simd", simd, METH_NOARGS, "The scan kernel this CPU runs: 'avx512', 'avx2', 'neon' or 'portable'."},
+    {"simd", simd, METH_NOARGS, "The scan kernel this CPU runs: 'avx512vbmi', 'avx512', 'avx2', 'neon' or 'portable'."},
     {"set_simd_limit", set_simd_limit, METH_O,
      "set_simd_limit(name) -> previous: the highest SIMD level the scan may use ('portable', 'neon', 'avx2', "
-     "'avx512'; the CPU's own level where lower)."},
+     "'avx512', 'avx512vbmi'; the CPU's own level where lower)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "tqindex native kernels: fast scan and encoding", -1, methods};

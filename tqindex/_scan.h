@@ -23,6 +23,8 @@ typedef ptrdiff_t Py_ssize_t;
  * AVX-512 scan needs F (512-bit registers) and BW (byte shuffles, byte masks) and reuses AVX2 code. */
 #define TQ_AVX2 "avx2,fma,f16c"
 #define TQ_AVX512 "avx512f,avx512bw,avx2,fma,f16c"
+/* ... and VBMI (vpermb, vpermi2b: byte lookups into 64- and 128-byte tables). */
+#define TQ_VBMI "avx512f,avx512bw,avx512vbmi,avx2,fma,f16c"
 #endif
 #if defined(__aarch64__)
 #include <arm_neon.h>
@@ -38,6 +40,11 @@ typedef ptrdiff_t Py_ssize_t;
  * which stays in L2 while every query tile reuses it. */
 #define BLOCKS_PER_PASS 64
 #define MAX_TILE 4
+/* Bytes ahead of the column being read that the VBMI scan asks the cache for: a single query streams
+ * every block once, and the hardware prefetcher stops at each 4 KiB page (a 4-bit block at 384
+ * dimensions is 6 KiB), so without it a single query's scan stalled on memory
+ * on a Xeon). */
+#define PREFETCH_AHEAD 2048
 
 typedef struct {
     const uint8_t *codes;      /* [nblocks][ncols + wcols/4][32] */
@@ -70,7 +77,7 @@ typedef struct {
     Py_ssize_t dim;
     int row_bits;
     int avx2;                  /* which dot_* to use */
-    int avx512;                /* the AVX-512 block sums (x86, where the CPU has AVX512F and BW) */
+    int avx512;                /* the AVX-512 block sums (x86): 1 with AVX512F and BW, 2 with VBMI too */
 } scan_args;
 
 /* Results are ordered by score, then by id (the lower first among equal scores): a total order, so
@@ -539,18 +546,62 @@ DEFINE_TILE(scan_tile, TQ_AVX2, block_sums_avx2, 3)
 DEFINE_TILE(scan_tile, TQ_AVX2, block_sums_avx2, 4)
 DEFINE_SCAN(scan_avx2, scan_tile)
 
+/* The end of a chunk of columns in the 512-bit kernels, whose registers hold columns c (bytes 0-31)
+ * and c + 1 (bytes 32-63) of the same rows: the halves added give block_sums_avx2's 16-bit lanes,
+ * slot order and sums exactly (each half holds at most half of a chunk's columns, so nothing new can
+ * overflow); an odd last column (c < c1, never a wide one) is added alone. */
+__attribute__((target(TQ_AVX512), always_inline)) static inline void chunk_end_512(
+        const scan_args *a, const uint8_t *blk, const uint8_t *const *lut, const int tile, Py_ssize_t c,
+        Py_ssize_t c1, const __m512i *acc, const __m512i *odd, __m256i sums[][4]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    for (int t = 0; t < tile; t++) {
+        __m256i acc2 = _mm256_add_epi16(_mm512_castsi512_si256(acc[t]), _mm512_extracti64x4_epi64(acc[t], 1));
+        __m256i odd2 = _mm256_add_epi16(_mm512_castsi512_si256(odd[t]), _mm512_extracti64x4_epi64(odd[t], 1));
+        if (c < c1) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + c * BLOCK));
+            const __m256i lo = _mm256_and_si256(v, low4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            const uint8_t *l = lut[t] + c * 32;
+            const __m256i r = _mm256_add_epi8(
+                _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)l)), lo),
+                _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + 16))), hi));
+            acc2 = _mm256_add_epi16(acc2, r);
+            odd2 = _mm256_add_epi16(odd2, _mm256_srli_epi16(r, 8));
+        }
+        add_chunk_sums(sums[t], acc2, odd2);
+    }
+}
+
+/* A column pair's byte sums r (two 7-bit lookups a byte) added to a query's 16-bit lanes, as
+ * block_sums_avx2 does: acc holds even + 256 * odd byte sums (mod 2^16), odd the odd ones alone. */
+__attribute__((target(TQ_AVX512), always_inline)) static inline void accumulate_512(__m512i r, __m512i *acc,
+                                                                                     __m512i *odd) {
+    *acc = _mm512_add_epi16(*acc, r);
+    *odd = _mm512_add_epi16(*odd, _mm512_srli_epi16(r, 8));
+}
+
+/* The 5th-bit masks of wide column pair (c, c + 1) (wcols and every chunk start are multiples of
+ * 4, so wide columns come in whole pairs): the pair's bits are in mask column c >> 2, bits
+ * 2(c & 3) .. 2(c & 3) + 3; m0 for the low nibbles, m1 for the high ones, bytes 32-63 column c + 1. */
+__attribute__((target(TQ_AVX512), always_inline)) static inline void wide_masks_512(
+        const scan_args *a, const uint8_t *blk, Py_ssize_t c, __mmask64 *m0, __mmask64 *m1) {
+    const __m512i bits = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + (a->ncols + (c >> 2)) * BLOCK)));
+    const int s = 2 * (int)(c & 3);
+    const __m512i b0 = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << s)), _mm256_set1_epi8((char)(4 << s)), 1);
+    const __m512i b1 = _mm512_inserti64x4(_mm512_set1_epi8((char)(2 << s)), _mm256_set1_epi8((char)(8 << s)), 1);
+    *m0 = _mm512_test_epi8_mask(bits, b0);
+    *m1 = _mm512_test_epi8_mask(bits, b1);
+}
+
 /* AVX-512 (F + BW): two columns of a block per 512-bit register (they are adjacent in the layout:
  * bytes 0-31 column c, 32-63 column c + 1, each row at the same byte of its half), looked up
  * with the tables of both columns at once: one 64-byte load of the query's table for columns c and
  * c + 1 holds [c low, c high, c+1 low, c+1 high] in its four 128-bit lanes, and a lane shuffle puts
- * each column's table in the two lanes of its half. The halves sum the same rows, so adding them
- * at the end of a chunk of columns gives block_sums_avx2's 16-bit lanes, slot order and sums
- * exactly (each half holds at most half of a chunk's columns, so nothing new can overflow). */
+ * each column's table in the two lanes of its half (chunk_end_512 adds the halves). */
 __attribute__((target(TQ_AVX512), always_inline)) static inline void block_sums_avx512(
         const scan_args *a, Py_ssize_t q0, const int tile, Py_ssize_t block, __m256i sums[][4]) {
     const uint8_t *blk = a->codes + block * block_bytes(a);
     const __m512i low4 = _mm512_set1_epi8(0x0f);
-    const __m256i low4_256 = _mm256_set1_epi8(0x0f);
     const Py_ssize_t upper = 2 * a->ncols * 16;
     const uint8_t *lut[MAX_TILE];
     tile_start(a, q0, tile, lut, sums);
@@ -559,18 +610,12 @@ __attribute__((target(TQ_AVX512), always_inline)) static inline void block_sums_
         __m512i acc[MAX_TILE], odd[MAX_TILE];
         for (int t = 0; t < tile; t++) acc[t] = odd[t] = _mm512_setzero_si512();
         Py_ssize_t c = c0;
-        /* Wide columns come in whole pairs (wcols and every chunk start are multiples of 4): the
-         * pair's mask bits are in the same mask column, c >> 2, bits 2(c & 3) .. 2(c & 3) + 3. */
         for (; c + 1 < c1 && c < a->wcols; c += 2) {
             const __m512i v = _mm512_loadu_si512((const void *)(blk + c * BLOCK));
             const __m512i lo = _mm512_and_si512(v, low4);
             const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-            const __m512i bits = _mm512_broadcast_i64x4(
-                _mm256_loadu_si256((const __m256i *)(blk + (a->ncols + (c >> 2)) * BLOCK)));
-            const int s = 2 * (int)(c & 3);
-            const __m512i b0 = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << s)), _mm256_set1_epi8((char)(4 << s)), 1);
-            const __m512i b1 = _mm512_inserti64x4(_mm512_set1_epi8((char)(2 << s)), _mm256_set1_epi8((char)(8 << s)), 1);
-            const __mmask64 m0 = _mm512_test_epi8_mask(bits, b0), m1 = _mm512_test_epi8_mask(bits, b1);
+            __mmask64 m0, m1;
+            wide_masks_512(a, blk, c, &m0, &m1);
             for (int t = 0; t < tile; t++) {
                 const uint8_t *l = lut[t] + c * 32;
                 const __m512i tl = _mm512_loadu_si512((const void *)l), tu = _mm512_loadu_si512((const void *)(l + upper));
@@ -580,9 +625,7 @@ __attribute__((target(TQ_AVX512), always_inline)) static inline void block_sums_
                 const __m512i r1 = _mm512_mask_blend_epi8(
                     m1, _mm512_shuffle_epi8(_mm512_shuffle_i64x2(tl, tl, 0xF5), hi),
                     _mm512_shuffle_epi8(_mm512_shuffle_i64x2(tu, tu, 0xF5), hi));
-                const __m512i r = _mm512_add_epi8(r0, r1);
-                acc[t] = _mm512_add_epi16(acc[t], r);
-                odd[t] = _mm512_add_epi16(odd[t], _mm512_srli_epi16(r, 8));
+                accumulate_512(_mm512_add_epi8(r0, r1), &acc[t], &odd[t]);
             }
         }
         for (; c + 1 < c1; c += 2) {
@@ -591,28 +634,62 @@ __attribute__((target(TQ_AVX512), always_inline)) static inline void block_sums_
             const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
             for (int t = 0; t < tile; t++) {
                 const __m512i tl = _mm512_loadu_si512((const void *)(lut[t] + c * 32));
-                const __m512i r = _mm512_add_epi8(_mm512_shuffle_epi8(_mm512_shuffle_i64x2(tl, tl, 0xA0), lo),
-                                                  _mm512_shuffle_epi8(_mm512_shuffle_i64x2(tl, tl, 0xF5), hi));
-                acc[t] = _mm512_add_epi16(acc[t], r);
-                odd[t] = _mm512_add_epi16(odd[t], _mm512_srli_epi16(r, 8));
+                accumulate_512(_mm512_add_epi8(_mm512_shuffle_epi8(_mm512_shuffle_i64x2(tl, tl, 0xA0), lo),
+                                               _mm512_shuffle_epi8(_mm512_shuffle_i64x2(tl, tl, 0xF5), hi)),
+                               &acc[t], &odd[t]);
             }
         }
-        for (int t = 0; t < tile; t++) {
-            __m256i acc2 = _mm256_add_epi16(_mm512_castsi512_si256(acc[t]), _mm512_extracti64x4_epi64(acc[t], 1));
-            __m256i odd2 = _mm256_add_epi16(_mm512_castsi512_si256(odd[t]), _mm512_extracti64x4_epi64(odd[t], 1));
-            if (c < c1) {  /* an odd column count: the last column alone (never a wide one) */
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + c * BLOCK));
-                const __m256i lo = _mm256_and_si256(v, low4_256);
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4_256);
+        chunk_end_512(a, blk, lut, tile, c, c1, acc, odd, sums);
+    }
+}
+
+/* AVX-512 VBMI: the same column pairs, looked up with vpermb, whose 64-entry table is the query's
+ * 64 bytes of tables for columns c and c + 1 as they lie in memory (no lane shuffle): a byte's index
+ * is its nibble plus its table's place (low nibbles of column c at 0, high at 16, column c + 1's at
+ * 32 and 48). Wide pairs look up the lower and upper tables as one 128-entry table (vpermi2b), the
+ * 5th bit as index bit 6. The sums are block_sums_avx2's exactly. */
+__attribute__((target(TQ_VBMI), always_inline)) static inline void block_sums_vbmi(
+        const scan_args *a, Py_ssize_t q0, const int tile, Py_ssize_t block, __m256i sums[][4]) {
+    const uint8_t *blk = a->codes + block * block_bytes(a);
+    const __m512i low4 = _mm512_set1_epi8(0x0f), bit6 = _mm512_set1_epi8(64);
+    const __m512i at_lo = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi8(32), 1);
+    const __m512i at_hi = _mm512_inserti64x4(_mm512_set1_epi8(16), _mm256_set1_epi8(48), 1);
+    const Py_ssize_t upper = 2 * a->ncols * 16;
+    const uint8_t *lut[MAX_TILE];
+    tile_start(a, q0, tile, lut, sums);
+    for (Py_ssize_t c0 = 0; c0 < a->ncols; c0 += CHUNK_COLS) {
+        Py_ssize_t c1 = c0 + CHUNK_COLS < a->ncols ? c0 + CHUNK_COLS : a->ncols;
+        __m512i acc[MAX_TILE], odd[MAX_TILE];
+        for (int t = 0; t < tile; t++) acc[t] = odd[t] = _mm512_setzero_si512();
+        Py_ssize_t c = c0;
+        /* (x & 0x0f) | at in one instruction: ternary-logic table 0xEA is (A & B) | C. */
+        for (; c + 1 < c1 && c < a->wcols; c += 2) {
+            const __m512i v = _mm512_loadu_si512((const void *)(blk + c * BLOCK));
+            __m512i lo = _mm512_ternarylogic_epi32(v, low4, at_lo, 0xEA);
+            __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, at_hi, 0xEA);
+            __mmask64 m0, m1;
+            wide_masks_512(a, blk, c, &m0, &m1);
+            lo = _mm512_mask_add_epi8(lo, m0, lo, bit6);  /* lo < 64: adding 64 sets bit 6 */
+            hi = _mm512_mask_add_epi8(hi, m1, hi, bit6);
+            for (int t = 0; t < tile; t++) {
                 const uint8_t *l = lut[t] + c * 32;
-                const __m256i r = _mm256_add_epi8(
-                    _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)l)), lo),
-                    _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + 16))), hi));
-                acc2 = _mm256_add_epi16(acc2, r);
-                odd2 = _mm256_add_epi16(odd2, _mm256_srli_epi16(r, 8));
+                const __m512i tl = _mm512_loadu_si512((const void *)l), tu = _mm512_loadu_si512((const void *)(l + upper));
+                accumulate_512(_mm512_add_epi8(_mm512_permutex2var_epi8(tl, lo, tu), _mm512_permutex2var_epi8(tl, hi, tu)),
+                               &acc[t], &odd[t]);
             }
-            add_chunk_sums(sums[t], acc2, odd2);
         }
+        for (; c + 1 < c1; c += 2) {
+            _mm_prefetch((const char *)(blk + c * BLOCK + PREFETCH_AHEAD), _MM_HINT_T0);
+            const __m512i v = _mm512_loadu_si512((const void *)(blk + c * BLOCK));
+            const __m512i lo = _mm512_ternarylogic_epi32(v, low4, at_lo, 0xEA);
+            const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, at_hi, 0xEA);
+            for (int t = 0; t < tile; t++) {
+                const __m512i tl = _mm512_loadu_si512((const void *)(lut[t] + c * 32));
+                accumulate_512(_mm512_add_epi8(_mm512_permutexvar_epi8(lo, tl), _mm512_permutexvar_epi8(hi, tl)),
+                               &acc[t], &odd[t]);
+            }
+        }
+        chunk_end_512(a, blk, lut, tile, c, c1, acc, odd, sums);
     }
 }
 
@@ -621,6 +698,12 @@ DEFINE_TILE(scan_tile512, TQ_AVX512, block_sums_avx512, 2)
 DEFINE_TILE(scan_tile512, TQ_AVX512, block_sums_avx512, 3)
 DEFINE_TILE(scan_tile512, TQ_AVX512, block_sums_avx512, 4)
 DEFINE_SCAN(scan_avx512, scan_tile512)
+
+DEFINE_TILE(scan_tile_vbmi, TQ_VBMI, block_sums_vbmi, 1)
+DEFINE_TILE(scan_tile_vbmi, TQ_VBMI, block_sums_vbmi, 2)
+DEFINE_TILE(scan_tile_vbmi, TQ_VBMI, block_sums_vbmi, 3)
+DEFINE_TILE(scan_tile_vbmi, TQ_VBMI, block_sums_vbmi, 4)
+DEFINE_SCAN(scan_vbmi, scan_tile_vbmi)
 #endif
 
 #ifdef TQ_NEON

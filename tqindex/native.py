@@ -23,7 +23,7 @@ __all__ = ["kernels", "enabled", "simd", "set_simd_limit", "SIMD_LEVELS", "paral
            "get_num_threads", "set_num_threads"]
 
 #: The fast scan's SIMD levels, lowest first (the portable loop is the oracle of the others).
-SIMD_LEVELS = ("portable", "neon", "avx2", "avx512")
+SIMD_LEVELS = ("portable", "neon", "avx2", "avx512", "avx512vbmi")
 
 _EXECUTOR: ThreadPoolExecutor | None = None
 _EXECUTOR_LOCK = threading.Lock()
@@ -51,7 +51,7 @@ def enabled() -> bool:
 
 
 def simd() -> str | None:
-    """'avx512', 'avx2', 'neon' or 'portable': the scan kernel this CPU runs (the highest level it has,
+    """'avx512vbmi', 'avx512', 'avx2', 'neon' or 'portable': the scan kernel this CPU runs (the highest level it has,
     up to `set_simd_limit`'s limit); None without the extension."""
     return None if kernels is None else kernels.simd()
 

@@ -56,9 +56,10 @@ _TABLE_QUERIES_PER_THREAD = 64
 
 def available() -> bool:
     """Whether searches use this path: the kernels are built and enabled, and the CPU has a SIMD
-    kernel, AVX-512 or AVX2 (x86-64) or NEON (aarch64), within `native.set_simd_limit`'s limit; the
-    portable loop is a test oracle for them, slower than the torch scan."""
-    return native.enabled() and native.simd() in ("avx512", "avx2", "neon")
+    kernel, AVX-512 (with or without VBMI) or AVX2 (x86-64) or NEON (aarch64), within
+    `native.set_simd_limit`'s limit; the portable loop is a test oracle for them, slower than the torch
+    scan."""
+    return native.enabled() and native.simd() not in (None, "portable")
 
 
 def supports(quantizer: TurboQuantizer) -> bool:
