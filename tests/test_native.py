@@ -4,6 +4,7 @@ Encoding must give the same codes bit for bit; the fast scan must give the torch
 (tie-aware, float rounding only), whatever the metric, deletions, segments and thread split.
 """
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -341,7 +342,7 @@ def test_each_simd_level_equals_the_portable_loop(simd_level, metric, bits, d, c
     for nq in (1, 2, 3, 11):
         work = {}
         a = fastscan.scan_topk_fast(index._quantizer, index._segments, rotated[:nq], sq[:nq], 13, metric, threads=1,
-                                    stats=work)
+                                    stats=work, int8=False)  # the table kernels (int8: test_int8_*)
         b = fastscan.scan_topk_fast(index._quantizer, index._segments, rotated[:nq], sq[:nq], 13, metric, threads=1,
                                     portable=True)
         np.testing.assert_array_equal(a[1].numpy(), b[1].numpy())
@@ -796,3 +797,113 @@ def test_compiled_norm_check_equals_the_numpy_one(monkeypatch, metric):
             assert not isinstance(fast, str) and fast[row] == 0
             continue
         assert isinstance(fast, str) and fast == slow and f"row {row}" in fast
+
+
+def _needs_int8_kernel():
+    if native.kernels is None:
+        pytest.skip("the C extension is not built")
+    if not _X86_LEVELS["avx512vbmi"] | {"avx512_vnni"} <= _cpu_flags():
+        pytest.skip("this CPU has no AVX-512 VBMI and VNNI (avx512vbmi, avx512_vnni in /proc/cpuinfo): the int8 "
+                    "scan's SIMD kernel runs where it does (Intel Ice Lake and later, AMD Zen 4 and later)")
+
+
+@needs_native
+@pytest.mark.parametrize("bits,d", [(4, 384), (4, 202), (3, 203), (4, 38), (3, 9)])
+def test_int8_sums_and_bound(bits, d):
+    # The int8 scan's integer sums, from the SIMD kernel and the portable loop, equal a numpy sum over
+    # the unpacked codes (column counts of every remainder mod 4: the last group's masked loads), and
+    # delta * sum + bias is within tol (plus the scan's float room, 1e-5 * magnitude) of the exact dot
+    # product for every row.
+    rng = np.random.default_rng(bits * 100 + d)
+    x, near = clustered(rng, 700, d, clusters=20, spread=0.6, queries=9)
+    index = Index(dim=d, bits=bits)
+    index.add(x)
+    quant = index._quantizer
+    assert fastscan.int8_scan(quant)
+    rotated, _ = quant.prepare_queries(torch.from_numpy(near))
+    q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
+    qint, levels, delta, bias, tol, magnitude = fastscan.int8_tables(quant, q)
+    layout = fastscan.segment_layout(quant, index._segments[0], "ip")
+    blocks, ncols = layout["blocks"], quant.layout.ncols
+    nblocks = blocks.shape[0]
+    row_bytes = blocks[:, :ncols].transpose(0, 2, 1).reshape(nblocks * 32, ncols)
+    codes = np.empty((len(row_bytes), 2 * ncols), np.int64)
+    codes[:, 0::2], codes[:, 1::2] = row_bytes & 15, row_bytes >> 4
+    qi = qint.astype(np.int64).transpose(0, 1, 3, 2).reshape(len(q), -1)[:, : 2 * ncols]  # coordinate order
+    assert not qi[:, d:].any() and np.abs(qi).max() == 127
+    expected = qi @ levels[:16].astype(np.int64)[codes].T                                 # (nq, rows)
+    portable = np.empty((len(q), nblocks, 32), np.int32)
+    native.kernels.int8_block_sums(qint, levels, blocks, ncols, len(q), nblocks, portable, True)
+    np.testing.assert_array_equal(portable.reshape(len(q), -1), expected)
+    if _X86_LEVELS["avx512vbmi"] | {"avx512_vnni"} <= _cpu_flags():
+        simd = np.empty_like(portable)
+        native.kernels.int8_block_sums(qint, levels, blocks, ncols, len(q), nblocks, simd, False)
+        np.testing.assert_array_equal(simd, portable)
+    centroids = quant.groups[0].centroids.double().numpy()
+    n = len(x)
+    exact = q.astype(np.float64) @ centroids[codes[:n, :d]].T                             # (nq, n)
+    approx = delta[:, None].astype(np.float64) * expected[:, :n] + bias[:, None]
+    room = tol[:, None] + 1e-5 * magnitude[:, None]
+    assert (np.abs(exact - approx) <= room).all()
+    # No looser than the 7-bit tables' bound for the same queries (so no more rows are rescored).
+    assert (tol <= fastscan.quantized_luts(quant, rotated)[4]).all()
+
+
+@needs_native
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("bits,d", [(4, 202), (3, 203), (4, 38)])
+def test_int8_scan_equals_the_table_scan(metric, bits, d):
+    # Exact results either way: int8 queries (SIMD kernel where the CPU has it, and the portable loop)
+    # return the table scan's ids and scores, ties included, on one and two threads, query tiles 1-8
+    # and past, removed rows, a partial last block; and a partitioned index's list scan likewise.
+    rng = np.random.default_rng(int(bits * 7 + d))
+    x, near = clustered(rng, 1500, d, clusters=30, spread=0.6, queries=11)
+    index = Index(dim=d, bits=bits, metric=metric)
+    index.add(x[:1499])
+    index.remove([0, 31, 32, 700])
+    quant = index._quantizer
+    queries = torch.from_numpy(near)
+    rotated, _ = quant.prepare_queries(queries)
+    sq = queries.square().sum(1)
+    simd = _X86_LEVELS["avx512vbmi"] | {"avx512_vnni"} <= _cpu_flags() and native.simd() == "avx512vbmi"
+    for nq in (1, 3, 9, 11):
+        ref = fastscan.scan_topk_fast(quant, index._segments, rotated[:nq], sq[:nq], 13, metric, threads=1,
+                                      portable=True, int8=False)
+        for portable in (True, False) if simd else (True,):
+            for threads in (1, 2):
+                got = fastscan.scan_topk_fast(quant, index._segments, rotated[:nq], sq[:nq], 13, metric,
+                                              threads=threads, portable=portable, int8=True)
+                np.testing.assert_array_equal(got[1].numpy(), ref[1].numpy())
+                np.testing.assert_array_equal(got[0].numpy(), ref[0].numpy())
+    from tqindex.backends.base import ListScan
+    part = Index(dim=d, bits=bits, metric=metric, partitions=8)
+    part.add(x)
+    view = part._view
+    lists, offsets = part._coarse.probe(queries, metric, 3)
+    members: dict = {}
+    for i, s in enumerate(view.segments):
+        members.setdefault(s.partition, []).append(i)
+    request = ListScan(view.segments, np.cumsum([0] + [len(s) for s in view.segments]), members,
+                       lists.numpy(), offsets.numpy())
+    prot, _ = part._quantizer.prepare_queries(queries)
+    runs = [fastscan.scan_lists_fast(part._quantizer, request, prot, sq, 7, metric, threads=t, portable=p, int8=i8)
+            for i8 in (False, True) for p in ((True, False) if simd else (True,)) for t in (1, 2)]
+    for got in runs[1:]:
+        np.testing.assert_array_equal(got[1].numpy(), runs[0][1].numpy())
+        np.testing.assert_array_equal(got[0].numpy(), runs[0][0].numpy())
+
+
+@needs_native
+def test_int8_queries_need_nibble_codes():
+    # A plan with int8 queries is refused for codes that are not one 4-bit (or 3-bit) code a nibble.
+    index = Index(dim=64, bits=2, codebook="scalar")
+    index.add(np.random.default_rng(0).standard_normal((100, 64)).astype(np.float32))
+    assert not fastscan.int8_scan(index._quantizer)
+    rotated, _ = index._quantizer.prepare_queries(torch.ones(1, 64))
+    plan, magnitude = fastscan._plan_for(index._quantizer, rotated, None, True, False)
+    bad = dataclasses.replace(plan, qint=np.zeros((1, (plan.ncols + 3) // 4, 2, 4), np.int8),
+                              levels=np.zeros(64, np.uint8))
+    entry = fastscan._segment_entry(index._quantizer, index._segments[0], "ip", None, 0)
+    with pytest.raises(ValueError, match="int8 queries need codes of 4 bits a nibble"):
+        native.kernels.scan_segments(bad, [entry], magnitude, np.full((1, 3), -np.inf, np.float32),
+                                     np.full((1, 3), -1, np.int64), np.zeros(1, np.int64))

@@ -60,7 +60,7 @@ static int have_avx512(void) {
 
 static int have_avx512vbmi(void) {
 #ifdef TQ_X86
-    return have_avx512() && __builtin_cpu_supports("avx512vbmi");
+    return have_avx512() && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
 #else
     return 0;
 #endif
@@ -105,7 +105,11 @@ static PyObject *release(Py_buffer *bufs, int held, int ok) {
 /* The kernel this CPU runs (call without the GIL). */
 static void run_scan(const scan_args *a, int portable) {
 #if defined(TQ_X86)
-    if (a->avx512 == 2)
+    if (a->qint && a->avx512 == 2)
+        scan_int8_vnni(a);
+    else if (a->qint)
+        scan_portable(a);  /* no other SIMD level has an int8 scan */
+    else if (a->avx512 == 2)
         scan_vbmi(a);
     else if (a->avx512)
         scan_avx512(a);
@@ -229,8 +233,16 @@ static int bind_queries(scan_args *a, buffer_set *b, PyObject *plan, PyObject *o
     }
     TAKE(take(b, out_i, 1, a->nq * a->kp * (Py_ssize_t)sizeof(int64_t), "out_ids", &p_), a->out_i);
     TAKE(take(b, exact_count, 1, a->nq * (Py_ssize_t)sizeof(int64_t), "exact_count", &p_), a->exact_count);
-    TAKE(take_field(b, plan, "luts", 0, entries, &p_), a->luts);
-    TAKE(take_field(b, plan, "fluts", 0, entries * (Py_ssize_t)sizeof(float), &p_), a->fluts);
+    /* int8 queries (int8_tables) replace the tables: one scalar group rescored from its codes. */
+    TAKE(take_field(b, plan, "qint", 1, a->nq * ((a->ncols + 3) / 4) * 8, &p_), a->qint);
+    const int int8 = a->qint != NULL;
+    if (int8 && (row_bits != 4 || wcols)) {
+        PyErr_SetString(PyExc_ValueError, "scan: int8 queries need codes of 4 bits a nibble (row_bits 4), no wide columns");
+        return -1;
+    }
+    TAKE(take_field(b, plan, "levels", !int8, 64, &p_), a->levels);
+    TAKE(take_field(b, plan, "luts", int8, entries, &p_), a->luts);
+    TAKE(take_field(b, plan, "fluts", int8, entries * (Py_ssize_t)sizeof(float), &p_), a->fluts);
     TAKE(take_field(b, plan, "bias", 0, per_query, &p_), a->bias);
     TAKE(take_field(b, plan, "tol", 0, per_query, &p_), a->tol);
     TAKE(take_field(b, plan, "query_norm2", 1, per_query, &p_), a->query_norm2);
@@ -313,8 +325,9 @@ static int bind_segment(scan_args *a, buffer_set *b, PyObject *codes, Py_ssize_t
 /* The queries [q0, q1) of a's: every per-query pointer moved to q0. */
 static void narrow_queries(scan_args *g, Py_ssize_t q0, Py_ssize_t q1) {
     const Py_ssize_t entries = table_entries(g);
-    g->luts += q0 * entries;
-    g->fluts += q0 * entries;
+    if (g->luts) g->luts += q0 * entries;
+    if (g->fluts) g->fluts += q0 * entries;
+    if (g->qint) g->qint += q0 * ((g->ncols + 3) / 4) * 8;
     g->delta += q0;
     g->bias += q0;
     g->tol += q0;
@@ -960,6 +973,158 @@ done:
     return release(bufs, held, ok);
 }
 
+/* ---- int8 queries ---------------------------------------------------------------------------------
+ * For one scalar group of 4-bit (or 3-bit, in a nibble) codes, rows can be scored against an int8 copy
+ * of the query instead of per-query tables: every coordinate shares the group's levels c[0..15], so a
+ * nibble decodes to a level byte once for a whole tile of queries, and vpdpbusd sums four coordinates'
+ * products at once (scan_int8 in _scan.h). With
+ *   L[k] = round((c[k] - cmin) / alpha) in 0..255, alpha = (cmax - cmin) / 255, e[k] = c[k] - cmin - alpha L[k],
+ *   qi[j] = round(q[j] / Delta) in -127..127, Delta = max |q| / 127, f[j] = q[j] - Delta qi[j],
+ * the exact dot sum_j q[j] c[k_j] = alpha Delta S + cmin sum_j q[j] + sum_j (alpha f[j] L[k_j] + q[j] e[k_j])
+ * with S = sum_j qi[j] L[k_j], the kernel's integer sum. So delta = alpha Delta, bias = cmin sum_j q[j],
+ * and tol = sum_j max_k |alpha f[j] L[k] + q[j] e[k]| bounds the error for every row (computed in double,
+ * rounded up). Layout of qint, int32 [nq][groups][2] (groups = ceil(ncols / 4)): byte t of word
+ * [g][0] is qi of the low nibble of column 4g + t (coordinate 8g + 2t), of word [g][1] the high nibble's
+ * (8g + 2t + 1); zero past dim. levels: L[i & 15] for i in 0..63 (a vpermb table that ignores a
+ * byte's bits 4-5). */
+static void query_int8(const float *q, Py_ssize_t dim, Py_ssize_t groups, const float *c, int nlevels,
+                       const uint8_t *L, const double *e, double alpha, double cmin, double cmax, int8_t *qint,
+                       float *delta, float *bias, float *tol, float *magnitude) {
+    double big = 0.0, sum = 0.0, abs_sum = 0.0;
+    for (Py_ssize_t j = 0; j < dim; j++) {
+        const double v = q[j];
+        big = fabs(v) > big ? fabs(v) : big;
+        sum += v;
+        abs_sum += fabs(v);
+    }
+    const double step = big > 0.0 ? big / 127.0 : 1.0;
+    memset(qint, 0, (size_t)groups * 8);
+    double err = 0.0;
+    for (Py_ssize_t j = 0; j < dim; j++) {
+        double r = nearbyint(q[j] / step);
+        r = r > 127.0 ? 127.0 : r < -127.0 ? -127.0 : r;
+        const double f = q[j] - step * r;
+        double worst = 0.0;
+        for (int k = 0; k < nlevels; k++) {
+            const double d = fabs(alpha * f * L[k] + (double)q[j] * e[k]);
+            worst = d > worst ? d : worst;
+        }
+        err += worst;
+        const Py_ssize_t col = j >> 1, g = col >> 2;
+        qint[g * 8 + (j & 1) * 4 + (col & 3)] = (int8_t)r;
+    }
+    (void)c;
+    *delta = (float)(alpha * step);
+    *bias = (float)(cmin * sum);
+    /* Rounded up, plus a relative 2^-20 for the double sums' own rounding. */
+    *tol = nextafterf((float)(err * (1.0 + 0x1p-20)), INFINITY);
+    *magnitude = (float)(abs_sum * (fabs(cmin) > fabs(cmax) ? fabs(cmin) : fabs(cmax)));
+}
+
+/* int8_tables(rotated, dim, nq, ncols, centroids, nlevels, qint, levels, delta, bias, tol, magnitude) */
+static PyObject *int8_tables(PyObject *self, PyObject *args) {
+    PyObject *rotated, *centroids, *qint, *levels, *delta, *bias, *tol, *magnitude;
+    Py_ssize_t dim, nq, ncols;
+    int nlevels;
+    if (!PyArg_ParseTuple(args, "OnnnOiOOOOOO", &rotated, &dim, &nq, &ncols, &centroids, &nlevels, &qint, &levels,
+                          &delta, &bias, &tol, &magnitude))
+        return NULL;
+    if (dim < 1 || nq < 0 || nlevels < 2 || nlevels > 16 || (dim + 1) / 2 > ncols || dim > INT8_SCAN_MAX_DIM) {
+        PyErr_Format(PyExc_ValueError, "int8_tables: need 1 <= dim <= %d in ncols nibble pairs and 2-16 levels",
+                     INT8_SCAN_MAX_DIM);
+        return NULL;
+    }
+    const Py_ssize_t groups = (ncols + 3) / 4;
+    Py_buffer bufs[8];
+    int held = 0, ok = 0;
+    if (get_buffer(centroids, &bufs[held], 0, 16 * (Py_ssize_t)sizeof(float), "centroids") < 0) goto done;
+    const float *c = bufs[held++].buf;
+    if (get_buffer(rotated, &bufs[held], 0, nq * dim * (Py_ssize_t)sizeof(float), "rotated") < 0) goto done;
+    const float *qp = bufs[held++].buf;
+    if (get_buffer(qint, &bufs[held], 1, nq * groups * 8, "qint") < 0) goto done;
+    int8_t *qi = bufs[held++].buf;
+    if (get_buffer(levels, &bufs[held], 1, 64, "levels") < 0) goto done;
+    uint8_t *lv = bufs[held++].buf;
+    float *outs[4];
+    PyObject *objs[4] = {delta, bias, tol, magnitude};
+    const char *names[4] = {"delta", "bias", "tol", "magnitude"};
+    for (int i = 0; i < 4; i++) {
+        if (get_buffer(objs[i], &bufs[held], 1, nq * (Py_ssize_t)sizeof(float), names[i]) < 0) goto done;
+        outs[i] = bufs[held++].buf;
+    }
+    double cmin = c[0], cmax = c[0];
+    for (int k = 1; k < nlevels; k++) {
+        cmin = c[k] < cmin ? c[k] : cmin;
+        cmax = c[k] > cmax ? c[k] : cmax;
+    }
+    const double alpha = cmax > cmin ? (cmax - cmin) / 255.0 : 1.0;
+    uint8_t L[16] = {0};
+    double e[16] = {0.0};
+    for (int k = 0; k < nlevels; k++) {
+        double r = nearbyint((c[k] - cmin) / alpha);
+        r = r > 255.0 ? 255.0 : r < 0.0 ? 0.0 : r;
+        L[k] = (uint8_t)r;
+        e[k] = c[k] - cmin - alpha * r;
+    }
+    for (int i = 0; i < 64; i++) lv[i] = L[i & 15];
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < nq; i++)
+        query_int8(qp + i * dim, dim, groups, c, nlevels, L, e, alpha, cmin, cmax, qi + i * groups * 8, outs[0] + i,
+                   outs[1] + i, outs[2] + i, outs[3] + i);
+    Py_END_ALLOW_THREADS
+    ok = 1;
+done:
+    return release(bufs, held, ok);
+}
+
+/* int8_block_sums(qint, levels, codes, ncols, nq, nblocks, out, portable): the int8 scan's integer
+ * sums, int32 [nq][nblocks][32] in row order, from the SIMD kernel (where the CPU has it) or the
+ * portable loop: for tests, which compare the two exactly. */
+static PyObject *int8_block_sums(PyObject *self, PyObject *args) {
+    PyObject *qint, *levels, *codes, *out;
+    Py_ssize_t ncols, nq, nblocks;
+    int portable;
+    if (!PyArg_ParseTuple(args, "OOOnnnOp", &qint, &levels, &codes, &ncols, &nq, &nblocks, &out, &portable))
+        return NULL;
+    if (ncols < 1 || nq < 0 || nblocks < 0) {
+        PyErr_SetString(PyExc_ValueError, "int8_block_sums: need ncols >= 1, nq >= 0, nblocks >= 0");
+        return NULL;
+    }
+    scan_args a;
+    memset(&a, 0, sizeof(a));
+    a.ncols = ncols;
+    a.nq = nq;
+    Py_buffer bufs[4];
+    int held = 0, ok = 0;
+    if (get_buffer(qint, &bufs[held], 0, nq * ((ncols + 3) / 4) * 8, "qint") < 0) goto done;
+    a.qint = bufs[held++].buf;
+    if (get_buffer(levels, &bufs[held], 0, 64, "levels") < 0) goto done;
+    a.levels = bufs[held++].buf;
+    if (get_buffer(codes, &bufs[held], 0, nblocks * ncols * BLOCK, "codes") < 0) goto done;
+    a.codes = bufs[held++].buf;
+    if (get_buffer(out, &bufs[held], 1, nq * nblocks * BLOCK * (Py_ssize_t)sizeof(int32_t), "out") < 0) goto done;
+    uint32_t *o = bufs[held++].buf;
+    const int simd = !portable && scan_level() == LEVEL_AVX512VBMI;
+    if (!portable && !simd) {
+        PyErr_SetString(PyExc_RuntimeError, "int8_block_sums: this CPU's scan level has no int8 kernel");
+        goto done;
+    }
+    for (Py_ssize_t q = 0; q < nq; q++)
+        for (Py_ssize_t b = 0; b < nblocks; b++) {
+            uint32_t *at = o + (q * nblocks + b) * BLOCK;
+#ifdef TQ_X86
+            if (simd) {
+                block_sums_int8_rows(&a, q, b, at);
+                continue;
+            }
+#endif
+            block_sums_int8_portable(&a, q, b, at);
+        }
+    ok = 1;
+done:
+    return release(bufs, held, ok);
+}
+
 /* ---- rotation -----------------------------------------------------------------------------------
  * rotate(x, mt, out, rows, dim): out = x @ mt for float32 x [rows][dim] and mt [dim][dim] (the
  * rotation's transpose), in this thread. Row i's k-th value is sum_j x[i][j] * mt[j][k] in increasing
@@ -1202,6 +1367,14 @@ static PyMethodDef methods[] = {
      "\n\nPer-query lookup tables for scan (groups: list of (start, stop, bits, codes_per_nibble, centroids); a first "
      "group of 5 bits takes 2*wcols nibbles and has upper tables). portable: the loop ARM runs, not SSE2 (the same "
      "results; for tests). Releases the GIL."},
+    {"int8_tables", int8_tables, METH_VARARGS,
+     "int8_tables(rotated, dim, nq, ncols, centroids, nlevels, qint, levels, delta, bias, tol, magnitude)\n\n"
+     "The int8 queries of scan_segments' int8 scan (one scalar group of codes in nibbles, nlevels of the 16 "
+     "float32 centroids): qint int8 [nq][ceil(ncols/4)][2][4], levels uint8 [64], and per query delta, bias, tol, "
+     "magnitude as for tables. Releases the GIL."},
+    {"int8_block_sums", int8_block_sums, METH_VARARGS,
+     "int8_block_sums(qint, levels, codes, ncols, nq, nblocks, out, portable)\n\nThe int8 scan's integer sums, "
+     "int32 [nq][nblocks][32] in row order, from the SIMD kernel or the portable loop (for tests)."},
     {"rotate", rotate, METH_VARARGS,
      "rotate(x, mt, out, rows, dim)\n\nout = x @ mt (float32 [rows][dim] @ [dim][dim]) in the calling thread, "
      "without torch's thread pool. Releases the GIL."},
@@ -1230,7 +1403,8 @@ PyMODINIT_FUNC PyInit__native(void) {
         fork_handler = 1;
     }
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "LUT_MAX", LUT_MAX) < 0) {
+    if (m && (PyModule_AddIntConstant(m, "LUT_MAX", LUT_MAX) < 0 ||
+              PyModule_AddIntConstant(m, "INT8_SCAN_MAX_DIM", INT8_SCAN_MAX_DIM) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -25,6 +25,8 @@ typedef ptrdiff_t Py_ssize_t;
 #define TQ_AVX512 "avx512f,avx512bw,avx2,fma,f16c"
 /* ... and VBMI (vpermb, vpermi2b: byte lookups into 64- and 128-byte tables). */
 #define TQ_VBMI "avx512f,avx512bw,avx512vbmi,avx2,fma,f16c"
+/* ... and VNNI (vpdpbusd: four byte products summed into each 32-bit lane) for the int8 scan. */
+#define TQ_VNNI "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c"
 #endif
 #if defined(__aarch64__)
 #include <arm_neon.h>
@@ -40,6 +42,9 @@ typedef ptrdiff_t Py_ssize_t;
  * which stays in L2 while every query tile reuses it. */
 #define BLOCKS_PER_PASS 64
 #define MAX_TILE 4
+/* The int8 scan sums at most 255 * 127 per coordinate in int32 lanes. */
+#define INT8_SCAN_MAX_DIM 65536
+#define MAX_TILE_INT8 8
 /* Bytes ahead of the column being read that the VBMI scan asks the cache for: a single query streams
  * every block once, and the hardware prefetcher stops at each 4 KiB page (a 4-bit block at 384
  * dimensions is 6 KiB), so without it a single query's scan stalled on memory
@@ -76,6 +81,11 @@ typedef struct {
     const float *rotated, *centroids;
     Py_ssize_t dim;
     int row_bits;
+    /* Optional int8 queries (tqindex/_native.c, int8_tables): with qint, the integer sums are
+     * sum_j qint_j * levels[code_j] over one scalar group of codes in nibbles (delta, bias and tol are
+     * the int8 ones), and luts / fluts are unused. */
+    const int8_t *qint;        /* [nq][ceil(ncols/4)][2][4] */
+    const uint8_t *levels;     /* [64]: the level byte of code i & 15 */
     int avx2;                  /* which dot_* to use */
     int avx512;                /* the AVX-512 block sums (x86): 1 with AVX512F and BW, 2 with VBMI too */
 } scan_args;
@@ -330,7 +340,7 @@ static inline void offer_block(const scan_args *a, Py_ssize_t q, Py_ssize_t bloc
     for (int v = 0; v < BLOCK; v++) {
         if (!(live >> v & 1)) continue;
         Py_ssize_t row = block * BLOCK + v;
-        float upper = scale_at(a, row) * (mul * (float)sums[v] + add);
+        float upper = scale_at(a, row) * (mul * (float)(int32_t)sums[v] + add);  /* int8 sums may be < 0 */
         if (a->row_norm) upper -= a->row_norm[row] * a->row_norm[row];
         if (upper >= evaluation_threshold(a, q)) exact_offer(a, q, block, v);
     }
@@ -353,6 +363,22 @@ static void block_sums_portable(const scan_args *a, Py_ssize_t q, Py_ssize_t blo
     }
 }
 
+/* The int8 scan's sums (see scan_args.qint), in row order: the oracle of scan_int8_vnni. */
+static void block_sums_int8_portable(const scan_args *a, Py_ssize_t q, Py_ssize_t block, uint32_t *sums) {
+    const uint8_t *blk = a->codes + block * block_bytes(a);
+    const Py_ssize_t groups = (a->ncols + 3) / 4;
+    const int8_t *qi = a->qint + q * groups * 8;
+    for (int v = 0; v < BLOCK; v++) {
+        int32_t s = 0;
+        for (Py_ssize_t c = 0; c < a->ncols; c++) {
+            const uint8_t byte = blk[c * BLOCK + v];
+            const int8_t *w = qi + (c >> 2) * 8 + (c & 3);
+            s += (int32_t)w[0] * a->levels[byte & 15] + (int32_t)w[4] * a->levels[byte >> 4];
+        }
+        sums[v] = (uint32_t)s;
+    }
+}
+
 /* The scan of kernels that produce sums in row order (portable, NEON), tested by offer_block. */
 typedef void (*block_sums_fn)(const scan_args *a, Py_ssize_t q, Py_ssize_t block, uint32_t *sums);
 
@@ -369,7 +395,9 @@ static inline void scan_row_order(const scan_args *a, block_sums_fn block_sums) 
     }
 }
 
-static void scan_portable(const scan_args *a) { scan_row_order(a, block_sums_portable); }
+static void scan_portable(const scan_args *a) {
+    scan_row_order(a, a->qint ? block_sums_int8_portable : block_sums_portable);
+}
 
 #ifdef TQ_X86
 /* The block-sum kernels' start: each query's tables (lut[t]) and zeroed 32-bit sums. */
@@ -512,7 +540,7 @@ __attribute__((target(TQ_AVX2), always_inline)) static inline void block_floats_
 #define DEFINE_TILE(NAME, TARGET, SUMS, T)                                                           \
     __attribute__((target(TARGET))) static void NAME##_##T(const scan_args *a, Py_ssize_t q0,      \
                                                            Py_ssize_t p, Py_ssize_t pe) {          \
-        __m256i sums[MAX_TILE][4];                                                                   \
+        __m256i sums[T][4];                                                                          \
         float tail_scale[BLOCK], tail_norm[BLOCK];                                                   \
         for (Py_ssize_t b = p; b < pe; b++) {                                                        \
             if (a->block_live && !a->block_live[b]) continue;                                        \
@@ -704,6 +732,109 @@ DEFINE_TILE(scan_tile_vbmi, TQ_VBMI, block_sums_vbmi, 2)
 DEFINE_TILE(scan_tile_vbmi, TQ_VBMI, block_sums_vbmi, 3)
 DEFINE_TILE(scan_tile_vbmi, TQ_VBMI, block_sums_vbmi, 4)
 DEFINE_SCAN(scan_vbmi, scan_tile_vbmi)
+
+/* The int8 scan (AVX-512 VBMI + VNNI; see scan_args.qint). Per block and group of four columns
+ * (128 bytes: two registers of two columns), shared by the tile's queries: two vpermt2b transpose
+ * them so that each 32-bit lane holds one row's four column bytes (the even rows 0, 2, .., 30 in one
+ * register, the odd rows in the other: block_sums_avx2's slot order, so its test and offer follow),
+ * and two vpermb per register decode the low and high nibbles to level bytes (the 64-entry table
+ * repeats every 16, so a byte's high bits need no mask). Per query: four vpdpbusd (level byte
+ * times int8 query, four columns summed per lane) for 256 coordinates, into int32 lanes that
+ * cannot overflow (INT8_SCAN_MAX_DIM). A last group of fewer than four columns is read with masked
+ * loads (its query bytes are zero), so nothing past the block is read. */
+__attribute__((target(TQ_VNNI), always_inline)) static inline void block_sums_int8(
+        const scan_args *a, Py_ssize_t q0, const int tile, Py_ssize_t block, __m256i sums[][4]) {
+    const uint8_t *blk = a->codes + block * block_bytes(a);
+    const Py_ssize_t groups = (a->ncols + 3) / 4;
+    const __m512i table = _mm512_loadu_si512((const void *)a->levels);
+    /* Byte 4i + t of the even-row register: row 2i of column t (t < 2: the first register's
+     * half t; else the second's, index bit 6). The odd rows: one row on. */
+    __m512i even_rows, odd_rows;
+    {
+        uint8_t e[64], o[64];
+        for (int i = 0; i < 16; i++)
+            for (int t = 0; t < 4; t++) {
+                e[4 * i + t] = (uint8_t)((t >> 1) * 64 + (t & 1) * 32 + 2 * i);
+                o[4 * i + t] = (uint8_t)(e[4 * i + t] + 1);
+            }
+        even_rows = _mm512_loadu_si512((const void *)e);
+        odd_rows = _mm512_loadu_si512((const void *)o);
+    }
+    __m512i acc_even[MAX_TILE_INT8], acc_odd[MAX_TILE_INT8];
+    const int32_t *qi[MAX_TILE_INT8];
+    for (int t = 0; t < tile; t++) {
+        acc_even[t] = acc_odd[t] = _mm512_setzero_si512();
+        qi[t] = (const int32_t *)(a->qint + (q0 + t) * groups * 8);
+    }
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        const uint8_t *at = blk + 4 * g * BLOCK;
+        __m512i z0, z1;
+        if (4 * g + 4 <= a->ncols) {
+            _mm_prefetch((const char *)(at + PREFETCH_AHEAD), _MM_HINT_T0);
+            _mm_prefetch((const char *)(at + PREFETCH_AHEAD + 64), _MM_HINT_T0);
+            z0 = _mm512_loadu_si512((const void *)at);
+            z1 = _mm512_loadu_si512((const void *)(at + 64));
+        } else {
+            const Py_ssize_t bytes = (a->ncols - 4 * g) * BLOCK;  /* 32, 64 or 96 */
+            z0 = _mm512_maskz_loadu_epi8(bytes >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << bytes) - 1, at);
+            z1 = _mm512_maskz_loadu_epi8(bytes > 64 ? ((__mmask64)1 << (bytes - 64)) - 1 : 0, at + 64);
+        }
+        const __m512i e = _mm512_permutex2var_epi8(z0, even_rows, z1), o = _mm512_permutex2var_epi8(z0, odd_rows, z1);
+        const __m512i e_lo = _mm512_permutexvar_epi8(e, table), e_hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(e, 4), table);
+        const __m512i o_lo = _mm512_permutexvar_epi8(o, table), o_hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(o, 4), table);
+        for (int t = 0; t < tile; t++) {
+            const __m512i w_lo = _mm512_set1_epi32(qi[t][2 * g]), w_hi = _mm512_set1_epi32(qi[t][2 * g + 1]);
+            acc_even[t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_even[t], e_lo, w_lo), e_hi, w_hi);
+            acc_odd[t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_odd[t], o_lo, w_lo), o_hi, w_hi);
+        }
+    }
+    for (int t = 0; t < tile; t++) {
+        sums[t][0] = _mm512_castsi512_si256(acc_even[t]);
+        sums[t][1] = _mm512_extracti64x4_epi64(acc_even[t], 1);
+        sums[t][2] = _mm512_castsi512_si256(acc_odd[t]);
+        sums[t][3] = _mm512_extracti64x4_epi64(acc_odd[t], 1);
+    }
+}
+
+DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 1)
+DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 2)
+DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 3)
+DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 4)
+DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 5)
+DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 6)
+DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 7)
+DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 8)
+
+/* Query q's int8 sums over one block, in row order (for tests: block_sums_int8_portable's). */
+__attribute__((target(TQ_VNNI))) static void block_sums_int8_rows(const scan_args *a, Py_ssize_t q, Py_ssize_t block,
+                                                                   uint32_t *out) {
+    __m256i sums[1][4];
+    uint32_t slots[4][8];
+    block_sums_int8(a, q, 1, block, sums);
+    for (int h = 0; h < 4; h++) _mm256_storeu_si256((__m256i *)slots[h], sums[0][h]);
+    for (int i = 0; i < 8; i++)  /* slot order: see offer_block_avx2 */
+        for (int h = 0; h < 4; h++) out[(h & 1) * 16 + 2 * i + (h >> 1)] = slots[h][i];
+}
+
+/* Blocks in passes, queries in tiles of up to MAX_TILE_INT8 (the decoded levels are shared by a
+ * tile, so wider tiles pay them less often). */
+static void scan_int8_vnni(const scan_args *a) {
+    for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {
+        Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;
+        Py_ssize_t q = 0;
+        for (; q + 8 <= a->nq; q += 8) scan_tile_int8_8(a, q, p, pe);
+        switch (a->nq - q) {
+            case 7: scan_tile_int8_7(a, q, p, pe); break;
+            case 6: scan_tile_int8_6(a, q, p, pe); break;
+            case 5: scan_tile_int8_5(a, q, p, pe); break;
+            case 4: scan_tile_int8_4(a, q, p, pe); break;
+            case 3: scan_tile_int8_3(a, q, p, pe); break;
+            case 2: scan_tile_int8_2(a, q, p, pe); break;
+            case 1: scan_tile_int8_1(a, q, p, pe); break;
+            default: break;
+        }
+    }
+}
 #endif
 
 #ifdef TQ_NEON

@@ -1,4 +1,4 @@
-"""CPU fast scan: uint8 lookup tables over 4-bit groups of codes (tqindex/_native.c), exact results.
+"""CPU fast scan: uint8 lookup tables (or int8 queries) over 4-bit groups of codes (tqindex/_native.c), exact results.
 
 How a search runs
 -----------------
@@ -20,6 +20,11 @@ How a search runs
    top k and is skipped; every other row gets its exact score from the float tables and is
    offered to the query's heap. The "best so far" is the best k-th score of any heap holding other
    rows of the query (thread shares, segments), shared through a per-query floor.
+4. Where the codes are one scalar group of one 3- or 4-bit code a nibble (every coordinate shares
+   the same 16 levels) and the scan level has the kernel (`avx512vbmi`: AVX-512 VBMI and VNNI), the
+   tables of steps 2-3 give way to an int8 copy of the query (`int8_tables`): each nibble decodes to
+   a level byte once for a tile of up to 8 queries and `vpdpbusd` sums four coordinates' products at
+   a time; its own bound E plays the same part, so the results are the same.
 
 So the results are the torch scan's (the same estimator, float32) up to float rounding of the
 sums, and the uint8 pass only saves work. `FastScanner.supports` the mse variant on the CPU when
@@ -166,6 +171,9 @@ class ScanPlan:
     query_norm2 : ‖q‖² per query for "l2", else None
     rotated, centroids, row_bits : Πq (nq, d), the 16 padded levels and the bits a code takes in
         the nibble columns (1, 2 or 4), for rescoring one scalar group from its codes; else None / 0
+    qint, levels : the int8 queries (nq, ceil(ncols/4), 2, 4) int8 and level bytes (64,) uint8 of the
+        int8 scan (`int8_tables`), which then takes the place of luts and fluts (None), with its own
+        delta, bias and tol
     """
 
     ncols: int
@@ -179,8 +187,10 @@ class ScanPlan:
     rotated: np.ndarray | None = None
     centroids: np.ndarray | None = None
     row_bits: int = 0
+    qint: np.ndarray | None = None
+    levels: np.ndarray | None = None
 
-    _PER_QUERY = ("luts", "fluts", "delta", "bias", "tol", "query_norm2", "rotated")
+    _PER_QUERY = ("luts", "fluts", "delta", "bias", "tol", "query_norm2", "rotated", "qint")
 
     def queries(self, rows) -> "ScanPlan":
         """The plan for queries `rows` (a slice: views; an index array: copies)."""
@@ -188,6 +198,55 @@ class ScanPlan:
             return self
         return dataclasses.replace(self, **{name: getattr(self, name)[rows] for name in self._PER_QUERY
                                             if getattr(self, name) is not None})
+
+
+def int8_scan(quantizer: TurboQuantizer) -> bool:
+    """Whether this quantizer's codes can be scanned against int8 queries: one scalar group whose
+    codes fill a nibble each (3 or 4 bits; rescored from its codes), no wide columns."""
+    rescore = _constants(quantizer)["rescore"]
+    return (rescore.get("row_bits") == 4 and quantizer.layout.wcols == 0
+            and quantizer.dim <= native.kernels.INT8_SCAN_MAX_DIM)
+
+
+def int8_tables(quantizer: TurboQuantizer, rotated: np.ndarray):
+    """The int8 queries of the int8 scan (computed by the C extension, `_native.int8_tables`).
+
+    Parameters
+    ----------
+    rotated : (nq, d) float32, Πq
+
+    Returns
+    -------
+    qint : (nq, ceil(ncols/4), 2, 4) int8, round(Πq / Δ) with Δ = max |Πq| / 127, in the kernel's order
+    levels : (64,) uint8, the group's levels as bytes, L = round((c − c_min) / α), α = (c_max − c_min) / 255
+    delta, bias, tol, magnitude : (nq,) float32; dot ≈ delta · Σ qint·L + bias within tol for every row
+    """
+    nq = rotated.shape[0]
+    ncols = quantizer.layout.ncols
+    rescore = _constants(quantizer)["rescore"]
+    qint = np.empty((nq, (ncols + 3) // 4, 2, 4), np.int8)
+    levels = np.empty(64, np.uint8)
+    delta, bias, tol, magnitude = np.empty((4, nq), np.float32)
+    native.kernels.int8_tables(rotated, quantizer.dim, nq, ncols, rescore["centroids"],
+                               len(quantizer.groups[0].centroids), qint, levels, delta, bias, tol, magnitude)
+    return qint, levels, delta, bias, tol, magnitude
+
+
+def _plan_for(quantizer, rotated: torch.Tensor, query_norm2: np.ndarray | None, portable: bool,
+              int8: bool | None) -> tuple[ScanPlan, np.ndarray]:
+    """The queries' plan and magnitudes: int8 queries where `int8` (None: where the codes allow it
+    and the CPU's scan level has an int8 kernel, `avx512vbmi`, unless `portable`), else tables."""
+    q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
+    if int8 is None:
+        int8 = not portable and native.simd() == "avx512vbmi" and int8_scan(quantizer)
+    if int8:
+        qint, levels, delta, bias, tol, magnitude = int8_tables(quantizer, q)
+        rescore = _constants(quantizer)["rescore"]
+        plan = ScanPlan(ncols=quantizer.layout.ncols, wcols=0, luts=None, fluts=None, delta=delta, bias=bias, tol=tol,
+                        query_norm2=query_norm2, rotated=q, qint=qint, levels=levels, **rescore)
+        return plan, magnitude
+    luts, fluts, delta, bias, tol, magnitude = quantized_luts(quantizer, rotated)
+    return _query_plan(quantizer, (luts, fluts, delta, bias, tol), q, query_norm2), magnitude
 
 
 def _query_plan(quantizer, tables, rotated: np.ndarray, query_norm2: np.ndarray | None) -> ScanPlan:
@@ -262,8 +321,8 @@ def _scan_threads(share: int, entries, nq: int) -> int:
 
 def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: torch.Tensor,
                    query_sq_norms: torch.Tensor, k: int, metric: str, *, portable: bool = False,
-                   threads: int | None = None, cache: SegmentCache | None = None, stats: dict | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   threads: int | None = None, cache: SegmentCache | None = None, stats: dict | None = None,
+                   int8: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract and results as `backends.torch_scan.scan_topk` (mse variant, CPU).
 
     Every segment is scanned into one heap per query, in one `_native.scan_segments` call, the rows of
@@ -275,6 +334,9 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
     ----------
     portable : bool
         Use the portable C loop even where a SIMD kernel is available (tests compare them).
+    int8 : bool, optional
+        Score against int8 queries (`int8_tables`; the codes must allow it, `int8_scan`) or against
+        tables; None: int8 where the scan level has an int8 kernel. The results are the same.
     threads : int, optional
         Default: `tqindex.native.get_num_threads()`.
     cache : SegmentCache, optional
@@ -284,10 +346,8 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
     """
     nq = rotated.shape[0]
     threads = threads or native.get_num_threads()
-    q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
-    luts, fluts, delta, bias, tol, magnitude = quantized_luts(quantizer, rotated)
     qn2 = query_sq_norms.numpy().astype(np.float32) if metric == "l2" else None
-    plan = _query_plan(quantizer, (luts, fluts, delta, bias, tol), q, qn2)
+    plan, magnitude = _plan_for(quantizer, rotated, qn2, portable, int8)
     entries, start = [], 0  # of each segment with rows
     for seg in segments:
         if len(seg):
@@ -328,8 +388,8 @@ def list_entries(quantizer: TurboQuantizer, request: ListScan, metric: str, cach
 
 def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch.Tensor,
                     query_sq_norms: torch.Tensor, k: int, metric: str, *, portable: bool = False,
-                    threads: int | None = None, cache: SegmentCache | None = None, stats: dict | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    threads: int | None = None, cache: SegmentCache | None = None, stats: dict | None = None,
+                    int8: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A partitioned index's top k (see `base.ListScan`) in one heap per query: tables are made
     once per query, and every probed list's segments are scanned into the same heap, each with its
     list's score offset and first position (`id_base`), so a list's rows are
@@ -337,14 +397,12 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
     single query's blocks are split between the kernel's worker threads."""
     nq = rotated.shape[0]
     threads = threads or native.get_num_threads()
-    q = np.ascontiguousarray(rotated.numpy(), dtype=np.float32)
-    luts, fluts, delta, bias, tol, magnitude = quantized_luts(quantizer, rotated.contiguous())
     qn2 = query_sq_norms.numpy().astype(np.float32) if metric == "l2" else None
     segments = request.segments
     heap_s = np.full((nq, k), -np.inf, dtype=np.float32)
     heap_i = np.full((nq, k), -1, dtype=np.int64)
     count = np.zeros(nq, dtype=np.int64)
-    plan = _query_plan(quantizer, (luts, fluts, delta, bias, tol), q, qn2)
+    plan, magnitude = _plan_for(quantizer, rotated.contiguous(), qn2, portable, int8)
 
     entries_of = list_entries(quantizer, request, metric, cache)
 
