@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, help="rows of synthetic clustered unit vectors (no real set)")
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--nlist", type=int, default=256)
     parser.add_argument("--single", type=int, default=200)
     parser.add_argument("--probes", type=int, nargs="+", default=list(PROBES), help="nprobe values swept")

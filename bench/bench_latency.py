@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, default=None, help="rows of synthetic clustered unit vectors")
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--single", type=int, default=500, help="single queries timed per process")
     parser.add_argument("--threads", type=int, default=os.cpu_count())

@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--batch", type=int, help="rows per add (default rows/10)")
     parser.add_argument("--stream", action="store_true",
                         help="make each batch just before adding it (for sizes whose float32 array would not fit)")
