@@ -707,6 +707,35 @@ def test_a_forked_child_starts_its_own_workers(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
+_PRESTART = """
+import numpy as np
+from tqindex import Index, native, set_num_threads
+from tqindex.backends import fastscan
+set_num_threads(3)
+assert native.kernels.pool_workers() == 0
+small = Index(dim=384, bits=4)
+small.add(np.ones((100, 384), np.float32))                   # a scan too small to split: no workers
+assert native.kernels.pool_workers() == 0, native.kernels.pool_workers()
+rows = 2 * fastscan._BYTES_PER_SHARE // 192 + 64             # codes of two shares: a split scan
+index = Index(dim=384, bits=4)
+index.add(np.random.default_rng(0).standard_normal((rows, 384)).astype(np.float32))
+assert native.kernels.pool_workers() == 2, native.kernels.pool_workers()
+print("ok")
+"""
+
+
+@needs_native
+def test_add_starts_the_scan_workers_a_split_search_will_use():
+    # An index whose single queries will be split starts the kernel's workers when its rows are
+    # added, so its first search does not wait for thread creation (a fresh process: none yet).
+    import subprocess
+    import sys
+    if not fastscan.available():
+        pytest.skip("no SIMD fast scan on this machine: the torch scan has no workers")
+    out = subprocess.run([sys.executable, "-c", _PRESTART], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 @needs_native
 def test_select_kernel_equals_the_numpy_order(monkeypatch):
     # Merging partial answers: the kernel's k best, ties by position, equal numpy's lexsort oracle,

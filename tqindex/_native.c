@@ -1321,6 +1321,21 @@ static PyObject *pool_workers_count(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(pool_workers_started());
 }
 
+/* pool_start(n) -> workers started: start up to n worker threads now (Index.add does, for an index
+ * large enough to split its scans), so that the first search does not wait for thread creation. */
+static PyObject *pool_start(PyObject *self, PyObject *arg) {
+    const long want = PyLong_AsLong(arg);
+    if (want == -1 && PyErr_Occurred()) return NULL;
+    if (want < 0) {
+        PyErr_SetString(PyExc_ValueError, "pool_start: the worker count must be >= 0");
+        return NULL;
+    }
+    pthread_mutex_lock(&pool_mu);
+    pool_grow(want > POOL_MAX_WORKERS ? POOL_MAX_WORKERS : (int)want);
+    pthread_mutex_unlock(&pool_mu);
+    return PyLong_FromLong(pool_workers_started());
+}
+
 static PyObject *simd(PyObject *self, PyObject *unused) {
     return PyUnicode_FromString(level_names[scan_level()]);
 }
@@ -1356,6 +1371,9 @@ static PyMethodDef methods[] = {
      "every segment first, then releases the GIL once. threads > 1: the queries (at least `threads` of them) or "
      "else the blocks of all segments are split into that many shares scanned at once by the module's worker "
      "threads (the same results)."},
+    {"pool_start", pool_start, METH_O,
+     "pool_start(n) -> workers: start up to n worker threads now (they are otherwise started by the first scan "
+     "that splits)."},
     {"pool_workers", pool_workers_count, METH_NOARGS,
      "The worker threads the module has started (they live until the process ends; none in a forked child)."},
     {"encode", encode, METH_VARARGS,

@@ -460,8 +460,14 @@ class FastScanner(Scanner):
         return device == "cpu" and self._codes_supported and available()
 
     def prepare(self, segment: Segment) -> None:
+        """Make what a search of this segment needs now, not on the first search: its layout, the
+        quantizer's constants and, where a single query's scan of it will be split, the kernel's
+        worker threads."""
         if len(segment):
-            segment_layout(self.quantizer, segment, self.metric, self.cache)
+            layout = segment_layout(self.quantizer, segment, self.metric, self.cache)
+            _constants(self.quantizer)
+            if native.kernels is not None and layout["blocks"].nbytes >= 2 * _BYTES_PER_SHARE:
+                native.kernels.pool_start(native.get_num_threads() - 1)
 
     def topk_lists(self, request: ListScan, queries: Queries, k: int) -> TopK:
         stats: dict = {}
