@@ -879,6 +879,22 @@ def test_int8_sums_and_bound(bits, d):
 
 
 @needs_native
+def test_int8_tables_split_between_threads_equal_one_query_at_a_time(monkeypatch):
+    # A batch's int8 queries are made in ranges on several threads: the same bytes and bounds as
+    # made one query at a time.
+    monkeypatch.setattr(native, "_THREADS", 3)
+    index = Index(dim=96, bits=4)
+    index.add(np.random.default_rng(1).standard_normal((50, 96)).astype(np.float32))
+    q = np.random.default_rng(2).standard_normal((3 * fastscan._TABLE_QUERIES_PER_THREAD + 5, 96)).astype(np.float32)
+    batch = fastscan.int8_tables(index._quantizer, q)
+    for i in (0, 1, len(q) // 2, len(q) - 1):
+        one = fastscan.int8_tables(index._quantizer, q[i:i + 1])
+        np.testing.assert_array_equal(one[1], batch[1])
+        for got, part in zip(one[:1] + one[2:], batch[:1] + batch[2:]):
+            np.testing.assert_array_equal(got[0], part[i])
+
+
+@needs_native
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("bits,d", [(4, 202), (3, 203), (4, 38)])
 def test_int8_scan_equals_the_table_scan(metric, bits, d):

@@ -987,9 +987,9 @@ done:
  * [g][0] is qi of the low nibble of column 4g + t (coordinate 8g + 2t), of word [g][1] the high nibble's
  * (8g + 2t + 1); zero past dim. levels: L[i & 15] for i in 0..63 (a vpermb table that ignores a
  * byte's bits 4-5). */
-static void query_int8(const float *q, Py_ssize_t dim, Py_ssize_t groups, const float *c, int nlevels,
-                       const uint8_t *L, const double *e, double alpha, double cmin, double cmax, int8_t *qint,
-                       float *delta, float *bias, float *tol, float *magnitude) {
+static void query_int8(const float *q, Py_ssize_t dim, Py_ssize_t groups, int nlevels, const uint8_t *L,
+                       const double *e, double alpha, double cmin, double cmax, int8_t *qint, float *delta,
+                       float *bias, float *tol, float *magnitude) {
     double big = 0.0, sum = 0.0, abs_sum = 0.0;
     for (Py_ssize_t j = 0; j < dim; j++) {
         const double v = q[j];
@@ -1013,7 +1013,6 @@ static void query_int8(const float *q, Py_ssize_t dim, Py_ssize_t groups, const 
         const Py_ssize_t col = j >> 1, g = col >> 2;
         qint[g * 8 + (j & 1) * 4 + (col & 3)] = (int8_t)r;
     }
-    (void)c;
     *delta = (float)(alpha * step);
     *bias = (float)(cmin * sum);
     /* Rounded up, plus a relative 2^-20 for the double sums' own rounding. */
@@ -1069,7 +1068,7 @@ static PyObject *int8_tables(PyObject *self, PyObject *args) {
     for (int i = 0; i < 64; i++) lv[i] = L[i & 15];
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < nq; i++)
-        query_int8(qp + i * dim, dim, groups, c, nlevels, L, e, alpha, cmin, cmax, qi + i * groups * 8, outs[0] + i,
+        query_int8(qp + i * dim, dim, groups, nlevels, L, e, alpha, cmin, cmax, qi + i * groups * 8, outs[0] + i,
                    outs[1] + i, outs[2] + i, outs[3] + i);
     Py_END_ALLOW_THREADS
     ok = 1;

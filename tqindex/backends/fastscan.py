@@ -166,7 +166,8 @@ class ScanPlan:
     fields by name; each segment's come in its entry, `_segment_entry`). Arrays have nq rows.
 
     ncols, wcols : nibble columns, of which the first wcols are masked 5-bit ones
-    luts : (nq, 2·(ncols + wcols), 16) uint8; fluts : the same in float32 (`quantized_luts`)
+    luts : (nq, 2·(ncols + wcols), 16) uint8; fluts : the same in float32 (`quantized_luts`); None
+        with int8 queries
     delta, bias, tol : (nq,) float32
     query_norm2 : ‖q‖² per query for "l2", else None
     rotated, centroids, row_bits : Πq (nq, d), the 16 padded levels and the bits a code takes in
@@ -178,8 +179,8 @@ class ScanPlan:
 
     ncols: int
     wcols: int
-    luts: np.ndarray
-    fluts: np.ndarray
+    luts: np.ndarray | None
+    fluts: np.ndarray | None
     delta: np.ndarray
     bias: np.ndarray
     tol: np.ndarray
@@ -203,6 +204,8 @@ class ScanPlan:
 def int8_scan(quantizer: TurboQuantizer) -> bool:
     """Whether this quantizer's codes can be scanned against int8 queries: one scalar group whose
     codes fill a nibble each (3 or 4 bits; rescored from its codes), no wide columns."""
+    if native.kernels is None:
+        return False
     rescore = _constants(quantizer)["rescore"]
     return (rescore.get("row_bits") == 4 and quantizer.layout.wcols == 0
             and quantizer.dim <= native.kernels.INT8_SCAN_MAX_DIM)
@@ -225,10 +228,16 @@ def int8_tables(quantizer: TurboQuantizer, rotated: np.ndarray):
     ncols = quantizer.layout.ncols
     rescore = _constants(quantizer)["rescore"]
     qint = np.empty((nq, (ncols + 3) // 4, 2, 4), np.int8)
-    levels = np.empty(64, np.uint8)
     delta, bias, tol, magnitude = np.empty((4, nq), np.float32)
-    native.kernels.int8_tables(rotated, quantizer.dim, nq, ncols, rescore["centroids"],
-                               len(quantizer.groups[0].centroids), qint, levels, delta, bias, tol, magnitude)
+
+    def tables(a, b):
+        levels = np.empty(64, np.uint8)  # the same bytes from every range; each writes its own
+        native.kernels.int8_tables(rotated[a:b], quantizer.dim, b - a, ncols, rescore["centroids"],
+                                   len(quantizer.groups[0].centroids), qint[a:b], levels, delta[a:b], bias[a:b],
+                                   tol[a:b], magnitude[a:b])
+        return levels
+
+    levels = native.parallel_ranges(max(nq, 1), tables, min_per_thread=_TABLE_QUERIES_PER_THREAD)[0]
     return qint, levels, delta, bias, tol, magnitude
 
 
