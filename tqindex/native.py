@@ -98,6 +98,8 @@ def parallel_ranges(count: int, fn, threads: int | None = None, min_per_thread: 
     machine, where a pool thread may wait for a core). The threads are this call's `thread_share`.
     Results never depend on the split."""
     global _EXECUTOR
+    if count // max(1, min_per_thread) <= 1:  # one slice whatever the share: no budget to take
+        return [fn(0, count)]
     with thread_share(threads) as share:
         threads = max(1, min(share, count // max(1, min_per_thread)))
         if threads == 1:
