@@ -422,6 +422,18 @@ def test_fast_scan_reads_the_held_scales_and_flags_in_place(scale_dtype, metric)
     assert index.memory_bytes() - before <= len(layout["blocks"])
 
 
+def _list_request(index, q: torch.Tensor, metric: str, nprobe: int):
+    """A partitioned index's ListScan for queries q: its nprobe best lists and every list's offset."""
+    from tqindex.backends.base import ListScan
+    view = index._view
+    lists, offsets = index._coarse.probe(q, metric, nprobe)
+    members: dict = {}
+    for i, s in enumerate(view.segments):
+        members.setdefault(s.partition, []).append(i)
+    return ListScan(view.segments, np.cumsum([0] + [len(s) for s in view.segments]), members, lists.numpy(),
+                    offsets.numpy())
+
+
 @needs_avx2
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -435,14 +447,9 @@ def test_list_scan_kernels_agree_and_equal_the_list_by_list_scan(metric, bits):
     index.add(x[:2000])
     index.add(x[2000:])                                            # lists of two segments
     index.remove(np.arange(0, 3000, 5))
-    view = index._view
     q = torch.from_numpy(near)
-    lists, offsets = index._coarse.probe(q, metric, 5)
-    members: dict = {}
-    for i, s in enumerate(view.segments):
-        members.setdefault(s.partition, []).append(i)
-    request = ListScan(view.segments, np.cumsum([0] + [len(s) for s in view.segments]), members,
-                       lists.numpy(), offsets.numpy())
+    request = _list_request(index, q, metric, 5)
+    view = index._view
     rotated, _ = index._quantizer.prepare_queries(q)
     sq = q.square().sum(1)
     a = fastscan.scan_lists_fast(index._quantizer, request, rotated, sq, 10, metric, threads=1)
@@ -452,7 +459,7 @@ def test_list_scan_kernels_agree_and_equal_the_list_by_list_scan(metric, bits):
         np.testing.assert_array_equal(a[1].numpy(), other[1].numpy())
         np.testing.assert_array_equal(a[0].numpy(), other[0].numpy())
     for row in (0, 5):   # one query: all its lists in one native call, their blocks split between threads
-        one = ListScan(request.segments, request.starts, members, request.lists[row:row + 1],
+        one = ListScan(request.segments, request.starts, request.members, request.lists[row:row + 1],
                        request.offsets[row:row + 1])
         for threads, split in ((1, False), (3, False), (3, True)):
             with pytest.MonkeyPatch.context() as patch:
@@ -920,16 +927,9 @@ def test_int8_scan_equals_the_table_scan(metric, bits, d):
                                               threads=threads, portable=portable, int8=True)
                 np.testing.assert_array_equal(got[1].numpy(), ref[1].numpy())
                 np.testing.assert_array_equal(got[0].numpy(), ref[0].numpy())
-    from tqindex.backends.base import ListScan
     part = Index(dim=d, bits=bits, metric=metric, partitions=8)
     part.add(x)
-    view = part._view
-    lists, offsets = part._coarse.probe(queries, metric, 3)
-    members: dict = {}
-    for i, s in enumerate(view.segments):
-        members.setdefault(s.partition, []).append(i)
-    request = ListScan(view.segments, np.cumsum([0] + [len(s) for s in view.segments]), members,
-                       lists.numpy(), offsets.numpy())
+    request = _list_request(part, queries, metric, 3)
     prot, _ = part._quantizer.prepare_queries(queries)
     runs = [fastscan.scan_lists_fast(part._quantizer, request, prot, sq, 7, metric, threads=t, portable=p, int8=i8)
             for i8 in (False, True) for p in ((True, False) if simd else (True,)) for t in (1, 2)]

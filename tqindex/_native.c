@@ -900,6 +900,19 @@ static void query_tables(const float *q, const nibble_group *groups, int ngroups
     *magnitude = mag;
 }
 
+/* The per-query float32 outputs of the table makers (delta, bias, tol, magnitude, each [nq]), taken
+ * as writable buffers into bufs from *held on. */
+static int take_query_floats(PyObject *delta, PyObject *bias, PyObject *tol, PyObject *magnitude, Py_ssize_t nq,
+                             Py_buffer *bufs, int *held, float *outs[4]) {
+    PyObject *objs[4] = {delta, bias, tol, magnitude};
+    const char *names[4] = {"delta", "bias", "tol", "magnitude"};
+    for (int i = 0; i < 4; i++) {
+        if (get_buffer(objs[i], &bufs[*held], 1, nq * (Py_ssize_t)sizeof(float), names[i]) < 0) return -1;
+        outs[i] = bufs[(*held)++].buf;
+    }
+    return 0;
+}
+
 static PyObject *tables(PyObject *self, PyObject *args) {
     PyObject *rotated, *groups, *luts, *fluts, *delta, *bias, *tol, *magnitude;
     Py_ssize_t dim, nq, ncols, wcols = 0;
@@ -957,12 +970,7 @@ static PyObject *tables(PyObject *self, PyObject *args) {
     if (get_buffer(fluts, &bufs[held], 1, nq * entries * (Py_ssize_t)sizeof(float), "fluts") < 0) goto done;
     float *fp = bufs[held++].buf;
     float *outs[4];
-    PyObject *objs[4] = {delta, bias, tol, magnitude};
-    const char *names[4] = {"delta", "bias", "tol", "magnitude"};
-    for (int i = 0; i < 4; i++) {
-        if (get_buffer(objs[i], &bufs[held], 1, nq * (Py_ssize_t)sizeof(float), names[i]) < 0) goto done;
-        outs[i] = bufs[held++].buf;
-    }
+    if (take_query_floats(delta, bias, tol, magnitude, nq, bufs, &held, outs) < 0) goto done;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < nq; i++)
         query_tables(qp + i * dim, g, ngroups, nibbles, 2 * wcols, lp + i * entries, fp + i * entries, outs[0] + i,
@@ -1045,12 +1053,7 @@ static PyObject *int8_tables(PyObject *self, PyObject *args) {
     if (get_buffer(levels, &bufs[held], 1, 64, "levels") < 0) goto done;
     uint8_t *lv = bufs[held++].buf;
     float *outs[4];
-    PyObject *objs[4] = {delta, bias, tol, magnitude};
-    const char *names[4] = {"delta", "bias", "tol", "magnitude"};
-    for (int i = 0; i < 4; i++) {
-        if (get_buffer(objs[i], &bufs[held], 1, nq * (Py_ssize_t)sizeof(float), names[i]) < 0) goto done;
-        outs[i] = bufs[held++].buf;
-    }
+    if (take_query_floats(delta, bias, tol, magnitude, nq, bufs, &held, outs) < 0) goto done;
     double cmin = c[0], cmax = c[0];
     for (int k = 1; k < nlevels; k++) {
         cmin = c[k] < cmin ? c[k] : cmin;

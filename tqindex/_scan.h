@@ -568,11 +568,15 @@ __attribute__((target(TQ_AVX2), always_inline)) static inline void block_floats_
         }                                                                                            \
     }
 
-DEFINE_TILE(scan_tile, TQ_AVX2, block_sums_avx2, 1)
-DEFINE_TILE(scan_tile, TQ_AVX2, block_sums_avx2, 2)
-DEFINE_TILE(scan_tile, TQ_AVX2, block_sums_avx2, 3)
-DEFINE_TILE(scan_tile, TQ_AVX2, block_sums_avx2, 4)
-DEFINE_SCAN(scan_avx2, scan_tile)
+/* A kernel of tiles of 1-4 queries: SCAN, its tiles TILE_1 .. TILE_4 (see DEFINE_TILE). */
+#define DEFINE_KERNEL(SCAN, TILE, TARGET, SUMS) \
+    DEFINE_TILE(TILE, TARGET, SUMS, 1)          \
+    DEFINE_TILE(TILE, TARGET, SUMS, 2)          \
+    DEFINE_TILE(TILE, TARGET, SUMS, 3)          \
+    DEFINE_TILE(TILE, TARGET, SUMS, 4)          \
+    DEFINE_SCAN(SCAN, TILE)
+
+DEFINE_KERNEL(scan_avx2, scan_tile, TQ_AVX2, block_sums_avx2)
 
 /* The end of a chunk of columns in the 512-bit kernels, whose registers hold columns c (bytes 0-31)
  * and c + 1 (bytes 32-63) of the same rows: the halves added give block_sums_avx2's 16-bit lanes,
@@ -721,17 +725,8 @@ __attribute__((target(TQ_VBMI), always_inline)) static inline void block_sums_vb
     }
 }
 
-DEFINE_TILE(scan_tile512, TQ_AVX512, block_sums_avx512, 1)
-DEFINE_TILE(scan_tile512, TQ_AVX512, block_sums_avx512, 2)
-DEFINE_TILE(scan_tile512, TQ_AVX512, block_sums_avx512, 3)
-DEFINE_TILE(scan_tile512, TQ_AVX512, block_sums_avx512, 4)
-DEFINE_SCAN(scan_avx512, scan_tile512)
-
-DEFINE_TILE(scan_tile_vbmi, TQ_VBMI, block_sums_vbmi, 1)
-DEFINE_TILE(scan_tile_vbmi, TQ_VBMI, block_sums_vbmi, 2)
-DEFINE_TILE(scan_tile_vbmi, TQ_VBMI, block_sums_vbmi, 3)
-DEFINE_TILE(scan_tile_vbmi, TQ_VBMI, block_sums_vbmi, 4)
-DEFINE_SCAN(scan_vbmi, scan_tile_vbmi)
+DEFINE_KERNEL(scan_avx512, scan_tile512, TQ_AVX512, block_sums_avx512)
+DEFINE_KERNEL(scan_vbmi, scan_tile_vbmi, TQ_VBMI, block_sums_vbmi)
 
 /* The int8 scan (AVX-512 VBMI + VNNI; see scan_args.qint). Per block and group of four columns
  * (128 bytes: two registers of two columns), shared by the tile's queries: two vpermt2b transpose
@@ -761,10 +756,10 @@ __attribute__((target(TQ_VNNI), always_inline)) static inline void block_sums_in
         odd_rows = _mm512_loadu_si512((const void *)o);
     }
     __m512i acc_even[MAX_TILE_INT8], acc_odd[MAX_TILE_INT8];
-    const int32_t *qi[MAX_TILE_INT8];
+    const int8_t *qi[MAX_TILE_INT8];
     for (int t = 0; t < tile; t++) {
         acc_even[t] = acc_odd[t] = _mm512_setzero_si512();
-        qi[t] = (const int32_t *)(a->qint + (q0 + t) * groups * 8);
+        qi[t] = a->qint + (q0 + t) * groups * 8;
     }
     for (Py_ssize_t g = 0; g < groups; g++) {
         const uint8_t *at = blk + 4 * g * BLOCK;
@@ -783,7 +778,10 @@ __attribute__((target(TQ_VNNI), always_inline)) static inline void block_sums_in
         const __m512i e_lo = _mm512_permutexvar_epi8(e, table), e_hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(e, 4), table);
         const __m512i o_lo = _mm512_permutexvar_epi8(o, table), o_hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(o, 4), table);
         for (int t = 0; t < tile; t++) {
-            const __m512i w_lo = _mm512_set1_epi32(qi[t][2 * g]), w_hi = _mm512_set1_epi32(qi[t][2 * g + 1]);
+            int32_t lo4, hi4;  /* four int8 weights each, as one lane's bytes */
+            memcpy(&lo4, qi[t] + 8 * g, 4);
+            memcpy(&hi4, qi[t] + 8 * g + 4, 4);
+            const __m512i w_lo = _mm512_set1_epi32(lo4), w_hi = _mm512_set1_epi32(hi4);
             acc_even[t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_even[t], e_lo, w_lo), e_hi, w_hi);
             acc_odd[t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_odd[t], o_lo, w_lo), o_hi, w_hi);
         }
