@@ -117,7 +117,7 @@ static void run_scan(const scan_args *a, int portable) {
         scan_avx2(a);
     else
 #elif defined(TQ_NEON)
-    if (!portable && scan_level() == LEVEL_NEON)
+    if (!portable && !a->qint && scan_level() == LEVEL_NEON)  /* int8 queries: the portable loop */
         scan_neon(a);
     else
 #endif
