@@ -237,7 +237,8 @@ static int bind_queries(scan_args *a, buffer_set *b, PyObject *plan, PyObject *o
     TAKE(take_field(b, plan, "qint", 1, a->nq * ((a->ncols + 3) / 4) * 8, &p_), a->qint);
     const int int8 = a->qint != NULL;
     if (int8 && (row_bits != 4 || wcols)) {
-        PyErr_SetString(PyExc_ValueError, "scan: int8 queries need codes of 4 bits a nibble (row_bits 4), no wide columns");
+        PyErr_SetString(PyExc_ValueError,
+                        "scan: int8 queries need codes of 4 bits a nibble (row_bits 4), no wide columns");
         return -1;
     }
     TAKE(take_field(b, plan, "levels", !int8, 64, &p_), a->levels);

@@ -617,7 +617,8 @@ __attribute__((target(TQ_AVX512), always_inline)) static inline void accumulate_
  * 2(c & 3) .. 2(c & 3) + 3; m0 for the low nibbles, m1 for the high ones, bytes 32-63 column c + 1. */
 __attribute__((target(TQ_AVX512), always_inline)) static inline void wide_masks_512(
         const scan_args *a, const uint8_t *blk, Py_ssize_t c, __mmask64 *m0, __mmask64 *m1) {
-    const __m512i bits = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + (a->ncols + (c >> 2)) * BLOCK)));
+    const uint8_t *mask_column = blk + (a->ncols + (c >> 2)) * BLOCK;
+    const __m512i bits = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)mask_column));
     const int s = 2 * (int)(c & 3);
     const __m512i b0 = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << s)), _mm256_set1_epi8((char)(4 << s)), 1);
     const __m512i b1 = _mm512_inserti64x4(_mm512_set1_epi8((char)(2 << s)), _mm256_set1_epi8((char)(8 << s)), 1);
@@ -775,8 +776,10 @@ __attribute__((target(TQ_VNNI), always_inline)) static inline void block_sums_in
             z1 = _mm512_maskz_loadu_epi8(bytes > 64 ? ((__mmask64)1 << (bytes - 64)) - 1 : 0, at + 64);
         }
         const __m512i e = _mm512_permutex2var_epi8(z0, even_rows, z1), o = _mm512_permutex2var_epi8(z0, odd_rows, z1);
-        const __m512i e_lo = _mm512_permutexvar_epi8(e, table), e_hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(e, 4), table);
-        const __m512i o_lo = _mm512_permutexvar_epi8(o, table), o_hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(o, 4), table);
+        const __m512i e_lo = _mm512_permutexvar_epi8(e, table);
+        const __m512i e_hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(e, 4), table);
+        const __m512i o_lo = _mm512_permutexvar_epi8(o, table);
+        const __m512i o_hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(o, 4), table);
         for (int t = 0; t < tile; t++) {
             int32_t lo4, hi4;  /* four int8 weights each, as one lane's bytes */
             memcpy(&lo4, qi[t] + 8 * g, 4);
