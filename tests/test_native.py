@@ -598,9 +598,7 @@ def test_fast_scan_results_do_not_depend_on_the_thread_split(metric, split_calls
 def _plan_of(quantizer, rotated, qn2):
     """The kernel's plan of these rotated queries (qn2: their squared norms for "l2", else None), and
     their magnitudes."""
-    luts, fluts, delta, bias, tol, magnitude = fastscan.quantized_luts(quantizer, rotated)
-    return fastscan._query_plan(quantizer, (luts, fluts, delta, bias, tol), np.ascontiguousarray(rotated.numpy()),
-                                qn2), magnitude
+    return fastscan._plan_for(quantizer, rotated, qn2, False, False)  # the table kernels
 
 
 def _kernel_inputs(metric, nq, seed=3):

@@ -234,7 +234,7 @@ static int bind_queries(scan_args *a, buffer_set *b, PyObject *plan, PyObject *o
     TAKE(take(b, out_i, 1, a->nq * a->kp * (Py_ssize_t)sizeof(int64_t), "out_ids", &p_), a->out_i);
     TAKE(take(b, exact_count, 1, a->nq * (Py_ssize_t)sizeof(int64_t), "exact_count", &p_), a->exact_count);
     /* int8 queries (int8_tables) replace the tables: one scalar group rescored from its codes. */
-    TAKE(take_field(b, plan, "qint", 1, a->nq * ((a->ncols + 3) / 4) * 8, &p_), a->qint);
+    TAKE(take_field(b, plan, "qint", 1, a->nq * int8_query_bytes(a->ncols), &p_), a->qint);
     const int int8 = a->qint != NULL;
     if (int8 && (row_bits != 4 || wcols)) {
         PyErr_SetString(PyExc_ValueError,
@@ -328,7 +328,7 @@ static void narrow_queries(scan_args *g, Py_ssize_t q0, Py_ssize_t q1) {
     const Py_ssize_t entries = table_entries(g);
     if (g->luts) g->luts += q0 * entries;
     if (g->fluts) g->fluts += q0 * entries;
-    if (g->qint) g->qint += q0 * ((g->ncols + 3) / 4) * 8;
+    if (g->qint) g->qint += q0 * int8_query_bytes(g->ncols);
     g->delta += q0;
     g->bias += q0;
     g->tol += q0;
@@ -996,7 +996,7 @@ done:
  * [g][0] is qi of the low nibble of column 4g + t (coordinate 8g + 2t), of word [g][1] the high nibble's
  * (8g + 2t + 1); zero past dim. levels: L[i & 15] for i in 0..63 (a vpermb table that ignores a
  * byte's bits 4-5). */
-static void query_int8(const float *q, Py_ssize_t dim, Py_ssize_t groups, int nlevels, const uint8_t *L,
+static void query_int8(const float *q, Py_ssize_t dim, Py_ssize_t bytes, int nlevels, const uint8_t *L,
                        const double *e, double alpha, double cmin, double cmax, int8_t *qint, float *delta,
                        float *bias, float *tol, float *magnitude) {
     double big = 0.0, sum = 0.0, abs_sum = 0.0;
@@ -1007,7 +1007,7 @@ static void query_int8(const float *q, Py_ssize_t dim, Py_ssize_t groups, int nl
         abs_sum += fabs(v);
     }
     const double step = big > 0.0 ? big / 127.0 : 1.0;
-    memset(qint, 0, (size_t)groups * 8);
+    memset(qint, 0, (size_t)bytes);  /* int8_query_bytes(ncols): zero past dim */
     double err = 0.0;
     for (Py_ssize_t j = 0; j < dim; j++) {
         double r = nearbyint(q[j] / step);
@@ -1042,14 +1042,14 @@ static PyObject *int8_tables(PyObject *self, PyObject *args) {
                      INT8_SCAN_MAX_DIM);
         return NULL;
     }
-    const Py_ssize_t groups = (ncols + 3) / 4;
+    const Py_ssize_t bytes = int8_query_bytes(ncols);
     Py_buffer bufs[8];
     int held = 0, ok = 0;
     if (get_buffer(centroids, &bufs[held], 0, 16 * (Py_ssize_t)sizeof(float), "centroids") < 0) goto done;
     const float *c = bufs[held++].buf;
     if (get_buffer(rotated, &bufs[held], 0, nq * dim * (Py_ssize_t)sizeof(float), "rotated") < 0) goto done;
     const float *qp = bufs[held++].buf;
-    if (get_buffer(qint, &bufs[held], 1, nq * groups * 8, "qint") < 0) goto done;
+    if (get_buffer(qint, &bufs[held], 1, nq * bytes, "qint") < 0) goto done;
     int8_t *qi = bufs[held++].buf;
     if (get_buffer(levels, &bufs[held], 1, 64, "levels") < 0) goto done;
     uint8_t *lv = bufs[held++].buf;
@@ -1072,7 +1072,7 @@ static PyObject *int8_tables(PyObject *self, PyObject *args) {
     for (int i = 0; i < 64; i++) lv[i] = L[i & 15];
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < nq; i++)
-        query_int8(qp + i * dim, dim, groups, nlevels, L, e, alpha, cmin, cmax, qi + i * groups * 8, outs[0] + i,
+        query_int8(qp + i * dim, dim, bytes, nlevels, L, e, alpha, cmin, cmax, qi + i * bytes, outs[0] + i,
                    outs[1] + i, outs[2] + i, outs[3] + i);
     Py_END_ALLOW_THREADS
     ok = 1;
@@ -1099,7 +1099,7 @@ static PyObject *int8_block_sums(PyObject *self, PyObject *args) {
     a.nq = nq;
     Py_buffer bufs[4];
     int held = 0, ok = 0;
-    if (get_buffer(qint, &bufs[held], 0, nq * ((ncols + 3) / 4) * 8, "qint") < 0) goto done;
+    if (get_buffer(qint, &bufs[held], 0, nq * int8_query_bytes(ncols), "qint") < 0) goto done;
     a.qint = bufs[held++].buf;
     if (get_buffer(levels, &bufs[held], 0, 64, "levels") < 0) goto done;
     a.levels = bufs[held++].buf;

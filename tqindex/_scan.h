@@ -165,6 +165,9 @@ static inline void block_floats(const scan_args *a, Py_ssize_t block, float *tai
     }
 }
 
+/* Bytes of one query's int8 weights (scan_args.qint): two words of four per group of four columns. */
+static inline Py_ssize_t int8_query_bytes(Py_ssize_t ncols) { return (ncols + 3) / 4 * 8; }
+
 /* Bytes of one block of codes, and of one query's tables (in entries). */
 static inline Py_ssize_t block_bytes(const scan_args *a) { return (a->ncols + a->wcols / 4) * BLOCK; }
 static inline Py_ssize_t table_entries(const scan_args *a) { return (a->ncols + a->wcols) * 32; }
@@ -366,8 +369,7 @@ static void block_sums_portable(const scan_args *a, Py_ssize_t q, Py_ssize_t blo
 /* The int8 scan's sums (see scan_args.qint), in row order: the oracle of scan_int8_vnni. */
 static void block_sums_int8_portable(const scan_args *a, Py_ssize_t q, Py_ssize_t block, uint32_t *sums) {
     const uint8_t *blk = a->codes + block * block_bytes(a);
-    const Py_ssize_t groups = (a->ncols + 3) / 4;
-    const int8_t *qi = a->qint + q * groups * 8;
+    const int8_t *qi = a->qint + q * int8_query_bytes(a->ncols);
     for (int v = 0; v < BLOCK; v++) {
         int32_t s = 0;
         for (Py_ssize_t c = 0; c < a->ncols; c++) {
@@ -421,6 +423,23 @@ __attribute__((target(TQ_AVX2), always_inline)) static inline void add_chunk_sum
     sums[3] = _mm256_add_epi32(sums[3], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(odd, 1)));
 }
 
+/* One column's byte sums: its low nibbles looked up in the column's table l[0..15], its high ones in
+ * l[16..31] (each 128-bit table broadcast to both lanes); two 7-bit entries add in 8 bits. */
+__attribute__((target(TQ_AVX2), always_inline)) static inline __m256i column_sums_avx2(const uint8_t *l, __m256i lo,
+                                                                                       __m256i hi) {
+    return _mm256_add_epi8(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)l)), lo),
+                           _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + 16))),
+                                               hi));
+}
+
+/* Byte sums r added to a query's 16-bit lanes: acc holds even + 256 * odd byte sums (mod 2^16), odd
+ * the odd ones alone (add_chunk_sums separates them). */
+__attribute__((target(TQ_AVX2), always_inline)) static inline void accumulate_256(__m256i r, __m256i *acc,
+                                                                                  __m256i *odd) {
+    *acc = _mm256_add_epi16(*acc, r);
+    *odd = _mm256_add_epi16(*odd, _mm256_srli_epi16(r, 8));
+}
+
 /* Sums of `tile` queries (compile-time constant after inlining) over one block. */
 __attribute__((target(TQ_AVX2), always_inline)) static inline void block_sums_avx2(
         const scan_args *a, Py_ssize_t q0, const int tile, Py_ssize_t block, __m256i sums[][4]) {
@@ -453,25 +472,14 @@ __attribute__((target(TQ_AVX2), always_inline)) static inline void block_sums_av
                     _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + 16))), hi),
                     _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + upper + 16))), hi),
                     m1);
-                __m256i r = _mm256_add_epi8(r0, r1);
-                acc[t] = _mm256_add_epi16(acc[t], r);
-                odd[t] = _mm256_add_epi16(odd[t], _mm256_srli_epi16(r, 8));
+                accumulate_256(_mm256_add_epi8(r0, r1), &acc[t], &odd[t]);
             }
         }
         for (; c < c1; c++) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(blk + c * BLOCK));
             __m256i lo = _mm256_and_si256(v, low4);
             __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-            for (int t = 0; t < tile; t++) {
-                const uint8_t *l = lut[t] + c * 32;
-                __m256i t0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)l));
-                __m256i t1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + 16)));
-                __m256i r0 = _mm256_shuffle_epi8(t0, lo);
-                __m256i r1 = _mm256_shuffle_epi8(t1, hi);
-                __m256i r = _mm256_add_epi8(r0, r1);
-                acc[t] = _mm256_add_epi16(acc[t], r);
-                odd[t] = _mm256_add_epi16(odd[t], _mm256_srli_epi16(r, 8));
-            }
+            for (int t = 0; t < tile; t++) accumulate_256(column_sums_avx2(lut[t] + c * 32, lo, hi), &acc[t], &odd[t]);
         }
         for (int t = 0; t < tile; t++) add_chunk_sums(sums[t], acc[t], odd[t]);
     }
@@ -593,19 +601,13 @@ __attribute__((target(TQ_AVX512), always_inline)) static inline void chunk_end_5
             const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + c * BLOCK));
             const __m256i lo = _mm256_and_si256(v, low4);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-            const uint8_t *l = lut[t] + c * 32;
-            const __m256i r = _mm256_add_epi8(
-                _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)l)), lo),
-                _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(l + 16))), hi));
-            acc2 = _mm256_add_epi16(acc2, r);
-            odd2 = _mm256_add_epi16(odd2, _mm256_srli_epi16(r, 8));
+            accumulate_256(column_sums_avx2(lut[t] + c * 32, lo, hi), &acc2, &odd2);
         }
         add_chunk_sums(sums[t], acc2, odd2);
     }
 }
 
-/* A column pair's byte sums r (two 7-bit lookups a byte) added to a query's 16-bit lanes, as
- * block_sums_avx2 does: acc holds even + 256 * odd byte sums (mod 2^16), odd the odd ones alone. */
+/* accumulate_256 for a column pair's byte sums (two 7-bit lookups a byte). */
 __attribute__((target(TQ_AVX512), always_inline)) static inline void accumulate_512(__m512i r, __m512i *acc,
                                                                                      __m512i *odd) {
     *acc = _mm512_add_epi16(*acc, r);
@@ -760,7 +762,7 @@ __attribute__((target(TQ_VNNI), always_inline)) static inline void block_sums_in
     const int8_t *qi[MAX_TILE_INT8];
     for (int t = 0; t < tile; t++) {
         acc_even[t] = acc_odd[t] = _mm512_setzero_si512();
-        qi[t] = a->qint + (q0 + t) * groups * 8;
+        qi[t] = a->qint + (q0 + t) * int8_query_bytes(a->ncols);
     }
     for (Py_ssize_t g = 0; g < groups; g++) {
         const uint8_t *at = blk + 4 * g * BLOCK;

@@ -51,8 +51,8 @@ def enabled() -> bool:
 
 
 def simd() -> str | None:
-    """'avx512vbmi', 'avx512', 'avx2', 'neon' or 'portable': the scan kernel this CPU runs (the highest level it has,
-    up to `set_simd_limit`'s limit); None without the extension."""
+    """'avx512vbmi', 'avx512', 'avx2', 'neon' or 'portable': the scan kernel this CPU runs (the highest
+    level it has, up to `set_simd_limit`'s limit); None without the extension."""
     return None if kernels is None else kernels.simd()
 
 

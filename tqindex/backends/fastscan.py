@@ -250,21 +250,15 @@ def _plan_for(quantizer, rotated: torch.Tensor, query_norm2: np.ndarray | None, 
         int8 = not portable and native.simd() == "avx512vbmi" and int8_scan(quantizer)
     if int8:
         qint, levels, delta, bias, tol, magnitude = int8_tables(quantizer, q)
-        rescore = _constants(quantizer)["rescore"]
-        plan = ScanPlan(ncols=quantizer.layout.ncols, wcols=0, luts=None, fluts=None, delta=delta, bias=bias, tol=tol,
-                        query_norm2=query_norm2, rotated=q, qint=qint, levels=levels, **rescore)
-        return plan, magnitude
-    luts, fluts, delta, bias, tol, magnitude = quantized_luts(quantizer, rotated)
-    return _query_plan(quantizer, (luts, fluts, delta, bias, tol), q, query_norm2), magnitude
-
-
-def _query_plan(quantizer, tables, rotated: np.ndarray, query_norm2: np.ndarray | None) -> ScanPlan:
-    """The plan of these queries: their tables (`quantized_luts`' first five) and, with one scalar
-    code group, what rescoring rows from their codes needs (`_rescore_fields`)."""
-    luts, fluts, delta, bias, tol = tables
+        tables = dict(luts=None, fluts=None, qint=qint, levels=levels)
+    else:
+        luts, fluts, delta, bias, tol, magnitude = quantized_luts(quantizer, rotated)
+        tables = dict(luts=luts, fluts=fluts)
+    # With one scalar code group, rows are rescored from their codes (`_rescore_fields`).
     rescore = _constants(quantizer)["rescore"]
-    return ScanPlan(ncols=quantizer.layout.ncols, wcols=quantizer.layout.wcols, luts=luts, fluts=fluts, delta=delta,
-                    bias=bias, tol=tol, query_norm2=query_norm2, **rescore, **({"rotated": rotated} if rescore else {}))
+    plan = ScanPlan(ncols=quantizer.layout.ncols, wcols=quantizer.layout.wcols, delta=delta, bias=bias, tol=tol,
+                    query_norm2=query_norm2, **tables, **rescore, **({"rotated": q} if rescore else {}))
+    return plan, magnitude
 
 
 def _removed(layout: dict, segment: Segment) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -290,7 +284,7 @@ def _rescore_fields(quantizer) -> dict:
     """With one scalar code group, rows are rescored straight from their codes in the nibble
     columns (a SIMD decode-and-dot, cheaper than summing 2·ncols float table entries; a 3-bit code
     takes a whole nibble): the plan's 16 padded levels and bits per code (and the rotated queries,
-    which `_query_plan` adds). Other kinds rescore from the float tables, whose entries already hold
+    which `_plan_for` adds). Other kinds rescore from the float tables, whose entries already hold
     each codeword's dot product."""
     groups = quantizer.groups
     if not (len(groups) == 1 and groups[0].kind.rescores_from_codes):
