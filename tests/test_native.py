@@ -556,13 +556,14 @@ def split_calls(monkeypatch):
     a test of the split must see it happen."""
     monkeypatch.setattr(fastscan, "_BYTES_PER_SHARE", 1)
     seen = []
-    kernel = native.kernels.scan_segments
+    for name in ("scan_segments", "search"):  # a partitioned index's entry point, and a flat one's
+        kernel = getattr(native.kernels, name)
 
-    def recording(*args, **kwargs):
-        seen.append(kwargs.get("threads", 1))
-        return kernel(*args, **kwargs)
+        def recording(*args, kernel=kernel, **kwargs):
+            seen.append(kwargs.get("threads", 1))
+            return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(native.kernels, "scan_segments", recording)
+        monkeypatch.setattr(native.kernels, name, recording)
     return seen
 
 
@@ -950,3 +951,164 @@ def test_int8_queries_need_nibble_codes():
     with pytest.raises(ValueError, match="int8 queries need codes of 4 bits a nibble"):
         native.kernels.scan_segments(bad, [entry], magnitude, np.full((1, 3), -np.inf, np.float32),
                                      np.full((1, 3), -1, np.int64), np.zeros(1, np.int64))
+
+
+def _search_calls(monkeypatch):
+    """Every `_native.search` call's keyword arguments, recorded."""
+    seen = []
+    kernel = native.kernels.search
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(native.kernels, "search", recording)
+    return seen
+
+
+@needs_avx2
+@pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 4.5])
+def test_one_call_search_equals_the_general_path(metric, bits, monkeypatch):
+    # A numpy query (one, or a batch) takes Index.search's direct lane: the norm checks, the cosine
+    # scaling, the rotation, tables, scan, ordering and ids in one native call. A torch query of the
+    # same values takes the general path (Python validation, rotation in its own call, positions to
+    # ids in numpy). Ids and scores are the same, bit for bit, with removals, two segments, exact ties
+    # across the k-th place, 1-D and 2-D queries, one thread and a split scan.
+    rng = np.random.default_rng(int(bits * 10))
+    base, near = clustered(rng, 120, 40, clusters=8, spread=0.4, queries=6)
+    x = np.repeat(base, 12, axis=0)[rng.permutation(1440)]
+    index = Index(dim=40, bits=bits, metric=metric)
+    index.add(x[:1000], ids=np.arange(1000) * 3 + 7)
+    index.add(x[1000:], ids=np.arange(440) * 5 + 10 ** 6)
+    index.remove(np.arange(7, 3000, 33))
+    calls = _search_calls(monkeypatch)
+    monkeypatch.setattr(fastscan, "_BYTES_PER_SHARE", 1)  # every scan worth splitting
+    for threads in (1, 2):
+        native.set_num_threads(threads)
+        try:
+            for k in (1, 15, 50):
+                for q in (near, near[:1], near[2]):
+                    calls.clear()
+                    direct = index.search(q, k=k)
+                    assert len(calls) == 1 and calls[0]["row_ids"] is not None  # the direct lane ran
+                    calls.clear()
+                    general = index.search(torch.from_numpy(q), k=k)
+                    assert len(calls) == 1 and calls[0].get("row_ids") is None
+                    np.testing.assert_array_equal(direct.ids, general.ids.numpy())
+                    np.testing.assert_array_equal(direct.scores, general.scores.numpy())
+                    assert direct.ids.shape == q.shape[:-1] + (k,) and (direct.ids >= 0).all()
+        finally:
+            native.set_num_threads(None)
+
+
+@needs_avx2
+def test_direct_lane_leaves_bad_queries_to_the_general_path_and_its_errors():
+    # A query the direct lane's checks refuse is scanned by nobody: the general path raises its error,
+    # naming the row. Inputs the lane does not take (float64, a strided view, k past the live rows)
+    # get the general path's results.
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((300, 32)).astype(np.float32)
+    index = Index(dim=32, bits=4, metric="cosine")
+    index.add(x)
+    q = rng.standard_normal((3, 32)).astype(np.float32)
+    bad = q.copy()
+    bad[1] = 0.0
+    with pytest.raises(ValueError, match="row 1 is zero and has no direction"):
+        index.search(bad, k=5)
+    bad[1] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        index.search(bad, k=5)
+    bad[1] = 1e19
+    with pytest.raises(ValueError, match="row 1 has norm"):
+        index.search(bad, k=5)
+    reference = index.search(torch.from_numpy(q), k=5)
+    for variant in (q.astype(np.float64), np.asfortranarray(q), q):
+        got = index.search(variant, k=5)
+        np.testing.assert_array_equal(got.ids, reference.ids.numpy())
+        np.testing.assert_allclose(got.scores, reference.scores.numpy(), rtol=1e-6)
+    past = index.search(q, k=400)
+    assert (past.ids[:, 300:] == -1).all() and (past.ids[:, :300] >= 0).all()
+
+
+@needs_native
+def test_search_kernel_refuses_inconsistent_inputs():
+    index = Index(dim=64, bits=4)
+    index.add(np.random.default_rng(0).standard_normal((100, 64)).astype(np.float32))
+    quant = index._quantizer
+    consts = fastscan._constants(quant)["rotating"]
+    entry = fastscan._segment_entry(quant, index._segments[0], "ip", None, 0)
+    q = np.ones((2, 64), np.float32)
+
+    def run(consts=consts, queries=q, l2=False, int8=False, **kwargs):
+        return native.kernels.search(consts, queries, [entry], np.empty((len(queries), 3), np.float32),
+                                     np.empty((len(queries), 3), np.int64), np.empty(len(queries), np.int64),
+                                     l2, int8, **kwargs)
+
+    assert run() == -1 and run(max_norm=1e18) == -1
+    assert run(queries=np.concatenate([q, np.zeros((1, 64), np.float32)]), max_norm=1e18, zero_ok=False) == 2
+    with pytest.raises(ValueError, match="queries must be float32"):
+        run(queries=np.ones((2, 63), np.float32))
+    with pytest.raises(TypeError, match="consts are"):
+        run(consts=consts[:3])
+    with pytest.raises(ValueError, match="inconsistent dim"):
+        run(consts=consts[:5] + (3,) + consts[6:])  # row_bits 3
+    with pytest.raises(ValueError, match="query_norm2 is for l2 only"):
+        run(query_norm2=np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="row_ids must be a list"):
+        run(row_ids=[])
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        run(threads=0)
+    scalar2 = Index(dim=64, bits=2, codebook="scalar")
+    with pytest.raises(ValueError, match="int8 queries need codes of 4 bits a nibble"):
+        run(consts=fastscan._constants(scalar2._quantizer)["rotating"], int8=True)
+
+
+@needs_native
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_search_kernel_makes_the_plans_queries(metric, bits):
+    # The queries made inside `_native.search` (rotation, tables or int8 queries, ||q||^2) are the ones
+    # `rotate`, `_plan_for` and `row_norms` make for `scan_segments`: the two entry points return the
+    # same heaps, bit for bit, with two segments and removals, portable loop and SIMD level alike.
+    from tqindex.topk import topk_ordered
+    rng = np.random.default_rng(bits)
+    x, near = clustered(rng, 900, 48, clusters=9, spread=0.4, queries=5)
+    index = Index(dim=48, bits=bits, metric=metric)
+    index.add(x[:500])
+    index.add(x[500:])
+    index.remove(np.arange(0, 900, 7))
+    quant = index._quantizer
+    entries = [fastscan._segment_entry(quant, seg, metric, None, start)
+               for seg, start in zip(index._segments, (0, 500))]
+    rotated = quant.rotation.apply_native(torch.from_numpy(near))
+    qn2 = None
+    if metric == "l2":  # ||q||^2 as the kernel sums it: in double, rounded once
+        qn2 = (near.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    consts = fastscan._constants(quant)["rotating"]
+    for int8 in (False, True) if fastscan.int8_scan(quant) else (False,):
+        for portable in (True, False) if fastscan.available() else (True,):
+            plan, magnitude = fastscan._plan_for(quant, rotated, qn2, portable, int8)
+            s, i = np.full((5, 10), -np.inf, np.float32), np.full((5, 10), -1, np.int64)
+            native.kernels.scan_segments(plan, entries, magnitude, s, i, np.zeros(5, np.int64), portable=portable)
+            want_s, want_i = (t.numpy() for t in topk_ordered(torch.from_numpy(s), torch.from_numpy(i), 10))
+            got_s, got_i = np.empty((5, 10), np.float32), np.empty((5, 10), np.int64)
+            native.kernels.search(consts, near, entries, got_s, got_i, np.empty(5, np.int64), metric == "l2", int8,
+                                  portable=portable)
+            np.testing.assert_array_equal(got_i, want_i)
+            np.testing.assert_array_equal(got_s, want_s)
+
+
+def test_worker_spin_is_checked_and_restored():
+    if native.kernels is None:
+        pytest.skip("the C extension is not built")
+    previous = native.set_worker_spin(0)
+    try:
+        assert native.set_worker_spin(50) == 0 and native.set_worker_spin(previous) == 50
+        for bad in (-1, 10 ** 7):
+            with pytest.raises(ValueError, match="microseconds must be in"):
+                native.set_worker_spin(bad)
+        with pytest.raises(TypeError, match="must be an integer"):
+            native.set_worker_spin(True)
+    finally:
+        native.set_worker_spin(previous)

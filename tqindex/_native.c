@@ -208,6 +208,13 @@ static int int_field(PyObject *plan, const char *name, long long *out) {
         (field) = p_;             \
     } while (0)
 
+/* The kernels a scan runs: this CPU's level (up to the limit), or the portable loop. */
+static void set_level(scan_args *a, int portable) {
+    const int level = portable ? LEVEL_PORTABLE : scan_level();
+    a->avx2 = level >= LEVEL_AVX2;  /* the AVX-512 scan rescores with the AVX2 dot products */
+    a->avx512 = level == LEVEL_AVX512VBMI ? 2 : level == LEVEL_AVX512;
+}
+
 /* The plan's per-query inputs (luts, fluts, delta, which fixes nq, bias, tol, query_norm2, and for
  * rescoring from codes rotated, centroids, row_bits), its layout (ncols, wcols), and the heaps. */
 static int bind_queries(scan_args *a, buffer_set *b, PyObject *plan, PyObject *out_s, PyObject *out_i,
@@ -262,9 +269,7 @@ static int bind_queries(scan_args *a, buffer_set *b, PyObject *plan, PyObject *o
         }
         TAKE(take_field(b, plan, "centroids", 0, 16 * (Py_ssize_t)sizeof(float), &p_), a->centroids);
     }
-    const int level = portable ? LEVEL_PORTABLE : scan_level();
-    a->avx2 = level >= LEVEL_AVX2;  /* the AVX-512 scan rescores with the AVX2 dot products */
-    a->avx512 = level == LEVEL_AVX512VBMI ? 2 : level == LEVEL_AVX512;
+    set_level(a, portable);
     return 0;
 }
 
@@ -343,12 +348,18 @@ static void narrow_queries(scan_args *g, Py_ssize_t q0, Py_ssize_t q1) {
 }
 
 /* What a scan's shares have in common: the bound segments and their limits. */
+/* A search's queries made in C (`search`): rotation, ||q||^2 and the tables or int8 queries, for a
+ * range of the queries at a time (make_queries, defined with the table makers below). */
+typedef struct query_maker query_maker;
+static void make_queries(const query_maker *m, Py_ssize_t q0, Py_ssize_t q1);
+
 typedef struct {
     const scan_args *seg;  /* [nseg], bound */
     Py_ssize_t nseg;
     const double *limits;  /* [nseg][2]: max_scale, max_norm2 */
     const float *mag;      /* [nq] */
     int portable;
+    const query_maker *maker; /* or NULL: the queries' inputs are given (scan_segments) */
 } scan_job;
 
 /* Queries [q0, q1) over the blocks [g0, g1) of the concatenation of every segment's block range, with
@@ -408,6 +419,7 @@ static void scan_share(void *ctx, int t) {
         const Py_ssize_t u0 = __atomic_fetch_add(&p->next, 1, __ATOMIC_RELAXED) * p->chunk;
         if (u0 >= p->units) return;
         const Py_ssize_t u1 = u0 + p->chunk < p->units ? u0 + p->chunk : p->units;
+        if (p->by_query && p->job->maker) make_queries(p->job->maker, u0, u1);  /* this chunk's own */
         if (p->by_query)
             scan_range(p->job, u0, u1, 0, p->total, eps, NULL, NULL, NULL, NULL);
         else if (t == 0)
@@ -416,6 +428,154 @@ static void scan_share(void *ctx, int t) {
             scan_range(p->job, 0, p->nq, u0, u1, eps, p->hs + (t - 1) * heap, p->hi + (t - 1) * heap,
                        p->count + (t - 1) * p->nq, p->floor);
     }
+}
+
+/* Every segment of the list `segments` (see scan_segments), bound after a's query fields: seg[s] and
+ * limits[s] (max_scale, max_norm2) for each, and *total, their blocks to scan. */
+static int bind_segments(scan_args *a, buffer_set *b, PyObject *segments, const float *offset, scan_args *seg,
+                         double *limits, Py_ssize_t *total) {
+    *total = 0;
+    for (Py_ssize_t s = 0; s < PyList_GET_SIZE(segments); s++) {
+        PyObject *codes, *row_scale, *row_norm, *deleted, *block_live;
+        Py_ssize_t rows, nblocks, b0 = 0, b1 = 0;
+        long long id_base;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(segments, s), "OnOOOOLdd|nn;scan_segments: a segment is (codes, rows, "
+                              "row_scale, row_norm, deleted, block_live, id_base, max_scale, max_norm2[, b0, b1])",
+                              &codes, &rows, &row_scale, &row_norm, &deleted, &block_live, &id_base,
+                              &limits[2 * s], &limits[2 * s + 1], &b0, &b1))
+            return -1;
+        if (bind_segment(a, b, codes, rows, row_scale, row_norm, deleted, block_live,
+                         offset ? offset + s * a->nq : NULL, id_base, &nblocks) < 0)
+            return -1;
+        if (PyTuple_GET_SIZE(PyList_GET_ITEM(segments, s)) < 11) b1 = nblocks;  /* no range given: every block */
+        if (b0 < 0 || b1 < b0 || b1 > nblocks) {
+            PyErr_Format(PyExc_ValueError, "scan_segments: block range [%zd, %zd) outside [0, %zd)", b0, b1, nblocks);
+            return -1;
+        }
+        a->b0 = b0;
+        a->b1 = b1;
+        seg[s] = *a;
+        *total += b1 - b0;
+    }
+    return 0;
+}
+
+/* A bound scan and what its shares need (allocated with the GIL held, run without it). */
+typedef struct {
+    scan_args *seg;   /* [nseg], each segment's arguments, bound */
+    double *limits;   /* [nseg][2], its max_scale and max_norm2 */
+    Py_ssize_t nseg, total;
+    int shares, by_query;
+    float *eps, *hs;  /* eps [shares][nq]; the block shares' heaps, as scan_split */
+    int64_t *hi, *counts;
+    uint32_t *shared_floor;
+} bound_scan;
+
+/* Room for nseg segments (before bind_segments). */
+static int bound_init(bound_scan *bs, Py_ssize_t nseg) {
+    memset(bs, 0, sizeof(*bs));
+    bs->nseg = nseg;
+    bs->seg = PyMem_Malloc((nseg ? nseg : 1) * sizeof(scan_args));
+    bs->limits = PyMem_Malloc((nseg ? nseg : 1) * 2 * sizeof(double));
+    if (!bs->seg || !bs->limits) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* The split into `threads` shares (after bind_segments): runs of the queries where there are at least
+ * as many as threads, else runs of the blocks, each with heaps of its own. */
+static int bound_split(bound_scan *bs, const scan_args *a, int threads) {
+    bs->by_query = a->nq >= threads;
+    const Py_ssize_t units = bs->by_query ? a->nq : bs->total, nq = a->nq;
+    bs->shares = units > 1 && nq ? (int)(units < threads ? units : threads) : 1;
+    const Py_ssize_t heap = bs->by_query ? 0 : (bs->shares - 1) * nq * a->kp;
+    bs->eps = PyMem_Malloc((size_t)bs->shares * (nq ? nq : 1) * sizeof(float));
+    if (bs->shares > 1 && !bs->by_query) {
+        bs->hs = PyMem_Malloc((size_t)heap * sizeof(float));
+        bs->hi = PyMem_Malloc((size_t)heap * sizeof(int64_t));
+        bs->counts = PyMem_Calloc((size_t)(bs->shares - 1) * nq, sizeof(int64_t));
+        if (!a->floor) bs->shared_floor = PyMem_Malloc((size_t)nq * sizeof(uint32_t));
+        if (!bs->hs || !bs->hi || !bs->counts || (!a->floor && !bs->shared_floor)) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    if (!bs->eps) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void bound_free(bound_scan *bs) {
+    PyMem_Free(bs->eps);
+    PyMem_Free(bs->hs);
+    PyMem_Free(bs->hi);
+    PyMem_Free(bs->counts);
+    PyMem_Free(bs->shared_floor);
+    PyMem_Free(bs->seg);
+    PyMem_Free(bs->limits);
+    memset(bs, 0, sizeof(*bs));
+}
+
+/* Run a bound scan (without the GIL) into a's heaps. With a query maker, the queries are made first (by
+ * each query share for its own chunk, else all of them here). */
+static void bound_run(bound_scan *bs, const scan_args *a, const float *mag, int portable, const query_maker *maker) {
+    scan_job job = {bs->seg, bs->nseg, bs->limits, mag, portable, maker};
+    const Py_ssize_t nq = a->nq, kp = a->kp, total = bs->total;
+    const int shares = bs->shares;
+    if (maker && (shares == 1 || !bs->by_query)) make_queries(maker, 0, nq);
+    if (shares == 1) {
+        scan_range(&job, 0, nq, 0, total, bs->eps, NULL, NULL, NULL, NULL);
+    } else if (bs->by_query) {
+        /* Chunks of whole query tiles, a few per share, but never fewer queries than fill 64 (or a
+         * share's all): each chunk streams every block from memory once more, and a pass's blocks are
+         * reused from cache by every query of its chunk. */
+        const Py_ssize_t few = (nq + 4 * shares - 1) / (4 * shares), even = (nq + shares - 1) / shares;
+        const Py_ssize_t least = even < 64 ? even : 64;
+        const Py_ssize_t chunk = ((few > least ? few : least) + MAX_TILE - 1) / MAX_TILE * MAX_TILE;
+        scan_split split = {&job, total, nq, kp, shares, 1, chunk, nq, 0, bs->eps, NULL, NULL, NULL, NULL};
+        pool_run(scan_share, &split, shares);
+    } else {
+        const Py_ssize_t heap = (shares - 1) * nq * kp;
+        for (Py_ssize_t i = 0; i < heap; i++) {
+            bs->hs[i] = -INFINITY;
+            bs->hi[i] = -1;
+        }
+        uint32_t *fl = a->floor;
+        if (!fl) {
+            /* The caller's heaps hold rows disjoint from the other shares': their least score is a floor. */
+            fl = bs->shared_floor;
+            for (Py_ssize_t q = 0; q < nq; q++) memcpy(&fl[q], &a->out_s[q * kp], sizeof(float));
+            for (Py_ssize_t s = 0; s < bs->nseg; s++) bs->seg[s].floor = fl;
+        }
+        Py_ssize_t chunk = (total + 8 * shares - 1) / (8 * shares);
+        chunk = chunk < 16 ? 16 : chunk;
+        scan_split split = {&job, total, nq, kp, shares, 0, chunk, total, 0, bs->eps, bs->hs, bs->hi, bs->counts, fl};
+        pool_run(scan_share, &split, shares);
+        for (int t = 1; t < shares; t++)
+            for (Py_ssize_t q = 0; q < nq; q++) {
+                const float *s2 = bs->hs + ((t - 1) * nq + q) * kp;
+                const int64_t *i2 = bs->hi + ((t - 1) * nq + q) * kp;
+                float *s1 = a->out_s + q * kp;
+                int64_t *i1 = a->out_i + q * kp;
+                for (Py_ssize_t j = 0; j < kp; j++)
+                    if (i2[j] >= 0 && ranks_below(s1[0], i1[0], s2[j], i2[j])) heap_replace_top(s1, i1, kp, s2[j], i2[j]);
+                a->exact_count[q] += bs->counts[(t - 1) * nq + q];
+            }
+    }
+}
+
+/* threads as a share count: at least 1 (else a ValueError naming the entry point), at most the pool's. */
+static int check_threads(int *threads, const char *name) {
+    if (*threads < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: threads must be at least 1, got %d", name, *threads);
+        return -1;
+    }
+    if (*threads > POOL_MAX_WORKERS + 1) *threads = POOL_MAX_WORKERS + 1;
+    return 0;
 }
 
 /* scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None,
@@ -438,26 +598,19 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OOOO|pOOi", kwlist, &plan, &PyList_Type, &segments,
                                      &magnitude, &out_s, &out_i, &exact_count, &portable, &floor, &offsets, &threads))
         return NULL;
-    if (threads < 1) {
-        PyErr_Format(PyExc_ValueError, "scan_segments: threads must be at least 1, got %d", threads);
-        return NULL;
-    }
-    if (threads > POOL_MAX_WORKERS + 1) threads = POOL_MAX_WORKERS + 1;
+    if (check_threads(&threads, "scan_segments") < 0) return NULL;
     /* Every segment is bound first (up to 5 buffers each), then the GIL is released once for the
      * whole scan: a partitioned single query probes many small lists, and a release, a reacquire
      * and a rebinding per list cost microseconds each. */
     const Py_ssize_t nseg = PyList_GET_SIZE(segments);
     buffer_set b;
+    bound_scan bs;
     int ok = 0;
-    float *eps = NULL, *hs = NULL;
-    int64_t *hi = NULL, *counts = NULL;
-    uint32_t *shared_floor = NULL;
-    scan_args *seg = NULL;     /* each segment's arguments, bound */
-    double *limits = NULL;     /* its max_scale and max_norm2 */
     void *mag_p;
     scan_args a;
     memset(&a, 0, sizeof(a));
     if (buffers_init(&b, MAX_BUFS + 5 * nseg) < 0) return NULL;
+    if (bound_init(&bs, nseg) < 0) goto done;
     if (bind_queries(&a, &b, plan, out_s, out_i, exact_count, portable) < 0) goto done;
     if (bind_floor(&a, &b, floor) < 0) goto done;
     if (take(&b, magnitude, 0, a.nq * (Py_ssize_t)sizeof(float), "magnitude", &mag_p) < 0) goto done;
@@ -467,105 +620,14 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
         if (take(&b, offsets, 0, nseg * a.nq * (Py_ssize_t)sizeof(float), "offsets", &o) < 0) goto done;
         offset = o;
     }
-    seg = PyMem_Malloc((nseg ? nseg : 1) * sizeof(scan_args));
-    limits = PyMem_Malloc((nseg ? nseg : 1) * 2 * sizeof(double));
-    if (!seg || !limits) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    Py_ssize_t total = 0;  /* blocks to scan, of every segment */
-    for (Py_ssize_t s = 0; s < nseg; s++) {
-        PyObject *codes, *row_scale, *row_norm, *deleted, *block_live;
-        Py_ssize_t rows, nblocks, b0 = 0, b1 = 0;
-        long long id_base;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(segments, s), "OnOOOOLdd|nn;scan_segments: a segment is (codes, rows, "
-                              "row_scale, row_norm, deleted, block_live, id_base, max_scale, max_norm2[, b0, b1])",
-                              &codes, &rows, &row_scale, &row_norm, &deleted, &block_live, &id_base,
-                              &limits[2 * s], &limits[2 * s + 1], &b0, &b1))
-            goto done;
-        if (bind_segment(&a, &b, codes, rows, row_scale, row_norm, deleted, block_live,
-                         offset ? offset + s * a.nq : NULL, id_base, &nblocks) < 0)
-            goto done;
-        if (PyTuple_GET_SIZE(PyList_GET_ITEM(segments, s)) < 11) b1 = nblocks;  /* no range given: every block */
-        if (b0 < 0 || b1 < b0 || b1 > nblocks) {
-            PyErr_Format(PyExc_ValueError, "scan_segments: block range [%zd, %zd) outside [0, %zd)", b0, b1, nblocks);
-            goto done;
-        }
-        a.b0 = b0;
-        a.b1 = b1;
-        seg[s] = a;
-        total += b1 - b0;
-    }
-    /* Shares of the queries where there are enough, else of the blocks. */
-    const int by_query = a.nq >= threads;
-    const Py_ssize_t units = by_query ? a.nq : total;
-    const int shares = units > 1 && a.nq ? (int)(units < threads ? units : threads) : 1;
-    const Py_ssize_t nq = a.nq, kp = a.kp, heap = by_query ? 0 : (shares - 1) * nq * kp;
-    eps = PyMem_Malloc((size_t)shares * (nq ? nq : 1) * sizeof(float));
-    if (shares > 1 && !by_query) {
-        hs = PyMem_Malloc((size_t)heap * sizeof(float));
-        hi = PyMem_Malloc((size_t)heap * sizeof(int64_t));
-        counts = PyMem_Calloc((size_t)(shares - 1) * nq, sizeof(int64_t));
-        if (!a.floor) shared_floor = PyMem_Malloc((size_t)nq * sizeof(uint32_t));
-        if (!hs || !hi || !counts || (!a.floor && !shared_floor)) {
-            PyErr_NoMemory();
-            goto done;
-        }
-    }
-    if (!eps) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    scan_job job = {seg, nseg, limits, mag_p, portable};
+    if (bind_segments(&a, &b, segments, offset, bs.seg, bs.limits, &bs.total) < 0) goto done;
+    if (bound_split(&bs, &a, threads) < 0) goto done;
     Py_BEGIN_ALLOW_THREADS
-    if (shares == 1) {
-        scan_range(&job, 0, nq, 0, total, eps, NULL, NULL, NULL, NULL);
-    } else if (by_query) {
-        /* Chunks of whole query tiles, a few per share, but never fewer queries than fill 64 (or a
-         * share's all): each chunk streams every block from memory once more, and a pass's blocks are
-         * reused from cache by every query of its chunk. */
-        const Py_ssize_t few = (nq + 4 * shares - 1) / (4 * shares), even = (nq + shares - 1) / shares;
-        const Py_ssize_t least = even < 64 ? even : 64;
-        const Py_ssize_t chunk = ((few > least ? few : least) + MAX_TILE - 1) / MAX_TILE * MAX_TILE;
-        scan_split split = {&job, total, nq, kp, shares, 1, chunk, nq, 0, eps, NULL, NULL, NULL, NULL};
-        pool_run(scan_share, &split, shares);
-    } else {
-        for (Py_ssize_t i = 0; i < heap; i++) {
-            hs[i] = -INFINITY;
-            hi[i] = -1;
-        }
-        uint32_t *fl = a.floor;
-        if (!fl) {
-            /* The caller's heaps hold rows disjoint from the other shares': their least score is a floor. */
-            fl = shared_floor;
-            for (Py_ssize_t q = 0; q < nq; q++) memcpy(&fl[q], &a.out_s[q * kp], sizeof(float));
-            for (Py_ssize_t s = 0; s < nseg; s++) seg[s].floor = fl;
-        }
-        Py_ssize_t chunk = (total + 8 * shares - 1) / (8 * shares);
-        chunk = chunk < 16 ? 16 : chunk;
-        scan_split split = {&job, total, nq, kp, shares, 0, chunk, total, 0, eps, hs, hi, counts, fl};
-        pool_run(scan_share, &split, shares);
-        for (int t = 1; t < shares; t++)
-            for (Py_ssize_t q = 0; q < nq; q++) {
-                const float *s2 = hs + ((t - 1) * nq + q) * kp;
-                const int64_t *i2 = hi + ((t - 1) * nq + q) * kp;
-                float *s1 = a.out_s + q * kp;
-                int64_t *i1 = a.out_i + q * kp;
-                for (Py_ssize_t j = 0; j < kp; j++)
-                    if (i2[j] >= 0 && ranks_below(s1[0], i1[0], s2[j], i2[j])) heap_replace_top(s1, i1, kp, s2[j], i2[j]);
-                a.exact_count[q] += counts[(t - 1) * nq + q];
-            }
-    }
+    bound_run(&bs, &a, mag_p, portable, NULL);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
-    PyMem_Free(eps);
-    PyMem_Free(hs);
-    PyMem_Free(hi);
-    PyMem_Free(counts);
-    PyMem_Free(shared_floor);
-    PyMem_Free(seg);
-    PyMem_Free(limits);
+    bound_free(&bs);
     buffers_free(&b);
     if (!ok) return NULL;
     Py_RETURN_NONE;
@@ -902,16 +964,62 @@ static void query_tables(const float *q, const nibble_group *groups, int ngroups
 }
 
 /* The per-query float32 outputs of the table makers (delta, bias, tol, magnitude, each [nq]), taken
- * as writable buffers into bufs from *held on. */
+ * as writable buffers into b. */
 static int take_query_floats(PyObject *delta, PyObject *bias, PyObject *tol, PyObject *magnitude, Py_ssize_t nq,
-                             Py_buffer *bufs, int *held, float *outs[4]) {
+                             buffer_set *b, float *outs[4]) {
     PyObject *objs[4] = {delta, bias, tol, magnitude};
     const char *names[4] = {"delta", "bias", "tol", "magnitude"};
     for (int i = 0; i < 4; i++) {
-        if (get_buffer(objs[i], &bufs[*held], 1, nq * (Py_ssize_t)sizeof(float), names[i]) < 0) return -1;
-        outs[i] = bufs[(*held)++].buf;
+        void *p;
+        if (take(b, objs[i], 1, nq * (Py_ssize_t)sizeof(float), names[i], &p) < 0) return -1;
+        outs[i] = p;
     }
     return 0;
+}
+
+/* The tables' group tuples (start, stop, bits, per, centroids[, codewords]; see query_tables) into g (up
+ * to 8), their buffers taken into b; the caller names itself in errors. Returns the group count, or -1. */
+static int parse_groups(PyObject *groups, Py_ssize_t dim, Py_ssize_t ncols, Py_ssize_t wcols, buffer_set *b,
+                        nibble_group *g, const char *name) {
+    const int ngroups = (int)PyList_GET_SIZE(groups);
+    if (ngroups < 1 || ngroups > 8 || dim < 1 || ncols < 1 || wcols < 0 || wcols % 4 || wcols > ncols) {
+        PyErr_Format(PyExc_ValueError, "%s: need 1..8 groups, dim >= 1, ncols >= 1, wcols a multiple of 4 in "
+                     "[0, ncols]", name);
+        return -1;
+    }
+    Py_ssize_t nibbles = 0;
+    for (int i = 0; i < ngroups; i++) {
+        PyObject *cen, *words = NULL;
+        void *p;
+        g[i].codewords = NULL;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(groups, i), "nnnnO|O", &g[i].start, &g[i].stop, &g[i].bits, &g[i].per,
+                              &cen, &words))
+            return -1;
+        /* A 5-bit group: first, one code per nibble, fitting the 2*wcols wide nibbles. */
+        int wide_ok = g[i].bits != 5 || (i == 0 && g[i].per == 1 && g[i].stop - g[i].start <= 2 * wcols);
+        if (g[i].bits < 1 || g[i].bits > 5 || g[i].per < 1 || (g[i].bits < 5 && g[i].per * g[i].bits > 4) ||
+            !wide_ok || g[i].start < 0 || g[i].stop > dim || g[i].stop < g[i].start ||
+            (words && (g[i].bits * g[i].per != 4 || (g[i].stop - g[i].start) % g[i].per))) {
+            PyErr_Format(PyExc_ValueError, "%s: bad group", name);
+            return -1;
+        }
+        if (take(b, cen, 0, ((Py_ssize_t)1 << g[i].bits) * (Py_ssize_t)sizeof(float), "centroids", &p) < 0) return -1;
+        g[i].centroids = p;
+        if (words) {
+            if (take(b, words, 0, 16 * g[i].per * (Py_ssize_t)sizeof(float), "codewords", &p) < 0) return -1;
+            g[i].codewords = p;
+        }
+        nibbles += g[i].bits == 5 ? 2 * wcols : (g[i].stop - g[i].start + g[i].per - 1) / g[i].per;
+    }
+    if (wcols && g[0].bits != 5) {
+        PyErr_Format(PyExc_ValueError, "%s: wcols > 0 needs a first group of 5 bits", name);
+        return -1;
+    }
+    if (nibbles > 2 * ncols) {
+        PyErr_Format(PyExc_ValueError, "%s: the groups need more nibbles than 2 * ncols", name);
+        return -1;
+    }
+    return ngroups;
 }
 
 static PyObject *tables(PyObject *self, PyObject *args) {
@@ -921,65 +1029,34 @@ static PyObject *tables(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OnnO!nOOOOOO|np", &rotated, &dim, &nq, &PyList_Type, &groups, &ncols, &luts, &fluts,
                           &delta, &bias, &tol, &magnitude, &wcols, &portable))
         return NULL;
-    int ngroups = (int)PyList_GET_SIZE(groups);
-    if (ngroups < 1 || ngroups > 8 || dim < 1 || nq < 0 || ncols < 1 || wcols < 0 || wcols % 4 || wcols > ncols) {
-        PyErr_SetString(PyExc_ValueError, "tables: need 1..8 groups, dim >= 1, nq >= 0, ncols >= 1, "
-                                          "wcols a multiple of 4 in [0, ncols]");
+    if (nq < 0) {
+        PyErr_SetString(PyExc_ValueError, "tables: nq must be >= 0");
         return NULL;
     }
     nibble_group g[8];
-    Py_buffer bufs[8 + 16];
-    int held = 0, ok = 0;
-    Py_ssize_t nibbles = 0;
-    for (int i = 0; i < ngroups; i++) {
-        PyObject *cen, *words = NULL;
-        g[i].codewords = NULL;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(groups, i), "nnnnO|O", &g[i].start, &g[i].stop, &g[i].bits, &g[i].per,
-                              &cen, &words))
-            goto done;
-        /* A 5-bit group: first, one code per nibble, fitting the 2*wcols wide nibbles. */
-        int wide_ok = g[i].bits != 5 || (i == 0 && g[i].per == 1 && g[i].stop - g[i].start <= 2 * wcols);
-        if (g[i].bits < 1 || g[i].bits > 5 || g[i].per < 1 || (g[i].bits < 5 && g[i].per * g[i].bits > 4) ||
-            !wide_ok || g[i].start < 0 || g[i].stop > dim || g[i].stop < g[i].start ||
-            (words && (g[i].bits * g[i].per != 4 || (g[i].stop - g[i].start) % g[i].per))) {
-            PyErr_SetString(PyExc_ValueError, "tables: bad group");
-            goto done;
-        }
-        if (get_buffer(cen, &bufs[held], 0, ((Py_ssize_t)1 << g[i].bits) * (Py_ssize_t)sizeof(float), "centroids") < 0)
-            goto done;
-        g[i].centroids = bufs[held++].buf;
-        if (words) {
-            if (get_buffer(words, &bufs[held], 0, 16 * g[i].per * (Py_ssize_t)sizeof(float), "codewords") < 0) goto done;
-            g[i].codewords = bufs[held++].buf;
-        }
-        nibbles += g[i].bits == 5 ? 2 * wcols : (g[i].stop - g[i].start + g[i].per - 1) / g[i].per;
-    }
-    if (wcols && g[0].bits != 5) {
-        PyErr_SetString(PyExc_ValueError, "tables: wcols > 0 needs a first group of 5 bits");
-        goto done;
-    }
-    if (nibbles > 2 * ncols) {
-        PyErr_SetString(PyExc_ValueError, "tables: the groups need more nibbles than 2 * ncols");
-        goto done;
-    }
-    nibbles = 2 * ncols;
-    const Py_ssize_t entries = (nibbles + 2 * wcols) * 16;
-    if (get_buffer(rotated, &bufs[held], 0, nq * dim * (Py_ssize_t)sizeof(float), "rotated") < 0) goto done;
-    const float *qp = bufs[held++].buf;
-    if (get_buffer(luts, &bufs[held], 1, nq * entries, "luts") < 0) goto done;
-    uint8_t *lp = bufs[held++].buf;
-    if (get_buffer(fluts, &bufs[held], 1, nq * entries * (Py_ssize_t)sizeof(float), "fluts") < 0) goto done;
-    float *fp = bufs[held++].buf;
+    buffer_set b;
+    int ok = 0;
+    void *qp, *lp, *fp;
     float *outs[4];
-    if (take_query_floats(delta, bias, tol, magnitude, nq, bufs, &held, outs) < 0) goto done;
+    if (buffers_init(&b, MAX_BUFS) < 0) return NULL;
+    const int ngroups = parse_groups(groups, dim, ncols, wcols, &b, g, "tables");
+    if (ngroups < 0) goto done;
+    const Py_ssize_t nibbles = 2 * ncols, entries = (nibbles + 2 * wcols) * 16;
+    if (take(&b, rotated, 0, nq * dim * (Py_ssize_t)sizeof(float), "rotated", &qp) < 0 ||
+        take(&b, luts, 1, nq * entries, "luts", &lp) < 0 ||
+        take(&b, fluts, 1, nq * entries * (Py_ssize_t)sizeof(float), "fluts", &fp) < 0 ||
+        take_query_floats(delta, bias, tol, magnitude, nq, &b, outs) < 0)
+        goto done;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < nq; i++)
-        query_tables(qp + i * dim, g, ngroups, nibbles, 2 * wcols, lp + i * entries, fp + i * entries, outs[0] + i,
-                     outs[1] + i, outs[2] + i, outs[3] + i, portable);
+        query_tables((const float *)qp + i * dim, g, ngroups, nibbles, 2 * wcols, (uint8_t *)lp + i * entries,
+                     (float *)fp + i * entries, outs[0] + i, outs[1] + i, outs[2] + i, outs[3] + i, portable);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
-    return release(bufs, held, ok);
+    buffers_free(&b);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
 }
 
 /* ---- int8 queries ---------------------------------------------------------------------------------
@@ -996,9 +1073,36 @@ done:
  * [g][0] is qi of the low nibble of column 4g + t (coordinate 8g + 2t), of word [g][1] the high nibble's
  * (8g + 2t + 1); zero past dim. levels: L[i & 15] for i in 0..63 (a vpermb table that ignores a
  * byte's bits 4-5). */
-static void query_int8(const float *q, Py_ssize_t dim, Py_ssize_t bytes, int nlevels, const uint8_t *L,
-                       const double *e, double alpha, double cmin, double cmax, int8_t *qint, float *delta,
-                       float *bias, float *tol, float *magnitude) {
+typedef struct {
+    int nlevels;
+    uint8_t L[16];  /* the level bytes, zero past nlevels */
+    double e[16];   /* e[k] = c[k] - cmin - alpha L[k] */
+    double alpha, cmin, cmax;
+} int8_levels;
+
+/* The level bytes of a group's nlevels levels c (2..16). */
+static void int8_levels_of(const float *c, int nlevels, int8_levels *lv) {
+    memset(lv, 0, sizeof(*lv));
+    lv->nlevels = nlevels;
+    lv->cmin = lv->cmax = c[0];
+    for (int k = 1; k < nlevels; k++) {
+        lv->cmin = c[k] < lv->cmin ? c[k] : lv->cmin;
+        lv->cmax = c[k] > lv->cmax ? c[k] : lv->cmax;
+    }
+    lv->alpha = lv->cmax > lv->cmin ? (lv->cmax - lv->cmin) / 255.0 : 1.0;
+    for (int k = 0; k < nlevels; k++) {
+        double r = nearbyint((c[k] - lv->cmin) / lv->alpha);
+        r = r > 255.0 ? 255.0 : r < 0.0 ? 0.0 : r;
+        lv->L[k] = (uint8_t)r;
+        lv->e[k] = c[k] - lv->cmin - lv->alpha * r;
+    }
+}
+
+static void query_int8(const float *q, Py_ssize_t dim, Py_ssize_t bytes, const int8_levels *lv, int8_t *qint,
+                       float *delta, float *bias, float *tol, float *magnitude) {
+    const int nlevels = lv->nlevels;
+    const uint8_t *L = lv->L;
+    const double *e = lv->e, alpha = lv->alpha, cmin = lv->cmin, cmax = lv->cmax;
     double big = 0.0, sum = 0.0, abs_sum = 0.0;
     for (Py_ssize_t j = 0; j < dim; j++) {
         const double v = q[j];
@@ -1043,41 +1147,29 @@ static PyObject *int8_tables(PyObject *self, PyObject *args) {
         return NULL;
     }
     const Py_ssize_t bytes = int8_query_bytes(ncols);
-    Py_buffer bufs[8];
-    int held = 0, ok = 0;
-    if (get_buffer(centroids, &bufs[held], 0, 16 * (Py_ssize_t)sizeof(float), "centroids") < 0) goto done;
-    const float *c = bufs[held++].buf;
-    if (get_buffer(rotated, &bufs[held], 0, nq * dim * (Py_ssize_t)sizeof(float), "rotated") < 0) goto done;
-    const float *qp = bufs[held++].buf;
-    if (get_buffer(qint, &bufs[held], 1, nq * bytes, "qint") < 0) goto done;
-    int8_t *qi = bufs[held++].buf;
-    if (get_buffer(levels, &bufs[held], 1, 64, "levels") < 0) goto done;
-    uint8_t *lv = bufs[held++].buf;
+    buffer_set b;
+    int ok = 0;
+    void *c, *qp, *qi, *lp;
     float *outs[4];
-    if (take_query_floats(delta, bias, tol, magnitude, nq, bufs, &held, outs) < 0) goto done;
-    double cmin = c[0], cmax = c[0];
-    for (int k = 1; k < nlevels; k++) {
-        cmin = c[k] < cmin ? c[k] : cmin;
-        cmax = c[k] > cmax ? c[k] : cmax;
-    }
-    const double alpha = cmax > cmin ? (cmax - cmin) / 255.0 : 1.0;
-    uint8_t L[16] = {0};
-    double e[16] = {0.0};
-    for (int k = 0; k < nlevels; k++) {
-        double r = nearbyint((c[k] - cmin) / alpha);
-        r = r > 255.0 ? 255.0 : r < 0.0 ? 0.0 : r;
-        L[k] = (uint8_t)r;
-        e[k] = c[k] - cmin - alpha * r;
-    }
-    for (int i = 0; i < 64; i++) lv[i] = L[i & 15];
+    if (buffers_init(&b, MAX_BUFS) < 0) return NULL;
+    if (take(&b, centroids, 0, 16 * (Py_ssize_t)sizeof(float), "centroids", &c) < 0 ||
+        take(&b, rotated, 0, nq * dim * (Py_ssize_t)sizeof(float), "rotated", &qp) < 0 ||
+        take(&b, qint, 1, nq * bytes, "qint", &qi) < 0 || take(&b, levels, 1, 64, "levels", &lp) < 0 ||
+        take_query_floats(delta, bias, tol, magnitude, nq, &b, outs) < 0)
+        goto done;
+    int8_levels lv;
+    int8_levels_of(c, nlevels, &lv);
+    for (int i = 0; i < 64; i++) ((uint8_t *)lp)[i] = lv.L[i & 15];
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < nq; i++)
-        query_int8(qp + i * dim, dim, bytes, nlevels, L, e, alpha, cmin, cmax, qi + i * bytes, outs[0] + i,
-                   outs[1] + i, outs[2] + i, outs[3] + i);
+        query_int8((const float *)qp + i * dim, dim, bytes, &lv, (int8_t *)qi + i * bytes, outs[0] + i, outs[1] + i,
+                   outs[2] + i, outs[3] + i);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
-    return release(bufs, held, ok);
+    buffers_free(&b);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
 }
 
 /* int8_block_sums(qint, levels, codes, ncols, nq, nblocks, out, portable): the int8 scan's integer
@@ -1171,6 +1263,27 @@ __attribute__((target(TQ_AVX2))) static void rotate_rows_avx2(const float *restr
 }
 #endif
 
+/* The loop this CPU runs (the same results either way). */
+static void rotate_any(const float *x, const float *mt, float *out, Py_ssize_t rows, Py_ssize_t dim) {
+#ifdef TQ_X86
+    if (have_avx2()) {
+        rotate_rows_avx2(x, mt, out, rows, dim);
+        return;
+    }
+#endif
+    rotate_rows(x, mt, out, rows, dim);
+}
+
+/* A float32 row's norm, summed in double (four running sums, in a fixed order). */
+static double row_norm(const float *v, Py_ssize_t dim) {
+    double part[4] = {0.0, 0.0, 0.0, 0.0};
+    Py_ssize_t j = 0;
+    for (; j + 4 <= dim; j += 4)
+        for (int t = 0; t < 4; t++) part[t] += (double)v[j + t] * v[j + t];
+    for (; j < dim; j++) part[0] += (double)v[j] * v[j];
+    return sqrt((part[0] + part[1]) + (part[2] + part[3]));
+}
+
 /* row_norms(x, out, rows, dim, max_norm, zero_ok) -> the first row whose norm is not finite, above
  * max_norm, or zero where zero_ok is false, or -1. Norms are summed in double (four running sums, in a
  * fixed order), so no float32 row can overflow them; out gets them as float32. Releases the GIL. */
@@ -1195,13 +1308,7 @@ static PyObject *row_norms(PyObject *self, PyObject *args) {
     float *norms = bufs[1].buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t r = 0; r < rows; r++) {
-        const float *v = xs + r * dim;
-        double part[4] = {0.0, 0.0, 0.0, 0.0};
-        Py_ssize_t j = 0;
-        for (; j + 4 <= dim; j += 4)
-            for (int t = 0; t < 4; t++) part[t] += (double)v[j + t] * v[j + t];
-        for (; j < dim; j++) part[0] += (double)v[j] * v[j];
-        const double norm = sqrt((part[0] + part[1]) + (part[2] + part[3]));
+        const double norm = row_norm(xs + r * dim, dim);
         norms[r] = (float)norm;
         if (first < 0 && (!(norm <= max_norm) || (!zero_ok && norm == 0.0))) first = r;
     }
@@ -1231,11 +1338,7 @@ static PyObject *rotate(PyObject *self, PyObject *args) {
     if (get_buffer(out, &bufs[held], 1, rows * dim * (Py_ssize_t)sizeof(float), "out") < 0) goto done;
     held++;
     Py_BEGIN_ALLOW_THREADS
-#ifdef TQ_X86
-    if (have_avx2()) rotate_rows_avx2(bufs[0].buf, bufs[1].buf, bufs[2].buf, rows, dim);
-    else
-#endif
-    rotate_rows(bufs[0].buf, bufs[1].buf, bufs[2].buf, rows, dim);
+    rotate_any(bufs[0].buf, bufs[1].buf, bufs[2].buf, rows, dim);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
@@ -1255,6 +1358,19 @@ typedef struct {
 static int best_first(const void *x, const void *y) {
     const scored *a = x, *b = y;
     return ranks_below(a->s, a->id, b->s, b->id) ? 1 : ranks_below(b->s, b->id, a->s, a->id) ? -1 : 0;
+}
+
+/* A heap of k (score, id) pairs in place, best first; tmp has room for k. */
+static void sort_best_first(float *hs, int64_t *hi, Py_ssize_t k, scored *tmp) {
+    for (Py_ssize_t j = 0; j < k; j++) {
+        tmp[j].s = hs[j];
+        tmp[j].id = hi[j];
+    }
+    qsort(tmp, (size_t)k, sizeof(scored), best_first);
+    for (Py_ssize_t j = 0; j < k; j++) {
+        hs[j] = tmp[j].s;
+        hi[j] = tmp[j].id;
+    }
 }
 
 static PyObject *select_best(PyObject *self, PyObject *args) {
@@ -1303,21 +1419,277 @@ static PyObject *select_best(PyObject *self, PyObject *args) {
             const int64_t id = ps[q * m + j];
             if (s > -INFINITY && ranks_below(hs[0], hi[0], s, id)) heap_replace_top(hs, hi, k, s, id);
         }
-        for (Py_ssize_t j = 0; j < k; j++) {
-            tmp[j].s = hs[j];
-            tmp[j].id = hi[j];
-        }
-        qsort(tmp, (size_t)k, sizeof(scored), best_first);
-        for (Py_ssize_t j = 0; j < k; j++) {
-            hs[j] = tmp[j].s;  /* only finite scores entered: a -inf slot still holds id -1 */
-            hi[j] = tmp[j].id;
-        }
+        sort_best_first(hs, hi, k, tmp);  /* only finite scores entered: a -inf slot still holds id -1 */
     }
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
     PyMem_Free(tmp);
     return release(bufs, held, ok);
+}
+
+/* ---- search: the queries made in the scan's call --------------------------------------------------
+ * A single query's Python work (rotating, making tables, sorting the heap, each an allocation and a
+ * call) cost as much as scanning 100k rows; here one call does all of it, with the GIL released once,
+ * and the pool's workers woken first, so that their wake-up overlaps the query making. */
+struct query_maker {
+    const float *queries;   /* [nq][dim], as scored (centred or normalised by the caller) */
+    const float *mt;        /* [dim][dim], the rotation's transpose; NULL: the queries are rotated already */
+    Py_ssize_t dim;
+    int l2, portable;
+    nibble_group groups[8]; /* the tables' (no int8 queries) */
+    int ngroups;
+    Py_ssize_t nibbles, wide, entries;
+    int8_levels lv;         /* the int8 queries' (with qint) */
+    Py_ssize_t qbytes;
+    /* The made inputs, [nq] rows each: what the scan's arguments point at. */
+    float *rotated, *qn2, *delta, *bias, *tol, *mag, *fluts;
+    uint8_t *luts;
+    int8_t *qint;
+};
+
+static void make_queries(const query_maker *m, Py_ssize_t q0, Py_ssize_t q1) {
+    const Py_ssize_t d = m->dim;
+    if (m->mt) {
+        /* rotate()'s loops: a row's values do not depend on the rows rotated with it. */
+        rotate_any(m->queries + q0 * d, m->mt, m->rotated + q0 * d, q1 - q0, d);
+    }
+    for (Py_ssize_t q = q0; q < q1; q++) {
+        const float *r = m->rotated + q * d;
+        if (m->l2) {
+            const float *x = m->queries + q * d;
+            double sum = 0.0;
+            for (Py_ssize_t j = 0; j < d; j++) sum += (double)x[j] * x[j];
+            m->qn2[q] = (float)sum;
+        }
+        if (m->qint)
+            query_int8(r, d, m->qbytes, &m->lv, m->qint + q * m->qbytes, m->delta + q, m->bias + q, m->tol + q,
+                       m->mag + q);
+        else
+            query_tables(r, m->groups, m->ngroups, m->nibbles, m->wide, m->luts + q * m->entries,
+                         m->fluts + q * m->entries, m->delta + q, m->bias + q, m->tol + q, m->mag + q, m->portable);
+    }
+}
+
+/* search(consts, queries, segments, out_scores, out_ids, exact_count, l2, int8, portable=False, threads=1):
+ * scan_segments (no floor, no offsets) with the queries' inputs made in the same call from the queries
+ * (float32 [nq][dim]): rotated by mt, the tables' or, with int8, the int8 queries' (the same as `tables`,
+ * `int8_tables` and `rotate` make), and for l2 ||q||^2 (summed in double, unless query_norm2, float32
+ * [nq], gives them). consts = (mt float32 [dim][dim] or
+ * None (queries rotated already), dim, groups (as `tables`), ncols, wcols, row_bits, centroids float32
+ * [16] or None, nlevels): what the plan's constant fields hold. out_scores, out_ids and exact_count are
+ * written whole (their contents on entry are not read): each query's k best come back sorted, best first
+ * (ties: the lower position), padded with (-inf, -1), as positions or, given row_ids (one int64 array of
+ * ids per segment), as those ids. Before anything else, with max_norm > 0 every query's norm (summed in
+ * double, as row_norms) must be at most max_norm and, unless zero_ok, not zero; with normalize the
+ * queries are scaled by 1 / their float32 norm (into a copy). Returns -1, or the first query that fails
+ * those checks (then nothing is scanned and the outputs are not written). */
+static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"consts", "queries", "segments", "out_scores", "out_ids", "exact_count", "l2", "int8",
+                             "portable", "threads", "query_norm2", "row_ids", "max_norm", "zero_ok", "normalize", NULL};
+    PyObject *consts, *queries, *segments, *out_s, *out_i, *exact_count, *mt, *groups, *centroids, *qn2 = Py_None,
+             *row_ids = Py_None;
+    int l2, int8, portable = 0, threads = 1, nlevels, zero_ok = 1, normalize = 0;
+    double max_norm = 0.0;
+    Py_ssize_t dim, ncols, wcols, row_bits;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO!OOOpp|piOOdpp", kwlist, &PyTuple_Type, &consts, &queries,
+                                     &PyList_Type, &segments, &out_s, &out_i, &exact_count, &l2, &int8, &portable,
+                                     &threads, &qn2, &row_ids, &max_norm, &zero_ok, &normalize))
+        return NULL;
+    if (!PyArg_ParseTuple(consts, "OnO!nnnOi;search: consts are (mt, dim, groups, ncols, wcols, row_bits, centroids, "
+                          "nlevels)", &mt, &dim, &PyList_Type, &groups, &ncols, &wcols, &row_bits, &centroids,
+                          &nlevels))
+        return NULL;
+    if (check_threads(&threads, "search") < 0) return NULL;
+    if (row_ids != Py_None && (!PyList_Check(row_ids) || PyList_GET_SIZE(row_ids) != PyList_GET_SIZE(segments))) {
+        PyErr_SetString(PyExc_ValueError, "search: row_ids must be a list with one array per segment");
+        return NULL;
+    }
+    if (dim < 1 || ncols < 1 || wcols < 0 || wcols % 4 || wcols > ncols ||
+        (row_bits && ((row_bits != 1 && row_bits != 2 && row_bits != 4) || wcols || (dim * row_bits + 7) / 8 > ncols))) {
+        PyErr_SetString(PyExc_ValueError, "search: inconsistent dim / ncols / wcols / row_bits");
+        return NULL;
+    }
+    if (int8 && (row_bits != 4 || wcols || dim > INT8_SCAN_MAX_DIM || nlevels < 2 || nlevels > 16)) {
+        PyErr_Format(PyExc_ValueError, "search: int8 queries need codes of 4 bits a nibble (row_bits 4), no wide "
+                     "columns, dim <= %d and 2-16 levels", INT8_SCAN_MAX_DIM);
+        return NULL;
+    }
+    const Py_ssize_t nseg = PyList_GET_SIZE(segments);
+    buffer_set b;
+    bound_scan bs;
+    query_maker m;
+    scan_args a;
+    scored *tmp = NULL;
+    char *made = NULL;
+    float *normed = NULL;
+    const int64_t **ids = NULL;  /* [nseg], each segment's ids (row_ids), or NULL */
+    Py_ssize_t bad = -1;         /* the first query that fails the norm checks */
+    int ok = 0;
+    void *p;
+    memset(&m, 0, sizeof(m));
+    memset(&a, 0, sizeof(a));
+    if (buffers_init(&b, MAX_BUFS + 5 * nseg) < 0) return NULL;
+    if (bound_init(&bs, nseg) < 0) goto done;
+    if (take(&b, queries, 0, -1, "queries", &p) < 0) goto done;
+    const Py_ssize_t qlen = b.v[b.held - 1].len, nq = qlen / (dim * (Py_ssize_t)sizeof(float));
+    if (qlen != nq * dim * (Py_ssize_t)sizeof(float)) {
+        PyErr_Format(PyExc_ValueError, "search: queries must be float32 [nq][%zd]", dim);
+        goto done;
+    }
+    m.queries = p;
+    if (max_norm > 0.0 || normalize) {
+        /* The checks and the scaling of Index.search (validation.check_norms, q / ||q||), bit for bit. */
+        for (Py_ssize_t q = 0; q < nq && bad < 0; q++) {
+            const double norm = row_norm(m.queries + q * dim, dim);
+            if (max_norm > 0.0 && (!(norm <= max_norm) || (!zero_ok && norm == 0.0))) bad = q;
+        }
+        if (bad >= 0) {
+            ok = 1;
+            goto done;
+        }
+        if (normalize) {
+            if (!(normed = PyMem_Malloc((size_t)(nq ? nq : 1) * dim * sizeof(float)))) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            for (Py_ssize_t q = 0; q < nq; q++) {
+                const float norm = (float)row_norm(m.queries + q * dim, dim);
+                for (Py_ssize_t j = 0; j < dim; j++) normed[q * dim + j] = m.queries[q * dim + j] / norm;
+            }
+            m.queries = normed;
+        }
+    }
+    m.dim = dim;
+    m.l2 = l2;  /* cleared below where the norms are given */
+    m.portable = portable;
+    if (mt != Py_None) {
+        if (take(&b, mt, 0, dim * dim * (Py_ssize_t)sizeof(float), "mt", &p) < 0) goto done;
+        m.mt = p;
+    }
+    if (take(&b, out_s, 1, -1, "out_scores", &p) < 0) goto done;
+    a.out_s = p;
+    a.kp = nq ? b.v[b.held - 1].len / (nq * (Py_ssize_t)sizeof(float)) : 0;
+    if (nq && (a.kp < 1 || b.v[b.held - 1].len != a.kp * nq * (Py_ssize_t)sizeof(float))) {
+        PyErr_SetString(PyExc_ValueError, "search: out_scores must be float32 [nq][k] with k >= 1");
+        goto done;
+    }
+    if (take(&b, out_i, 1, nq * a.kp * (Py_ssize_t)sizeof(int64_t), "out_ids", &p) < 0) goto done;
+    a.out_i = p;
+    if (take(&b, exact_count, 1, nq * (Py_ssize_t)sizeof(int64_t), "exact_count", &p) < 0) goto done;
+    a.exact_count = p;
+    const float *given_qn2 = NULL;
+    if (qn2 != Py_None) {
+        if (!l2) {
+            PyErr_SetString(PyExc_ValueError, "search: query_norm2 is for l2 only");
+            goto done;
+        }
+        if (take(&b, qn2, 0, nq * (Py_ssize_t)sizeof(float), "query_norm2", &p) < 0) goto done;
+        given_qn2 = p;
+    }
+    if (row_bits || int8) {
+        if (centroids == Py_None) {
+            PyErr_SetString(PyExc_ValueError, "search: rescoring from codes and int8 queries need the centroids");
+            goto done;
+        }
+        if (take(&b, centroids, 0, 16 * (Py_ssize_t)sizeof(float), "centroids", &p) < 0) goto done;
+        a.centroids = p;
+    }
+    if (int8) {
+        int8_levels_of(a.centroids, nlevels, &m.lv);
+        m.qbytes = int8_query_bytes(ncols);
+    } else {
+        m.ngroups = parse_groups(groups, dim, ncols, wcols, &b, m.groups, "search");
+        if (m.ngroups < 0) goto done;
+        m.nibbles = 2 * ncols;
+        m.wide = 2 * wcols;
+        m.entries = (m.nibbles + m.wide) * 16;
+    }
+    /* The made inputs in one allocation: floats first, then the bytes (levels, luts or qint). */
+    const size_t rows = (size_t)(nq ? nq : 1), floats = rows * (5 + (m.mt ? dim : 0) + (size_t)m.entries),
+                 bytes = 64 + rows * (size_t)(int8 ? m.qbytes : m.entries);
+    made = PyMem_Malloc(floats * sizeof(float) + bytes);
+    tmp = PyMem_Malloc((size_t)(a.kp ? a.kp : 1) * sizeof(scored));
+    if (!made || !tmp) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    float *f = (float *)made;
+    m.qn2 = f;
+    m.delta = f + rows;
+    m.bias = f + 2 * rows;
+    m.tol = f + 3 * rows;
+    m.mag = f + 4 * rows;
+    m.rotated = m.mt ? f + 5 * rows : (float *)m.queries;  /* not written without mt */
+    m.fluts = f + (5 + (m.mt ? dim : 0)) * rows;
+    uint8_t *levels = (uint8_t *)(f + floats);
+    if (int8) {
+        m.qint = (int8_t *)(levels + 64);
+        for (int i = 0; i < 64; i++) levels[i] = m.lv.L[i & 15];
+    } else {
+        m.luts = levels + 64;
+    }
+    a.ncols = ncols;
+    a.wcols = wcols;
+    a.nq = nq;
+    a.delta = m.delta;
+    a.bias = m.bias;
+    a.tol = m.tol;
+    a.query_norm2 = given_qn2 ? given_qn2 : l2 ? m.qn2 : NULL;
+    m.l2 = l2 && !given_qn2;
+    a.luts = m.luts;
+    a.fluts = int8 ? NULL : m.fluts;
+    a.qint = m.qint;
+    a.levels = int8 ? levels : NULL;
+    if (row_bits) {
+        a.row_bits = (int)row_bits;
+        a.rotated = m.rotated;
+        a.dim = dim;
+    } else {
+        a.centroids = NULL;
+    }
+    set_level(&a, portable);
+    for (Py_ssize_t i = 0; i < nq * a.kp; i++) {
+        a.out_s[i] = -INFINITY;
+        a.out_i[i] = -1;
+    }
+    memset(a.exact_count, 0, (size_t)nq * sizeof(int64_t));
+    if (bind_segments(&a, &b, segments, NULL, bs.seg, bs.limits, &bs.total) < 0) goto done;
+    if (row_ids != Py_None) {
+        if (!(ids = PyMem_Malloc((nseg ? nseg : 1) * sizeof(*ids)))) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (Py_ssize_t s = 0; s < nseg; s++) {
+            if (take(&b, PyList_GET_ITEM(row_ids, s), 0, bs.seg[s].rows * (Py_ssize_t)sizeof(int64_t), "row_ids",
+                     &p) < 0)
+                goto done;
+            ids[s] = p;
+        }
+    }
+    if (bound_split(&bs, &a, threads) < 0) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    if (bs.shares > 1) pool_wake(bs.shares - 1);
+    bound_run(&bs, &a, m.mag, portable, &m);
+    for (Py_ssize_t q = 0; q < nq; q++) sort_best_first(a.out_s + q * a.kp, a.out_i + q * a.kp, a.kp, tmp);
+    if (ids)  /* positions to the segments' ids (segments in position order, each from its id_base) */
+        for (Py_ssize_t i = 0; i < nq * a.kp; i++) {
+            const int64_t pos = a.out_i[i];
+            Py_ssize_t s = 0;
+            if (pos < 0) continue;
+            while (s + 1 < nseg && pos >= bs.seg[s + 1].id_base) s++;
+            a.out_i[i] = ids[s][pos - bs.seg[s].id_base];
+        }
+    Py_END_ALLOW_THREADS
+    ok = 1;
+done:
+    PyMem_Free(made);
+    PyMem_Free(normed);
+    PyMem_Free(ids);
+    PyMem_Free(tmp);
+    bound_free(&bs);
+    buffers_free(&b);
+    return ok ? PyLong_FromSsize_t(bad) : NULL;
 }
 
 static PyObject *pool_workers_count(PyObject *self, PyObject *unused) {
@@ -1337,6 +1709,21 @@ static PyObject *pool_start(PyObject *self, PyObject *arg) {
     pool_grow(want > POOL_MAX_WORKERS ? POOL_MAX_WORKERS : (int)want);
     pthread_mutex_unlock(&pool_mu);
     return PyLong_FromLong(pool_workers_started());
+}
+
+/* set_worker_spin(microseconds) -> previous: how long an idle worker watches the queue before it sleeps. */
+static PyObject *set_worker_spin(PyObject *self, PyObject *arg) {
+    const long us = PyLong_AsLong(arg);
+    if (us == -1 && PyErr_Occurred()) return NULL;
+    if (us < 0 || us > 1000000) {
+        PyErr_Format(PyExc_ValueError, "set_worker_spin: microseconds must be in [0, 1000000], got %ld", us);
+        return NULL;
+    }
+    pthread_mutex_lock(&pool_mu);
+    const long previous = pool_spin_ns / 1000;
+    __atomic_store_n(&pool_spin_ns, us * 1000L, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&pool_mu);
+    return PyLong_FromLong(previous);
 }
 
 static PyObject *simd(PyObject *self, PyObject *unused) {
@@ -1362,6 +1749,11 @@ static PyObject *set_simd_limit(PyObject *self, PyObject *arg) {
 }
 
 static PyMethodDef methods[] = {
+    {"search", (PyCFunction)(void (*)(void))search, METH_VARARGS | METH_KEYWORDS,
+     "search(consts, queries, segments, out_scores, out_ids, exact_count, l2, int8, portable=False, threads=1, "
+     "query_norm2=None, row_ids=None, max_norm=0.0, zero_ok=True, normalize=False) -> the first query failing the "
+     "norm checks, or -1: "
+     "scan_segments with the queries' rotation and tables made in the same call; heaps come back sorted."},
     {"scan_segments", (PyCFunction)(void (*)(void))scan_segments, METH_VARARGS | METH_KEYWORDS,
      "scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None, "
      "offsets=None, threads=1)\n\n"
@@ -1406,6 +1798,8 @@ static PyMethodDef methods[] = {
     {"select", select_best, METH_VARARGS,
      "select(scores, positions, out_scores, out_positions)\n\nPer row, the k best (score, position) pairs, score "
      "descending then position ascending, padded with (-inf, -1). Releases the GIL."},
+    {"set_worker_spin", set_worker_spin, METH_O,
+     "set_worker_spin(microseconds) -> previous: how long an idle worker thread watches for work before it sleeps."},
     {"simd", simd, METH_NOARGS, "The scan kernel this CPU runs: 'avx512vbmi', 'avx512', 'avx2', 'neon' or 'portable'."},
     {"set_simd_limit", set_simd_limit, METH_O,
      "set_simd_limit(name) -> previous: the highest SIMD level the scan may use ('portable', 'neon', 'avx2', "

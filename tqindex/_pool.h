@@ -13,8 +13,10 @@
 #define TQINDEX_POOL_H
 
 #include <pthread.h>
+#include <time.h>
 
 #define POOL_MAX_WORKERS 255
+#define POOL_SPIN_DEFAULT_US 200
 
 typedef void (*pool_fn)(void *ctx, int task);
 
@@ -33,6 +35,36 @@ static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER; /* a job's last task
 static pool_job *pool_queue = NULL;
 static int pool_workers = 0;
 static int pool_sleeping = 0;  /* workers waiting on pool_work */
+/* How long an idle worker watches the queue before it sleeps (set_worker_spin; read without the lock).
+ * A sleeping worker takes tens of microseconds to wake, more in a virtual machine; back-to-back single
+ * queries find a watching worker at once. */
+static long pool_spin_ns = POOL_SPIN_DEFAULT_US * 1000L;
+
+static long pool_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long)ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+static inline void pool_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Watch the queue (without the lock) for up to pool_spin_ns; returns whether a job came. */
+static int pool_spin(void) {
+    const long until = pool_now_ns() + __atomic_load_n(&pool_spin_ns, __ATOMIC_RELAXED);
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            if (__atomic_load_n(&pool_queue, __ATOMIC_RELAXED)) return 1;
+            pool_relax();
+        }
+        if (pool_now_ns() >= until) return 0;
+    }
+}
 
 /* Claim the next task of the queue's first job (pool_mu held); the job leaves the queue with its last
  * task claimed. Returns the job, or NULL when the queue is empty. */
@@ -40,7 +72,7 @@ static pool_job *pool_claim(int *task) {
     pool_job *j = pool_queue;
     if (!j) return NULL;
     *task = j->next++;
-    if (j->next == j->ntasks) pool_queue = j->link;
+    if (j->next == j->ntasks) __atomic_store_n(&pool_queue, j->link, __ATOMIC_RELAXED);
     return j;
 }
 
@@ -61,6 +93,12 @@ static void *pool_main(void *unused) {
         if (j) {
             pool_finish(j, task);
             continue;
+        }
+        if (__atomic_load_n(&pool_spin_ns, __ATOMIC_RELAXED) > 0) {
+            pthread_mutex_unlock(&pool_mu);
+            const int came = pool_spin();
+            pthread_mutex_lock(&pool_mu);
+            if (came) continue;
         }
         pool_sleeping++;
         pthread_cond_wait(&pool_work, &pool_mu);
@@ -96,7 +134,7 @@ static void pool_run(pool_fn fn, void *ctx, int ntasks) {
     pool_grow(ntasks - 1);
     pool_job **end = &pool_queue;
     while (*end) end = &(*end)->link;
-    *end = &j;
+    __atomic_store_n(end, &j, __ATOMIC_RELAXED);
     /* Wake as many sleeping workers as there are tasks for them, not all (many cores, a two-share job). */
     for (int i = 0; i < ntasks - 1 && i < pool_sleeping; i++) pthread_cond_signal(&pool_work);
     /* The caller takes its own job's tasks (not another call's: it returns as soon as its own are done). */
@@ -105,11 +143,21 @@ static void pool_run(pool_fn fn, void *ctx, int ntasks) {
         if (j.next == j.ntasks) { /* unlink: every task claimed */
             pool_job **p = &pool_queue;
             while (*p != &j) p = &(*p)->link;
-            *p = j.link;
+            __atomic_store_n(p, j.link, __ATOMIC_RELAXED);
         }
         pool_finish(&j, task);
     }
     while (j.done < j.ntasks) pthread_cond_wait(&pool_done, &pool_mu);
+    pthread_mutex_unlock(&pool_mu);
+}
+
+/* Wake up to n sleeping workers ahead of a job (starting them if need be): they watch the queue for
+ * pool_spin_ns, so a caller that has work of its own to do first (a search making its queries) has
+ * their wake-up overlap it. */
+static void pool_wake(int n) {
+    pthread_mutex_lock(&pool_mu);
+    pool_grow(n);
+    for (int i = 0; i < n && i < pool_sleeping; i++) pthread_cond_signal(&pool_work);
     pthread_mutex_unlock(&pool_mu);
 }
 

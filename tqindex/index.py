@@ -563,6 +563,11 @@ class Index:
         1-D results for a 1-D query.
         """
         k = check_k(k)
+        if (type(queries) is np.ndarray and type(rerank) is int and not rerank and batch_size is None
+                and filter is None and columns is None and nprobe is None):
+            result = self._search_direct(queries, k)
+            if result is not None:
+                return result
         if isinstance(rerank, bool) or not isinstance(rerank, numbers.Integral) or rerank < 0:
             raise ValueError(f"rerank must be a non-negative integer, got {rerank!r}")
         if rerank and not self._keep_vectors:
@@ -621,6 +626,30 @@ class Index:
             ids, scores = ids[0], scores[0]
         return SearchResult(ids=to_kind(ids, kind, queries), scores=to_kind(scores, kind, queries), metric=self._metric,
                             payload=table)
+
+    def _search_direct(self, queries: np.ndarray, k: int) -> SearchResult | None:
+        """`search` without options in one native call where the index and queries allow it (a flat
+        index on the CPU whose scanner has `search_direct`; numpy float32 queries, C-contiguous, 1-D or
+        up to a default batch of them; k ≤ the live rows): the same results, without the Python steps
+        a single query otherwise spends as much time in as in its scan. None where it does not apply,
+        or where a query fails a check, whose error the general path then raises."""
+        view = self._view
+        if (queries.dtype != np.float32 or not queries.flags.c_contiguous or queries.ndim not in (1, 2)
+                or queries.shape[-1] != self.dim or self._partitions or self._center is not None
+                or self._device != "cpu" or k > view.live):
+            return None
+        q = queries if queries.ndim == 2 else queries[None]
+        if not 0 < len(q) <= _DEFAULT_QUERY_BATCH:
+            return None
+        found = self._scanner().search_direct(list(view.segments), q, k)
+        if found is None:
+            return None
+        ids, scores = found
+        if self._metric == "l2":
+            np.negative(scores, out=scores)  # distances, as the general path returns them
+        if queries.ndim == 1:
+            ids, scores = ids[0], scores[0]
+        return SearchResult(ids=ids, scores=scores, metric=self._metric, payload=None)
 
     # -- payload ---------------------------------------------------------------------------------
     @property
@@ -683,17 +712,11 @@ class Index:
                 q = q - center      # ‖q − x‖ = ‖(q − c) − (x − c)‖
             else:
                 offset = q @ center  # ⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩
-        rotated, projected = self._quantizer.prepare_queries(q)
-        result = (scanner or self._scanner()).topk(list(view.segments), Queries(rotated, projected,
-                                                                                self._sq_norms(q)), k)
+        result = (scanner or self._scanner()).topk_queries(list(view.segments), q, k)
         scores, positions = result.scores, result.positions
         if offset is not None:
             scores = scores + offset[:, None].to(scores.device)
         return scores.cpu(), positions.cpu()
-
-    def _sq_norms(self, q: torch.Tensor) -> torch.Tensor:
-        """‖q‖² per query (nq,) float32 for "l2"; zeros for the other metrics, whose scores do not use it."""
-        return q.square().sum(dim=1) if self._metric == "l2" else torch.zeros(q.shape[0], device=q.device)
 
     def _scan_lists(self, view: "_View", q: torch.Tensor, k: int, scanner, nprobe: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -708,8 +731,7 @@ class Index:
         starts, members, memo = view.lists()
         request = ListScan(segments=view.segments, starts=starts, members=members, lists=lists.numpy(),
                            offsets=offsets.numpy(), memo=memo)
-        rotated, projected = self._quantizer.prepare_queries(q)
-        result = scanner.topk_lists(request, Queries(rotated, projected, self._sq_norms(q)).to(device), k)
+        result = scanner.topk_lists(request, Queries.of(self._quantizer, q, self._metric).to(device), k)
         return result.scores.cpu(), result.positions.cpu()
 
     def _scanner(self):

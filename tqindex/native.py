@@ -20,7 +20,7 @@ except ImportError:  # built without a C compiler
     kernels = None
 
 __all__ = ["kernels", "enabled", "simd", "set_simd_limit", "SIMD_LEVELS", "parallel_ranges", "thread_share",
-           "get_num_threads", "set_num_threads"]
+           "get_num_threads", "set_num_threads", "set_worker_spin"]
 
 #: The fast scan's SIMD levels, lowest first (the portable loop is the oracle of the others).
 SIMD_LEVELS = ("portable", "neon", "avx2", "avx512", "avx512vbmi")
@@ -67,6 +67,25 @@ def set_simd_limit(level: str) -> str:
         raise ValueError(f"unknown SIMD level {level!r}; expected one of {SIMD_LEVELS}")
     return kernels.set_simd_limit(level)
 
+
+def set_worker_spin(microseconds: int) -> int:
+    """How long the scan's idle worker threads watch for work before they sleep, process-wide, as
+    OpenMP's wait policy (default 200 µs): a sleeping thread takes tens of microseconds to wake (more
+    in a virtual machine), which a single query's scan waits for, while a watching thread holds its
+    core. 0 sleeps at once. Returns the previous value. The environment variable TQINDEX_SPIN_US sets
+    it at import."""
+    if kernels is None:
+        raise RuntimeError("the compiled kernels are not built: there are no worker threads")
+    if isinstance(microseconds, bool) or not isinstance(microseconds, int):
+        raise TypeError(f"microseconds must be an integer, got {type(microseconds).__name__}")
+    return kernels.set_worker_spin(microseconds)
+
+
+if kernels is not None and os.environ.get("TQINDEX_SPIN_US"):
+    try:
+        set_worker_spin(int(os.environ["TQINDEX_SPIN_US"]))
+    except ValueError as exc:
+        raise ValueError(f"environment variable TQINDEX_SPIN_US: {exc}") from None
 
 if kernels is not None and os.environ.get("TQINDEX_SIMD"):
     try:

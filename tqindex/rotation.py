@@ -115,10 +115,15 @@ class Rotation:
         if self.kind != "dense" or x.dtype != torch.float32 or x.device.type != "cpu" or not native.enabled():
             return None
         xs = np.ascontiguousarray(x.numpy())
-        outs, mt = np.empty_like(xs), self._matrix_t[torch.float32].numpy()
+        outs, mt = np.empty_like(xs), self.native_matrix()
         native.parallel_ranges(len(xs), lambda a, b: native.kernels.rotate(xs[a:b], mt, outs[a:b], b - a, self.dim),
                                min_per_thread=_ROTATE_ROWS_PER_THREAD)
         return torch.from_numpy(outs)
+
+    def native_matrix(self) -> np.ndarray | None:
+        """Πᵀ as float32 (d, d), what the native kernels multiply rows by (`apply_native`, and the
+        search that rotates its queries in C), or None for a kind they do not rotate (Hadamard)."""
+        return self._matrix_t[torch.float32].numpy() if self.kind == "dense" else None
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """Undo `apply` on rows: (n, d) → (n, d)."""

@@ -36,6 +36,13 @@ class Queries:
     projected: torch.Tensor | None
     sq_norms: torch.Tensor
 
+    @classmethod
+    def of(cls, quantizer, q: torch.Tensor, metric: str) -> "Queries":
+        """Queries q (nq, d) float32 prepared by `quantizer` (rotated once) for `metric`."""
+        rotated, projected = quantizer.prepare_queries(q)
+        sq_norms = q.square().sum(dim=1) if metric == "l2" else torch.zeros(q.shape[0], device=q.device)
+        return cls(rotated, projected, sq_norms)
+
     def __len__(self) -> int:
         return self.rotated.shape[0]
 
@@ -151,6 +158,21 @@ class Scanner(ABC):
     @abstractmethod
     def topk(self, segments: list, queries: Queries, k: int) -> TopK:
         """Exact top k of the quantized scores over the live rows of `segments` (see `TopK`)."""
+
+    def topk_queries(self, segments: list, queries: torch.Tensor, k: int) -> TopK:
+        """`topk` for queries not yet rotated: (nq, d) float32 on the scan's device, as the index scores
+        them (centred, normalised). This default prepares them (`Queries.of`) and calls `topk`; a
+        backend may rotate them in the call that scans."""
+        return self.topk(segments, Queries.of(self.quantizer, queries, self.metric), k)
+
+    def search_direct(self, segments: list, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """A whole search of unprepared queries in one call, where a backend has one: queries
+        (nq, d) float32 numpy, C-contiguous, as given to `Index.search` (the norm checks of
+        `validation.check_norms` and, for "cosine", the scaling to unit norm are this call's);
+        k ≤ the live rows. Returns ids (nq, k) int64 and scores (nq, k) float32, best first, as
+        `topk` orders them (l2 scores are −‖q − x̃‖²), or None: no such path here, or a query fails a
+        check (the caller's general path then raises the error). This default has none."""
+        return None
 
     def topk_lists(self, request: ListScan, queries: Queries, k: int) -> TopK:
         """Exact top k over each query's probed lists (see `ListScan`), scores with their list's

@@ -45,11 +45,12 @@ from .. import native
 from ..layout import block_count
 from ..quantizer import TurboQuantizer
 from ..segment import Segment
+from ..validation import MAX_NORM
 from ..topk import empty_topk, topk_ordered
 from .base import ListScan, Queries, Scanner, SegmentCache, TopK
 
-__all__ = ["FastScanner", "ScanPlan", "available", "supports", "scan_lists_fast", "scan_topk_fast", "segment_layout",
-           "quantized_luts"]
+__all__ = ["FastScanner", "ScanPlan", "available", "supports", "scan_lists_fast", "scan_topk_fast", "search_fast",
+           "segment_layout", "quantized_luts"]
 
 #: Bytes of codes (times the queries that read them) a thread's share of a scan gets at least: a worker
 #: that sleeps takes tens of microseconds to wake (more in a virtual machine), so a smaller share costs
@@ -150,13 +151,20 @@ _CONSTANTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _constants(quantizer: TurboQuantizer) -> dict:
     """What every search of this quantizer passes the kernels unchanged, made once: the tables'
-    group tuples ("groups") and, with one scalar code group, the fields for rescoring rows from their
-    codes ("rescore", see `_rescore_fields`; empty otherwise)."""
+    group tuples ("groups"), with one scalar code group the fields for rescoring rows from their
+    codes ("rescore", see `_rescore_fields`; empty otherwise), and the `_native.search` consts of
+    queries it rotates ("rotating") or that come rotated ("rotated")."""
     kept = _CONSTANTS.get(quantizer)
     if kept is None:
         groups = [(p.start, p.stop, p.spec.bits, p.spec.per, p.spec.centroids)
                   + (() if p.spec.codewords is None else (p.spec.codewords,)) for p in quantizer.layout.parts]
-        kept = _CONSTANTS[quantizer] = {"groups": groups, "rescore": _rescore_fields(quantizer)}
+        rescore = _rescore_fields(quantizer)
+        # (mt, dim, groups, ncols, wcols, row_bits, centroids, nlevels), mt the rotation or None
+        common = (quantizer.dim, groups, quantizer.layout.ncols, quantizer.layout.wcols, rescore.get("row_bits", 0),
+                  rescore.get("centroids"), len(quantizer.groups[0].centroids))
+        mt = quantizer.rotation.native_matrix()
+        kept = _CONSTANTS[quantizer] = {"groups": groups, "rescore": rescore, "rotated": (None,) + common,
+                                        "rotating": None if mt is None else (mt,) + common}
     return kept
 
 
@@ -326,12 +334,24 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
                    query_sq_norms: torch.Tensor, k: int, metric: str, *, portable: bool = False,
                    threads: int | None = None, cache: SegmentCache | None = None, stats: dict | None = None,
                    int8: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract and results as `backends.torch_scan.scan_topk` (mse variant, CPU).
+    """Same contract and results as `backends.torch_scan.scan_topk` (mse variant, CPU), for queries
+    rotated already (Πq): `search_fast` with `rotated=True` and the given ‖q‖²."""
+    qn2 = np.ascontiguousarray(query_sq_norms.numpy(), dtype=np.float32) if metric == "l2" else None
+    return search_fast(quantizer, segments, rotated, k, metric, rotated=True, query_sq_norms=qn2, portable=portable,
+                       threads=threads, cache=cache, stats=stats, int8=int8)
 
-    Every segment is scanned into one heap per query, in one `_native.scan_segments` call, the rows of
-    segment i at positions from its start on. The kernel's worker threads take runs of the queries, or,
-    with fewer queries than threads, runs of the blocks (each its own heaps, sharing a per-query floor;
-    merged at the end).
+
+def search_fast(quantizer: TurboQuantizer, segments: list[Segment], queries: torch.Tensor | np.ndarray, k: int,
+                metric: str, *, rotated: bool = False, query_sq_norms: np.ndarray | None = None,
+                portable: bool = False, threads: int | None = None, cache: SegmentCache | None = None,
+                stats: dict | None = None, int8: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k of every segment's rows for float32 queries (nq, d), in one `_native.search` call: the
+    queries are rotated (a dense rotation: unless `rotated`; Hadamard: in torch first), their tables or
+    int8 queries made and ‖q‖² summed ("l2", unless given) in the call that scans, its heaps sorted.
+
+    Every segment is scanned into one heap per query, the rows of segment i at positions from its start
+    on. The kernel's worker threads take runs of the queries, or, with fewer queries than threads, runs
+    of the blocks (each its own heaps, sharing a per-query floor; merged at the end).
 
     Parameters
     ----------
@@ -346,11 +366,21 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
         Where kernel layouts are kept between calls (without it they are rebuilt per call).
     stats : dict, optional
         Filled with the work done: queries, and rows per query whose exact score was summed.
+
+    Returns
+    -------
+    scores (nq, k) float32 best first (−inf padding), positions (nq, k) int64 (−1 padding), ties in
+    position order
     """
-    nq = rotated.shape[0]
+    nq = queries.shape[0]
     threads = threads or native.get_num_threads()
-    qn2 = query_sq_norms.numpy().astype(np.float32) if metric == "l2" else None
-    plan, magnitude = _plan_for(quantizer, rotated, qn2, portable, int8)
+    kept = _constants(quantizer)
+    consts = kept["rotated" if rotated else "rotating"]
+    if consts is None:  # a rotation the kernels do not apply
+        queries, consts = quantizer.rotation.apply(torch.as_tensor(queries)), kept["rotated"]
+    q = np.ascontiguousarray(queries.numpy() if isinstance(queries, torch.Tensor) else queries, dtype=np.float32)
+    if int8 is None:
+        int8 = not portable and native.simd() == "avx512vbmi" and int8_scan(quantizer)
     entries, start = [], 0  # of each segment with rows
     for seg in segments:
         if len(seg):
@@ -358,17 +388,18 @@ def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: 
         start += len(seg)
     if not entries:
         return empty_topk(nq, k)
-    count = np.zeros(nq, dtype=np.int64)
-    heap_s = np.full((nq, k), -np.inf, dtype=np.float32)
-    heap_i = np.full((nq, k), -1, dtype=np.int64)
+    count = np.empty(nq, dtype=np.int64)  # these three are written whole by the kernel
+    heap_s = np.empty((nq, k), dtype=np.float32)
+    heap_i = np.empty((nq, k), dtype=np.int64)
     with native.thread_share(threads) as share:
         # Shares take runs of the queries where there are enough, else runs of the blocks (of all
         # segments in turn).
-        native.kernels.scan_segments(plan, entries, magnitude, heap_s, heap_i, count, portable=portable,
-                                     threads=_scan_threads(share, entries, nq))
+        native.kernels.search(consts, q, entries, heap_s, heap_i, count, metric == "l2", bool(int8),
+                              portable=portable, threads=_scan_threads(share, entries, nq),
+                              query_norm2=query_sq_norms)
     if stats is not None:
         stats.update(queries=nq, exact_per_query=float(count.sum()) / max(nq, 1))
-    return topk_ordered(torch.from_numpy(heap_s), torch.from_numpy(heap_i), k)
+    return torch.from_numpy(heap_s), torch.from_numpy(heap_i)
 
 
 def list_entries(quantizer: TurboQuantizer, request: ListScan, metric: str, cache: SegmentCache | None):
@@ -476,6 +507,42 @@ class FastScanner(Scanner):
         stats: dict = {}
         scores, positions = scan_lists_fast(self.quantizer, request, queries.rotated, queries.sq_norms, k,
                                             self.metric, cache=self.cache, stats=stats)
+        self.last_stats = stats
+        return TopK(scores, positions, stats)
+
+    def search_direct(self, segments: list[Segment], queries: np.ndarray,
+                      k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """`Scanner.search_direct` in one `_native.search` call: the norm checks, rotation, tables,
+        scan, ordering and ids (None with a rotation the kernels do not apply). `last_stats` holds
+        the queries and each one's count of exact scores ("exact_counts")."""
+        quantizer, metric = self.quantizer, self.metric
+        consts = _constants(quantizer)["rotating"]
+        if consts is None:
+            return None
+        nq = queries.shape[0]
+        entries, row_ids, start = [], [], 0  # of each segment with rows
+        for seg in segments:
+            if len(seg):
+                entries.append(_segment_entry(quantizer, seg, metric, self.cache, start))
+                row_ids.append(seg.ids)
+            start += len(seg)
+        count = np.empty(nq, dtype=np.int64)  # these three are written whole by the kernel
+        scores = np.empty((nq, k), dtype=np.float32)
+        ids = np.empty((nq, k), dtype=np.int64)
+        int8 = native.simd() == "avx512vbmi" and int8_scan(quantizer)
+        with native.thread_share() as share:
+            bad = native.kernels.search(consts, queries, entries, scores, ids, count, metric == "l2", int8,
+                                        threads=_scan_threads(share, entries, nq), row_ids=row_ids,
+                                        max_norm=MAX_NORM, zero_ok=metric != "cosine", normalize=metric == "cosine")
+        if bad >= 0:
+            return None
+        self.last_stats = {"queries": nq, "exact_counts": count}
+        return ids, scores
+
+    def topk_queries(self, segments: list[Segment], queries: torch.Tensor, k: int) -> TopK:
+        stats: dict = {}
+        scores, positions = search_fast(self.quantizer, segments, queries, k, self.metric, cache=self.cache,
+                                        stats=stats)
         self.last_stats = stats
         return TopK(scores, positions, stats)
 
