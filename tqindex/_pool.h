@@ -14,6 +14,7 @@
 
 #include <pthread.h>
 #include <time.h>
+#include <sched.h>
 
 #define POOL_MAX_WORKERS 255
 #define POOL_SPIN_DEFAULT_US 200
@@ -54,7 +55,10 @@ static inline void pool_relax(void) {
 #endif
 }
 
-/* Watch the queue (without the lock) for up to pool_spin_ns; returns whether a job came. */
+/* Watch the queue (without the lock) for up to pool_spin_ns; returns whether a job came. The watch
+ * yields the core between looks: a worker that only spins keeps running through its time slice while
+ * another process waits for that core, so the scheduler later preempts it in the middle of a share
+ * and the caller waits milliseconds for it (single-query p99 10x p50 with one core busy, measured). */
 static int pool_spin(void) {
     const long until = pool_now_ns() + __atomic_load_n(&pool_spin_ns, __ATOMIC_RELAXED);
     for (;;) {
@@ -63,6 +67,7 @@ static int pool_spin(void) {
             pool_relax();
         }
         if (pool_now_ns() >= until) return 0;
+        sched_yield();
     }
 }
 
