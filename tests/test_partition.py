@@ -250,3 +250,68 @@ def test_a_snapshot_keeps_the_scan_entries_of_the_lists_probed_only():
     index.add(q[:1] * 1.0, ids=[10 ** 6])                              # the query itself, as a new row
     assert index._view.lists()[2] is not memo
     assert 10 ** 6 in index.search(q[0], 5, nprobe=3).ids      # in its nearest list, which is probed first
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_single_numpy_query_takes_one_call_with_the_general_paths_results(metric, bits, monkeypatch):
+    # A numpy query of a partitioned index is checked, scaled (cosine), probed and scanned in one
+    # native search over its lists' segments (each with its list's offset; ids mapped in the call);
+    # the same values as a torch tensor take the general path. Ids and scores are the same, bit for
+    # bit, with two segments per list, removals, and every nprobe.
+    from tqindex import native
+    from tqindex.backends import fastscan
+    if not fastscan.available():
+        pytest.skip("needs the compiled fast scan (AVX-512, AVX2 or NEON)")
+    x, q = _data(queries=6)
+    index = Index(dim=DIM, bits=bits, partitions=NLIST, metric=metric)
+    index.add(x[:2500], ids=np.arange(2500) * 2 + 1)
+    index.add(x[2500:], ids=np.arange(1500) + 10 ** 5)
+    index.remove(np.arange(1, 5000, 14))
+    calls = []
+    kernel = native.kernels.search
+    monkeypatch.setattr(native.kernels, "search", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
+    for nprobe in (1, 3, NLIST):
+        for k in (1, 10):
+            for i in range(len(q)):
+                calls.clear()
+                direct = index.search(q[i], k=k, nprobe=nprobe)
+                assert len(calls) == 1 and calls[0]["offsets"] is not None and calls[0]["row_ids"]
+                general = index.search(torch.from_numpy(q[i]), k=k, nprobe=nprobe)
+                assert len(calls) == 1  # the general path's list scan is scan_segments
+                np.testing.assert_array_equal(direct.ids, general.ids.numpy())
+                np.testing.assert_array_equal(direct.scores, general.scores.numpy())
+    with pytest.raises(ValueError, match="NaN or inf"):
+        index.search(np.full(DIM, np.nan, np.float32), k=3)
+    if metric == "cosine":
+        with pytest.raises(ValueError, match="row 0 is zero"):
+            index.search(np.zeros(DIM, np.float32), k=3)
+
+
+def test_probe_kernel_orders_lists_by_key_then_by_list():
+    # The kernel's lists are the numpy order (a stable sort of every list by key): best first, equal
+    # keys to the lower list; duplicated centroids make exact ties. Offsets are its own product,
+    # within float rounding of numpy's.
+    from tqindex import native
+    from tqindex.partition import CoarseQuantizer
+    if native.kernels is None:
+        pytest.skip("the C extension is not built")
+    rng = np.random.default_rng(4)
+    c = rng.standard_normal((12, DIM)).astype(np.float32)
+    c[7] = c[2]
+    c[11] = c[2]
+    coarse = CoarseQuantizer(torch.from_numpy(c), {})
+    q = rng.standard_normal((5, DIM)).astype(np.float32)
+    q[3] = c[2]
+    for metric in ("ip", "l2"):
+        for nprobe in (1, 2, 3, 5, 12):
+            lists, offsets = coarse.probe(torch.from_numpy(q), metric, nprobe)
+            want = q.astype(np.float64) @ c.T.astype(np.float64) * (2 if metric == "l2" else 1)
+            np.testing.assert_allclose(offsets.numpy(), want, rtol=1e-5, atol=1e-5)
+            key = offsets.numpy() - (np.square(c).sum(1)[None, :] if metric == "l2" else 0)
+            np.testing.assert_array_equal(lists.numpy(), np.argsort(-key, axis=1, kind="stable")[:, :nprobe])
+        tied = coarse.probe(torch.from_numpy(q[3:4]), metric, 3)[0].numpy()[0]
+        assert tied.tolist() == [2, 7, 11]
+    with pytest.raises(ValueError, match="out_lists must be int64"):
+        native.kernels.probe(q, coarse._centroids_t, coarse._sq_norms, np.empty((5, 13), np.int64),
+                             np.empty((5, 12), np.float32), DIM, 12, False)

@@ -1226,16 +1226,18 @@ done:
  * j; four rows share each row of mt. It exists so that a search never starts torch's intra-op
  * (OpenMP) pool, whose threads spin after a matmul and take the cores from the scan threads. */
 __attribute__((always_inline)) static inline void rotate_rows(const float *restrict x, const float *restrict mt,
-                                                             float *restrict out, Py_ssize_t rows, Py_ssize_t dim) {
+                                                             float *restrict out, Py_ssize_t rows, Py_ssize_t dim,
+                                                             Py_ssize_t cols) {
+    /* out [rows][cols] = x [rows][dim] @ mt [dim][cols] (cols = dim for a rotation) */
     Py_ssize_t i = 0;
     for (; i + 4 <= rows; i += 4) {
-        float *restrict o0 = out + i * dim, *restrict o1 = o0 + dim, *restrict o2 = o1 + dim, *restrict o3 = o2 + dim;
-        memset(o0, 0, 4 * dim * sizeof(float));
+        float *restrict o0 = out + i * cols, *restrict o1 = o0 + cols, *restrict o2 = o1 + cols, *restrict o3 = o2 + cols;
+        memset(o0, 0, 4 * cols * sizeof(float));
         for (Py_ssize_t j = 0; j < dim; j++) {
             const float a0 = x[i * dim + j], a1 = x[(i + 1) * dim + j], a2 = x[(i + 2) * dim + j],
                         a3 = x[(i + 3) * dim + j];
-            const float *restrict m = mt + j * dim;
-            for (Py_ssize_t k = 0; k < dim; k++) {
+            const float *restrict m = mt + j * cols;
+            for (Py_ssize_t k = 0; k < cols; k++) {
                 o0[k] += a0 * m[k];
                 o1[k] += a1 * m[k];
                 o2[k] += a2 * m[k];
@@ -1244,12 +1246,12 @@ __attribute__((always_inline)) static inline void rotate_rows(const float *restr
         }
     }
     for (; i < rows; i++) {
-        float *restrict o = out + i * dim;
-        memset(o, 0, dim * sizeof(float));
+        float *restrict o = out + i * cols;
+        memset(o, 0, cols * sizeof(float));
         for (Py_ssize_t j = 0; j < dim; j++) {
             const float a = x[i * dim + j];
-            const float *restrict m = mt + j * dim;
-            for (Py_ssize_t k = 0; k < dim; k++) o[k] += a * m[k];
+            const float *restrict m = mt + j * cols;
+            for (Py_ssize_t k = 0; k < cols; k++) o[k] += a * m[k];
         }
     }
 }
@@ -1258,20 +1260,25 @@ __attribute__((always_inline)) static inline void rotate_rows(const float *restr
 /* The same loop in 256-bit vectors: each output is still summed in increasing j, one multiply and one
  * add at a time (no contraction), so the results are the SSE loop's, bit for bit. */
 __attribute__((target(TQ_AVX2))) static void rotate_rows_avx2(const float *restrict x, const float *restrict mt,
-                                                          float *restrict out, Py_ssize_t rows, Py_ssize_t dim) {
-    rotate_rows(x, mt, out, rows, dim);
+                                                          float *restrict out, Py_ssize_t rows, Py_ssize_t dim,
+                                                          Py_ssize_t cols) {
+    rotate_rows(x, mt, out, rows, dim, cols);
 }
 #endif
 
-/* The loop this CPU runs (the same results either way). */
-static void rotate_any(const float *x, const float *mt, float *out, Py_ssize_t rows, Py_ssize_t dim) {
+/* x [rows][dim] @ m [dim][cols] in the loop this CPU runs (the same results either way). */
+static void matmul_rows(const float *x, const float *m, float *out, Py_ssize_t rows, Py_ssize_t dim, Py_ssize_t cols) {
 #ifdef TQ_X86
     if (have_avx2()) {
-        rotate_rows_avx2(x, mt, out, rows, dim);
+        rotate_rows_avx2(x, m, out, rows, dim, cols);
         return;
     }
 #endif
-    rotate_rows(x, mt, out, rows, dim);
+    rotate_rows(x, m, out, rows, dim, cols);
+}
+
+static void rotate_any(const float *x, const float *mt, float *out, Py_ssize_t rows, Py_ssize_t dim) {
+    matmul_rows(x, mt, out, rows, dim, dim);
 }
 
 /* A float32 row's norm, summed in double (four running sums, in a fixed order). */
@@ -1428,6 +1435,80 @@ done:
     return release(bufs, held, ok);
 }
 
+/* ---- probing a partitioned index's lists ----------------------------------------------------------
+ * probe(queries, centroids_t, sq_norms, out_lists, out_offsets, l2): every list's score offset
+ * out_offsets [nq][nlist] = queries [nq][dim] @ centroids_t [dim][nlist] (float32, summed in increasing
+ * j as `rotate`; doubled for l2), and the nprobe = out_lists' columns lists of each query with the best
+ * key (the offset, less sq_norms [nlist] for l2: the nearest centroids), best first, ties to the lower
+ * list. Releases the GIL. */
+static PyObject *probe(PyObject *self, PyObject *args) {
+    PyObject *queries, *centroids_t, *sq_norms, *out_lists, *out_offsets;
+    Py_ssize_t dim, nlist;
+    int l2;
+    if (!PyArg_ParseTuple(args, "OOOOOnnp", &queries, &centroids_t, &sq_norms, &out_lists, &out_offsets, &dim, &nlist,
+                          &l2))
+        return NULL;
+    if (dim < 1 || nlist < 1) {
+        PyErr_SetString(PyExc_ValueError, "probe: dim and nlist must be >= 1");
+        return NULL;
+    }
+    buffer_set b;
+    scored *tmp = NULL;
+    float *key = NULL;
+    int ok = 0;
+    void *qp, *cp, *np_ = NULL, *lp, *op;
+    if (buffers_init(&b, MAX_BUFS) < 0) return NULL;
+    if (take(&b, queries, 0, -1, "queries", &qp) < 0) goto done;
+    const Py_ssize_t nq = b.v[b.held - 1].len / (dim * (Py_ssize_t)sizeof(float));
+    if (b.v[b.held - 1].len != nq * dim * (Py_ssize_t)sizeof(float)) {
+        PyErr_Format(PyExc_ValueError, "probe: queries must be float32 [nq][%zd]", dim);
+        goto done;
+    }
+    if (take(&b, centroids_t, 0, dim * nlist * (Py_ssize_t)sizeof(float), "centroids_t", &cp) < 0 ||
+        (l2 && take(&b, sq_norms, 0, nlist * (Py_ssize_t)sizeof(float), "sq_norms", &np_) < 0) ||
+        take(&b, out_offsets, 1, nq * nlist * (Py_ssize_t)sizeof(float), "out_offsets", &op) < 0 ||
+        take(&b, out_lists, 1, -1, "out_lists", &lp) < 0)
+        goto done;
+    const Py_ssize_t nprobe = nq ? b.v[b.held - 1].len / (nq * (Py_ssize_t)sizeof(int64_t)) : 0;
+    if (nq && (nprobe < 1 || nprobe > nlist || b.v[b.held - 1].len != nq * nprobe * (Py_ssize_t)sizeof(int64_t))) {
+        PyErr_SetString(PyExc_ValueError, "probe: out_lists must be int64 [nq][nprobe] with 1 <= nprobe <= nlist");
+        goto done;
+    }
+    tmp = PyMem_Malloc((size_t)(nprobe ? nprobe : 1) * sizeof(scored));
+    key = PyMem_Malloc((size_t)(nprobe ? nprobe : 1) * sizeof(float));
+    if (!tmp || !key) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    float *offsets = op;
+    int64_t *lists = lp;
+    const float *norms = np_;
+    Py_BEGIN_ALLOW_THREADS
+    matmul_rows(qp, cp, offsets, nq, dim, nlist);
+    for (Py_ssize_t q = 0; q < nq; q++) {
+        float *row = offsets + q * nlist;
+        int64_t *top = lists + q * nprobe;
+        for (Py_ssize_t j = 0; j < nprobe; j++) {
+            key[j] = -INFINITY;
+            top[j] = -1;
+        }
+        for (Py_ssize_t c = 0; c < nlist; c++) {
+            if (l2) row[c] *= 2.0f;
+            const float s = l2 ? row[c] - norms[c] : row[c];
+            if (top[0] < 0 || ranks_below(key[0], top[0], s, c)) heap_replace_top(key, top, nprobe, s, c);
+        }
+        sort_best_first(key, top, nprobe, tmp);
+    }
+    Py_END_ALLOW_THREADS
+    ok = 1;
+done:
+    PyMem_Free(tmp);
+    PyMem_Free(key);
+    buffers_free(&b);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 /* ---- search: the queries made in the scan's call --------------------------------------------------
  * A single query's Python work (rotating, making tables, sorting the heap, each an allocation and a
  * call) cost as much as scanning 100k rows; here one call does all of it, with the GIL released once,
@@ -1480,21 +1561,23 @@ static void make_queries(const query_maker *m, Py_ssize_t q0, Py_ssize_t q1) {
  * [16] or None, nlevels): what the plan's constant fields hold. out_scores, out_ids and exact_count are
  * written whole (their contents on entry are not read): each query's k best come back sorted, best first
  * (ties: the lower position), padded with (-inf, -1), as positions or, given row_ids (one int64 array of
- * ids per segment), as those ids. Before anything else, with max_norm > 0 every query's norm (summed in
+ * ids per segment), as those ids. offsets (float32 [nsegments][nq], a partitioned index's list terms, or
+ * None) are added to every score of a segment's rows, as scan_segments adds them. Before anything else, with max_norm > 0 every query's norm (summed in
  * double, as row_norms) must be at most max_norm and, unless zero_ok, not zero; with normalize the
  * queries are scaled by 1 / their float32 norm (into a copy). Returns -1, or the first query that fails
  * those checks (then nothing is scanned and the outputs are not written). */
 static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"consts", "queries", "segments", "out_scores", "out_ids", "exact_count", "l2", "int8",
-                             "portable", "threads", "query_norm2", "row_ids", "max_norm", "zero_ok", "normalize", NULL};
+                             "portable", "threads", "query_norm2", "row_ids", "max_norm", "zero_ok", "normalize",
+                             "offsets", NULL};
     PyObject *consts, *queries, *segments, *out_s, *out_i, *exact_count, *mt, *groups, *centroids, *qn2 = Py_None,
-             *row_ids = Py_None;
+             *row_ids = Py_None, *offsets = Py_None;
     int l2, int8, portable = 0, threads = 1, nlevels, zero_ok = 1, normalize = 0;
     double max_norm = 0.0;
     Py_ssize_t dim, ncols, wcols, row_bits;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO!OOOpp|piOOdpp", kwlist, &PyTuple_Type, &consts, &queries,
-                                     &PyList_Type, &segments, &out_s, &out_i, &exact_count, &l2, &int8, &portable,
-                                     &threads, &qn2, &row_ids, &max_norm, &zero_ok, &normalize))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO!OOOpp|piOOdppO", kwlist, &PyTuple_Type, &consts,
+                                     &queries, &PyList_Type, &segments, &out_s, &out_i, &exact_count, &l2, &int8,
+                                     &portable, &threads, &qn2, &row_ids, &max_norm, &zero_ok, &normalize, &offsets))
         return NULL;
     if (!PyArg_ParseTuple(consts, "OnO!nnnOi;search: consts are (mt, dim, groups, ncols, wcols, row_bits, centroids, "
                           "nlevels)", &mt, &dim, &PyList_Type, &groups, &ncols, &wcols, &row_bits, &centroids,
@@ -1654,7 +1737,12 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
         a.out_i[i] = -1;
     }
     memset(a.exact_count, 0, (size_t)nq * sizeof(int64_t));
-    if (bind_segments(&a, &b, segments, NULL, bs.seg, bs.limits, &bs.total) < 0) goto done;
+    const float *offset = NULL;  /* [nseg][nq] */
+    if (offsets != Py_None) {
+        if (take(&b, offsets, 0, nseg * nq * (Py_ssize_t)sizeof(float), "offsets", &p) < 0) goto done;
+        offset = p;
+    }
+    if (bind_segments(&a, &b, segments, offset, bs.seg, bs.limits, &bs.total) < 0) goto done;
     if (row_ids != Py_None) {
         if (!(ids = PyMem_Malloc((nseg ? nseg : 1) * sizeof(*ids)))) {
             PyErr_NoMemory();
@@ -1672,13 +1760,14 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
     if (bs.shares > 1) pool_wake(bs.shares - 1);
     bound_run(&bs, &a, m.mag, portable, &m);
     for (Py_ssize_t q = 0; q < nq; q++) sort_best_first(a.out_s + q * a.kp, a.out_i + q * a.kp, a.kp, tmp);
-    if (ids)  /* positions to the segments' ids (segments in position order, each from its id_base) */
+    if (ids)  /* positions to the ids of the segment holding them (rows from its id_base on) */
         for (Py_ssize_t i = 0; i < nq * a.kp; i++) {
             const int64_t pos = a.out_i[i];
-            Py_ssize_t s = 0;
-            if (pos < 0) continue;
-            while (s + 1 < nseg && pos >= bs.seg[s + 1].id_base) s++;
-            a.out_i[i] = ids[s][pos - bs.seg[s].id_base];
+            for (Py_ssize_t s = 0; pos >= 0 && s < nseg; s++)
+                if (pos >= bs.seg[s].id_base && pos - bs.seg[s].id_base < bs.seg[s].rows) {
+                    a.out_i[i] = ids[s][pos - bs.seg[s].id_base];
+                    break;
+                }
         }
     Py_END_ALLOW_THREADS
     ok = 1;
@@ -1749,9 +1838,13 @@ static PyObject *set_simd_limit(PyObject *self, PyObject *arg) {
 }
 
 static PyMethodDef methods[] = {
+    {"probe", probe, METH_VARARGS,
+     "probe(queries, centroids_t, sq_norms, out_lists, out_offsets, dim, nlist, l2): a partitioned index's list "
+     "offsets and each query's best lists (ties to the lower list)."},
     {"search", (PyCFunction)(void (*)(void))search, METH_VARARGS | METH_KEYWORDS,
      "search(consts, queries, segments, out_scores, out_ids, exact_count, l2, int8, portable=False, threads=1, "
-     "query_norm2=None, row_ids=None, max_norm=0.0, zero_ok=True, normalize=False) -> the first query failing the "
+     "query_norm2=None, row_ids=None, max_norm=0.0, zero_ok=True, normalize=False, offsets=None) -> the first query "
+     "failing the "
      "norm checks, or -1: "
      "scan_segments with the queries' rotation and tables made in the same call; heaps come back sorted."},
     {"scan_segments", (PyCFunction)(void (*)(void))scan_segments, METH_VARARGS | METH_KEYWORDS,

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from . import native
 from . import payload as payloads
 from . import storage
 from .filters import allowed_rows
@@ -23,7 +24,8 @@ from .quantizer import CODEBOOKS, VARIANTS, EncodedVectors, TurboQuantizer, scal
 from .rotation import ROTATION_KINDS
 from .segment import Segment
 from .topk import empty_topk, topk_padded
-from .validation import MAX_DIM, MAX_ID, METRICS, array_kind, as_float_matrix, as_id_array, check_k, check_norms, to_kind
+from .validation import (MAX_DIM, MAX_ID, MAX_NORM, METRICS, array_kind, as_float_matrix, as_id_array, check_k,
+                         check_norms, to_kind)
 
 __all__ = ["METRICS", "Index", "QuantizerOptions", "SearchResult"]
 
@@ -564,8 +566,8 @@ class Index:
         """
         k = check_k(k)
         if (type(queries) is np.ndarray and type(rerank) is int and not rerank and batch_size is None
-                and filter is None and columns is None and nprobe is None):
-            result = self._search_direct(queries, k)
+                and filter is None and columns is None and (nprobe is None or (type(nprobe) is int and nprobe > 0))):
+            result = self._search_direct(queries, k, nprobe)
             if result is not None:
                 return result
         if isinstance(rerank, bool) or not isinstance(rerank, numbers.Integral) or rerank < 0:
@@ -627,21 +629,28 @@ class Index:
         return SearchResult(ids=to_kind(ids, kind, queries), scores=to_kind(scores, kind, queries), metric=self._metric,
                             payload=table)
 
-    def _search_direct(self, queries: np.ndarray, k: int) -> SearchResult | None:
-        """`search` without options in one native call where the index and queries allow it (a flat
-        index on the CPU whose scanner has `search_direct`; numpy float32 queries, C-contiguous, 1-D or
-        up to a default batch of them; k ≤ the live rows): the same results, without the Python steps
-        a single query otherwise spends as much time in as in its scan. None where it does not apply,
-        or where a query fails a check, whose error the general path then raises."""
+    def _search_direct(self, queries: np.ndarray, k: int, nprobe: int | None) -> SearchResult | None:
+        """`search` without options (but nprobe) in one native call where the index and queries allow
+        it (an index on the CPU whose scanner is `direct`; numpy float32 queries, C-contiguous, 1-D or
+        up to a default batch of them, one for a partitioned index; k ≤ the live rows): the same
+        results, without the Python steps a single query otherwise spends as much time in as in its
+        scan. None where it does not apply, or where a query fails a check, whose error the general
+        path then raises."""
         view = self._view
         if (queries.dtype != np.float32 or not queries.flags.c_contiguous or queries.ndim not in (1, 2)
-                or queries.shape[-1] != self.dim or self._partitions or self._center is not None
-                or self._device != "cpu" or k > view.live):
+                or queries.shape[-1] != self.dim or self._center is not None or self._device != "cpu"
+                or k > view.live):
             return None
         q = queries if queries.ndim == 2 else queries[None]
         if not 0 < len(q) <= _DEFAULT_QUERY_BATCH:
             return None
-        found = self._scanner().search_direct(list(view.segments), q, k)
+        if self._partitions:
+            found = None
+            if len(q) == 1 and self._coarse is not None:
+                found = self._search_direct_lists(view, q, k, nprobe or self.default_nprobe)
+        else:
+            scanner = self._scanner()
+            found = scanner.search_direct(list(view.segments), q, k) if scanner.direct else None
         if found is None:
             return None
         ids, scores = found
@@ -650,6 +659,24 @@ class Index:
         if queries.ndim == 1:
             ids, scores = ids[0], scores[0]
         return SearchResult(ids=ids, scores=scores, metric=self._metric, payload=None)
+
+    def _search_direct_lists(self, view: "_View", q: np.ndarray, k: int,
+                             nprobe: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """A partitioned index's single query for `_search_direct`: checked (and, for "cosine",
+        scaled) here as `check_norms` does, its default lists probed, scanned in one native call."""
+        scanner = self._scanner()
+        if not scanner.direct:
+            return None
+        norms = np.empty(1, np.float32)
+        if native.kernels.row_norms(q, norms, 1, self.dim, MAX_NORM, self._metric != "cosine") >= 0:
+            return None  # the general path names the fault
+        if self._metric == "cosine":
+            q = q / norms[:, None]
+        lists, offsets = self._coarse.probe(q, self._metric, nprobe)
+        starts, members, memo = view.lists()
+        request = ListScan(segments=view.segments, starts=starts, members=members, lists=lists.numpy(),
+                           offsets=offsets.numpy(), memo=memo)
+        return scanner.search_direct_lists(request, q, k)
 
     # -- payload ---------------------------------------------------------------------------------
     @property

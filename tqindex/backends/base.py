@@ -40,7 +40,10 @@ class Queries:
     def of(cls, quantizer, q: torch.Tensor, metric: str) -> "Queries":
         """Queries q (nq, d) float32 prepared by `quantizer` (rotated once) for `metric`."""
         rotated, projected = quantizer.prepare_queries(q)
-        sq_norms = q.square().sum(dim=1) if metric == "l2" else torch.zeros(q.shape[0], device=q.device)
+        # ‖q‖² summed in float64 and rounded once, as the native search sums it (the same float32 value
+        # but in a case of one in billions), so either way of searching scores alike.
+        sq_norms = (q.double().square().sum(dim=1).float() if metric == "l2"
+                    else torch.zeros(q.shape[0], device=q.device))
         return cls(rotated, projected, sq_norms)
 
     def __len__(self) -> int:
@@ -145,6 +148,8 @@ class Scanner(ABC):
     name = "?"
     #: Whether this backend's cache holds GPU memory (released when the index leaves the GPU).
     caches_on_device = False
+    #: Whether it has the one-call searches `search_direct` and `search_direct_lists`.
+    direct = False
 
     def __init__(self, quantizer, metric: str):
         self.quantizer, self.metric = quantizer, metric
@@ -172,6 +177,14 @@ class Scanner(ABC):
         k ≤ the live rows. Returns ids (nq, k) int64 and scores (nq, k) float32, best first, as
         `topk` orders them (l2 scores are −‖q − x̃‖²), or None: no such path here, or a query fails a
         check (the caller's general path then raises the error). This default has none."""
+        return None
+
+    def search_direct_lists(self, request: ListScan, queries: np.ndarray,
+                            k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """`search_direct` for a partitioned index's single query (request.lists (1, nprobe), its lists
+        probed already): queries (1, d) float32 numpy, C-contiguous, checked and, for "cosine",
+        scaled to unit norm by the caller; scores include the lists' offsets. None where the backend
+        has no such path (this default)."""
         return None
 
     def topk_lists(self, request: ListScan, queries: Queries, k: int) -> TopK:

@@ -485,6 +485,7 @@ class FastScanner(Scanner):
     """The native fast scan behind the scanner protocol (mse codes of 1-5 bits, CPU: AVX-512, AVX2 or NEON)."""
 
     name = "fastscan"
+    direct = True
 
     def __init__(self, quantizer: TurboQuantizer, metric: str):
         super().__init__(quantizer, metric)
@@ -515,25 +516,51 @@ class FastScanner(Scanner):
         """`Scanner.search_direct` in one `_native.search` call: the norm checks, rotation, tables,
         scan, ordering and ids (None with a rotation the kernels do not apply). `last_stats` holds
         the queries and each one's count of exact scores ("exact_counts")."""
+        entries, row_ids, start = [], [], 0  # of each segment with rows
+        for seg in segments:
+            if len(seg):
+                entries.append(_segment_entry(self.quantizer, seg, self.metric, self.cache, start))
+                row_ids.append(seg.ids)
+            start += len(seg)
+        return self._direct(entries, row_ids, queries, k, checked=False)
+
+    def search_direct_lists(self, request: ListScan, queries: np.ndarray,
+                            k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """`Scanner.search_direct_lists` in one `_native.search` call over the probed lists' segments,
+        each with its list's offset (`scan_lists_fast`'s single query, without its Python steps)."""
+        entries_of = list_entries(self.quantizer, request, self.metric, self.cache)
+        ids_kept = request.memo.setdefault("fastscan-ids", {})
+        entries, row_ids, offsets = [], [], []
+        for lst in request.lists[0].tolist():
+            made = entries_of(lst)
+            if made:
+                ids = ids_kept.get(lst)
+                if ids is None:
+                    ids = ids_kept[lst] = [request.segments[i].ids for i in request.members[lst]]
+                entries.extend(made)
+                row_ids.extend(ids)
+                offsets.extend([request.offsets[0, lst]] * len(made))
+        return self._direct(entries, row_ids, queries, k, checked=True,
+                            offsets=np.asarray(offsets, np.float32).reshape(len(entries), 1))
+
+    def _direct(self, entries: list, row_ids: list, queries: np.ndarray, k: int, checked: bool,
+                offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The one native call of the direct lanes (`checked`: the queries' norms are checked and
+        cosine queries scaled by the caller already)."""
         quantizer, metric = self.quantizer, self.metric
         consts = _constants(quantizer)["rotating"]
         if consts is None:
             return None
         nq = queries.shape[0]
-        entries, row_ids, start = [], [], 0  # of each segment with rows
-        for seg in segments:
-            if len(seg):
-                entries.append(_segment_entry(quantizer, seg, metric, self.cache, start))
-                row_ids.append(seg.ids)
-            start += len(seg)
         count = np.empty(nq, dtype=np.int64)  # these three are written whole by the kernel
         scores = np.empty((nq, k), dtype=np.float32)
         ids = np.empty((nq, k), dtype=np.int64)
         int8 = native.simd() == "avx512vbmi" and int8_scan(quantizer)
         with native.thread_share() as share:
             bad = native.kernels.search(consts, queries, entries, scores, ids, count, metric == "l2", int8,
-                                        threads=_scan_threads(share, entries, nq), row_ids=row_ids,
-                                        max_norm=MAX_NORM, zero_ok=metric != "cosine", normalize=metric == "cosine")
+                                        threads=_scan_threads(share, entries, nq), row_ids=row_ids, offsets=offsets,
+                                        max_norm=0.0 if checked else MAX_NORM, zero_ok=metric != "cosine",
+                                        normalize=metric == "cosine" and not checked)
         if bad >= 0:
             return None
         self.last_stats = {"queries": nq, "exact_counts": count}
