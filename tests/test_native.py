@@ -1099,6 +1099,20 @@ def test_search_kernel_makes_the_plans_queries(metric, bits):
             np.testing.assert_array_equal(got_s, want_s)
 
 
+@pytest.mark.parametrize("value,expected", [("37", "37"), ("-1", "TQINDEX_SPIN_US: set_worker_spin: microseconds"),
+                                            ("soon", "TQINDEX_SPIN_US: invalid literal")])
+def test_tqindex_spin_us_sets_the_watch_at_import(value, expected):
+    if native.kernels is None:
+        pytest.skip("the C extension is not built")
+    import os
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", "from tqindex import native; print(native.set_worker_spin(0))"],
+                         env={**os.environ, "TQINDEX_SPIN_US": value}, capture_output=True, text=True)
+    assert expected in (run.stdout + run.stderr)
+    assert (run.returncode == 0) == (value == "37")
+
+
 def test_worker_spin_is_checked_and_restored():
     if native.kernels is None:
         pytest.skip("the C extension is not built")

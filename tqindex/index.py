@@ -663,7 +663,7 @@ class Index:
     def _search_direct_lists(self, view: "_View", q: np.ndarray, k: int,
                              nprobe: int) -> tuple[np.ndarray, np.ndarray] | None:
         """A partitioned index's single query for `_search_direct`: checked (and, for "cosine",
-        scaled) here as `check_norms` does, its default lists probed, scanned in one native call."""
+        scaled) here as `check_norms` does, its nprobe best lists probed and scanned in one native call."""
         scanner = self._scanner()
         if not scanner.direct:
             return None
