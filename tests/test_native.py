@@ -1049,6 +1049,8 @@ def test_search_kernel_refuses_inconsistent_inputs():
     assert run(queries=np.concatenate([q, np.zeros((1, 64), np.float32)]), max_norm=1e18, zero_ok=False) == 2
     with pytest.raises(ValueError, match="queries must be float32"):
         run(queries=np.ones((2, 63), np.float32))
+    with pytest.raises(ValueError, match="queries must be float32"):  # the same bytes, read as float32
+        run(queries=np.ones((1, 64), np.float64))
     with pytest.raises(TypeError, match="consts are"):
         run(consts=consts[:3])
     with pytest.raises(ValueError, match="inconsistent dim"):

@@ -175,6 +175,25 @@ static int take(buffer_set *b, PyObject *obj, int writable, Py_ssize_t nbytes, c
     return 0;
 }
 
+/* obj's buffer as float32 rows of `dim` (C-contiguous, any count): *ptr gets the data, the row count
+ * is returned (or -1 with a ValueError naming `name`). */
+static Py_ssize_t take_float_rows(buffer_set *b, PyObject *obj, Py_ssize_t dim, const char *name, void **ptr) {
+    if (b->held == b->cap) {
+        PyErr_SetString(PyExc_RuntimeError, "scan: too many buffers");
+        return -1;
+    }
+    Py_buffer *v = &b->v[b->held];
+    if (PyObject_GetBuffer(obj, v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
+    b->held++;
+    const Py_ssize_t rows = v->len / (dim * (Py_ssize_t)sizeof(float));
+    if (!v->format || strcmp(v->format, "f") != 0 || v->len != rows * dim * (Py_ssize_t)sizeof(float)) {
+        PyErr_Format(PyExc_ValueError, "%s must be float32 [n][%zd]", name, dim);
+        return -1;
+    }
+    *ptr = v->buf;
+    return rows;
+}
+
 /* A plan field as a buffer of nbytes (None allowed where `optional`: *ptr = NULL). */
 static int take_field(buffer_set *b, PyObject *plan, const char *name, int optional, Py_ssize_t nbytes, void **ptr) {
     PyObject *obj = PyObject_GetAttrString(plan, name);
@@ -1458,12 +1477,8 @@ static PyObject *probe(PyObject *self, PyObject *args) {
     int ok = 0;
     void *qp, *cp, *np_ = NULL, *lp, *op;
     if (buffers_init(&b, MAX_BUFS) < 0) return NULL;
-    if (take(&b, queries, 0, -1, "queries", &qp) < 0) goto done;
-    const Py_ssize_t nq = b.v[b.held - 1].len / (dim * (Py_ssize_t)sizeof(float));
-    if (b.v[b.held - 1].len != nq * dim * (Py_ssize_t)sizeof(float)) {
-        PyErr_Format(PyExc_ValueError, "probe: queries must be float32 [nq][%zd]", dim);
-        goto done;
-    }
+    const Py_ssize_t nq = take_float_rows(&b, queries, dim, "probe: queries", &qp);
+    if (nq < 0) goto done;
     if (take(&b, centroids_t, 0, dim * nlist * (Py_ssize_t)sizeof(float), "centroids_t", &cp) < 0 ||
         (l2 && take(&b, sq_norms, 0, nlist * (Py_ssize_t)sizeof(float), "sq_norms", &np_) < 0) ||
         take(&b, out_offsets, 1, nq * nlist * (Py_ssize_t)sizeof(float), "out_offsets", &op) < 0 ||
@@ -1614,12 +1629,8 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
     memset(&a, 0, sizeof(a));
     if (buffers_init(&b, MAX_BUFS + 5 * nseg) < 0) return NULL;
     if (bound_init(&bs, nseg) < 0) goto done;
-    if (take(&b, queries, 0, -1, "queries", &p) < 0) goto done;
-    const Py_ssize_t qlen = b.v[b.held - 1].len, nq = qlen / (dim * (Py_ssize_t)sizeof(float));
-    if (qlen != nq * dim * (Py_ssize_t)sizeof(float)) {
-        PyErr_Format(PyExc_ValueError, "search: queries must be float32 [nq][%zd]", dim);
-        goto done;
-    }
+    const Py_ssize_t nq = take_float_rows(&b, queries, dim, "search: queries", &p);
+    if (nq < 0) goto done;
     m.queries = p;
     if (max_norm > 0.0 || normalize) {
         /* The checks and the scaling of Index.search (validation.check_norms, q / ||q||), bit for bit. */

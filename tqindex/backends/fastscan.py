@@ -520,7 +520,7 @@ class FastScanner(Scanner):
         for seg in segments:
             if len(seg):
                 entries.append(_segment_entry(self.quantizer, seg, self.metric, self.cache, start))
-                row_ids.append(seg.ids)
+                row_ids.append(np.ascontiguousarray(seg.ids, dtype=np.int64))  # as held, where it is so
             start += len(seg)
         return self._direct(entries, row_ids, queries, k, checked=False)
 
@@ -536,7 +536,8 @@ class FastScanner(Scanner):
             if made:
                 ids = ids_kept.get(lst)
                 if ids is None:
-                    ids = ids_kept[lst] = [request.segments[i].ids for i in request.members[lst]]
+                    ids = ids_kept[lst] = [np.ascontiguousarray(request.segments[i].ids, dtype=np.int64)
+                                           for i in request.members[lst]]
                 entries.extend(made)
                 row_ids.extend(ids)
                 offsets.extend([request.offsets[0, lst]] * len(made))
