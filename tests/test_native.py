@@ -375,17 +375,24 @@ def test_simd_limit_is_checked_and_restored():
     assert native.simd() == before
 
 
-@pytest.mark.parametrize("value,expected", [("portable", "portable"), ("avx9", "TQINDEX_SIMD: unknown SIMD level")])
-def test_tqindex_simd_caps_the_level_at_import(value, expected):
+def _import_with(variable: str, value: str, code: str):
+    """Run `code` after importing tqindex.native in a fresh process with the environment variable set:
+    (return code, stdout + stderr)."""
     if native.kernels is None:
         pytest.skip("the C extension is not built")
     import os
     import subprocess
     import sys
-    run = subprocess.run([sys.executable, "-c", "from tqindex import native; print(native.simd())"],
-                         env={**os.environ, "TQINDEX_SIMD": value}, capture_output=True, text=True)
-    assert expected in (run.stdout + run.stderr)
-    assert (run.returncode == 0) == (value == "portable")
+    run = subprocess.run([sys.executable, "-c", "from tqindex import native; " + code],
+                         env={**os.environ, variable: value}, capture_output=True, text=True)
+    return run.returncode, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("value,expected", [("portable", "portable"), ("avx9", "TQINDEX_SIMD: unknown SIMD level")])
+def test_tqindex_simd_caps_the_level_at_import(value, expected):
+    rc, out = _import_with("TQINDEX_SIMD", value, "print(native.simd())")
+    assert expected in out
+    assert (rc == 0) == (value == "portable")
 
 
 @needs_avx2
@@ -1104,15 +1111,9 @@ def test_search_kernel_makes_the_plans_queries(metric, bits):
 @pytest.mark.parametrize("value,expected", [("37", "37"), ("-1", "TQINDEX_SPIN_US: set_worker_spin: microseconds"),
                                             ("soon", "TQINDEX_SPIN_US: invalid literal")])
 def test_tqindex_spin_us_sets_the_watch_at_import(value, expected):
-    if native.kernels is None:
-        pytest.skip("the C extension is not built")
-    import os
-    import subprocess
-    import sys
-    run = subprocess.run([sys.executable, "-c", "from tqindex import native; print(native.set_worker_spin(0))"],
-                         env={**os.environ, "TQINDEX_SPIN_US": value}, capture_output=True, text=True)
-    assert expected in (run.stdout + run.stderr)
-    assert (run.returncode == 0) == (value == "37")
+    rc, out = _import_with("TQINDEX_SPIN_US", value, "print(native.set_worker_spin(0))")
+    assert expected in out
+    assert (rc == 0) == (value == "37")
 
 
 def test_worker_spin_is_checked_and_restored():

@@ -558,11 +558,7 @@ static void bound_run(bound_scan *bs, const scan_args *a, const float *mag, int 
         scan_split split = {&job, total, nq, kp, shares, 1, chunk, nq, 0, bs->eps, NULL, NULL, NULL, NULL};
         pool_run(scan_share, &split, shares);
     } else {
-        const Py_ssize_t heap = (shares - 1) * nq * kp;
-        for (Py_ssize_t i = 0; i < heap; i++) {
-            bs->hs[i] = -INFINITY;
-            bs->hi[i] = -1;
-        }
+        heap_clear(bs->hs, bs->hi, (shares - 1) * nq * kp);
         uint32_t *fl = a->floor;
         if (!fl) {
             /* The caller's heaps hold rows disjoint from the other shares': their least score is a floor. */
@@ -1436,10 +1432,7 @@ static PyObject *select_best(PyObject *self, PyObject *args) {
     for (Py_ssize_t q = 0; q < nq; q++) {
         float *hs = os + q * k;
         int64_t *hi = op + q * k;
-        for (Py_ssize_t j = 0; j < k; j++) {
-            hs[j] = -INFINITY;
-            hi[j] = -1;
-        }
+        heap_clear(hs, hi, k);
         for (Py_ssize_t j = 0; k && j < m; j++) {
             const float s = sc[q * m + j];
             const int64_t id = ps[q * m + j];
@@ -1503,10 +1496,7 @@ static PyObject *probe(PyObject *self, PyObject *args) {
     for (Py_ssize_t q = 0; q < nq; q++) {
         float *row = offsets + q * nlist;
         int64_t *top = lists + q * nprobe;
-        for (Py_ssize_t j = 0; j < nprobe; j++) {
-            key[j] = -INFINITY;
-            top[j] = -1;
-        }
+        heap_clear(key, top, nprobe);
         for (Py_ssize_t c = 0; c < nlist; c++) {
             if (l2) row[c] *= 2.0f;
             const float s = l2 ? row[c] - norms[c] : row[c];
@@ -1743,10 +1733,7 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
         a.centroids = NULL;
     }
     set_level(&a, portable);
-    for (Py_ssize_t i = 0; i < nq * a.kp; i++) {
-        a.out_s[i] = -INFINITY;
-        a.out_i[i] = -1;
-    }
+    heap_clear(a.out_s, a.out_i, nq * a.kp);
     memset(a.exact_count, 0, (size_t)nq * sizeof(int64_t));
     const float *offset = NULL;  /* [nseg][nq] */
     if (offsets != Py_None) {

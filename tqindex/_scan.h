@@ -97,6 +97,14 @@ static inline int ranks_below(float s, int64_t id, float s2, int64_t id2) {
     return s < s2 || (s == s2 && id > id2);
 }
 
+/* n empty heap slots: score -inf, id -1. */
+static inline void heap_clear(float *hs, int64_t *hi, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        hs[i] = -INFINITY;
+        hi[i] = -1;
+    }
+}
+
 /* Min-heap of the k best (score, id) pairs, the worst on top. */
 static inline void heap_replace_top(float *hs, int64_t *hi, Py_ssize_t k, float s, int64_t id) {
     Py_ssize_t i = 0;
