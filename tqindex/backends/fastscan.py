@@ -324,10 +324,14 @@ def _segment_entry(quantizer, segment: Segment, metric: str, cache: SegmentCache
     return kept[1]
 
 
-def _scan_threads(share: int, entries, nq: int) -> int:
-    """Threads for one `scan_segments` call over `entries` for nq queries: this call's `thread_share`,
-    but no more than give each thread `_BYTES_PER_SHARE` of codes to read (counted once per query)."""
-    return max(1, min(share, nq * sum(e[0].nbytes for e in entries) // _BYTES_PER_SHARE))
+def _scan_threads(share: int, entries, nq: int, makes_queries: bool = False) -> int:
+    """Threads for one native scan over `entries` for nq queries: this call's `thread_share`, but no more
+    than give each thread `_BYTES_PER_SHARE` of codes to read (counted once per query) or, for a call
+    that also makes its queries (`_native.search`), `_TABLE_QUERIES_PER_THREAD` queries to make."""
+    work = nq * sum(e[0].nbytes for e in entries) // _BYTES_PER_SHARE
+    if makes_queries:
+        work = max(work, nq // _TABLE_QUERIES_PER_THREAD)
+    return max(1, min(share, work))
 
 
 def scan_topk_fast(quantizer: TurboQuantizer, segments: list[Segment], rotated: torch.Tensor,
@@ -395,7 +399,7 @@ def search_fast(quantizer: TurboQuantizer, segments: list[Segment], queries: tor
         # Shares take runs of the queries where there are enough, else runs of the blocks (of all
         # segments in turn).
         native.kernels.search(consts, q, entries, heap_s, heap_i, count, metric == "l2", bool(int8),
-                              portable=portable, threads=_scan_threads(share, entries, nq),
+                              portable=portable, threads=_scan_threads(share, entries, nq, True),
                               query_norm2=query_sq_norms)
     if stats is not None:
         stats.update(queries=nq, exact_per_query=float(count.sum()) / max(nq, 1))
@@ -559,7 +563,8 @@ class FastScanner(Scanner):
         int8 = native.simd() == "avx512vbmi" and int8_scan(quantizer)
         with native.thread_share() as share:
             bad = native.kernels.search(consts, queries, entries, scores, ids, count, metric == "l2", int8,
-                                        threads=_scan_threads(share, entries, nq), row_ids=row_ids, offsets=offsets,
+                                        threads=_scan_threads(share, entries, nq, True), row_ids=row_ids,
+                                        offsets=offsets,
                                         max_norm=0.0 if checked else MAX_NORM, zero_ok=metric != "cosine",
                                         normalize=metric == "cosine" and not checked)
         if bad >= 0:
