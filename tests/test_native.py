@@ -1129,3 +1129,26 @@ def test_worker_spin_is_checked_and_restored():
             native.set_worker_spin(True)
     finally:
         native.set_worker_spin(previous)
+
+
+@needs_native
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_search_kernel_takes_many_segments_with_ids_and_removals(metric):
+    # Each segment brings up to six buffers (codes, scales, norms, removal flags, live blocks, ids): a
+    # query over 40 of them (a partitioned query over many lists of several segments) scans them all,
+    # each row once, and maps every position to its segment's ids.
+    rng = np.random.default_rng(9)
+    index = Index(dim=32, bits=2, metric=metric)
+    index.add(rng.standard_normal((64, 32)).astype(np.float32))
+    index.remove([5, 40])
+    quant, seg = index._quantizer, index._segments[0]
+    entries = [fastscan._segment_entry(quant, seg, metric, None, 64 * i) for i in range(40)]
+    row_ids = [np.asarray(seg.ids) + 1000 * i for i in range(40)]
+    consts = fastscan._constants(quant)["rotating"]
+    q = rng.standard_normal((1, 32)).astype(np.float32)
+    k = 40 * 62
+    s, i = np.empty((1, k), np.float32), np.empty((1, k), np.int64)
+    assert native.kernels.search(consts, q, entries, s, i, np.empty(1, np.int64), metric == "l2", False,
+                                 row_ids=row_ids) == -1
+    want = sorted(int(r) + 1000 * j for j in range(40) for r in np.asarray(seg.ids) if r not in (5, 40))
+    assert sorted(i[0].tolist()) == want

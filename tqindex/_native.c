@@ -1607,6 +1607,8 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
     buffer_set b;
     bound_scan bs;
     query_maker m;
+    /* Room for the queries' buffers (at most MAX_BUFS with eight groups) and six per segment (five
+     * of its own, and its ids). */
     scan_args a;
     scored *tmp = NULL;
     char *made = NULL;
@@ -1617,7 +1619,7 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
     void *p;
     memset(&m, 0, sizeof(m));
     memset(&a, 0, sizeof(a));
-    if (buffers_init(&b, MAX_BUFS + 5 * nseg) < 0) return NULL;
+    if (buffers_init(&b, MAX_BUFS + 6 * nseg) < 0) return NULL;
     if (bound_init(&bs, nseg) < 0) goto done;
     const Py_ssize_t nq = take_float_rows(&b, queries, dim, "search: queries", &p);
     if (nq < 0) goto done;
