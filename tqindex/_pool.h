@@ -3,7 +3,7 @@
  * A single query's scan is split into a few shares of blocks; handing them to Python threads costs a
  * queue, a condition and the GIL per share (more than a small index's whole scan). Here a call puts
  * its shares on a queue, wakes the workers, runs shares itself too, and waits until every share of
- * its own is done. Several calls (Python threads searching at once, the GIL released) may be in
+ * its own is done. An idle worker watches the queue for a while (pool_spin_ns) before it sleeps. Several calls (Python threads searching at once, the GIL released) may be in
  * flight: each waits only for its own shares. Workers are started on first need, up to the most
  * any call asked for, and live until the process ends. A forked child starts with none (fork copies
  * only the calling thread), so the child handler forgets the parent's.
@@ -160,6 +160,7 @@ static void pool_run(pool_fn fn, void *ctx, int ntasks) {
  * pool_spin_ns, so a caller that has work of its own to do first (a search making its queries) has
  * their wake-up overlap it. */
 static void pool_wake(int n) {
+    if (__atomic_load_n(&pool_spin_ns, __ATOMIC_RELAXED) == 0) return;  /* they would sleep again at once */
     pthread_mutex_lock(&pool_mu);
     pool_grow(n);
     for (int i = 0; i < n && i < pool_sleeping; i++) pthread_cond_signal(&pool_work);
