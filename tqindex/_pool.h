@@ -3,9 +3,10 @@
  * A single query's scan is split into a few shares of blocks; handing them to Python threads costs a
  * queue, a condition and the GIL per share (more than a small index's whole scan). Here a call puts
  * its shares on a queue, wakes the workers, runs shares itself too, and waits until every share of
- * its own is done. An idle worker watches the queue for a while (pool_spin_ns) before it sleeps. Several calls (Python threads searching at once, the GIL released) may be in
- * flight: each waits only for its own shares. Workers are started on first need, up to the most
- * any call asked for, and live until the process ends. A forked child starts with none (fork copies
+ * its own is done. An idle worker watches the queue for a while (pool_spin_ns) before it sleeps.
+ * Several calls (Python threads searching at once, the GIL released) may be in flight: each waits
+ * only for its own shares. Workers are started on first need, up to the most any call asked for,
+ * and live until the process ends. A forked child starts with none (fork copies
  * only the calling thread), so the child handler forgets the parent's.
  *
  * Call without the GIL. Tasks must not fail: they are plain C over memory the caller owns. */
