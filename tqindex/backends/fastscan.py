@@ -13,7 +13,9 @@ How a search runs
    search derives nothing per row; the scanner caches a few numbers per segment and a byte per block.
 2. Per query, nibble m gets a 16-entry float table L[m][v] = Σ_t (Πq)_j · c(code_t(v)), the exact
    contribution of every value the nibble can take; the tables are shifted per nibble and
-   quantized to 0..127 with one step δ per query.
+   quantized to 0..127 with one step δ per query. The query is rotated and its tables made in the
+   call that scans (`_native.search`; `Index.search`'s direct lane also checks the queries and maps
+   positions to ids there), so a single query costs one native call.
 3. The kernel sums uint8 entries with SIMD shuffles (32 lookups per instruction on AVX2). Rounding
    moves a row's dot product by at most E = Σ_m max_v |δ·Lq[m][v] + shift_m − L[m][v]|, so a row
    whose approximate score plus scale·E is below the k-th best exact score so far cannot enter the
