@@ -472,20 +472,22 @@ def test_removing_rows_keeps_the_fast_scan_layout():
     assert 0 not in index.search(np.ones(32, np.float32), 500).ids
 
 
+@pytest.mark.parametrize("partitions", [0, 16])
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("bits", [2, 4.4])
-def test_concurrent_single_queries_equal_serial_results(bits, split, monkeypatch):
+def test_concurrent_single_queries_equal_serial_results(bits, split, partitions, monkeypatch):
     """Four Python threads issuing single queries at once (the scan releases the GIL) get exactly
     the serial answers; `split`: each query's blocks are also split between the kernel's worker
-    threads (eight threads shared by four callers), so several calls' shares are in flight at once."""
+    threads (eight threads shared by four callers), so several calls' shares are in flight at once;
+    `partitions`: a partitioned index's single queries (probe and list scan in one call each)."""
     import threading
     from tqindex import native
     from tqindex.backends import fastscan
     rng = np.random.default_rng(9)
     x, q = clustered(rng, 4000, 64, clusters=50, queries=80)
-    index = Index(dim=64, bits=bits)
+    index = Index(dim=64, bits=bits, partitions=partitions)
     index.add(x)
-    serial = [index.search(v, 10) for v in q]
+    serial = [index.search(v, 10, nprobe=4 if partitions else None) for v in q]
     if split:
         monkeypatch.setattr(fastscan, "_BYTES_PER_SHARE", 1)
         monkeypatch.setattr(native, "_THREADS", 8)  # set_num_threads(8), undone after the test
@@ -493,7 +495,7 @@ def test_concurrent_single_queries_equal_serial_results(bits, split, monkeypatch
 
     def worker(part):
         for i in range(part, len(q), 4):
-            results[i] = index.search(q[i], 10)
+            results[i] = index.search(q[i], 10, nprobe=4 if partitions else None)
 
     threads = [threading.Thread(target=worker, args=(p,)) for p in range(4)]
     for t in threads:
