@@ -366,12 +366,13 @@ static void narrow_queries(scan_args *g, Py_ssize_t q0, Py_ssize_t q1) {
     g->nq = q1 - q0;
 }
 
-/* What a scan's shares have in common: the bound segments and their limits. */
-/* A search's queries made in C (`search`): rotation, ||q||^2 and the tables or int8 queries, for a
- * range of the queries at a time (make_queries, defined with the table makers below). */
+/* A search's queries made in C (`search`, and the table makers): rotation, ||q||^2 and the tables or
+ * int8 queries, for a range of the queries at a time (query_maker is defined with the table makers,
+ * make_queries with `search`, below). */
 typedef struct query_maker query_maker;
 static void make_queries(const query_maker *m, Py_ssize_t q0, Py_ssize_t q1);
 
+/* What a scan's shares have in common: the bound segments and their limits. */
 typedef struct {
     const scan_args *seg;  /* [nseg], bound */
     Py_ssize_t nseg;
@@ -577,7 +578,8 @@ static void bound_run(bound_scan *bs, const scan_args *a, const float *mag, int 
                 float *s1 = a->out_s + q * kp;
                 int64_t *i1 = a->out_i + q * kp;
                 for (Py_ssize_t j = 0; j < kp; j++)
-                    if (i2[j] >= 0 && ranks_below(s1[0], i1[0], s2[j], i2[j])) heap_replace_top(s1, i1, kp, s2[j], i2[j]);
+                    if (i2[j] >= 0 && ranks_below(s1[0], i1[0], s2[j], i2[j]))
+                        heap_replace_top(s1, i1, kp, s2[j], i2[j]);
                 a->exact_count[q] += bs->counts[(t - 1) * nq + q];
             }
     }
@@ -978,20 +980,6 @@ static void query_tables(const float *q, const nibble_group *groups, int ngroups
     *magnitude = mag;
 }
 
-/* The per-query float32 outputs of the table makers (delta, bias, tol, magnitude, each [nq]), taken
- * as writable buffers into b. */
-static int take_query_floats(PyObject *delta, PyObject *bias, PyObject *tol, PyObject *magnitude, Py_ssize_t nq,
-                             buffer_set *b, float *outs[4]) {
-    PyObject *objs[4] = {delta, bias, tol, magnitude};
-    const char *names[4] = {"delta", "bias", "tol", "magnitude"};
-    for (int i = 0; i < 4; i++) {
-        void *p;
-        if (take(b, objs[i], 1, nq * (Py_ssize_t)sizeof(float), names[i], &p) < 0) return -1;
-        outs[i] = p;
-    }
-    return 0;
-}
-
 /* The tables' group tuples (start, stop, bits, per, centroids[, codewords]; see query_tables) into g (up
  * to 8), their buffers taken into b; the caller names itself in errors. Returns the group count, or -1. */
 static int parse_groups(PyObject *groups, Py_ssize_t dim, Py_ssize_t ncols, Py_ssize_t wcols, buffer_set *b,
@@ -1035,43 +1023,6 @@ static int parse_groups(PyObject *groups, Py_ssize_t dim, Py_ssize_t ncols, Py_s
         return -1;
     }
     return ngroups;
-}
-
-static PyObject *tables(PyObject *self, PyObject *args) {
-    PyObject *rotated, *groups, *luts, *fluts, *delta, *bias, *tol, *magnitude;
-    Py_ssize_t dim, nq, ncols, wcols = 0;
-    int portable = 0;
-    if (!PyArg_ParseTuple(args, "OnnO!nOOOOOO|np", &rotated, &dim, &nq, &PyList_Type, &groups, &ncols, &luts, &fluts,
-                          &delta, &bias, &tol, &magnitude, &wcols, &portable))
-        return NULL;
-    if (nq < 0) {
-        PyErr_SetString(PyExc_ValueError, "tables: nq must be >= 0");
-        return NULL;
-    }
-    nibble_group g[8];
-    buffer_set b;
-    int ok = 0;
-    void *qp, *lp, *fp;
-    float *outs[4];
-    if (buffers_init(&b, MAX_BUFS) < 0) return NULL;
-    const int ngroups = parse_groups(groups, dim, ncols, wcols, &b, g, "tables");
-    if (ngroups < 0) goto done;
-    const Py_ssize_t nibbles = 2 * ncols, entries = (nibbles + 2 * wcols) * 16;
-    if (take(&b, rotated, 0, nq * dim * (Py_ssize_t)sizeof(float), "rotated", &qp) < 0 ||
-        take(&b, luts, 1, nq * entries, "luts", &lp) < 0 ||
-        take(&b, fluts, 1, nq * entries * (Py_ssize_t)sizeof(float), "fluts", &fp) < 0 ||
-        take_query_floats(delta, bias, tol, magnitude, nq, &b, outs) < 0)
-        goto done;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < nq; i++)
-        query_tables((const float *)qp + i * dim, g, ngroups, nibbles, 2 * wcols, (uint8_t *)lp + i * entries,
-                     (float *)fp + i * entries, outs[0] + i, outs[1] + i, outs[2] + i, outs[3] + i, portable);
-    Py_END_ALLOW_THREADS
-    ok = 1;
-done:
-    buffers_free(&b);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
 }
 
 /* ---- int8 queries ---------------------------------------------------------------------------------
@@ -1148,6 +1099,86 @@ static void query_int8(const float *q, Py_ssize_t dim, Py_ssize_t bytes, const i
     *magnitude = (float)(abs_sum * (fabs(cmin) > fabs(cmax) ? fabs(cmin) : fabs(cmax)));
 }
 
+/* A search's queries made in C: rotation, ||q||^2 and the tables or int8 queries (make_queries, for a
+ * range of the queries at a time), for `search` and the table makers alike. */
+struct query_maker {
+    const float *queries;   /* [nq][dim], as scored (centred or normalised by the caller) */
+    const float *mt;        /* [dim][dim], the rotation's transpose; NULL: the queries are rotated already */
+    Py_ssize_t dim;
+    int l2, portable;
+    nibble_group groups[8]; /* the tables' (no int8 queries) */
+    int ngroups;
+    Py_ssize_t nibbles, wide, entries;
+    int8_levels lv;         /* the int8 queries' (with qint) */
+    Py_ssize_t qbytes;
+    /* The made inputs, [nq] rows each: what the scan's arguments point at. */
+    float *rotated, *qn2, *delta, *bias, *tol, *mag, *fluts;
+    uint8_t *luts;
+    int8_t *qint;
+};
+
+/* The per-query float32 outputs of the table makers (delta, bias, tol, magnitude, each [nq]), taken
+ * as writable buffers into b, as the maker's outputs. */
+static int take_query_floats(PyObject *delta, PyObject *bias, PyObject *tol, PyObject *magnitude, Py_ssize_t nq,
+                             buffer_set *b, query_maker *m) {
+    PyObject *objs[4] = {delta, bias, tol, magnitude};
+    const char *names[4] = {"delta", "bias", "tol", "magnitude"};
+    float **outs[4] = {&m->delta, &m->bias, &m->tol, &m->mag};
+    for (int i = 0; i < 4; i++) {
+        void *p;
+        if (take(b, objs[i], 1, nq * (Py_ssize_t)sizeof(float), names[i], &p) < 0) return -1;
+        *outs[i] = p;
+    }
+    return 0;
+}
+
+/* The int8 scan's 64-byte level table: L[i & 15] at byte i (vpermb ignores a byte's bits 4-5). */
+static void int8_level_table(const int8_levels *lv, uint8_t *out) {
+    for (int i = 0; i < 64; i++) out[i] = lv->L[i & 15];
+}
+
+static PyObject *tables(PyObject *self, PyObject *args) {
+    PyObject *rotated, *groups, *luts, *fluts, *delta, *bias, *tol, *magnitude;
+    Py_ssize_t dim, nq, ncols, wcols = 0;
+    int portable = 0;
+    if (!PyArg_ParseTuple(args, "OnnO!nOOOOOO|np", &rotated, &dim, &nq, &PyList_Type, &groups, &ncols, &luts, &fluts,
+                          &delta, &bias, &tol, &magnitude, &wcols, &portable))
+        return NULL;
+    if (nq < 0) {
+        PyErr_SetString(PyExc_ValueError, "tables: nq must be >= 0");
+        return NULL;
+    }
+    query_maker m;
+    buffer_set b;
+    int ok = 0;
+    void *qp, *lp, *fp;
+    memset(&m, 0, sizeof(m));
+    if (buffers_init(&b, MAX_BUFS) < 0) return NULL;
+    m.ngroups = parse_groups(groups, dim, ncols, wcols, &b, m.groups, "tables");
+    if (m.ngroups < 0) goto done;
+    m.dim = dim;
+    m.portable = portable;
+    m.nibbles = 2 * ncols;
+    m.wide = 2 * wcols;
+    m.entries = (m.nibbles + m.wide) * 16;
+    if (take(&b, rotated, 0, nq * dim * (Py_ssize_t)sizeof(float), "rotated", &qp) < 0 ||
+        take(&b, luts, 1, nq * m.entries, "luts", &lp) < 0 ||
+        take(&b, fluts, 1, nq * m.entries * (Py_ssize_t)sizeof(float), "fluts", &fp) < 0 ||
+        take_query_floats(delta, bias, tol, magnitude, nq, &b, &m) < 0)
+        goto done;
+    m.queries = m.rotated = qp;  /* rotated already: never written */
+    m.luts = lp;
+    m.fluts = fp;
+    Py_BEGIN_ALLOW_THREADS
+    make_queries(&m, 0, nq);
+    Py_END_ALLOW_THREADS
+    ok = 1;
+done:
+    buffers_free(&b);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 /* int8_tables(rotated, dim, nq, ncols, centroids, nlevels, qint, levels, delta, bias, tol, magnitude) */
 static PyObject *int8_tables(PyObject *self, PyObject *args) {
     PyObject *rotated, *centroids, *qint, *levels, *delta, *bias, *tol, *magnitude;
@@ -1161,24 +1192,25 @@ static PyObject *int8_tables(PyObject *self, PyObject *args) {
                      INT8_SCAN_MAX_DIM);
         return NULL;
     }
-    const Py_ssize_t bytes = int8_query_bytes(ncols);
+    query_maker m;
     buffer_set b;
     int ok = 0;
     void *c, *qp, *qi, *lp;
-    float *outs[4];
+    memset(&m, 0, sizeof(m));
+    m.dim = dim;
+    m.qbytes = int8_query_bytes(ncols);
     if (buffers_init(&b, MAX_BUFS) < 0) return NULL;
     if (take(&b, centroids, 0, 16 * (Py_ssize_t)sizeof(float), "centroids", &c) < 0 ||
         take(&b, rotated, 0, nq * dim * (Py_ssize_t)sizeof(float), "rotated", &qp) < 0 ||
-        take(&b, qint, 1, nq * bytes, "qint", &qi) < 0 || take(&b, levels, 1, 64, "levels", &lp) < 0 ||
-        take_query_floats(delta, bias, tol, magnitude, nq, &b, outs) < 0)
+        take(&b, qint, 1, nq * m.qbytes, "qint", &qi) < 0 || take(&b, levels, 1, 64, "levels", &lp) < 0 ||
+        take_query_floats(delta, bias, tol, magnitude, nq, &b, &m) < 0)
         goto done;
-    int8_levels lv;
-    int8_levels_of(c, nlevels, &lv);
-    for (int i = 0; i < 64; i++) ((uint8_t *)lp)[i] = lv.L[i & 15];
+    m.queries = m.rotated = qp;  /* rotated already: never written */
+    m.qint = qi;
+    int8_levels_of(c, nlevels, &m.lv);
+    int8_level_table(&m.lv, lp);
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < nq; i++)
-        query_int8((const float *)qp + i * dim, dim, bytes, &lv, (int8_t *)qi + i * bytes, outs[0] + i, outs[1] + i,
-                   outs[2] + i, outs[3] + i);
+    make_queries(&m, 0, nq);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
@@ -1246,7 +1278,8 @@ __attribute__((always_inline)) static inline void rotate_rows(const float *restr
     /* out [rows][cols] = x [rows][dim] @ mt [dim][cols] (cols = dim for a rotation) */
     Py_ssize_t i = 0;
     for (; i + 4 <= rows; i += 4) {
-        float *restrict o0 = out + i * cols, *restrict o1 = o0 + cols, *restrict o2 = o1 + cols, *restrict o3 = o2 + cols;
+        float *restrict o0 = out + i * cols, *restrict o1 = o0 + cols, *restrict o2 = o1 + cols,
+                       *restrict o3 = o2 + cols;
         memset(o0, 0, 4 * cols * sizeof(float));
         for (Py_ssize_t j = 0; j < dim; j++) {
             const float a0 = x[i * dim + j], a1 = x[(i + 1) * dim + j], a2 = x[(i + 2) * dim + j],
@@ -1518,21 +1551,6 @@ done:
  * A single query's Python work (rotating, making tables, sorting the heap, each an allocation and a
  * call) cost as much as scanning 100k rows; here one call does all of it, with the GIL released once,
  * and the pool's workers woken first, so that their wake-up overlaps the query making. */
-struct query_maker {
-    const float *queries;   /* [nq][dim], as scored (centred or normalised by the caller) */
-    const float *mt;        /* [dim][dim], the rotation's transpose; NULL: the queries are rotated already */
-    Py_ssize_t dim;
-    int l2, portable;
-    nibble_group groups[8]; /* the tables' (no int8 queries) */
-    int ngroups;
-    Py_ssize_t nibbles, wide, entries;
-    int8_levels lv;         /* the int8 queries' (with qint) */
-    Py_ssize_t qbytes;
-    /* The made inputs, [nq] rows each: what the scan's arguments point at. */
-    float *rotated, *qn2, *delta, *bias, *tol, *mag, *fluts;
-    uint8_t *luts;
-    int8_t *qint;
-};
 
 static void make_queries(const query_maker *m, Py_ssize_t q0, Py_ssize_t q1) {
     const Py_ssize_t d = m->dim;
@@ -1557,20 +1575,22 @@ static void make_queries(const query_maker *m, Py_ssize_t q0, Py_ssize_t q1) {
     }
 }
 
-/* search(consts, queries, segments, out_scores, out_ids, exact_count, l2, int8, portable=False, threads=1):
- * scan_segments (no floor, no offsets) with the queries' inputs made in the same call from the queries
- * (float32 [nq][dim]): rotated by mt, the tables' or, with int8, the int8 queries' (the same as `tables`,
- * `int8_tables` and `rotate` make), and for l2 ||q||^2 (summed in double, unless query_norm2, float32
- * [nq], gives them). consts = (mt float32 [dim][dim] or
- * None (queries rotated already), dim, groups (as `tables`), ncols, wcols, row_bits, centroids float32
- * [16] or None, nlevels): what the plan's constant fields hold. out_scores, out_ids and exact_count are
- * written whole (their contents on entry are not read): each query's k best come back sorted, best first
- * (ties: the lower position), padded with (-inf, -1), as positions or, given row_ids (one int64 array of
- * ids per segment), as those ids. offsets (float32 [nsegments][nq], a partitioned index's list terms, or
- * None) are added to every score of a segment's rows, as scan_segments adds them. Before anything else, with max_norm > 0 every query's norm (summed in
- * double, as row_norms) must be at most max_norm and, unless zero_ok, not zero; with normalize the
- * queries are scaled by 1 / their float32 norm (into a copy). Returns -1, or the first query that fails
- * those checks (then nothing is scanned and the outputs are not written). */
+/* search(consts, queries, segments, out_scores, out_ids, exact_count, l2, int8, portable=False, threads=1,
+ * query_norm2=None, row_ids=None, max_norm=0.0, zero_ok=True, normalize=False, offsets=None) -> -1, or the
+ * first query that fails the norm checks:
+ * scan_segments (no floor) with the queries' inputs made in the same call from the queries (float32
+ * [nq][dim]): rotated by mt, the tables' or, with int8, the int8 queries' (the same as `tables`,
+ * `int8_tables` and `rotate` make), and for l2 ||q||^2 (summed in double, unless query_norm2, float32 [nq],
+ * gives them). consts = (mt float32 [dim][dim] or None (queries rotated already), dim, groups (as
+ * `tables`), ncols, wcols, row_bits, centroids float32 [16] or None, nlevels): what the plan's constant
+ * fields hold. out_scores, out_ids and exact_count are written whole (their contents on entry are not
+ * read): each query's k best come back sorted, best first (ties: the lower position), padded with (-inf,
+ * -1), as positions or, given row_ids (one int64 array of ids per segment), as those ids. offsets (float32
+ * [nsegments][nq], a partitioned index's list terms, or None) are added to every score of a segment's rows,
+ * as scan_segments adds them. Before anything else, with max_norm > 0 every query's norm (summed in double,
+ * as row_norms) must be at most max_norm and, unless zero_ok, not zero; with normalize the queries are
+ * scaled by 1 / their float32 norm (into a copy). A query that fails those checks is returned, and then
+ * nothing is scanned and the outputs are not written. */
 static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"consts", "queries", "segments", "out_scores", "out_ids", "exact_count", "l2", "int8",
                              "portable", "threads", "query_norm2", "row_ids", "max_norm", "zero_ok", "normalize",
@@ -1593,8 +1613,9 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
         PyErr_SetString(PyExc_ValueError, "search: row_ids must be a list with one array per segment");
         return NULL;
     }
-    if (dim < 1 || ncols < 1 || wcols < 0 || wcols % 4 || wcols > ncols ||
-        (row_bits && ((row_bits != 1 && row_bits != 2 && row_bits != 4) || wcols || (dim * row_bits + 7) / 8 > ncols))) {
+    const int row_bits_ok = row_bits == 0 || ((row_bits == 1 || row_bits == 2 || row_bits == 4) && !wcols &&
+                                              (dim * row_bits + 7) / 8 <= ncols);
+    if (dim < 1 || ncols < 1 || wcols < 0 || wcols % 4 || wcols > ncols || !row_bits_ok) {
         PyErr_SetString(PyExc_ValueError, "search: inconsistent dim / ncols / wcols / row_bits");
         return NULL;
     }
@@ -1625,26 +1646,22 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
     if (nq < 0) goto done;
     m.queries = p;
     if (max_norm > 0.0 || normalize) {
-        /* The checks and the scaling of Index.search (validation.check_norms, q / ||q||), bit for bit. */
+        /* The checks and the scaling of Index.search (validation.check_norms, q / ||q||), bit for bit, in
+         * one pass over the queries. */
+        if (normalize && !(normed = PyMem_Malloc((size_t)(nq ? nq : 1) * dim * sizeof(float)))) {
+            PyErr_NoMemory();
+            goto done;
+        }
         for (Py_ssize_t q = 0; q < nq && bad < 0; q++) {
             const double norm = row_norm(m.queries + q * dim, dim);
             if (max_norm > 0.0 && (!(norm <= max_norm) || (!zero_ok && norm == 0.0))) bad = q;
+            for (Py_ssize_t j = 0; normed && j < dim; j++) normed[q * dim + j] = m.queries[q * dim + j] / (float)norm;
         }
         if (bad >= 0) {
             ok = 1;
             goto done;
         }
-        if (normalize) {
-            if (!(normed = PyMem_Malloc((size_t)(nq ? nq : 1) * dim * sizeof(float)))) {
-                PyErr_NoMemory();
-                goto done;
-            }
-            for (Py_ssize_t q = 0; q < nq; q++) {
-                const float norm = (float)row_norm(m.queries + q * dim, dim);
-                for (Py_ssize_t j = 0; j < dim; j++) normed[q * dim + j] = m.queries[q * dim + j] / norm;
-            }
-            m.queries = normed;
-        }
+        if (normed) m.queries = normed;
     }
     m.dim = dim;
     m.l2 = l2;  /* cleared below where the norms are given */
@@ -1711,7 +1728,7 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
     uint8_t *levels = (uint8_t *)(f + floats);
     if (int8) {
         m.qint = (int8_t *)(levels + 64);
-        for (int i = 0; i < 64; i++) levels[i] = m.lv.L[i & 15];
+        int8_level_table(&m.lv, levels);
     } else {
         m.luts = levels + 64;
     }
