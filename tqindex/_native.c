@@ -1137,6 +1137,15 @@ static void int8_level_table(const int8_levels *lv, uint8_t *out) {
     for (int i = 0; i < 64; i++) out[i] = lv->L[i & 15];
 }
 
+/* The table makers' end: the queries [0, nq) made without the GIL, the buffers released; None. */
+static PyObject *make_all(const query_maker *m, buffer_set *b, Py_ssize_t nq) {
+    Py_BEGIN_ALLOW_THREADS
+    make_queries(m, 0, nq);
+    Py_END_ALLOW_THREADS
+    buffers_free(b);
+    Py_RETURN_NONE;
+}
+
 static PyObject *tables(PyObject *self, PyObject *args) {
     PyObject *rotated, *groups, *luts, *fluts, *delta, *bias, *tol, *magnitude;
     Py_ssize_t dim, nq, ncols, wcols = 0;
@@ -1150,7 +1159,6 @@ static PyObject *tables(PyObject *self, PyObject *args) {
     }
     query_maker m;
     buffer_set b;
-    int ok = 0;
     void *qp, *lp, *fp;
     memset(&m, 0, sizeof(m));
     if (buffers_init(&b, MAX_BUFS) < 0) return NULL;
@@ -1169,14 +1177,10 @@ static PyObject *tables(PyObject *self, PyObject *args) {
     m.queries = m.rotated = qp;  /* rotated already: never written */
     m.luts = lp;
     m.fluts = fp;
-    Py_BEGIN_ALLOW_THREADS
-    make_queries(&m, 0, nq);
-    Py_END_ALLOW_THREADS
-    ok = 1;
+    return make_all(&m, &b, nq);
 done:
     buffers_free(&b);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
+    return NULL;
 }
 
 /* int8_tables(rotated, dim, nq, ncols, centroids, nlevels, qint, levels, delta, bias, tol, magnitude) */
@@ -1194,7 +1198,6 @@ static PyObject *int8_tables(PyObject *self, PyObject *args) {
     }
     query_maker m;
     buffer_set b;
-    int ok = 0;
     void *c, *qp, *qi, *lp;
     memset(&m, 0, sizeof(m));
     m.dim = dim;
@@ -1209,14 +1212,10 @@ static PyObject *int8_tables(PyObject *self, PyObject *args) {
     m.qint = qi;
     int8_levels_of(c, nlevels, &m.lv);
     int8_level_table(&m.lv, lp);
-    Py_BEGIN_ALLOW_THREADS
-    make_queries(&m, 0, nq);
-    Py_END_ALLOW_THREADS
-    ok = 1;
+    return make_all(&m, &b, nq);
 done:
     buffers_free(&b);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
+    return NULL;
 }
 
 /* int8_block_sums(qint, levels, codes, ncols, nq, nblocks, out, portable): the int8 scan's integer
