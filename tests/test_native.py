@@ -329,7 +329,7 @@ def test_each_simd_level_equals_the_portable_loop(simd_level, metric, bits, d, c
     # Odd column counts (202 and 602 dims at 4 bits: 101 and 301 columns), more columns than a
     # 16-bit chunk holds (602, and 600 at 5 bits), wide 5-bit columns (scalar 5-bit codebooks; the
     # bit-plane ones have none) alone, beside 4-bit ones and crossing a chunk's end, removed rows, a
-    # partial last block, query tiles 1-4.
+    # partial last block, query tiles 1-8 (tiles of 2-8 take the VNNI table kernel at avx512vbmi).
     rng = np.random.default_rng(17)
     x, _ = clustered(rng, 1500, d, clusters=30, spread=0.6)
     index = Index(dim=d, bits=bits, metric=metric, codebook=codebook)
@@ -339,7 +339,7 @@ def test_each_simd_level_equals_the_portable_loop(simd_level, metric, bits, d, c
     queries = torch.from_numpy(x[:11] + 0.01)
     rotated, _ = index._quantizer.prepare_queries(queries)
     sq = queries.square().sum(1)
-    for nq in (1, 2, 3, 11):
+    for nq in (1, 2, 3, 4, 5, 6, 7, 11):
         work = {}
         a = fastscan.scan_topk_fast(index._quantizer, index._segments, rotated[:nq], sq[:nq], 13, metric, threads=1,
                                     stats=work, int8=False)  # the table kernels (int8: test_int8_*)

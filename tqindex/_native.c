@@ -110,7 +110,7 @@ static void run_scan(const scan_args *a, int portable) {
     else if (a->qint)
         scan_portable(a);  /* no other SIMD level has an int8 scan */
     else if (a->avx512 == 2)
-        scan_vbmi(a);
+        scan_vbmi_tables(a);
     else if (a->avx512)
         scan_avx512(a);
     else if (a->avx2)

@@ -740,6 +740,97 @@ __attribute__((target(TQ_VBMI), always_inline)) static inline void block_sums_vb
 DEFINE_KERNEL(scan_avx512, scan_tile512, TQ_AVX512, block_sums_avx512)
 DEFINE_KERNEL(scan_vbmi, scan_tile_vbmi, TQ_VBMI, block_sums_vbmi)
 
+/* The table scan for tiles of 2-8 queries (AVX-512 VBMI + VNNI; codes without wide columns). Per
+ * column pair (c, c + 1), shared by the tile: block_sums_vbmi's lookup indices (nibble plus its
+ * table's place), then two vpermt2b gather each row's four of them into one 32-bit lane (the even
+ * rows 0, 2, .., 30 in one register, the odd rows in the other: block_sums_avx2's slot order). Per
+ * query: one vpermb per register looks up all four nibbles in the pair's 64 bytes of tables as they
+ * lie in memory, and vpdpbusd against bytes of 1 adds the four 7-bit entries into the row's 32-bit
+ * sum. That is two lookups and two adds per query and pair, where block_sums_vbmi issues two lookups
+ * and four adds to keep 16-bit sums; the sums are the same integers. An odd last column is read with
+ * masked loads (the missing column's codes and table bytes are zero, so it adds nothing). */
+__attribute__((target(TQ_VNNI), always_inline)) static inline void block_sums_vnni_tables(
+        const scan_args *a, Py_ssize_t q0, const int tile, Py_ssize_t block, __m256i sums[][4]) {
+    const uint8_t *blk = a->codes + block * block_bytes(a);
+    const __m512i low4 = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1);
+    const __m512i at_lo = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi8(32), 1);
+    const __m512i at_hi = _mm512_inserti64x4(_mm512_set1_epi8(16), _mm256_set1_epi8(48), 1);
+    /* Byte 4i + t of the even-row register: row 2i's index of column c's low (t = 0) and high (1)
+     * nibble, then column c + 1's (2, 3); index bit 6 picks the high-nibble register. */
+    __m512i even_rows, odd_rows;
+    {
+        uint8_t e[64], o[64];
+        for (int i = 0; i < 16; i++)
+            for (int t = 0; t < 4; t++) {
+                e[4 * i + t] = (uint8_t)((t & 1) * 64 + (t >> 1) * 32 + 2 * i);
+                o[4 * i + t] = (uint8_t)(e[4 * i + t] + 1);
+            }
+        even_rows = _mm512_loadu_si512((const void *)e);
+        odd_rows = _mm512_loadu_si512((const void *)o);
+    }
+    const uint8_t *lut[MAX_TILE_INT8];
+    __m512i acc_even[MAX_TILE_INT8], acc_odd[MAX_TILE_INT8];
+    for (int t = 0; t < tile; t++) {
+        lut[t] = a->luts + (q0 + t) * table_entries(a);
+        acc_even[t] = acc_odd[t] = _mm512_setzero_si512();
+    }
+    for (Py_ssize_t c = 0; c < a->ncols; c += 2) {
+        /* An odd last column: masked loads (the absent column's codes and table bytes read as 0). */
+        const __mmask64 half = c + 1 < a->ncols ? ~(__mmask64)0 : ((__mmask64)1 << 32) - 1;
+        _mm_prefetch((const char *)(blk + c * BLOCK + PREFETCH_AHEAD), _MM_HINT_T0);
+        const __m512i v = c + 1 < a->ncols ? _mm512_loadu_si512((const void *)(blk + c * BLOCK))
+                                           : _mm512_maskz_loadu_epi8(half, (const void *)(blk + c * BLOCK));
+        const __m512i lo = _mm512_ternarylogic_epi32(v, low4, at_lo, 0xEA);  /* (A & B) | C */
+        const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, at_hi, 0xEA);
+        const __m512i e = _mm512_permutex2var_epi8(lo, even_rows, hi), o = _mm512_permutex2var_epi8(lo, odd_rows, hi);
+        for (int t = 0; t < tile; t++) {
+            const __m512i tl = c + 1 < a->ncols ? _mm512_loadu_si512((const void *)(lut[t] + c * 32))
+                                                : _mm512_maskz_loadu_epi8(half, (const void *)(lut[t] + c * 32));
+            acc_even[t] = _mm512_dpbusd_epi32(acc_even[t], _mm512_permutexvar_epi8(e, tl), ones);
+            acc_odd[t] = _mm512_dpbusd_epi32(acc_odd[t], _mm512_permutexvar_epi8(o, tl), ones);
+        }
+    }
+    for (int t = 0; t < tile; t++) {
+        sums[t][0] = _mm512_castsi512_si256(acc_even[t]);
+        sums[t][1] = _mm512_extracti64x4_epi64(acc_even[t], 1);
+        sums[t][2] = _mm512_castsi512_si256(acc_odd[t]);
+        sums[t][3] = _mm512_extracti64x4_epi64(acc_odd[t], 1);
+    }
+}
+
+DEFINE_TILE(scan_tile_vt, TQ_VNNI, block_sums_vnni_tables, 2)
+DEFINE_TILE(scan_tile_vt, TQ_VNNI, block_sums_vnni_tables, 3)
+DEFINE_TILE(scan_tile_vt, TQ_VNNI, block_sums_vnni_tables, 4)
+DEFINE_TILE(scan_tile_vt, TQ_VNNI, block_sums_vnni_tables, 5)
+DEFINE_TILE(scan_tile_vt, TQ_VNNI, block_sums_vnni_tables, 6)
+DEFINE_TILE(scan_tile_vt, TQ_VNNI, block_sums_vnni_tables, 7)
+DEFINE_TILE(scan_tile_vt, TQ_VNNI, block_sums_vnni_tables, 8)
+
+/* The VBMI level's table scan: codes with wide columns, and a lone query, take block_sums_vbmi
+ * (one query gains nothing from the gather, which block_sums_vnni_tables pays per pair and tile);
+ * tiles of several queries take block_sums_vnni_tables. */
+static void scan_vbmi_tables(const scan_args *a) {
+    if (a->wcols || a->nq == 1) {
+        scan_vbmi(a);
+        return;
+    }
+    for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {
+        Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;
+        Py_ssize_t q = 0;
+        for (; q + 8 <= a->nq; q += 8) scan_tile_vt_8(a, q, p, pe);
+        switch (a->nq - q) {
+            case 7: scan_tile_vt_7(a, q, p, pe); break;
+            case 6: scan_tile_vt_6(a, q, p, pe); break;
+            case 5: scan_tile_vt_5(a, q, p, pe); break;
+            case 4: scan_tile_vt_4(a, q, p, pe); break;
+            case 3: scan_tile_vt_3(a, q, p, pe); break;
+            case 2: scan_tile_vt_2(a, q, p, pe); break;
+            case 1: scan_tile_vbmi_1(a, q, p, pe); break;
+            default: break;
+        }
+    }
+}
+
 /* The int8 scan (AVX-512 VBMI + VNNI; see scan_args.qint). Per block and group of four columns
  * (128 bytes: two registers of two columns), shared by the tile's queries: two vpermt2b transpose
  * them so that each 32-bit lane holds one row's four column bytes (the even rows 0, 2, .., 30 in one
