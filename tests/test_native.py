@@ -557,6 +557,29 @@ def test_native_rotation_equals_torch(rows, dim):
     assert make_rotation(dim, "hadamard", 3).apply_native(x) is None  # other kinds keep torch
 
 
+@needs_native
+@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("dim", [5, 130, 384])
+def test_rotation_is_the_same_at_every_simd_level(rows, dim):
+    # Rows outside rotate_rows' groups of four take the AVX-512 loop where the CPU has it (runs of
+    # 128 outputs in registers, a masked last run: 130 and 5 are not multiples of 16 or 128): every
+    # output summed in the same order, so the bits equal the AVX2 loop's and the portable one's.
+    if not _X86_LEVELS["avx512"] <= _cpu_flags():
+        pytest.skip("this CPU has no avx512 (avx512f, avx512bw in /proc/cpuinfo): the loop runs where it does")
+    from tqindex.rotation import make_rotation
+    rotation = make_rotation(dim, "dense", 5)
+    x = torch.from_numpy(np.random.default_rng(rows * dim).standard_normal((rows, dim)).astype(np.float32))
+    outs = {}
+    for level in ("avx512", "avx2", "portable"):
+        previous = native.set_simd_limit(level)
+        try:
+            outs[level] = rotation.apply_native(x).numpy()
+        finally:
+            native.set_simd_limit(previous)
+    np.testing.assert_array_equal(outs["avx512"], outs["avx2"])
+    np.testing.assert_array_equal(outs["avx2"], outs["portable"])
+
+
 @pytest.fixture
 def split_calls(monkeypatch):
     """Every scan worth splitting (however small) and the `threads` of each kernel call, recorded:

@@ -934,16 +934,20 @@ static void query_tables(const float *q, const nibble_group *groups, int ngroups
                     for (int v = 0; v < 16; v++) flut[(nibbles + m) * 16 + v] = x * g->centroids[16 + v];
             }
         } else {
+            /* Several coordinates a nibble (per <= 4): entry v is sum_t q[j + t] * w[t][v], coordinate
+             * t's value in codeword v (or of its t-th code), added in increasing t from 0.0f (flut is
+             * zeroed). With w laid out by t, each t is one loop over the 16 entries the compiler
+             * vectorizes, and every entry still sees the same additions in the same order. */
+            float w[4][16];
+            for (int t = 0; t < g->per; t++)
+                for (int v = 0; v < 16; v++)
+                    w[t][v] = g->codewords ? g->codewords[v * g->per + t] : g->centroids[(v >> (t * g->bits)) & mask];
             for (Py_ssize_t j = g->start; j < g->stop; j += g->per, m++) {
                 float *row = flut + m * 16;
                 const int per = j + g->per <= g->stop ? (int)g->per : (int)(g->stop - j);
-                for (int v = 0; v < 16; v++) {
-                    float sum = 0.0f;
-                    if (g->codewords)
-                        for (int t = 0; t < per; t++) sum += q[j + t] * g->codewords[v * g->per + t];
-                    else
-                        for (int t = 0; t < per; t++) sum += q[j + t] * g->centroids[(v >> (t * g->bits)) & mask];
-                    row[v] = sum;
+                for (int t = 0; t < per; t++) {
+                    const float x = q[j + t];
+                    for (int v = 0; v < 16; v++) row[v] += x * w[t][v];
                 }
             }
         }
@@ -1311,11 +1315,46 @@ __attribute__((target(TQ_AVX2))) static void rotate_rows_avx2(const float *restr
                                                           Py_ssize_t cols) {
     rotate_rows(x, mt, out, rows, dim, cols);
 }
+
+/* Rows left over from rotate_rows' groups of four, in 512-bit vectors: each run of 128 outputs is kept in
+ * eight registers while j goes over the whole row (rotate_rows loads and stores every output once per
+ * j), each still summed in increasing j, one multiply and one add at a time, so the results are
+ * rotate_rows', bit for bit. A last run of fewer than 16 outputs is read and written with masks. */
+__attribute__((target(TQ_AVX512))) static void rotate_tail_avx512(const float *restrict x, const float *restrict mt,
+                                                                float *restrict out, Py_ssize_t dim, Py_ssize_t cols) {
+    enum { RUN = 8 };
+    Py_ssize_t k = 0;
+    for (; k + 16 * RUN <= cols; k += 16 * RUN) {
+        __m512 acc[RUN];
+        for (int r = 0; r < RUN; r++) acc[r] = _mm512_setzero_ps();
+        for (Py_ssize_t j = 0; j < dim; j++) {
+            const __m512 a = _mm512_set1_ps(x[j]);
+            const float *m = mt + j * cols + k;
+            for (int r = 0; r < RUN; r++) acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(a, _mm512_loadu_ps(m + 16 * r)));
+        }
+        for (int r = 0; r < RUN; r++) _mm512_storeu_ps(out + k + 16 * r, acc[r]);
+    }
+    for (; k < cols; k += 16) {
+        const __mmask16 live = cols - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (cols - k)) - 1);
+        __m512 acc = _mm512_setzero_ps();
+        for (Py_ssize_t j = 0; j < dim; j++) {
+            const __m512 m = _mm512_maskz_loadu_ps(live, mt + j * cols + k);
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(x[j]), m));
+        }
+        _mm512_mask_storeu_ps(out + k, live, acc);
+    }
+}
 #endif
 
 /* x [rows][dim] @ m [dim][cols] in the loop this CPU runs (the same results either way). */
 static void matmul_rows(const float *x, const float *m, float *out, Py_ssize_t rows, Py_ssize_t dim, Py_ssize_t cols) {
 #ifdef TQ_X86
+    if (have_avx512() && simd_limit >= LEVEL_AVX512) {
+        const Py_ssize_t whole = rows / 4 * 4;
+        rotate_rows_avx2(x, m, out, whole, dim, cols);
+        for (Py_ssize_t i = whole; i < rows; i++) rotate_tail_avx512(x + i * dim, m, out + i * cols, dim, cols);
+        return;
+    }
     if (have_avx2()) {
         rotate_rows_avx2(x, m, out, rows, dim, cols);
         return;
