@@ -936,8 +936,8 @@ static void query_tables(const float *q, const nibble_group *groups, int ngroups
         } else {
             /* Several coordinates a nibble (per <= 4): entry v is sum_t q[j + t] * w[t][v], coordinate
              * t's value in codeword v (or of its t-th code), added in increasing t from 0.0f (flut is
-             * zeroed). With w laid out by t, each t is one loop over the 16 entries the compiler
-             * vectorizes, and every entry still sees the same additions in the same order. */
+             * zeroed). With w laid out by t, each t is one vector loop over the 16 entries, and every
+             * entry still sees the same additions in the same order. */
             float w[4][16];
             for (int t = 0; t < g->per; t++)
                 for (int v = 0; v < 16; v++)
@@ -945,10 +945,20 @@ static void query_tables(const float *q, const nibble_group *groups, int ngroups
             for (Py_ssize_t j = g->start; j < g->stop; j += g->per, m++) {
                 float *row = flut + m * 16;
                 const int per = j + g->per <= g->stop ? (int)g->per : (int)(g->stop - j);
+#ifdef TQ_X86
+                /* SSE2 (every x86-64 CPU): GCC leaves the loop below scalar (row might alias q). */
+                __m128 e[4] = {_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps()};
+                for (int t = 0; t < per; t++) {
+                    const __m128 x = _mm_set1_ps(q[j + t]);
+                    for (int i = 0; i < 4; i++) e[i] = _mm_add_ps(e[i], _mm_mul_ps(x, _mm_loadu_ps(w[t] + 4 * i)));
+                }
+                for (int i = 0; i < 4; i++) _mm_storeu_ps(row + 4 * i, e[i]);
+#else
                 for (int t = 0; t < per; t++) {
                     const float x = q[j + t];
                     for (int v = 0; v < 16; v++) row[v] += x * w[t][v];
                 }
+#endif
             }
         }
         if (g->bits == 5) m = first + wide;  /* the wide group's zero padding */
