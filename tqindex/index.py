@@ -672,10 +672,10 @@ class Index:
             return None  # the general path names the fault
         if self._metric == "cosine":
             q = q / norms[:, None]
-        lists, offsets = self._coarse.probe(q, self._metric, nprobe)
+        lists, offsets = self._coarse.probe_arrays(q, self._metric, nprobe, True)  # fastscan: kernels on
         starts, members, memo = view.lists()
-        request = ListScan(segments=view.segments, starts=starts, members=members, lists=lists.numpy(),
-                           offsets=offsets.numpy(), memo=memo)
+        request = ListScan(segments=view.segments, starts=starts, members=members, lists=lists, offsets=offsets,
+                           memo=memo)
         return scanner.search_direct_lists(request, q, k)
 
     # -- payload ---------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import torch
 
@@ -94,18 +93,26 @@ if kernels is not None and os.environ.get("TQINDEX_SIMD"):
         raise ValueError(f"environment variable TQINDEX_SIMD: {exc}") from None
 
 
-@contextmanager
-def thread_share(threads: int | None = None):
+class thread_share:
     """This call's share of the thread budget (`threads`, default `get_num_threads()`), as an int:
     calls in flight at once (several Python threads searching one index) divide it between them, so
-    concurrent single queries run side by side instead of queueing for the same threads."""
-    global _ACTIVE
-    with _EXECUTOR_LOCK:
-        _ACTIVE += 1
-        sharing = _ACTIVE
-    try:
-        yield max(1, (threads or get_num_threads()) // sharing)
-    finally:
+    concurrent single queries run side by side instead of queueing for the same threads. Use as
+    `with thread_share() as share:` (a class, not a generator: a single query enters it every call)."""
+
+    __slots__ = ("threads",)
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads
+
+    def __enter__(self) -> int:
+        global _ACTIVE
+        with _EXECUTOR_LOCK:
+            _ACTIVE += 1
+            sharing = _ACTIVE
+        return max(1, (self.threads or get_num_threads()) // sharing)
+
+    def __exit__(self, *exc) -> None:
+        global _ACTIVE
         with _EXECUTOR_LOCK:
             _ACTIVE -= 1
 

@@ -70,22 +70,28 @@ class CoarseQuantizer:
         -------
         lists : (nq, nprobe) int64; offsets : (nq, nlist) float32
         """
-        nprobe = min(nprobe, self.nlist)
         qs = np.ascontiguousarray(q.numpy() if isinstance(q, torch.Tensor) else q, dtype=np.float32)
-        if native.enabled():
+        lists, offsets = self.probe_arrays(qs, metric, nprobe, native.enabled())
+        return torch.from_numpy(lists), torch.from_numpy(offsets)
+
+    def probe_arrays(self, qs: np.ndarray, metric: str, nprobe: int, in_kernels: bool) -> tuple[np.ndarray, np.ndarray]:
+        """`probe` of numpy queries qs (nq, d) float32, C-contiguous, as numpy arrays: in the kernels
+        where `in_kernels`, else in numpy (the same lists and offsets)."""
+        nprobe = min(nprobe, self.nlist)
+        if in_kernels:
             # In the kernels: one call, the product summed as they sum it wherever a search probes.
             lists = np.empty((len(qs), nprobe), np.int64)
             offsets = np.empty((len(qs), self.nlist), np.float32)
             native.kernels.probe(qs, self._centroids_t, self._sq_norms, lists, offsets, qs.shape[1], self.nlist,
                                  metric == "l2")
-            return torch.from_numpy(lists), torch.from_numpy(offsets)
+            return lists, offsets
         offsets = qs @ self._centroids_t
         if metric == "l2":
             offsets *= 2
         key = offsets - self._sq_norms[None, :] if metric == "l2" else offsets  # l2: the nearest centroids
         # Best key first, ties to the lower list (a stable sort of every list), as the kernel orders them.
         top = np.argsort(-key, axis=1, kind="stable")[:, :nprobe]
-        return torch.from_numpy(np.ascontiguousarray(top, dtype=np.int64)), torch.from_numpy(offsets)
+        return np.ascontiguousarray(top, dtype=np.int64), offsets
 
 
 def fit_kmeans(x: torch.Tensor, nlist: int, *, seed: int, iterations: int = 10,
