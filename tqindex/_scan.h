@@ -740,6 +740,25 @@ __attribute__((target(TQ_VBMI), always_inline)) static inline void block_sums_vb
 DEFINE_KERNEL(scan_avx512, scan_tile512, TQ_AVX512, block_sums_avx512)
 DEFINE_KERNEL(scan_vbmi, scan_tile_vbmi, TQ_VBMI, block_sums_vbmi)
 
+/* One column pair of block_sums_vnni_tables (at: its codes; l[t] + off: the tile's tables for it; half:
+ * the bytes to read, all but for an odd last column, whose absent neighbour reads as 0 and adds 0). */
+__attribute__((target(TQ_VNNI), always_inline)) static inline void vnni_tables_pair(
+        const uint8_t *at, const uint8_t *const *l, Py_ssize_t off, const int tile, const __mmask64 half,
+        const __m512i *idx, __m512i *acc_even, __m512i *acc_odd) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1);
+    const __m512i at_lo = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi8(32), 1);
+    const __m512i at_hi = _mm512_inserti64x4(_mm512_set1_epi8(16), _mm256_set1_epi8(48), 1);
+    const __m512i v = _mm512_maskz_loadu_epi8(half, (const void *)at);
+    const __m512i lo = _mm512_ternarylogic_epi32(v, low4, at_lo, 0xEA);  /* (A & B) | C */
+    const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, at_hi, 0xEA);
+    const __m512i e = _mm512_permutex2var_epi8(lo, idx[0], hi), o = _mm512_permutex2var_epi8(lo, idx[1], hi);
+    for (int t = 0; t < tile; t++) {
+        const __m512i tl = _mm512_maskz_loadu_epi8(half, (const void *)(l[t] + off));
+        acc_even[t] = _mm512_dpbusd_epi32(acc_even[t], _mm512_permutexvar_epi8(e, tl), ones);
+        acc_odd[t] = _mm512_dpbusd_epi32(acc_odd[t], _mm512_permutexvar_epi8(o, tl), ones);
+    }
+}
+
 /* The table scan for tiles of 2-8 queries (AVX-512 VBMI + VNNI; codes without wide columns). Per
  * column pair (c, c + 1), shared by the tile: block_sums_vbmi's lookup indices (nibble plus its
  * table's place), then two vpermt2b gather each row's four of them into one 32-bit lane (the even
@@ -752,12 +771,9 @@ DEFINE_KERNEL(scan_vbmi, scan_tile_vbmi, TQ_VBMI, block_sums_vbmi)
 __attribute__((target(TQ_VNNI), always_inline)) static inline void block_sums_vnni_tables(
         const scan_args *a, Py_ssize_t q0, const int tile, Py_ssize_t block, __m256i sums[][4]) {
     const uint8_t *blk = a->codes + block * block_bytes(a);
-    const __m512i low4 = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1);
-    const __m512i at_lo = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi8(32), 1);
-    const __m512i at_hi = _mm512_inserti64x4(_mm512_set1_epi8(16), _mm256_set1_epi8(48), 1);
-    /* Byte 4i + t of the even-row register: row 2i's index of column c's low (t = 0) and high (1)
+    /* Byte 4i + t of the even-row index: row 2i's index of column c's low (t = 0) and high (1)
      * nibble, then column c + 1's (2, 3); index bit 6 picks the high-nibble register. */
-    __m512i even_rows, odd_rows;
+    __m512i idx[2];
     {
         uint8_t e[64], o[64];
         for (int i = 0; i < 16; i++)
@@ -765,31 +781,22 @@ __attribute__((target(TQ_VNNI), always_inline)) static inline void block_sums_vn
                 e[4 * i + t] = (uint8_t)((t & 1) * 64 + (t >> 1) * 32 + 2 * i);
                 o[4 * i + t] = (uint8_t)(e[4 * i + t] + 1);
             }
-        even_rows = _mm512_loadu_si512((const void *)e);
-        odd_rows = _mm512_loadu_si512((const void *)o);
+        idx[0] = _mm512_loadu_si512((const void *)e);
+        idx[1] = _mm512_loadu_si512((const void *)o);
     }
-    const uint8_t *lut[MAX_TILE_INT8];
+    const uint8_t *l[MAX_TILE_INT8];
     __m512i acc_even[MAX_TILE_INT8], acc_odd[MAX_TILE_INT8];
     for (int t = 0; t < tile; t++) {
-        lut[t] = a->luts + (q0 + t) * table_entries(a);
+        l[t] = a->luts + (q0 + t) * table_entries(a);
         acc_even[t] = acc_odd[t] = _mm512_setzero_si512();
     }
-    for (Py_ssize_t c = 0; c < a->ncols; c += 2) {
-        /* An odd last column: masked loads (the absent column's codes and table bytes read as 0). */
-        const __mmask64 half = c + 1 < a->ncols ? ~(__mmask64)0 : ((__mmask64)1 << 32) - 1;
+    Py_ssize_t c = 0;
+    for (; c + 1 < a->ncols; c += 2) {
         _mm_prefetch((const char *)(blk + c * BLOCK + PREFETCH_AHEAD), _MM_HINT_T0);
-        const __m512i v = c + 1 < a->ncols ? _mm512_loadu_si512((const void *)(blk + c * BLOCK))
-                                           : _mm512_maskz_loadu_epi8(half, (const void *)(blk + c * BLOCK));
-        const __m512i lo = _mm512_ternarylogic_epi32(v, low4, at_lo, 0xEA);  /* (A & B) | C */
-        const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, at_hi, 0xEA);
-        const __m512i e = _mm512_permutex2var_epi8(lo, even_rows, hi), o = _mm512_permutex2var_epi8(lo, odd_rows, hi);
-        for (int t = 0; t < tile; t++) {
-            const __m512i tl = c + 1 < a->ncols ? _mm512_loadu_si512((const void *)(lut[t] + c * 32))
-                                                : _mm512_maskz_loadu_epi8(half, (const void *)(lut[t] + c * 32));
-            acc_even[t] = _mm512_dpbusd_epi32(acc_even[t], _mm512_permutexvar_epi8(e, tl), ones);
-            acc_odd[t] = _mm512_dpbusd_epi32(acc_odd[t], _mm512_permutexvar_epi8(o, tl), ones);
-        }
+        vnni_tables_pair(blk + c * BLOCK, l, c * 32, tile, ~(__mmask64)0, idx, acc_even, acc_odd);
     }
+    if (c < a->ncols)
+        vnni_tables_pair(blk + c * BLOCK, l, c * 32, tile, ((__mmask64)1 << 32) - 1, idx, acc_even, acc_odd);
     for (int t = 0; t < tile; t++) {
         sums[t][0] = _mm512_castsi512_si256(acc_even[t]);
         sums[t][1] = _mm512_extracti64x4_epi64(acc_even[t], 1);
