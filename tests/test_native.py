@@ -558,12 +558,12 @@ def test_native_rotation_equals_torch(rows, dim):
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 9])
 @pytest.mark.parametrize("dim", [5, 130, 384])
 def test_rotation_is_the_same_at_every_simd_level(rows, dim):
-    # Rows outside rotate_rows' groups of four take the AVX-512 loop where the CPU has it (runs of
-    # 128 outputs in registers, a masked last run: 130 and 5 are not multiples of 16 or 128): every
-    # output summed in the same order, so the bits equal the AVX2 loop's and the portable one's.
+    # Where the CPU has AVX-512, rows are rotated four (or the last one to three) at a time in runs
+    # of 64 outputs held in registers, with a masked last run (130 and 5 are not multiples of 16 or
+    # 64): every output summed in the same order, so the bits equal the AVX2 loop's.
     if not _X86_LEVELS["avx512"] <= _cpu_flags():
         pytest.skip("this CPU has no avx512 (avx512f, avx512bw in /proc/cpuinfo): the loop runs where it does")
     from tqindex.rotation import make_rotation

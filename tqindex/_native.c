@@ -1326,32 +1326,54 @@ __attribute__((target(TQ_AVX2))) static void rotate_rows_avx2(const float *restr
     rotate_rows(x, mt, out, rows, dim, cols);
 }
 
-/* Rows left over from rotate_rows' groups of four, in 512-bit vectors: each run of 128 outputs is kept in
- * eight registers while j goes over the whole row (rotate_rows loads and stores every output once per
- * j), each still summed in increasing j, one multiply and one add at a time, so the results are
- * rotate_rows', bit for bit. A last run of fewer than 16 outputs is read and written with masks. */
-__attribute__((target(TQ_AVX512))) static void rotate_tail_avx512(const float *restrict x, const float *restrict mt,
-                                                                float *restrict out, Py_ssize_t dim, Py_ssize_t cols) {
-    enum { RUN = 8 };
+/* rotate_rows in 512-bit vectors, R rows (1-4, a constant after inlining) at a time: each run of 16 * RUN
+ * outputs of each row is kept in registers while j goes over the whole row of x (rotate_rows loads and
+ * stores every output once per j), each output still summed in increasing j, one multiply and one add at a
+ * time, so the results are rotate_rows', bit for bit. A last run of fewer than 16 outputs is read and
+ * written with masks. */
+__attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_run_avx512(
+        const float *restrict x, const float *restrict mt, float *restrict out, Py_ssize_t dim, Py_ssize_t cols,
+        const int R) {
+    enum { RUN = 4 };
     Py_ssize_t k = 0;
     for (; k + 16 * RUN <= cols; k += 16 * RUN) {
-        __m512 acc[RUN];
-        for (int r = 0; r < RUN; r++) acc[r] = _mm512_setzero_ps();
+        __m512 acc[4][RUN];
+        for (int i = 0; i < R; i++)
+            for (int r = 0; r < RUN; r++) acc[i][r] = _mm512_setzero_ps();
         for (Py_ssize_t j = 0; j < dim; j++) {
-            const __m512 a = _mm512_set1_ps(x[j]);
             const float *m = mt + j * cols + k;
-            for (int r = 0; r < RUN; r++) acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(a, _mm512_loadu_ps(m + 16 * r)));
+            __m512 mv[RUN];
+            for (int r = 0; r < RUN; r++) mv[r] = _mm512_loadu_ps(m + 16 * r);
+            for (int i = 0; i < R; i++) {
+                const __m512 a = _mm512_set1_ps(x[i * dim + j]);
+                for (int r = 0; r < RUN; r++) acc[i][r] = _mm512_add_ps(acc[i][r], _mm512_mul_ps(a, mv[r]));
+            }
         }
-        for (int r = 0; r < RUN; r++) _mm512_storeu_ps(out + k + 16 * r, acc[r]);
+        for (int i = 0; i < R; i++)
+            for (int r = 0; r < RUN; r++) _mm512_storeu_ps(out + i * cols + k + 16 * r, acc[i][r]);
     }
     for (; k < cols; k += 16) {
         const __mmask16 live = cols - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (cols - k)) - 1);
-        __m512 acc = _mm512_setzero_ps();
+        __m512 acc[4];
+        for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
         for (Py_ssize_t j = 0; j < dim; j++) {
             const __m512 m = _mm512_maskz_loadu_ps(live, mt + j * cols + k);
-            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(x[j]), m));
+            for (int i = 0; i < R; i++) acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_set1_ps(x[i * dim + j]), m));
         }
-        _mm512_mask_storeu_ps(out + k, live, acc);
+        for (int i = 0; i < R; i++) _mm512_mask_storeu_ps(out + i * cols + k, live, acc[i]);
+    }
+}
+
+__attribute__((target(TQ_AVX512))) static void rotate_rows_avx512(const float *restrict x, const float *restrict mt,
+                                                                float *restrict out, Py_ssize_t rows, Py_ssize_t dim,
+                                                                Py_ssize_t cols) {
+    Py_ssize_t i = 0;
+    for (; i + 4 <= rows; i += 4) rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 4);
+    switch (rows - i) {
+        case 3: rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 3); break;
+        case 2: rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 2); break;
+        case 1: rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 1); break;
+        default: break;
     }
 }
 #endif
@@ -1360,9 +1382,7 @@ __attribute__((target(TQ_AVX512))) static void rotate_tail_avx512(const float *r
 static void matmul_rows(const float *x, const float *m, float *out, Py_ssize_t rows, Py_ssize_t dim, Py_ssize_t cols) {
 #ifdef TQ_X86
     if (have_avx512() && simd_limit >= LEVEL_AVX512) {
-        const Py_ssize_t whole = rows / 4 * 4;
-        rotate_rows_avx2(x, m, out, whole, dim, cols);
-        for (Py_ssize_t i = whole; i < rows; i++) rotate_tail_avx512(x + i * dim, m, out + i * cols, dim, cols);
+        rotate_rows_avx512(x, m, out, rows, dim, cols);
         return;
     }
     if (have_avx2()) {
