@@ -1358,7 +1358,8 @@ __attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_run_
         for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
         for (Py_ssize_t j = 0; j < dim; j++) {
             const __m512 m = _mm512_maskz_loadu_ps(live, mt + j * cols + k);
-            for (int i = 0; i < R; i++) acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_set1_ps(x[i * dim + j]), m));
+            for (int i = 0; i < R; i++)
+                acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_set1_ps(x[i * dim + j]), m));
         }
         for (int i = 0; i < R; i++) _mm512_mask_storeu_ps(out + i * cols + k, live, acc[i]);
     }
