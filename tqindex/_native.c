@@ -901,6 +901,27 @@ static inline float quantize16_sse2(const float *f, float lo, float inv, float s
 }
 #endif
 
+#ifdef TQ_X86
+/* entry_range and quantize16 for a nibble without a wide part, its 16 entries in one 512-bit register: the
+ * same elementwise operations (and exact minima and maxima), so the same levels and errors bit for bit. */
+__attribute__((target(TQ_AVX512))) static void entry_range_avx512(const float *a, float *lo, float *hi) {
+    const __m512 v = _mm512_loadu_ps(a);
+    *lo = _mm512_reduce_min_ps(v);
+    *hi = _mm512_reduce_max_ps(v);
+}
+
+__attribute__((target(TQ_AVX512))) static float quantize16_avx512(const float *f, float lo, float inv, float step,
+                                                                uint8_t *out) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(f), _mm512_set1_ps(lo));
+    const __m512 level = _mm512_min_ps(
+        _mm512_cvtepi32_ps(_mm512_cvttps_epi32(_mm512_add_ps(_mm512_mul_ps(d, _mm512_set1_ps(inv)),
+                                                             _mm512_set1_ps(0.5f)))),
+        _mm512_set1_ps((float)LUT_MAX));
+    _mm_storeu_si128((__m128i *)out, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(level)));
+    return _mm512_reduce_max_ps(_mm512_abs_ps(_mm512_sub_ps(_mm512_mul_ps(level, _mm512_set1_ps(step)), d)));
+}
+#endif
+
 static inline float quantize16(const float *f, float lo, float inv, float step, uint8_t *out, int portable) {
 #ifdef TQ_X86
     if (!portable) return quantize16_sse2(f, lo, inv, step, out);
@@ -966,9 +987,19 @@ static void query_tables(const float *q, const nibble_group *groups, int ngroups
     /* One pass for every nibble's minimum (its shift), span and largest magnitude. Minima and maxima
      * are kept in four lanes (independent, so the compiler can use SIMD without reordering a sum). */
     float span = 0.0f, shift_sum = 0.0f, mag = 0.0f;
+#ifdef TQ_X86
+    const int wide512 = !portable && have_avx512() && simd_limit >= LEVEL_AVX512;
+#else
+    const int wide512 = 0;
+#endif
     for (m = 0; m < nibbles; m++) {
         float lo, hi;
-        entry_range(flut + m * 16, m < wide ? flut + (nibbles + m) * 16 : NULL, &lo, &hi);
+#ifdef TQ_X86
+        if (wide512 && m >= wide)
+            entry_range_avx512(flut + m * 16, &lo, &hi);
+        else
+#endif
+            entry_range(flut + m * 16, m < wide ? flut + (nibbles + m) * 16 : NULL, &lo, &hi);
         span = hi - lo > span ? hi - lo : span;
         shift_sum += lo;
         mag += fabsf(lo) > fabsf(hi) ? fabsf(lo) : fabsf(hi);  /* max |x| is at an end of [lo, hi] */
@@ -980,6 +1011,14 @@ static void query_tables(const float *q, const nibble_group *groups, int ngroups
         const Py_ssize_t at[2] = {m * 16, (nibbles + m) * 16};
         const int nparts = m < wide ? 2 : 1;
         float lo, hi;
+#ifdef TQ_X86
+        if (wide512 && nparts == 1) {
+            entry_range_avx512(flut + at[0], &lo, &hi);
+            const float err = quantize16_avx512(flut + at[0], lo, inv, step, lut + at[0]);
+            err_sum += err > 0.0f ? err : 0.0f;
+            continue;
+        }
+#endif
         entry_range(flut + at[0], nparts == 2 ? flut + at[1] : NULL, &lo, &hi);
         float worst = 0.0f;
         for (int p = 0; p < nparts; p++) {
