@@ -989,8 +989,6 @@ static void query_tables(const float *q, const nibble_group *groups, int ngroups
     float span = 0.0f, shift_sum = 0.0f, mag = 0.0f;
 #ifdef TQ_X86
     const int wide512 = !portable && have_avx512() && simd_limit >= LEVEL_AVX512;
-#else
-    const int wide512 = 0;
 #endif
     for (m = 0; m < nibbles; m++) {
         float lo, hi;
