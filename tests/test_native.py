@@ -369,6 +369,31 @@ def test_each_simd_level_equals_the_portable_loop(simd_level, metric, bits, d, c
             assert work == work_avx2
 
 
+@pytest.mark.parametrize("simd_level", ["avx2", "avx512vbmi"], indirect=True)
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_block_skip_never_drops_a_row_that_reaches_the_heap(simd_level, metric, bits):
+    # The SIMD test skips a block when its largest sum, under the block's most favourable scale (and least
+    # norm for l2), cannot reach the threshold. Rows of one block with norms from 1e-3 to 1e3 (ip: a row's
+    # scale is its norm; l2: its norm is subtracted) make a bound with the wrong scale or norm drop rows that
+    # belong in the top k; the results must equal the portable loop's, which tests every row.
+    rng = np.random.default_rng(31)
+    d = 64
+    x, _ = clustered(rng, 2000, d, clusters=20, spread=0.5)
+    x *= np.float32(10.0) ** rng.uniform(-3, 3, size=(len(x), 1)).astype(np.float32)
+    index = Index(dim=d, bits=bits, metric=metric)
+    index.add(x)
+    queries = torch.from_numpy(x[rng.choice(len(x), 9, replace=False)] * np.float32(0.5))
+    rotated, _ = index._quantizer.prepare_queries(queries)
+    sq = queries.square().sum(1)
+    for nq in (1, 9):
+        a = fastscan.scan_topk_fast(index._quantizer, index._segments, rotated[:nq], sq[:nq], 10, metric, threads=1)
+        b = fastscan.scan_topk_fast(index._quantizer, index._segments, rotated[:nq], sq[:nq], 10, metric, threads=1,
+                                    portable=True)
+        np.testing.assert_array_equal(a[1].numpy(), b[1].numpy())
+        np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
+
+
 def test_simd_limit_is_checked_and_restored():
     if native.kernels is None:
         pytest.skip("the C extension is not built")

@@ -494,15 +494,65 @@ __attribute__((target(TQ_AVX2), always_inline)) static inline void block_sums_av
     }
 }
 
+/* What bounds every row of a block in offer_block_avx2's test, made once per block for all its queries: the
+ * least and greatest scale, and the least squared norm as the test rounds it (0 without norms). */
+typedef struct {
+    float scale_min, scale_max, norm2_min;
+} block_bounds;
+
+__attribute__((target(TQ_AVX2), always_inline)) static inline block_bounds block_bounds_avx2(const float *scale,
+                                                                                              const float *norm) {
+    __m256 lo = _mm256_loadu_ps(scale), hi = lo, n2 = _mm256_setzero_ps();
+    for (int g = 1; g < 4; g++) {
+        const __m256 s = _mm256_loadu_ps(scale + 8 * g);
+        lo = _mm256_min_ps(lo, s);
+        hi = _mm256_max_ps(hi, s);
+    }
+    if (norm) {
+        n2 = _mm256_mul_ps(_mm256_loadu_ps(norm), _mm256_loadu_ps(norm));
+        for (int g = 1; g < 4; g++) {
+            const __m256 n = _mm256_loadu_ps(norm + 8 * g);
+            n2 = _mm256_min_ps(n2, _mm256_mul_ps(n, n));
+        }
+    }
+    float l[8], h[8], m[8];
+    _mm256_storeu_ps(l, lo);
+    _mm256_storeu_ps(h, hi);
+    _mm256_storeu_ps(m, n2);
+    block_bounds b = {l[0], h[0], m[0]};
+    for (int i = 1; i < 8; i++) {
+        b.scale_min = l[i] < b.scale_min ? l[i] : b.scale_min;
+        b.scale_max = h[i] > b.scale_max ? h[i] : b.scale_max;
+        b.norm2_min = m[i] < b.norm2_min ? m[i] : b.norm2_min;
+    }
+    return b;
+}
+
 /* The portable offer_block's test on 8 rows at a time (sums in block_sums_avx2's slot order are put
  * in row order first); rows that pass go in row order to exact_offer. scale, norm: the block's
- * (`block_floats`). */
+ * (`block_floats`); bb: their bounds (`block_bounds_avx2`). */
 __attribute__((target(TQ_AVX2), always_inline)) static inline void offer_block_avx2(
         const scan_args *a, Py_ssize_t q, Py_ssize_t block, const __m256i *sums, const float *scale,
-        const float *norm, uint32_t live) {
+        const float *norm, uint32_t live, const block_bounds *bb) {
     const float factor = norm ? 2.0f : 1.0f;
-    const __m256 mul = _mm256_set1_ps(factor * a->delta[q]), add = _mm256_set1_ps(factor * (a->bias[q] + a->tol[q]));
-    const __m256 threshold = _mm256_set1_ps(evaluation_threshold(a, q));
+    const float mul1 = factor * a->delta[q], add1 = factor * (a->bias[q] + a->tol[q]);
+    const float least = evaluation_threshold(a, q);
+    {
+        /* The block's best row cannot score above the largest sum's bound (the same fused multiply-add,
+         * then the scale that makes it largest: the greatest for a bound >= 0, else the least; less the
+         * least squared norm): every rounding is monotone, so if that misses the threshold, every row's
+         * test below would miss it too, and none needs computing. (Sums are signed: int8 sums may be < 0.) */
+        const __m256i top = _mm256_max_epi32(_mm256_max_epi32(sums[0], sums[1]), _mm256_max_epi32(sums[2], sums[3]));
+        __m128i t = _mm_max_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+        t = _mm_max_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        t = _mm_max_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+        const float v = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(mul1), _mm_cvtepi32_ps(t), _mm_set_ss(add1)));
+        float bound = (v >= 0.0f ? bb->scale_max : bb->scale_min) * v;
+        if (norm) bound -= bb->norm2_min;
+        if (bound < least) return;
+    }
+    const __m256 mul = _mm256_set1_ps(mul1), add = _mm256_set1_ps(add1);
+    const __m256 threshold = _mm256_set1_ps(least);
     /* Slots 0-7 are rows 0, 2, .., 14, slots 8-15 rows 16, .., 30, then the odd rows likewise:
      * interleaving even and odd (per 128-bit lane) and joining lanes gives rows 8g .. 8g + 7. */
     __m256i by_row[4];
@@ -564,8 +614,9 @@ __attribute__((target(TQ_AVX2), always_inline)) static inline void block_floats_
             const uint32_t live = live_rows_avx2(a, b);                                              \
             const float *scale, *norm;                                                               \
             block_floats_avx2(a, b, tail_scale, tail_norm, &scale, &norm);                           \
+            const block_bounds bb = block_bounds_avx2(scale, norm);                                  \
             SUMS(a, q0, T, b, sums);                                                                 \
-            for (int t = 0; t < T; t++) offer_block_avx2(a, q0 + t, b, sums[t], scale, norm, live);  \
+            for (int t = 0; t < T; t++) offer_block_avx2(a, q0 + t, b, sums[t], scale, norm, live, &bb); \
         }                                                                                            \
     }
 
