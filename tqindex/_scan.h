@@ -791,6 +791,48 @@ __attribute__((target(TQ_VBMI), always_inline)) static inline void block_sums_vb
 DEFINE_KERNEL(scan_avx512, scan_tile512, TQ_AVX512, block_sums_avx512)
 DEFINE_KERNEL(scan_vbmi, scan_tile_vbmi, TQ_VBMI, block_sums_vbmi)
 
+/* The 32-bit sums of the VNNI kernels (the even rows 0, 2, .., 30 of a block in one register, the odd rows in
+ * the other) in block_sums_avx2's slot order, which the AVX2 test and offer read. */
+__attribute__((target(TQ_VNNI), always_inline)) static inline void even_odd_sums(
+        const int tile, const __m512i *acc_even, const __m512i *acc_odd, __m256i sums[][4]) {
+    for (int t = 0; t < tile; t++) {
+        sums[t][0] = _mm512_castsi512_si256(acc_even[t]);
+        sums[t][1] = _mm512_extracti64x4_epi64(acc_even[t], 1);
+        sums[t][2] = _mm512_castsi512_si256(acc_odd[t]);
+        sums[t][3] = _mm512_extracti64x4_epi64(acc_odd[t], 1);
+    }
+}
+
+/* Tiles of 2-8 queries of a VNNI kernel (see DEFINE_TILE), and its scan: blocks in passes, queries in
+ * tiles of up to 8 over each pass (the shared decoding is paid once a tile), a lone query by ONE. */
+#define DEFINE_TILES_2_8(TILE, SUMS)             \
+    DEFINE_TILE(TILE, TQ_VNNI, SUMS, 2)          \
+    DEFINE_TILE(TILE, TQ_VNNI, SUMS, 3)          \
+    DEFINE_TILE(TILE, TQ_VNNI, SUMS, 4)          \
+    DEFINE_TILE(TILE, TQ_VNNI, SUMS, 5)          \
+    DEFINE_TILE(TILE, TQ_VNNI, SUMS, 6)          \
+    DEFINE_TILE(TILE, TQ_VNNI, SUMS, 7)          \
+    DEFINE_TILE(TILE, TQ_VNNI, SUMS, 8)
+
+#define DEFINE_SCAN_8(NAME, TILE, ONE)                                                         \
+    static void NAME(const scan_args *a) {                                                     \
+        for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {                          \
+            Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;         \
+            Py_ssize_t q = 0;                                                                  \
+            for (; q + 8 <= a->nq; q += 8) TILE##_8(a, q, p, pe);                              \
+            switch (a->nq - q) {                                                               \
+                case 7: TILE##_7(a, q, p, pe); break;                                          \
+                case 6: TILE##_6(a, q, p, pe); break;                                          \
+                case 5: TILE##_5(a, q, p, pe); break;                                          \
+                case 4: TILE##_4(a, q, p, pe); break;                                          \
+                case 3: TILE##_3(a, q, p, pe); break;                                          \
+                case 2: TILE##_2(a, q, p, pe); break;                                          \
+                case 1: ONE(a, q, p, pe); break;                                               \
+                default: break;                                                                \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
 /* One column pair of block_sums_vnni_tables (at: its codes; l[t] + off: the tile's tables for it; half:
  * the bytes to read, all but for an odd last column, whose absent neighbour reads as 0 and adds 0). */
 __attribute__((target(TQ_VNNI), always_inline)) static inline void vnni_tables_pair(
@@ -848,45 +890,20 @@ __attribute__((target(TQ_VNNI), always_inline)) static inline void block_sums_vn
     }
     if (c < a->ncols)
         vnni_tables_pair(blk + c * BLOCK, l, c * 32, tile, ((__mmask64)1 << 32) - 1, idx, acc_even, acc_odd);
-    for (int t = 0; t < tile; t++) {
-        sums[t][0] = _mm512_castsi512_si256(acc_even[t]);
-        sums[t][1] = _mm512_extracti64x4_epi64(acc_even[t], 1);
-        sums[t][2] = _mm512_castsi512_si256(acc_odd[t]);
-        sums[t][3] = _mm512_extracti64x4_epi64(acc_odd[t], 1);
-    }
+    even_odd_sums(tile, acc_even, acc_odd, sums);
 }
 
-DEFINE_TILE(scan_tile_vt, TQ_VNNI, block_sums_vnni_tables, 2)
-DEFINE_TILE(scan_tile_vt, TQ_VNNI, block_sums_vnni_tables, 3)
-DEFINE_TILE(scan_tile_vt, TQ_VNNI, block_sums_vnni_tables, 4)
-DEFINE_TILE(scan_tile_vt, TQ_VNNI, block_sums_vnni_tables, 5)
-DEFINE_TILE(scan_tile_vt, TQ_VNNI, block_sums_vnni_tables, 6)
-DEFINE_TILE(scan_tile_vt, TQ_VNNI, block_sums_vnni_tables, 7)
-DEFINE_TILE(scan_tile_vt, TQ_VNNI, block_sums_vnni_tables, 8)
+DEFINE_TILES_2_8(scan_tile_vt, block_sums_vnni_tables)
+DEFINE_SCAN_8(scan_vt, scan_tile_vt, scan_tile_vbmi_1)
 
 /* The VBMI level's table scan: codes with wide columns, and a lone query, take block_sums_vbmi
  * (one query gains nothing from the gather, which block_sums_vnni_tables pays per pair and tile);
  * tiles of several queries take block_sums_vnni_tables. */
 static void scan_vbmi_tables(const scan_args *a) {
-    if (a->wcols || a->nq == 1) {
+    if (a->wcols || a->nq == 1)
         scan_vbmi(a);
-        return;
-    }
-    for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {
-        Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;
-        Py_ssize_t q = 0;
-        for (; q + 8 <= a->nq; q += 8) scan_tile_vt_8(a, q, p, pe);
-        switch (a->nq - q) {
-            case 7: scan_tile_vt_7(a, q, p, pe); break;
-            case 6: scan_tile_vt_6(a, q, p, pe); break;
-            case 5: scan_tile_vt_5(a, q, p, pe); break;
-            case 4: scan_tile_vt_4(a, q, p, pe); break;
-            case 3: scan_tile_vt_3(a, q, p, pe); break;
-            case 2: scan_tile_vt_2(a, q, p, pe); break;
-            case 1: scan_tile_vbmi_1(a, q, p, pe); break;
-            default: break;
-        }
-    }
+    else
+        scan_vt(a);
 }
 
 /* The int8 scan (AVX-512 VBMI + VNNI; see scan_args.qint). Per block and group of four columns
@@ -949,22 +966,11 @@ __attribute__((target(TQ_VNNI), always_inline)) static inline void block_sums_in
             acc_odd[t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_odd[t], o_lo, w_lo), o_hi, w_hi);
         }
     }
-    for (int t = 0; t < tile; t++) {
-        sums[t][0] = _mm512_castsi512_si256(acc_even[t]);
-        sums[t][1] = _mm512_extracti64x4_epi64(acc_even[t], 1);
-        sums[t][2] = _mm512_castsi512_si256(acc_odd[t]);
-        sums[t][3] = _mm512_extracti64x4_epi64(acc_odd[t], 1);
-    }
+    even_odd_sums(tile, acc_even, acc_odd, sums);
 }
 
 DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 1)
-DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 2)
-DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 3)
-DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 4)
-DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 5)
-DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 6)
-DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 7)
-DEFINE_TILE(scan_tile_int8, TQ_VNNI, block_sums_int8, 8)
+DEFINE_TILES_2_8(scan_tile_int8, block_sums_int8)
 
 /* Query q's int8 sums over one block, in row order (for tests: block_sums_int8_portable's). */
 __attribute__((target(TQ_VNNI))) static void block_sums_int8_rows(const scan_args *a, Py_ssize_t q, Py_ssize_t block,
@@ -979,23 +985,7 @@ __attribute__((target(TQ_VNNI))) static void block_sums_int8_rows(const scan_arg
 
 /* Blocks in passes, queries in tiles of up to MAX_TILE_INT8 (the decoded levels are shared by a
  * tile, so wider tiles pay them less often). */
-static void scan_int8_vnni(const scan_args *a) {
-    for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {
-        Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;
-        Py_ssize_t q = 0;
-        for (; q + 8 <= a->nq; q += 8) scan_tile_int8_8(a, q, p, pe);
-        switch (a->nq - q) {
-            case 7: scan_tile_int8_7(a, q, p, pe); break;
-            case 6: scan_tile_int8_6(a, q, p, pe); break;
-            case 5: scan_tile_int8_5(a, q, p, pe); break;
-            case 4: scan_tile_int8_4(a, q, p, pe); break;
-            case 3: scan_tile_int8_3(a, q, p, pe); break;
-            case 2: scan_tile_int8_2(a, q, p, pe); break;
-            case 1: scan_tile_int8_1(a, q, p, pe); break;
-            default: break;
-        }
-    }
-}
+DEFINE_SCAN_8(scan_int8_vnni, scan_tile_int8, scan_tile_int8_1)
 #endif
 
 #ifdef TQ_NEON
