@@ -230,6 +230,25 @@ def test_a_single_query_probes_the_lists_a_batch_gives_it(metric):
             np.testing.assert_allclose(one_offsets.numpy(), offsets[i:i + 1].numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_batch_answers_each_query_as_alone(metric, bits):
+    # A batch probing one list a query is scanned in order of the lists (each list's queries one run)
+    # and put back in the callers' order; with more lists, in the callers' order. Each query's ids and
+    # scores must be those it gets alone (a torch query: the general path, one query).
+    x, q = _data(queries=60)
+    index = Index(dim=DIM, bits=bits, metric=metric, partitions=NLIST, seed=2)
+    index.add(x)
+    for nprobe in (1, 3):
+        batch = index.search(torch.from_numpy(q), 7, nprobe=nprobe)
+        lists, _ = index._coarse.probe(torch.from_numpy(q), metric, nprobe)
+        assert (np.diff(lists[:, 0].numpy()) < 0).any()  # the queries are not in order of their lists
+        for i in range(len(q)):
+            alone = index.search(torch.from_numpy(q[i:i + 1]), 7, nprobe=nprobe)
+            np.testing.assert_array_equal(batch.ids[i].numpy(), alone.ids[0].numpy())
+            np.testing.assert_array_equal(batch.scores[i].numpy(), alone.scores[0].numpy())
+
+
 def test_a_snapshot_keeps_the_scan_entries_of_the_lists_probed_only():
     # The native scan's per-list arguments are made once per snapshot, for the lists a query
     # probes (a filtered search has a snapshot of its own, so making every list's would cost more
