@@ -726,6 +726,47 @@ def test_kernel_shares_of_queries_or_blocks_equal_one_thread(metric):
                                      np.full((nq, 3), -1, np.int64), np.zeros(nq, np.int64), threads=0)
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("int8", [False, True])
+def test_scanning_picked_rows_of_a_plan_equals_scanning_their_copies(metric, int8):
+    # qrows: the kernel reads the tables (or int8 queries) and rotated queries of rows qrows of the whole
+    # plan, the other per-query inputs being the picked queries' own: the same heaps and counts as a plan
+    # made of copies of those rows, on one thread and split by queries.
+    if int8 and native.simd() != "avx512vbmi":
+        pytest.skip("int8 queries are scanned at the avx512vbmi level only (this CPU runs " + native.simd() + ")")
+    nq = 9
+    plan, entries, magnitude, offsets = _kernel_inputs(metric, nq)
+    rows = np.array([7, 2, 5, 0, 8], np.int64)
+    if int8:
+        rng = np.random.default_rng(5)
+        base, near = clustered(rng, 300, 48, clusters=9, spread=0.4, queries=nq)
+        index = Index(dim=48, bits=4, metric=metric)
+        index.add(np.repeat(base, 10, axis=0))
+        rotated, _ = index._quantizer.prepare_queries(torch.from_numpy(near))
+        qn2 = (near ** 2).sum(1).astype(np.float32) if metric == "l2" else None
+        plan, magnitude = fastscan._plan_for(index._quantizer, rotated, qn2, False, True)
+        entries = [fastscan._segment_entry(index._quantizer, seg, metric, None, 0) for seg in index._segments]
+        offsets = np.zeros((len(entries), nq), np.float32)
+        assert plan.qint is not None
+    copies = dataclasses.replace(plan, **{name: getattr(plan, name)[rows] for name in plan._PER_QUERY
+                                         if getattr(plan, name) is not None})
+    for threads in (1, 2):
+        out = []
+        for part, qrows in ((copies, None), (plan.picked(rows), rows)):
+            s, i = np.full((len(rows), 10), -np.inf, np.float32), np.full((len(rows), 10), -1, np.int64)
+            count = np.zeros(len(rows), np.int64)
+            native.kernels.scan_segments(part, entries, magnitude[rows], s, i, count,
+                                         offsets=offsets[:, rows].copy(), threads=threads, qrows=qrows)
+            out.append((s, i, count))
+        for a, b in zip(*out):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="qrows"):
+        native.kernels.scan_segments(plan.picked(rows), entries, magnitude[rows],
+                                     np.full((5, 3), -np.inf, np.float32), np.full((5, 3), -1, np.int64),
+                                     np.zeros(5, np.int64), offsets=offsets[:, rows].copy(),
+                                     qrows=np.array([7, 2, 5, 0, nq], np.int64))
+
+
 _FORKED_SCAN = r"""
 import multiprocessing as mp, sys
 import numpy as np

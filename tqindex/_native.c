@@ -236,8 +236,22 @@ static void set_level(scan_args *a, int portable) {
 
 /* The plan's per-query inputs (luts, fluts, delta, which fixes nq, bias, tol, query_norm2, and for
  * rescoring from codes rotated, centroids, row_bits), its layout (ncols, wcols), and the heaps. */
+/* The rows of a plan array of `row_bytes` a query that qrow picks (scan_args.qrow): the array's row count,
+ * each picked row checked to be one of them; -1 with an error set otherwise. */
+static Py_ssize_t picked_rows(const Py_buffer *v, Py_ssize_t row_bytes, const scan_args *a, const char *name) {
+    const Py_ssize_t rows = row_bytes > 0 ? v->len / row_bytes : 0;
+    int ok = row_bytes > 0 && v->len == rows * row_bytes;
+    for (Py_ssize_t q = 0; ok && q < a->nq; q++) ok = a->qrow[q] >= 0 && a->qrow[q] < rows;
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError, "scan: %s must hold whole rows of %zd bytes, and qrows rows of it", name,
+                     row_bytes);
+        return -1;
+    }
+    return rows;
+}
+
 static int bind_queries(scan_args *a, buffer_set *b, PyObject *plan, PyObject *out_s, PyObject *out_i,
-                        PyObject *exact_count, int portable) {
+                        PyObject *exact_count, int portable, PyObject *qrows) {
     long long ncols, wcols, row_bits;
     if (int_field(plan, "ncols", &ncols) < 0 || int_field(plan, "wcols", &wcols) < 0 ||
         int_field(plan, "row_bits", &row_bits) < 0)
@@ -259,8 +273,16 @@ static int bind_queries(scan_args *a, buffer_set *b, PyObject *plan, PyObject *o
     }
     TAKE(take(b, out_i, 1, a->nq * a->kp * (Py_ssize_t)sizeof(int64_t), "out_ids", &p_), a->out_i);
     TAKE(take(b, exact_count, 1, a->nq * (Py_ssize_t)sizeof(int64_t), "exact_count", &p_), a->exact_count);
+    /* With qrows, the tables, int8 queries and rotated queries are the whole plan's, read at rows qrows. */
+    a->qrow = NULL;
+    if (qrows != Py_None) TAKE(take(b, qrows, 0, a->nq * (Py_ssize_t)sizeof(int64_t), "qrows", &p_), a->qrow);
+    const int picked = a->qrow != NULL;
+    Py_ssize_t plan_rows = a->nq;  /* the rows of the tables (or int8 queries) */
     /* int8 queries (int8_tables) replace the tables: one scalar group rescored from its codes. */
-    TAKE(take_field(b, plan, "qint", 1, a->nq * int8_query_bytes(a->ncols), &p_), a->qint);
+    TAKE(take_field(b, plan, "qint", 1, picked ? -1 : a->nq * int8_query_bytes(a->ncols), &p_), a->qint);
+    if (picked && a->qint &&
+        (plan_rows = picked_rows(&b->v[b->held - 1], int8_query_bytes(a->ncols), a, "qint")) < 0)
+        return -1;
     const int int8 = a->qint != NULL;
     if (int8 && (row_bits != 4 || wcols)) {
         PyErr_SetString(PyExc_ValueError,
@@ -268,8 +290,15 @@ static int bind_queries(scan_args *a, buffer_set *b, PyObject *plan, PyObject *o
         return -1;
     }
     TAKE(take_field(b, plan, "levels", !int8, 64, &p_), a->levels);
-    TAKE(take_field(b, plan, "luts", int8, entries, &p_), a->luts);
-    TAKE(take_field(b, plan, "fluts", int8, entries * (Py_ssize_t)sizeof(float), &p_), a->fluts);
+    TAKE(take_field(b, plan, "luts", int8, picked ? -1 : entries, &p_), a->luts);
+    if (picked && a->luts && (plan_rows = picked_rows(&b->v[b->held - 1], table_entries(a), a, "luts")) < 0)
+        return -1;
+    TAKE(take_field(b, plan, "fluts", int8, picked ? -1 : entries * (Py_ssize_t)sizeof(float), &p_), a->fluts);
+    if (picked && a->fluts &&
+        picked_rows(&b->v[b->held - 1], table_entries(a) * (Py_ssize_t)sizeof(float), a, "fluts") != plan_rows) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "scan: fluts must have the rows of luts");
+        return -1;
+    }
     TAKE(take_field(b, plan, "bias", 0, per_query, &p_), a->bias);
     TAKE(take_field(b, plan, "tol", 0, per_query, &p_), a->tol);
     TAKE(take_field(b, plan, "query_norm2", 1, per_query, &p_), a->query_norm2);
@@ -281,8 +310,10 @@ static int bind_queries(scan_args *a, buffer_set *b, PyObject *plan, PyObject *o
         }
         a->row_bits = (int)row_bits;
         TAKE(take_field(b, plan, "rotated", 0, -1, &p_), a->rotated);
-        a->dim = a->nq ? b->v[b->held - 1].len / per_query : 0;
-        if (a->nq && (a->dim < 1 || a->dim * per_query != b->v[b->held - 1].len || (a->dim * row_bits + 7) / 8 > ncols)) {
+        const Py_ssize_t rotated_row = plan_rows * (Py_ssize_t)sizeof(float);  /* a float per query and dim */
+        a->dim = plan_rows ? b->v[b->held - 1].len / rotated_row : 0;
+        if (a->nq && (a->dim < 1 || a->dim * rotated_row != b->v[b->held - 1].len ||
+                      (a->dim * row_bits + 7) / 8 > ncols)) {
             PyErr_SetString(PyExc_ValueError, "scan: rotated must be float32 [nq][dim] with dim codes in ncols columns");
             return -1;
         }
@@ -350,16 +381,20 @@ static int bind_segment(scan_args *a, buffer_set *b, PyObject *codes, Py_ssize_t
 /* The queries [q0, q1) of a's: every per-query pointer moved to q0. */
 static void narrow_queries(scan_args *g, Py_ssize_t q0, Py_ssize_t q1) {
     const Py_ssize_t entries = table_entries(g);
-    if (g->luts) g->luts += q0 * entries;
-    if (g->fluts) g->fluts += q0 * entries;
-    if (g->qint) g->qint += q0 * int8_query_bytes(g->ncols);
+    if (g->qrow) {
+        g->qrow += q0;  /* the tables stay the plan's: the rows move */
+    } else {
+        if (g->luts) g->luts += q0 * entries;
+        if (g->fluts) g->fluts += q0 * entries;
+        if (g->qint) g->qint += q0 * int8_query_bytes(g->ncols);
+        if (g->rotated) g->rotated += q0 * g->dim;
+    }
     g->delta += q0;
     g->bias += q0;
     g->tol += q0;
     if (g->query_norm2) g->query_norm2 += q0;
     if (g->offset) g->offset += q0;
     if (g->floor) g->floor += q0;
-    if (g->rotated) g->rotated += q0 * g->dim;
     g->out_s += q0 * g->kp;
     g->out_i += q0 * g->kp;
     g->exact_count += q0;
@@ -609,11 +644,13 @@ static int check_threads(int *threads, const char *name) {
  * A flat index's segments and a partitioned index's probed lists both come through here. */
 static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"plan", "segments", "magnitude", "out_scores", "out_ids", "exact_count", "portable",
-                             "floor", "offsets", "threads", NULL};
-    PyObject *plan, *segments, *magnitude, *out_s, *out_i, *exact_count, *floor = Py_None, *offsets = Py_None;
+                             "floor", "offsets", "threads", "qrows", NULL};
+    PyObject *plan, *segments, *magnitude, *out_s, *out_i, *exact_count, *floor = Py_None, *offsets = Py_None,
+             *qrows = Py_None;
     int portable = 0, threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OOOO|pOOi", kwlist, &plan, &PyList_Type, &segments,
-                                     &magnitude, &out_s, &out_i, &exact_count, &portable, &floor, &offsets, &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OOOO|pOOiO", kwlist, &plan, &PyList_Type, &segments,
+                                     &magnitude, &out_s, &out_i, &exact_count, &portable, &floor, &offsets, &threads,
+                                     &qrows))
         return NULL;
     if (check_threads(&threads, "scan_segments") < 0) return NULL;
     /* Every segment is bound first (up to 5 buffers each), then the GIL is released once for the
@@ -628,7 +665,7 @@ static PyObject *scan_segments(PyObject *self, PyObject *args, PyObject *kwargs)
     memset(&a, 0, sizeof(a));
     if (buffers_init(&b, MAX_BUFS + 5 * nseg) < 0) return NULL;
     if (bound_init(&bs, nseg) < 0) goto done;
-    if (bind_queries(&a, &b, plan, out_s, out_i, exact_count, portable) < 0) goto done;
+    if (bind_queries(&a, &b, plan, out_s, out_i, exact_count, portable, qrows) < 0) goto done;
     if (bind_floor(&a, &b, floor) < 0) goto done;
     if (take(&b, magnitude, 0, a.nq * (Py_ssize_t)sizeof(float), "magnitude", &mag_p) < 0) goto done;
     const float *offset = NULL;  /* [nseg][nq] */

@@ -87,6 +87,10 @@ typedef struct {
      * the int8 ones), and luts / fluts are unused. */
     const int8_t *qint;        /* [nq][ceil(ncols/4)][2][4] */
     const uint8_t *levels;     /* [64]: the level byte of code i & 15 */
+    /* Optional (a partitioned batch's list scans a subset of the plan's queries in place): query q's tables,
+     * float tables, int8 query and rotated row are row qrow[q] of luts, fluts, qint and rotated; the other
+     * per-query arrays are the subset's own. NULL: row q. */
+    const int64_t *qrow;
     int avx2;                  /* which dot_* to use */
     int avx512;                /* the AVX-512 block sums (x86): 1 with AVX512F and BW, 2 with VBMI too */
 } scan_args;
@@ -181,6 +185,9 @@ static inline Py_ssize_t int8_query_bytes(Py_ssize_t ncols) { return (ncols + 3)
 static inline Py_ssize_t block_bytes(const scan_args *a) { return (a->ncols + a->wcols / 4) * BLOCK; }
 static inline Py_ssize_t table_entries(const scan_args *a) { return (a->ncols + a->wcols) * 32; }
 
+/* Query q's row of the plan's tables, float tables, int8 queries and rotated queries (see scan_args.qrow). */
+static inline Py_ssize_t query_row(const scan_args *a, Py_ssize_t q) { return a->qrow ? (Py_ssize_t)a->qrow[q] : q; }
+
 /* The 5th bits of wide nibbles 2c and 2c + 1 of vector v, as 0 or 1. */
 static inline int wide_bit(const uint8_t *blk, const scan_args *a, Py_ssize_t c, int v, int half) {
     return (blk[(a->ncols + (c >> 2)) * BLOCK + v] >> (2 * (c & 3) + half)) & 1;
@@ -259,14 +266,14 @@ static inline float exact_dot(const scan_args *a, Py_ssize_t q, Py_ssize_t block
     if (a->row_bits) {
         /* The row's codes, read from its column bytes (32 apart in the block). */
         const uint8_t *col = a->codes + block * block_bytes(a) + v;
-        const float *qr = a->rotated + q * a->dim;
+        const float *qr = a->rotated + query_row(a, q) * a->dim;
 #ifdef TQ_X86
         if (a->avx2) return dot_avx2(a, col, qr);
 #endif
         float lanes[DOT_LANES] = {0.0f};
         return dot_portable(a, col, qr, 0, lanes);
     }
-    const float *flut = a->fluts + q * table_entries(a);
+    const float *flut = a->fluts + query_row(a, q) * table_entries(a);
     const uint8_t *blk = a->codes + block * block_bytes(a);
     const uint8_t *col = blk + v;
     /* Four partial sums: one chain of dependent float adds would cost ~4 cycles per nibble. */
@@ -360,7 +367,7 @@ static inline void offer_block(const scan_args *a, Py_ssize_t q, Py_ssize_t bloc
 
 static void block_sums_portable(const scan_args *a, Py_ssize_t q, Py_ssize_t block, uint32_t *sums) {
     const uint8_t *blk = a->codes + block * block_bytes(a);
-    const uint8_t *lut = a->luts + q * table_entries(a);
+    const uint8_t *lut = a->luts + query_row(a, q) * table_entries(a);
     const Py_ssize_t upper = 2 * a->ncols * 16;
     for (int v = 0; v < BLOCK; v++) sums[v] = 0;
     for (Py_ssize_t c = 0; c < a->wcols; c++) {
@@ -378,7 +385,7 @@ static void block_sums_portable(const scan_args *a, Py_ssize_t q, Py_ssize_t blo
 /* The int8 scan's sums (see scan_args.qint), in row order: the oracle of scan_int8_vnni. */
 static void block_sums_int8_portable(const scan_args *a, Py_ssize_t q, Py_ssize_t block, uint32_t *sums) {
     const uint8_t *blk = a->codes + block * block_bytes(a);
-    const int8_t *qi = a->qint + q * int8_query_bytes(a->ncols);
+    const int8_t *qi = a->qint + query_row(a, q) * int8_query_bytes(a->ncols);
     for (int v = 0; v < BLOCK; v++) {
         int32_t s = 0;
         for (Py_ssize_t c = 0; c < a->ncols; c++) {
@@ -415,7 +422,7 @@ static void scan_portable(const scan_args *a) {
 __attribute__((target(TQ_AVX2), always_inline)) static inline void tile_start(
         const scan_args *a, Py_ssize_t q0, int tile, const uint8_t **lut, __m256i sums[][4]) {
     for (int t = 0; t < tile; t++) {
-        lut[t] = a->luts + (q0 + t) * table_entries(a);
+        lut[t] = a->luts + query_row(a, q0 + t) * table_entries(a);
         for (int g = 0; g < 4; g++) sums[t][g] = _mm256_setzero_si256();
     }
 }
@@ -880,7 +887,7 @@ __attribute__((target(TQ_VNNI), always_inline)) static inline void block_sums_vn
     const uint8_t *l[MAX_TILE_INT8];
     __m512i acc_even[MAX_TILE_INT8], acc_odd[MAX_TILE_INT8];
     for (int t = 0; t < tile; t++) {
-        l[t] = a->luts + (q0 + t) * table_entries(a);
+        l[t] = a->luts + query_row(a, q0 + t) * table_entries(a);
         acc_even[t] = acc_odd[t] = _mm512_setzero_si512();
     }
     Py_ssize_t c = 0;
@@ -937,7 +944,7 @@ __attribute__((target(TQ_VNNI), always_inline)) static inline void block_sums_in
     const int8_t *qi[MAX_TILE_INT8];
     for (int t = 0; t < tile; t++) {
         acc_even[t] = acc_odd[t] = _mm512_setzero_si512();
-        qi[t] = a->qint + (q0 + t) * int8_query_bytes(a->ncols);
+        qi[t] = a->qint + query_row(a, q0 + t) * int8_query_bytes(a->ncols);
     }
     for (Py_ssize_t g = 0; g < groups; g++) {
         const uint8_t *at = blk + 4 * g * BLOCK;
@@ -994,7 +1001,7 @@ DEFINE_SCAN_8(scan_int8_vnni, scan_tile_int8, scan_tile_int8_1)
  * tests them, so the results are the portable loop's exactly. */
 static void block_sums_neon(const scan_args *a, Py_ssize_t q, Py_ssize_t block, uint32_t *sums) {
     const uint8_t *blk = a->codes + block * block_bytes(a);
-    const uint8_t *lut = a->luts + q * table_entries(a);
+    const uint8_t *lut = a->luts + query_row(a, q) * table_entries(a);
     const Py_ssize_t upper = 2 * a->ncols * 16;
     const uint8x16_t low4 = vdupq_n_u8(0x0f);
     uint32x4_t total[8];

@@ -202,12 +202,21 @@ class ScanPlan:
     levels: np.ndarray | None = None
 
     _PER_QUERY = ("luts", "fluts", "delta", "bias", "tol", "query_norm2", "rotated", "qint")
+    _SMALL = ("delta", "bias", "tol", "query_norm2")  # a float per query
 
     def queries(self, rows) -> "ScanPlan":
-        """The plan for queries `rows` (a slice: views; an index array: copies)."""
-        if isinstance(rows, slice) and rows.start in (0, None) and rows.stop >= len(self.delta):
+        """The plan for queries `rows`, a slice: views of every array."""
+        if rows.start in (0, None) and rows.stop >= len(self.delta):
             return self
         return dataclasses.replace(self, **{name: getattr(self, name)[rows] for name in self._PER_QUERY
+                                            if getattr(self, name) is not None})
+
+    def picked(self, rows: np.ndarray) -> "ScanPlan":
+        """The plan for queries `rows`, an index array, for `scan_segments(..., qrows=rows)`: its floats
+        per query copied, its tables, int8 and rotated queries left whole (the kernel reads their rows
+        `rows`: a query's tables are kilobytes, copied per list probed they were a partitioned batch's
+        largest cost after the scan)."""
+        return dataclasses.replace(self, **{name: getattr(self, name)[rows] for name in self._SMALL
                                             if getattr(self, name) is not None})
 
 
@@ -461,10 +470,12 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
     entries_of = list_entries(quantizer, request, metric, cache)
 
     def scan(rows, args, offsets, threads=1):
-        part = plan.queries(rows)
+        picked = isinstance(rows, np.ndarray)
+        part = plan.picked(rows) if picked else plan.queries(rows)
         hs, hi, cnt = heap_s[rows], heap_i[rows], np.zeros(len(part.delta), dtype=np.int64)
+        qrows = np.ascontiguousarray(rows, dtype=np.int64) if picked else None
         native.kernels.scan_segments(part, args, magnitude[rows], hs, hi, cnt, portable=portable, offsets=offsets,
-                                     threads=threads)
+                                     threads=threads, qrows=qrows)
         if isinstance(rows, np.ndarray):  # copies: written back
             heap_s[rows], heap_i[rows] = hs, hi
         return cnt
