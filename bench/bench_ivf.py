@@ -15,7 +15,8 @@ variant (8-bit queries), faiss IndexIVFPQFastScan, and usearch HNSW with f16 and
 process builds its index once (build time and resident bytes per vector measured: RSS growth after
 malloc_trim), then for every nprobe (HNSW: expansion_search) times a batch of all queries per call
 (QPS, median of 3) and `--single` queries one at a time (QPS from their mean latency), with recall@10
-from the batch. The CPU model and each library's SIMD level are recorded. Writes
+from the batch. With `--rounds`, every method runs that many times, round-robin, and each figure is the
+median over the rounds. The CPU model and each library's SIMD level are recorded. Writes
 bench/results/ivf-<dataset>.json, .md and .png.
 """
 
@@ -145,6 +146,19 @@ def worker(args) -> None:
     report(out)
 
 
+def _median_run(results: list) -> dict:
+    """One method's runs (fresh processes, the same sweep) as one: every time, size and QPS the median over
+    them (recall does not depend on the run)."""
+    run = dict(results[0])
+    for key in ("build_s", "bytes_per_vector"):
+        run[key] = float(np.median([r[key] for r in results]))
+    run["points"] = [dict(p, **{key: float(np.median([r["points"][i][key] for r in results]))
+                                for key in ("batch_qps", "single_qps", "single_p50_ms")})
+                     for i, p in enumerate(results[0]["points"])]
+    run["rounds"] = len(results)
+    return run
+
+
 def _dataset_dim(name: str) -> int:
     from tqindex.datasets import load_dataset
     return int(load_dataset(name).dim)
@@ -171,7 +185,8 @@ def _table(runs, env, args) -> str:
     lines = [f"`{' '.join(['bench/bench_ivf.py'] + sys.argv[1:])}` on {env.get('cpu', '?')} ({env.get('cpus')} cores), "
              f"{runs[0]['rows'] if runs else '?'} × {runs[0]['dim'] if runs else '?'}, 1,000 queries, k = 10; "
              f"IVF indexes with {args.nlist} lists. Bytes per vector: resident-set growth over the build. "
-             f"Single-query QPS is 1 / mean latency over {args.single} queries; batch QPS: all queries per call.", "",
+             f"Single-query QPS is 1 / mean latency over {args.single} queries; batch QPS: all queries per call; "
+             f"each figure the median of {args.rounds} round(s) of fresh processes.", "",
              "| bits | method | build s | B/vector | param | recall@10 | single QPS | batch QPS | SIMD |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in runs:
@@ -219,6 +234,8 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=200)
     parser.add_argument("--probes", type=int, nargs="+", default=list(PROBES), help="nprobe values swept")
     parser.add_argument("--efs", type=int, nargs="+", default=list(EFS), help="HNSW expansion_search values swept")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="fresh processes per method, round-robin; each figure is the median over them")
     parser.add_argument("--tag", help="suffix of the results files (default: none)")
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--worker-bits", type=int, help=argparse.SUPPRESS)
@@ -228,17 +245,20 @@ def main() -> None:
     if args.method:
         return worker(args)
     data = ["--dataset", args.dataset] if args.dataset else ["--synthetic", str(args.synthetic), "--dim", str(args.dim)]
-    runs = []
-    for bits in args.bits:
-        for method in args.methods:
-            if not _runs_at(method, bits, args.dim if args.synthetic else _dataset_dim(args.dataset), args.bits[0]):
-                continue
-            result = run_worker([sys.executable, __file__, *data, "--nlist", str(args.nlist),
-                                 "--single", str(args.single), "--probes", *map(str, args.probes),
-                                 "--efs", *map(str, args.efs), "--method", method, "--worker-bits", str(bits)])
-            if result:
-                runs.append(result)
-                print(json.dumps({k: v for k, v in result.items() if k != "points"}), flush=True)
+    rounds: dict = {}
+    for _ in range(args.rounds):  # every (bits, method) once a round: a slow stretch of a shared machine hits all
+        for bits in args.bits:
+            for method in args.methods:
+                if not _runs_at(method, bits, args.dim if args.synthetic else _dataset_dim(args.dataset),
+                                args.bits[0]):
+                    continue
+                result = run_worker([sys.executable, __file__, *data, "--nlist", str(args.nlist),
+                                     "--single", str(args.single), "--probes", *map(str, args.probes),
+                                     "--efs", *map(str, args.efs), "--method", method, "--worker-bits", str(bits)])
+                if result:
+                    rounds.setdefault((bits, method), []).append(result)
+                    print(json.dumps({k: v for k, v in result.items() if k != "points"}), flush=True)
+    runs = [_median_run(results) for results in rounds.values()]
     env = environment()
     tag = Path(args.dataset).stem if args.dataset else f"synthetic-{args.synthetic}x{args.dim}"
     tag += f"-{args.tag}" if args.tag else ""
