@@ -74,7 +74,8 @@ class CoarseQuantizer:
         lists, offsets = self.probe_arrays(qs, metric, nprobe, native.enabled())
         return torch.from_numpy(lists), torch.from_numpy(offsets)
 
-    def probe_arrays(self, qs: np.ndarray, metric: str, nprobe: int, in_kernels: bool) -> tuple[np.ndarray, np.ndarray]:
+    def probe_arrays(self, qs: np.ndarray, metric: str, nprobe: int,
+                     in_kernels: bool) -> tuple[np.ndarray, np.ndarray]:
         """`probe` of numpy queries qs (nq, d) float32, C-contiguous, as numpy arrays: in the kernels
         where `in_kernels`, else in numpy (the same lists and offsets)."""
         nprobe = min(nprobe, self.nlist)

@@ -214,8 +214,8 @@ class ScanPlan:
     def picked(self, rows: np.ndarray) -> "ScanPlan":
         """The plan for queries `rows`, an index array, for `scan_segments(..., qrows=rows)`: its floats
         per query copied, its tables, int8 and rotated queries left whole (the kernel reads their rows
-        `rows`: a query's tables are kilobytes, copied per list probed they were a partitioned batch's
-        largest cost after the scan)."""
+        `rows`: a query's tables are kilobytes, and copied for every list it probes they cost a 2-bit
+        batch at 8 lists about as much as its scan)."""
         return dataclasses.replace(self, **{name: getattr(self, name)[rows] for name in self._SMALL
                                             if getattr(self, name) is not None})
 
@@ -452,9 +452,9 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
         # pay at 4-8 lists.) The results are the same: each query's heap sees the same rows.
         order = np.argsort(request.lists[:, 0], kind="stable")
         sorted_request = dataclasses.replace(request, lists=request.lists[order], offsets=request.offsets[order])
-        picked = torch.from_numpy(order)
-        scores, positions = scan_lists_fast(quantizer, sorted_request, rotated[picked],
-                                            None if query_sq_norms is None else query_sq_norms[picked], k,
+        in_order = torch.from_numpy(order)
+        scores, positions = scan_lists_fast(quantizer, sorted_request, rotated[in_order],
+                                            None if query_sq_norms is None else query_sq_norms[in_order], k,
                                             metric, portable=portable, threads=threads, cache=cache, stats=stats,
                                             int8=int8)
         back = torch.from_numpy(np.argsort(order))
@@ -476,7 +476,7 @@ def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch
         qrows = np.ascontiguousarray(rows, dtype=np.int64) if picked else None
         native.kernels.scan_segments(part, args, magnitude[rows], hs, hi, cnt, portable=portable, offsets=offsets,
                                      threads=threads, qrows=qrows)
-        if isinstance(rows, np.ndarray):  # copies: written back
+        if picked:  # copies: written back
             heap_s[rows], heap_i[rows] = hs, hi
         return cnt
 
