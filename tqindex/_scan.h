@@ -627,20 +627,24 @@ __attribute__((target(TQ_AVX2), always_inline)) static inline void block_floats_
         }                                                                                            \
     }
 
-/* Blocks in passes of BLOCKS_PER_PASS, queries in tiles of up to MAX_TILE over each pass. */
-#define DEFINE_SCAN(NAME, TILE)                                                                      \
-    static void NAME(const scan_args *a) {                                                           \
-        for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {                                \
-            Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;               \
-            Py_ssize_t q = 0;                                                                        \
-            for (; q + 4 <= a->nq; q += 4) TILE##_4(a, q, p, pe);                                    \
-            switch (a->nq - q) {                                                                     \
-                case 3: TILE##_3(a, q, p, pe); break;                                                \
-                case 2: TILE##_2(a, q, p, pe); break;                                                \
-                case 1: TILE##_1(a, q, p, pe); break;                                                \
-                default: break;                                                                      \
-            }                                                                                        \
-        }                                                                                            \
+/* One pass of a tile of queries [q0, q0 + tile) over blocks [p, pe) (a DEFINE_TILE function). */
+typedef void (*tile_fn)(const scan_args *a, Py_ssize_t q0, Py_ssize_t p, Py_ssize_t pe);
+
+/* Blocks in passes of BLOCKS_PER_PASS, queries in tiles of up to `widest` over each pass (tiles[w]: the
+ * kernel's tile of w queries). */
+static void scan_in_tiles(const scan_args *a, const tile_fn *tiles, int widest) {
+    for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {
+        const Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;
+        Py_ssize_t q = 0;
+        for (; q + widest <= a->nq; q += widest) tiles[widest](a, q, p, pe);
+        if (q < a->nq) tiles[a->nq - q](a, q, p, pe);
+    }
+}
+
+#define DEFINE_SCAN(NAME, TILE)                                                                  \
+    static void NAME(const scan_args *a) {                                                       \
+        static const tile_fn tiles[] = {NULL, TILE##_1, TILE##_2, TILE##_3, TILE##_4};           \
+        scan_in_tiles(a, tiles, MAX_TILE);                                                       \
     }
 
 /* A kernel of tiles of 1-4 queries: SCAN, its tiles TILE_1 .. TILE_4 (see DEFINE_TILE). */
@@ -821,23 +825,11 @@ __attribute__((target(TQ_VNNI), always_inline)) static inline void even_odd_sums
     DEFINE_TILE(TILE, TQ_VNNI, SUMS, 7)          \
     DEFINE_TILE(TILE, TQ_VNNI, SUMS, 8)
 
-#define DEFINE_SCAN_8(NAME, TILE, ONE)                                                         \
-    static void NAME(const scan_args *a) {                                                     \
-        for (Py_ssize_t p = a->b0; p < a->b1; p += BLOCKS_PER_PASS) {                          \
-            Py_ssize_t pe = p + BLOCKS_PER_PASS < a->b1 ? p + BLOCKS_PER_PASS : a->b1;         \
-            Py_ssize_t q = 0;                                                                  \
-            for (; q + 8 <= a->nq; q += 8) TILE##_8(a, q, p, pe);                              \
-            switch (a->nq - q) {                                                               \
-                case 7: TILE##_7(a, q, p, pe); break;                                          \
-                case 6: TILE##_6(a, q, p, pe); break;                                          \
-                case 5: TILE##_5(a, q, p, pe); break;                                          \
-                case 4: TILE##_4(a, q, p, pe); break;                                          \
-                case 3: TILE##_3(a, q, p, pe); break;                                          \
-                case 2: TILE##_2(a, q, p, pe); break;                                          \
-                case 1: ONE(a, q, p, pe); break;                                               \
-                default: break;                                                                \
-            }                                                                                  \
-        }                                                                                      \
+#define DEFINE_SCAN_8(NAME, TILE, ONE)                                                                   \
+    static void NAME(const scan_args *a) {                                                               \
+        static const tile_fn tiles[] = {NULL, ONE, TILE##_2, TILE##_3, TILE##_4, TILE##_5, TILE##_6, TILE##_7, \
+                                        TILE##_8};                                                       \
+        scan_in_tiles(a, tiles, MAX_TILE_INT8);                                                          \
     }
 
 /* One column pair of block_sums_vnni_tables (at: its codes; l[t] + off: the tile's tables for it; half:
