@@ -275,6 +275,33 @@ def test_fast_scan_equals_torch_scan(metric, bits, d):
     assert stats["queries"] == 20 and stats["exact_per_query"] < 0.25 * len(x)
 
 
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_block_rescores_its_best_bound_first(portable, bits):
+    # One block whose 32 rows all pass the test of an empty heap, in increasing order of their score:
+    # scored best bound first, the first row fills the heap (k = 1) and the rows whose bound misses
+    # its score are not rescored. In row order, each row would beat the heap's best so far and be
+    # scored (all 32, or nearly); the result is the same either way.
+    if native.kernels is None:
+        pytest.skip("the C extension is not built")
+    if not portable and native.simd() == "portable":
+        pytest.skip("no SIMD level on this CPU")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((32, 64)).astype(np.float32)
+    query = x[:1] + 0.05 * rng.standard_normal((1, 64)).astype(np.float32)
+    x = x[np.argsort(x @ query[0])]
+    index = Index(dim=64, bits=bits, metric="ip", seed=1)
+    index.add(x)
+    ref = _all_scores(index, query)
+    rotated, _ = index._quantizer.prepare_queries(torch.from_numpy(query))
+    stats = {}
+    scores, pos = fastscan.scan_topk_fast(index._quantizer, index._segments, rotated,
+                                          torch.from_numpy((query ** 2).sum(1)), 1, "ip", threads=1,
+                                          portable=portable, stats=stats)
+    assert_topk_matches(pos.numpy(), scores.numpy(), ref, rtol=2e-5)
+    assert 1 <= stats["exact_per_query"] < 8
+
+
 @needs_avx2
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("bits,d", [(3.5, 200), (1, 203), (2, 203), (3, 203), (4, 203), (4.5, 203), (5, 203),

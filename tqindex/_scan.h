@@ -351,18 +351,47 @@ static inline float evaluation_threshold(const scan_args *a, Py_ssize_t q) {
     return least - a->eps[q] + (a->row_norm ? a->query_norm2[q] : 0.0f) - (a->offset ? a->offset[q] : 0.0f);
 }
 
+/* Exact scores for the rows of a block whose bound passed the test (bit v of rows; upper[v]: row v's
+ * bound), the highest bound first (ties: the lower row), each tested again against the threshold as
+ * the heap fills: once one misses it, every later one does, and none of them could have entered the
+ * heap (the threshold only rises), so the results are those of scoring every passing row, with fewer
+ * exact scores where several rows of a block pass (while the heap fills, and in short scans). */
+static inline void offer_best_first(const scan_args *a, Py_ssize_t q, Py_ssize_t block, uint32_t rows,
+                                    const float *upper) {
+    if (!(rows & (rows - 1))) {  /* one row: already tested */
+        if (rows) exact_offer(a, q, block, __builtin_ctz(rows));
+        return;
+    }
+    int order[BLOCK], n = 0;
+    while (rows) {  /* insertion sort of at most 32 rows, taken in row order */
+        const int v = __builtin_ctz(rows);
+        rows &= rows - 1;
+        int i = n++;
+        for (; i > 0 && upper[order[i - 1]] < upper[v]; i--) order[i] = order[i - 1];
+        order[i] = v;
+    }
+    for (int i = 0; i < n; i++) {
+        if (i && !(upper[order[i]] >= evaluation_threshold(a, q))) break;
+        exact_offer(a, q, block, order[i]);
+    }
+}
+
 /* sums: row order; live: `live_rows`. */
 static inline void offer_block(const scan_args *a, Py_ssize_t q, Py_ssize_t block, const uint32_t *sums,
                                uint32_t live) {
     const float factor = a->row_norm ? 2.0f : 1.0f;
     const float mul = factor * a->delta[q], add = factor * (a->bias[q] + a->tol[q]);
+    const float least = evaluation_threshold(a, q);
+    float upper[BLOCK];
+    uint32_t rows = 0;
     for (int v = 0; v < BLOCK; v++) {
         if (!(live >> v & 1)) continue;
         Py_ssize_t row = block * BLOCK + v;
-        float upper = scale_at(a, row) * (mul * (float)(int32_t)sums[v] + add);  /* int8 sums may be < 0 */
-        if (a->row_norm) upper -= a->row_norm[row] * a->row_norm[row];
-        if (upper >= evaluation_threshold(a, q)) exact_offer(a, q, block, v);
+        upper[v] = scale_at(a, row) * (mul * (float)(int32_t)sums[v] + add);  /* int8 sums may be < 0 */
+        if (a->row_norm) upper[v] -= a->row_norm[row] * a->row_norm[row];
+        if (upper[v] >= least) rows |= 1u << v;
     }
+    offer_best_first(a, q, block, rows, upper);
 }
 
 static void block_sums_portable(const scan_args *a, Py_ssize_t q, Py_ssize_t block, uint32_t *sums) {
@@ -536,7 +565,7 @@ __attribute__((target(TQ_AVX2), always_inline)) static inline block_bounds block
 }
 
 /* The portable offer_block's test on 8 rows at a time (sums in block_sums_avx2's slot order are put
- * in row order first); rows that pass go in row order to exact_offer. scale, norm: the block's
+ * in row order first); rows that pass go to offer_best_first. scale, norm: the block's
  * (`block_floats`); bb: their bounds (`block_bounds_avx2`). */
 __attribute__((target(TQ_AVX2), always_inline)) static inline void offer_block_avx2(
         const scan_args *a, Py_ssize_t q, Py_ssize_t block, const __m256i *sums, const float *scale,
@@ -569,6 +598,7 @@ __attribute__((target(TQ_AVX2), always_inline)) static inline void offer_block_a
         by_row[2 * h + 1] = _mm256_permute2x128_si256(lo, hi, 0x31);
     }
     uint32_t rows = 0;
+    float bound[BLOCK];
     for (int g = 0; g < 4; g++) {
         __m256 upper = _mm256_mul_ps(_mm256_loadu_ps(scale + 8 * g),
                                      _mm256_fmadd_ps(mul, _mm256_cvtepi32_ps(by_row[g]), add));
@@ -576,14 +606,10 @@ __attribute__((target(TQ_AVX2), always_inline)) static inline void offer_block_a
             __m256 n = _mm256_loadu_ps(norm + 8 * g);
             upper = _mm256_sub_ps(upper, _mm256_mul_ps(n, n));
         }
+        _mm256_storeu_ps(bound + 8 * g, upper);
         rows |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(upper, threshold, _CMP_GE_OQ)) << (8 * g);
     }
-    rows &= live;
-    while (rows) {
-        int v = __builtin_ctz(rows);
-        rows &= rows - 1;
-        exact_offer(a, q, block, v);
-    }
+    offer_best_first(a, q, block, rows & live, bound);
 }
 
 /* live_rows, with one compare for the removal flags of a whole block. */
