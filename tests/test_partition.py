@@ -74,7 +74,8 @@ def test_recall_rises_with_nprobe_and_the_work_with_the_lists_probed():
     recalls, work = [], []
     for nprobe in (1, 2, 4, 8, 16):
         scanned.clear()
-        recalls.append(recall_at(index.search(q, 10, nprobe=nprobe).ids, truth))
+        # torch queries take the general path, whose list scan `counting` watches
+        recalls.append(recall_at(index.search(torch.from_numpy(q), 10, nprobe=nprobe).ids.numpy(), truth))
         work.append(sum(scanned) / len(q))
     assert all(a <= b for a, b in zip(recalls, recalls[1:])), recalls
     assert recalls[0] < recalls[-1]
@@ -305,6 +306,79 @@ def test_a_single_numpy_query_takes_one_call_with_the_general_paths_results(metr
     if metric == "cosine":
         with pytest.raises(ValueError, match="row 0 is zero"):
             index.search(np.zeros(DIM, np.float32), k=3)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_numpy_batch_takes_one_call_with_the_general_paths_results(metric, bits, monkeypatch):
+    # A numpy batch of a partitioned index is checked, scaled (cosine), probed and scanned in one native
+    # search: every list's entries (or, for a batch probing under half the lists, its lists' only), each
+    # query's lists and offsets; the kernel groups the queries by list. The same values as a torch
+    # tensor take the general path (a native call per list). Ids and scores are the same, bit for bit,
+    # with two segments per list, removals, a list left empty, 1-3 threads and every nprobe.
+    from tqindex import native, set_num_threads, get_num_threads
+    from tqindex.backends import fastscan
+    if not fastscan.available():
+        pytest.skip("needs the compiled fast scan (AVX-512, AVX2 or NEON)")
+    x, q = _data(queries=70)
+    index = Index(dim=DIM, bits=bits, partitions=NLIST, metric=metric)
+    index.add(x[:2500], ids=np.arange(2500) * 2 + 1)
+    index.add(x[2500:], ids=np.arange(1500) + 10 ** 5)
+    ids = np.r_[np.arange(2500) * 2 + 1, np.arange(1500) + 10 ** 5]
+    assign = index._coarse.assign(torch.from_numpy(x)).numpy()
+    emptied = ids[assign == np.bincount(assign, minlength=NLIST).argmax()]  # a list's every row
+    index.remove(emptied)
+    index.remove(np.setdiff1d(np.arange(1, 5000, 14), emptied))
+    calls = []
+    kernel = native.kernels.search
+    monkeypatch.setattr(native.kernels, "search", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
+    threads = get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            set_num_threads(t)
+            for nprobe in (1, 3, NLIST):
+                for k in (1, 10):
+                    for rows in (slice(0, 2), slice(0, 70)):    # few lists probed; all of them
+                        calls.clear()
+                        direct = index.search(q[rows], k=k, nprobe=nprobe)
+                        assert len(calls) == 1 and calls[0]["probes"] is not None and calls[0]["row_ids"]
+                        general = index.search(torch.from_numpy(q[rows]), k=k, nprobe=nprobe)
+                        np.testing.assert_array_equal(direct.ids, general.ids.numpy())
+                        np.testing.assert_array_equal(direct.scores, general.scores.numpy())
+    finally:
+        set_num_threads(threads)
+    bad = q[:3].copy()
+    bad[1] = np.nan
+    with pytest.raises(ValueError, match="row 1"):
+        index.search(bad, k=3)
+
+
+def test_the_batch_kernel_refuses_lists_it_cannot_scan():
+    # search's probes name lists of list_entries; a list outside them, entries that do not cover the
+    # segments given, or probes without their offsets are refused before anything is scanned.
+    from tqindex import native
+    from tqindex.backends import fastscan
+    if not fastscan.available():
+        pytest.skip("needs the compiled fast scan (AVX-512, AVX2 or NEON)")
+    x, q = _data(queries=4)
+    index = Index(dim=DIM, bits=4, partitions=NLIST, metric="ip")
+    index.add(x)
+    calls = []
+    kernel = native.kernels.search
+    native.kernels.search = lambda *a, **kw: calls.append((a, kw)) or kernel(*a, **kw)
+    try:
+        index.search(q, k=5, nprobe=NLIST)
+    finally:
+        native.kernels.search = kernel
+    (args, kw), = calls
+    out = [np.empty((4, 5), np.float32), np.empty((4, 5), np.int64), np.empty(4, np.int64)]
+    for change, message in [({"probes": np.full((4, 2), NLIST, np.int64)}, "outside"),
+                            ({"list_entries": kw["list_entries"][:-1]}, "from 0 to len"),
+                            ({"list_entries": kw["list_entries"][::-1].copy()}, "from 0 to len"),
+                            ({"list_offsets": None}, "go together"),
+                            ({"offsets": np.zeros((len(args[2]), 4), np.float32)}, "go together")]:
+        with pytest.raises(ValueError, match=message):
+            kernel(*args[:3], *out, *args[6:], **{**kw, **change})
 
 
 def test_probe_kernel_orders_lists_by_key_then_by_list():

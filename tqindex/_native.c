@@ -630,6 +630,150 @@ static int check_threads(int *threads, const char *name) {
     return 0;
 }
 
+
+/* A partitioned batch (search's probes): each query's probed lists, and where each list's entries lie
+ * among the bound segments. Chunks of the queries, in order of their first list (so that a chunk's
+ * queries share lists), are claimed in turn by the shares; a chunk's (list, query) pairs are grouped by
+ * list, and each list's entries are scanned once for all of the chunk's queries that probe it, as tiles
+ * of picked queries (scan_args.qrow) with copies of their per-query floats and heaps. A query's heap is
+ * only ever touched by the share that holds its chunk. */
+typedef struct {
+    const scan_job *job;
+    const scan_args *plan;  /* the plan's query fields, heaps and counts, for every query */
+    const int64_t *probes;  /* [nq][nprobe], each row's lists distinct and in [0, nlist) */
+    const int64_t *first;   /* [nlist + 1]: list L's entries are seg[first[L] .. first[L + 1]) */
+    const float *offsets;   /* [nq][nlist]: list L's term in query q's scores */
+    int64_t *order;         /* [nq]: the queries by first list (then row) */
+    Py_ssize_t nq, nprobe, nlist, chunk, next; /* next: the next chunk to claim (atomic) */
+    char *work;             /* [shares][list_work_bytes] */
+} list_batch;
+
+static size_t list_work_bytes(const list_batch *lb) {
+    const size_t c = (size_t)lb->chunk, kp = (size_t)lb->plan->kp;
+    return (size_t)(lb->nlist + 1 + c * lb->nprobe + c + c * kp + c) * sizeof(int64_t) +
+           (6 * c + c * kp) * sizeof(float);
+}
+
+/* The queries in order of their first list (a counting sort, stable: by row within a list). */
+static int list_order(list_batch *lb) {
+    int64_t *start = PyMem_Calloc((size_t)lb->nlist + 1, sizeof(int64_t));
+    if (!start) return -1;
+    for (Py_ssize_t q = 0; q < lb->nq; q++) start[lb->probes[q * lb->nprobe] + 1]++;
+    for (Py_ssize_t l = 0; l < lb->nlist; l++) start[l + 1] += start[l];
+    for (Py_ssize_t q = 0; q < lb->nq; q++) lb->order[start[lb->probes[q * lb->nprobe]]++] = q;
+    PyMem_Free(start);
+    return 0;
+}
+
+static void list_share(void *ctx, int t) {
+    list_batch *lb = ctx;
+    const scan_job *job = lb->job;
+    const scan_args *a = lb->plan;
+    const Py_ssize_t c = lb->chunk, kp = a->kp, nlist = lb->nlist, nprobe = lb->nprobe;
+    int64_t *end = (int64_t *)(lb->work + (size_t)t * list_work_bytes(lb)); /* [nlist + 1] */
+    int64_t *pairs = end + nlist + 1, *qrow = pairs + c * nprobe, *hi = qrow + c, *cnt = hi + c * kp;
+    float *delta = (float *)(cnt + c), *bias = delta + c, *tol = bias + c, *qn2 = tol + c, *off = qn2 + c,
+          *eps = off + c, *hs = eps + c;
+    for (;;) {
+        const Py_ssize_t u0 = __atomic_fetch_add(&lb->next, 1, __ATOMIC_RELAXED) * c;
+        if (u0 >= lb->nq) return;
+        const Py_ssize_t u1 = u0 + c < lb->nq ? u0 + c : lb->nq;
+        /* The chunk's queries grouped by list: list L's are pairs[end[L - 1] .. end[L]) (end[-1] = 0). */
+        memset(end, 0, (size_t)(nlist + 1) * sizeof(int64_t));
+        for (Py_ssize_t i = u0; i < u1; i++)
+            for (Py_ssize_t p = 0; p < nprobe; p++) end[lb->probes[lb->order[i] * nprobe + p] + 1]++;
+        for (Py_ssize_t l = 0; l < nlist; l++) end[l + 1] += end[l];
+        for (Py_ssize_t i = u0; i < u1; i++)
+            for (Py_ssize_t p = 0; p < nprobe; p++)
+                pairs[end[lb->probes[lb->order[i] * nprobe + p]]++] = lb->order[i];
+        for (Py_ssize_t l = 0; l < nlist; l++) {
+            const Py_ssize_t s0 = l ? end[l - 1] : 0, m = end[l] - s0;
+            if (!m || lb->first[l] == lb->first[l + 1]) continue;
+            for (Py_ssize_t i = 0; i < m; i++) {
+                const int64_t q = pairs[s0 + i];
+                qrow[i] = q;
+                delta[i] = a->delta[q];
+                bias[i] = a->bias[q];
+                tol[i] = a->tol[q];
+                qn2[i] = a->query_norm2 ? a->query_norm2[q] : 0.0f;
+                off[i] = lb->offsets[q * nlist + l];
+                memcpy(hs + i * kp, a->out_s + q * kp, (size_t)kp * sizeof(float));
+                memcpy(hi + i * kp, a->out_i + q * kp, (size_t)kp * sizeof(int64_t));
+                cnt[i] = 0;
+            }
+            for (int64_t e = lb->first[l]; e < lb->first[l + 1]; e++) {
+                scan_args g = job->seg[e];
+                g.qrow = qrow;
+                g.nq = m;
+                g.delta = delta;
+                g.bias = bias;
+                g.tol = tol;
+                g.query_norm2 = a->query_norm2 ? qn2 : NULL;
+                g.offset = off;
+                g.floor = NULL;
+                g.out_s = hs;
+                g.out_i = hi;
+                g.exact_count = cnt;
+                g.eps = eps;
+                const float factor = g.row_norm ? 2.0f : 1.0f;  /* scan_range's room for rounding */
+                for (Py_ssize_t i = 0; i < m; i++)
+                    eps[i] = 1e-5f * (factor * (float)job->limits[2 * e] * job->mag[qrow[i]] + fabsf(off[i]) +
+                                      (g.row_norm ? (float)job->limits[2 * e + 1] + qn2[i] : 0.0f));
+                run_scan(&g, job->portable);
+            }
+            for (Py_ssize_t i = 0; i < m; i++) {
+                const int64_t q = qrow[i];
+                memcpy(a->out_s + q * kp, hs + i * kp, (size_t)kp * sizeof(float));
+                memcpy(a->out_i + q * kp, hi + i * kp, (size_t)kp * sizeof(int64_t));
+                a->exact_count[q] += cnt[i];
+            }
+        }
+    }
+}
+
+/* Queries [q0, q1) of a maker, for the shares of make_share. */
+typedef struct {
+    const query_maker *maker;
+    Py_ssize_t nq, chunk, next;
+} make_split;
+
+static void make_share(void *ctx, int t) {
+    make_split *p = ctx;
+    (void)t;
+    for (;;) {
+        const Py_ssize_t q0 = __atomic_fetch_add(&p->next, 1, __ATOMIC_RELAXED) * p->chunk;
+        if (q0 >= p->nq) return;
+        make_queries(p->maker, q0, q0 + p->chunk < p->nq ? q0 + p->chunk : p->nq);
+    }
+}
+
+/* Positions to ids (row_ids: each bound segment's ids, the rows from its id_base on): through the
+ * segments sorted by id_base, a binary search per position (a partitioned index binds one entry per
+ * list, several of them ranges of one segment). */
+typedef struct {
+    int64_t id_base, rows;
+    Py_ssize_t s;
+} id_range;
+
+static int by_id_base(const void *x, const void *y) {
+    const id_range *a = x, *b = y;
+    return a->id_base < b->id_base ? -1 : a->id_base > b->id_base ? 1 : (a->s > b->s) - (a->s < b->s);
+}
+
+static void map_ids(int64_t *pos, Py_ssize_t n, id_range *r, Py_ssize_t nseg, const int64_t *const *ids) {
+    qsort(r, (size_t)nseg, sizeof(*r), by_id_base);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (pos[i] < 0) continue;
+        Py_ssize_t lo = 0, hi = nseg;  /* the last range with id_base <= pos */
+        while (hi - lo > 1) {
+            const Py_ssize_t mid = (lo + hi) / 2;
+            if (r[mid].id_base <= pos[i]) lo = mid; else hi = mid;
+        }
+        if (nseg && r[lo].id_base <= pos[i] && pos[i] - r[lo].id_base < r[lo].rows)
+            pos[i] = ids[r[lo].s][pos[i] - r[lo].id_base];
+    }
+}
+
 /* scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None,
  * offsets=None, threads=1): the plan's queries (its per-query fields) over many segments, into the same
  * heaps. Each segment is a tuple (codes, rows, row_scale, row_norm or None, deleted or None, block_live or
@@ -1718,8 +1862,48 @@ static void make_queries(const query_maker *m, Py_ssize_t q0, Py_ssize_t q1) {
     }
 }
 
+/* search's probes (int64 [nq][nprobe], each row's lists distinct), list_entries (int64 [nlist + 1]: list
+ * L's entries are segments[list_entries[L] .. list_entries[L + 1]), from 0 to nseg, nondecreasing) and
+ * list_offsets (float32 [nq][nlist]), checked and bound to lb. */
+static int bind_probes(list_batch *lb, buffer_set *b, PyObject *probes, PyObject *list_entries,
+                       PyObject *list_offsets, Py_ssize_t nq, Py_ssize_t nseg) {
+    void *p;
+    if (take(b, list_entries, 0, -1, "list_entries", &p) < 0) return -1;
+    const Py_ssize_t len = b->v[b->held - 1].len;
+    lb->first = p;
+    lb->nlist = len / (Py_ssize_t)sizeof(int64_t) - 1;
+    if (len % sizeof(int64_t) || lb->nlist < 1 || lb->first[0] != 0 || lb->first[lb->nlist] != nseg) {
+        PyErr_SetString(PyExc_ValueError, "search: list_entries must be int64 [nlist + 1], from 0 to len(segments)");
+        return -1;
+    }
+    for (Py_ssize_t l = 0; l < lb->nlist; l++)
+        if (lb->first[l + 1] < lb->first[l]) {
+            PyErr_SetString(PyExc_ValueError, "search: list_entries must be nondecreasing");
+            return -1;
+        }
+    if (take(b, probes, 0, -1, "probes", &p) < 0) return -1;
+    const Py_ssize_t plen = b->v[b->held - 1].len;
+    lb->probes = p;
+    lb->nq = nq;
+    lb->nprobe = nq ? plen / (nq * (Py_ssize_t)sizeof(int64_t)) : 0;
+    if (nq && (lb->nprobe < 1 || lb->nprobe > lb->nlist || plen != lb->nprobe * nq * (Py_ssize_t)sizeof(int64_t))) {
+        PyErr_SetString(PyExc_ValueError, "search: probes must be int64 [nq][nprobe], 1 <= nprobe <= nlist");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nq * lb->nprobe; i++)
+        if (lb->probes[i] < 0 || lb->probes[i] >= lb->nlist) {
+            PyErr_Format(PyExc_ValueError, "search: probes hold list %lld, outside [0, %zd)",
+                         (long long)lb->probes[i], lb->nlist);
+            return -1;
+        }
+    if (take(b, list_offsets, 0, nq * lb->nlist * (Py_ssize_t)sizeof(float), "list_offsets", &p) < 0) return -1;
+    lb->offsets = p;
+    return 0;
+}
+
 /* search(consts, queries, segments, out_scores, out_ids, exact_count, l2, int8, portable=False, threads=1,
- * query_norm2=None, row_ids=None, max_norm=0.0, zero_ok=True, normalize=False, offsets=None) -> -1, or the
+ * query_norm2=None, row_ids=None, max_norm=0.0, zero_ok=True, normalize=False, offsets=None, probes=None,
+ * list_entries=None, list_offsets=None) -> -1, or the
  * first query that fails the norm checks:
  * scan_segments (no floor) with the queries' inputs made in the same call from the queries (float32
  * [nq][dim]): rotated by mt, the tables' or, with int8, the int8 queries' (the same as `tables`,
@@ -1733,20 +1917,31 @@ static void make_queries(const query_maker *m, Py_ssize_t q0, Py_ssize_t q1) {
  * as scan_segments adds them. Before anything else, with max_norm > 0 every query's norm (summed in double,
  * as row_norms) must be at most max_norm and, unless zero_ok, not zero; with normalize the queries are
  * scaled by 1 / their float32 norm (into a copy). A query that fails those checks is returned, and then
- * nothing is scanned and the outputs are not written. */
+ * nothing is scanned and the outputs are not written. A partitioned batch gives, instead of offsets, probes
+ * (int64 [nq][nprobe]: the lists each query scans), list_entries (int64 [nlist + 1]: list L's segments are
+ * segments[list_entries[L] .. list_entries[L + 1])) and list_offsets (float32 [nq][nlist]: list L's term in
+ * query q's scores): each query scans only its lists' segments, with their terms (list_batch). */
 static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"consts", "queries", "segments", "out_scores", "out_ids", "exact_count", "l2", "int8",
                              "portable", "threads", "query_norm2", "row_ids", "max_norm", "zero_ok", "normalize",
-                             "offsets", NULL};
+                             "offsets", "probes", "list_entries", "list_offsets", NULL};
     PyObject *consts, *queries, *segments, *out_s, *out_i, *exact_count, *mt, *groups, *centroids, *qn2 = Py_None,
-             *row_ids = Py_None, *offsets = Py_None;
+             *row_ids = Py_None, *offsets = Py_None, *probes = Py_None, *list_entries = Py_None,
+             *list_offsets = Py_None;
     int l2, int8, portable = 0, threads = 1, nlevels, zero_ok = 1, normalize = 0;
     double max_norm = 0.0;
     Py_ssize_t dim, ncols, wcols, row_bits;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO!OOOpp|piOOdppO", kwlist, &PyTuple_Type, &consts,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO!OOOpp|piOOdppOOOO", kwlist, &PyTuple_Type, &consts,
                                      &queries, &PyList_Type, &segments, &out_s, &out_i, &exact_count, &l2, &int8,
-                                     &portable, &threads, &qn2, &row_ids, &max_norm, &zero_ok, &normalize, &offsets))
+                                     &portable, &threads, &qn2, &row_ids, &max_norm, &zero_ok, &normalize, &offsets,
+                                     &probes, &list_entries, &list_offsets))
         return NULL;
+    if ((probes == Py_None) != (list_entries == Py_None) || (probes == Py_None) != (list_offsets == Py_None) ||
+        (probes != Py_None && offsets != Py_None)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "search: probes, list_entries and list_offsets go together, without offsets");
+        return NULL;
+    }
     if (!PyArg_ParseTuple(consts, "OnO!nnnOi;search: consts are (mt, dim, groups, ncols, wcols, row_bits, centroids, "
                           "nlevels)", &mt, &dim, &PyList_Type, &groups, &ncols, &wcols, &row_bits, &centroids,
                           &nlevels))
@@ -1778,12 +1973,15 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
     char *made = NULL;
     float *normed = NULL;
     const int64_t **ids = NULL;  /* [nseg], each segment's ids (row_ids), or NULL */
+    id_range *ranges = NULL;     /* [nseg], with ids */
+    list_batch lb;               /* with probes */
+    memset(&lb, 0, sizeof(lb));
     Py_ssize_t bad = -1;         /* the first query that fails the norm checks */
     int ok = 0;
     void *p;
     memset(&m, 0, sizeof(m));
     memset(&a, 0, sizeof(a));
-    if (buffers_init(&b, MAX_BUFS + 6 * nseg) < 0) return NULL;
+    if (buffers_init(&b, MAX_BUFS + 3 + 6 * nseg) < 0) return NULL;  /* 3: probes, list_entries, list_offsets */
     if (bound_init(&bs, nseg) < 0) goto done;
     const Py_ssize_t nq = take_float_rows(&b, queries, dim, "search: queries", &p);
     if (nq < 0) goto done;
@@ -1904,7 +2102,9 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
     }
     if (bind_segments(&a, &b, segments, offset, bs.seg, bs.limits, &bs.total) < 0) goto done;
     if (row_ids != Py_None) {
-        if (!(ids = PyMem_Malloc((nseg ? nseg : 1) * sizeof(*ids)))) {
+        ids = PyMem_Malloc((nseg ? nseg : 1) * sizeof(*ids));
+        ranges = PyMem_Malloc((nseg ? nseg : 1) * sizeof(*ranges));
+        if (!ids || !ranges) {
             PyErr_NoMemory();
             goto done;
         }
@@ -1913,28 +2113,49 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
                      &p) < 0)
                 goto done;
             ids[s] = p;
+            ranges[s] = (id_range){bs.seg[s].id_base, bs.seg[s].rows, s};
         }
     }
-    if (bound_split(&bs, &a, threads) < 0) goto done;
+    if (probes != Py_None && bind_probes(&lb, &b, probes, list_entries, list_offsets, nq, nseg) < 0) goto done;
+    if (probes != Py_None) {
+        /* Runs of the queries only (a query's lists are scanned by one thread), a few per share. */
+        bs.by_query = 1;
+        bs.shares = nq < threads ? (int)(nq ? nq : 1) : threads;
+        const Py_ssize_t few = (nq + 2 * bs.shares - 1) / (2 * bs.shares);
+        lb.chunk = few < 64 ? (nq < 64 ? nq : 64) : few;
+        lb.chunk = lb.chunk ? lb.chunk : 1;
+        lb.plan = &a;
+        lb.work = PyMem_Malloc((size_t)bs.shares * list_work_bytes(&lb));
+        lb.order = PyMem_Malloc((size_t)(nq ? nq : 1) * sizeof(int64_t));
+        if (!lb.work || !lb.order || list_order(&lb) < 0) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    } else if (bound_split(&bs, &a, threads) < 0) {
+        goto done;
+    }
     Py_BEGIN_ALLOW_THREADS
     if (bs.shares > 1) pool_wake(bs.shares - 1);
-    bound_run(&bs, &a, m.mag, portable, &m);
+    if (probes != Py_None) {
+        scan_job job = {bs.seg, nseg, bs.limits, m.mag, portable, &m};
+        make_split ms = {&m, nq, ((nq + 4 * bs.shares - 1) / (4 * bs.shares) + 3) & ~(Py_ssize_t)3, 0};
+        pool_run(make_share, &ms, bs.shares);
+        lb.job = &job;
+        pool_run(list_share, &lb, bs.shares);
+    } else {
+        bound_run(&bs, &a, m.mag, portable, &m);
+    }
     for (Py_ssize_t q = 0; q < nq; q++) sort_best_first(a.out_s + q * a.kp, a.out_i + q * a.kp, a.kp, tmp);
-    if (ids)  /* positions to the ids of the segment holding them (rows from its id_base on) */
-        for (Py_ssize_t i = 0; i < nq * a.kp; i++) {
-            const int64_t pos = a.out_i[i];
-            for (Py_ssize_t s = 0; pos >= 0 && s < nseg; s++)
-                if (pos >= bs.seg[s].id_base && pos - bs.seg[s].id_base < bs.seg[s].rows) {
-                    a.out_i[i] = ids[s][pos - bs.seg[s].id_base];
-                    break;
-                }
-        }
+    if (ids) map_ids(a.out_i, nq * a.kp, ranges, nseg, ids);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
     PyMem_Free(made);
     PyMem_Free(normed);
     PyMem_Free(ids);
+    PyMem_Free(ranges);
+    PyMem_Free(lb.work);
+    PyMem_Free(lb.order);
     PyMem_Free(tmp);
     bound_free(&bs);
     buffers_free(&b);

@@ -646,7 +646,7 @@ class Index:
             return None
         if self._partitions:
             found = None
-            if len(q) == 1 and self._coarse is not None:
+            if self._coarse is not None:
                 found = self._search_direct_lists(view, q, k, nprobe or self.default_nprobe)
         else:
             scanner = self._scanner()
@@ -662,13 +662,13 @@ class Index:
 
     def _search_direct_lists(self, view: "_View", q: np.ndarray, k: int,
                              nprobe: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """A partitioned index's single query for `_search_direct`: checked (and, for "cosine",
-        scaled) here as `check_norms` does, its nprobe best lists probed and scanned in one native call."""
+        """A partitioned index's queries for `_search_direct`: checked (and, for "cosine", scaled) here
+        as `check_norms` does, each one's nprobe best lists probed, and all scanned in one native call."""
         scanner = self._scanner()
         if not scanner.direct:
             return None
-        norms = np.empty(1, np.float32)
-        if native.kernels.row_norms(q, norms, 1, self.dim, MAX_NORM, self._metric != "cosine") >= 0:
+        norms = np.empty(len(q), np.float32)
+        if native.kernels.row_norms(q, norms, len(q), self.dim, MAX_NORM, self._metric != "cosine") >= 0:
             return None  # the general path names the fault
         if self._metric == "cosine":
             q = q / norms[:, None]

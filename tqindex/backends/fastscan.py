@@ -335,11 +335,12 @@ def _segment_entry(quantizer, segment: Segment, metric: str, cache: SegmentCache
     return kept[1]
 
 
-def _scan_threads(share: int, entries, nq: int, makes_queries: bool = False) -> int:
+def _scan_threads(share: int, entries, nq: int, makes_queries: bool = False, read: float = 1.0) -> int:
     """Threads for one native scan over `entries` for nq queries: this call's `thread_share`, but no more
-    than give each thread `_BYTES_PER_SHARE` of codes to read (counted once per query) or, for a call
-    that also makes its queries (`_native.search`), `_TABLE_QUERIES_PER_THREAD` queries to make."""
-    work = nq * sum(e[0].nbytes for e in entries) // _BYTES_PER_SHARE
+    than give each thread `_BYTES_PER_SHARE` of codes to read (counted once per query, `read` of the
+    entries' bytes each) or, for a call that also makes its queries (`_native.search`),
+    `_TABLE_QUERIES_PER_THREAD` queries to make."""
+    work = int(nq * read * sum(e[0].nbytes for e in entries)) // _BYTES_PER_SHARE
     if makes_queries:
         work = max(work, nq // _TABLE_QUERIES_PER_THREAD)
     return max(1, min(share, work))
@@ -557,8 +558,12 @@ class FastScanner(Scanner):
 
     def search_direct_lists(self, request: ListScan, queries: np.ndarray,
                             k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """`Scanner.search_direct_lists` in one `_native.search` call over the probed lists' segments,
-        each with its list's offset (`scan_lists_fast`'s single query, without its Python steps)."""
+        """`Scanner.search_direct_lists` in one `_native.search` call: a single query over its probed
+        lists' segments, each with its list's offset (`scan_lists_fast`'s single query, without its
+        Python steps); a batch over every list's segments, each query scanning its own lists (the
+        kernel groups the queries that probe a list, as `scan_lists_fast` does)."""
+        if len(queries) > 1:
+            return self._direct_batch(request, queries, k)
         entries_of = list_entries(self.quantizer, request, self.metric, self.cache)
         ids_kept = request.memo.setdefault("fastscan-ids", {})
         entries, row_ids, offsets = [], [], []
@@ -575,8 +580,38 @@ class FastScanner(Scanner):
         return self._direct(entries, row_ids, queries, k, checked=True,
                             offsets=np.asarray(offsets, np.float32).reshape(len(entries), 1))
 
+    def _direct_batch(self, request: ListScan, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """A partitioned batch: every list's entries in list order (made once per snapshot: the
+        request's memo), the queries' probed lists and their offsets."""
+        made = request.memo.get("fastscan-lists")
+        if made is None:
+            entries_of = list_entries(self.quantizer, request, self.metric, self.cache)
+            entries, row_ids, first = [], [], [0]
+            ids_of = {}
+            for lst in range(request.offsets.shape[1]):
+                for i, entry in zip(request.members.get(lst, ()), entries_of(lst)):
+                    ids = ids_of.get(i)
+                    if ids is None:
+                        ids = ids_of[i] = np.ascontiguousarray(request.segments[i].ids, dtype=np.int64)
+                    entries.append(entry)
+                    row_ids.append(ids)
+                first.append(len(entries))
+            made = request.memo["fastscan-lists"] = (entries, row_ids, np.asarray(first, np.int64))
+        entries, row_ids, first = made
+        nlist = len(first) - 1
+        probed = np.unique(request.lists)
+        if 2 * len(probed) < nlist:  # a small batch: only its lists' entries (the call binds each one it is given)
+            counts = np.zeros(nlist + 1, np.int64)
+            counts[probed + 1] = first[probed + 1] - first[probed]
+            picked = [i for lst in probed.tolist() for i in range(first[lst], first[lst + 1])]
+            entries, row_ids, first = [entries[i] for i in picked], [row_ids[i] for i in picked], np.cumsum(counts)
+        return self._direct(entries, row_ids, queries, k, checked=True, probes=request.lists, list_entries=first,
+                            list_offsets=request.offsets)
+
     def _direct(self, entries: list, row_ids: list, queries: np.ndarray, k: int, checked: bool,
-                offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+                offsets: np.ndarray | None = None, probes: np.ndarray | None = None,
+                list_entries: np.ndarray | None = None,
+                list_offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """The one native call of the direct lanes (`checked`: the queries' norms are checked and
         cosine queries scaled by the caller already)."""
         quantizer, metric = self.quantizer, self.metric
@@ -588,12 +623,15 @@ class FastScanner(Scanner):
         scores = np.empty((nq, k), dtype=np.float32)
         ids = np.empty((nq, k), dtype=np.int64)
         int8 = native.simd() == "avx512vbmi" and int8_scan(quantizer)
+        # A batch over lists reads its probed share of the entries' codes.
+        share_read = 1.0 if probes is None else probes.shape[1] / max(len(list_entries) - 1, 1)
         with native.thread_share() as share:
             bad = native.kernels.search(consts, queries, entries, scores, ids, count, metric == "l2", int8,
-                                        threads=_scan_threads(share, entries, nq, True), row_ids=row_ids,
-                                        offsets=offsets,
+                                        threads=_scan_threads(share, entries, nq, True, share_read),
+                                        row_ids=row_ids, offsets=offsets,
                                         max_norm=0.0 if checked else MAX_NORM, zero_ok=metric != "cosine",
-                                        normalize=metric == "cosine" and not checked)
+                                        normalize=metric == "cosine" and not checked, probes=probes,
+                                        list_entries=list_entries, list_offsets=list_offsets)
         if bad >= 0:
             return None
         self.last_stats = {"queries": nq, "exact_counts": count}
