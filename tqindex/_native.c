@@ -1547,29 +1547,42 @@ __attribute__((target(TQ_AVX2))) static void rotate_rows_avx2(const float *restr
 /* rotate_rows in 512-bit vectors, R rows (1-4, a constant after inlining) at a time: each run of 16 * RUN
  * outputs of each row is kept in registers while j goes over the whole row of x (rotate_rows loads and
  * stores every output once per j), each output still summed in increasing j, one multiply and one add at a
- * time, so the results are rotate_rows', bit for bit. A last run of fewer than 16 outputs is read and
- * written with masks. */
-__attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_run_avx512(
+ * time, so the results are rotate_rows', bit for bit. Runs are as long as the registers allow for R rows
+ * (24, 12, 8 registers for 1, 2, 3 rows: a single row then reads each row of mt whole, in order), then of
+ * four registers; a last run of fewer than 16 outputs is read and written with masks. This function: the
+ * outputs from *kp on, in runs of RUN registers while a whole run fits. */
+__attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_runs_avx512(
         const float *restrict x, const float *restrict mt, float *restrict out, Py_ssize_t dim, Py_ssize_t cols,
-        const int R) {
-    enum { RUN = 4 };
-    Py_ssize_t k = 0;
+        const int R, const int RUN, Py_ssize_t *kp) {
+    Py_ssize_t k = *kp;
     for (; k + 16 * RUN <= cols; k += 16 * RUN) {
-        __m512 acc[4][RUN];
+        __m512 acc[4][24];
         for (int i = 0; i < R; i++)
+#pragma GCC unroll 24
             for (int r = 0; r < RUN; r++) acc[i][r] = _mm512_setzero_ps();
         for (Py_ssize_t j = 0; j < dim; j++) {
             const float *m = mt + j * cols + k;
-            __m512 mv[RUN];
-            for (int r = 0; r < RUN; r++) mv[r] = _mm512_loadu_ps(m + 16 * r);
-            for (int i = 0; i < R; i++) {
-                const __m512 a = _mm512_set1_ps(x[i * dim + j]);
-                for (int r = 0; r < RUN; r++) acc[i][r] = _mm512_add_ps(acc[i][r], _mm512_mul_ps(a, mv[r]));
+            __m512 a[4];
+            for (int i = 0; i < R; i++) a[i] = _mm512_set1_ps(x[i * dim + j]);
+#pragma GCC unroll 24
+            for (int r = 0; r < RUN; r++) {
+                const __m512 mv = _mm512_loadu_ps(m + 16 * r);
+                for (int i = 0; i < R; i++) acc[i][r] = _mm512_add_ps(acc[i][r], _mm512_mul_ps(a[i], mv));
             }
         }
         for (int i = 0; i < R; i++)
+#pragma GCC unroll 24
             for (int r = 0; r < RUN; r++) _mm512_storeu_ps(out + i * cols + k + 16 * r, acc[i][r]);
     }
+    *kp = k;
+}
+
+__attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_run_avx512(
+        const float *restrict x, const float *restrict mt, float *restrict out, Py_ssize_t dim, Py_ssize_t cols,
+        const int R, const int LONG) {
+    Py_ssize_t k = 0;
+    rotate_runs_avx512(x, mt, out, dim, cols, R, LONG, &k);  /* long runs, then runs of four registers */
+    if (LONG > 4) rotate_runs_avx512(x, mt, out, dim, cols, R, 4, &k);
     for (; k < cols; k += 16) {
         const __mmask16 live = cols - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (cols - k)) - 1);
         __m512 acc[4];
@@ -1587,11 +1600,11 @@ __attribute__((target(TQ_AVX512))) static void rotate_rows_avx512(const float *r
                                                                 float *restrict out, Py_ssize_t rows, Py_ssize_t dim,
                                                                 Py_ssize_t cols) {
     Py_ssize_t i = 0;
-    for (; i + 4 <= rows; i += 4) rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 4);
+    for (; i + 4 <= rows; i += 4) rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 4, 4);
     switch (rows - i) {
-        case 3: rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 3); break;
-        case 2: rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 2); break;
-        case 1: rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 1); break;
+        case 3: rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 3, 8); break;
+        case 2: rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 2, 12); break;
+        case 1: rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 1, 24); break;
         default: break;
     }
 }
