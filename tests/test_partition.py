@@ -354,8 +354,9 @@ def test_a_numpy_batch_takes_one_call_with_the_general_paths_results(metric, bit
 
 
 def test_the_batch_kernel_refuses_lists_it_cannot_scan():
-    # search's probes name lists of list_entries; a list outside them, entries that do not cover the
-    # segments given, or probes without their offsets are refused before anything is scanned.
+    # search's probes name lists of list_entries; a list outside them, a list twice for one query, entries
+    # that do not cover the segments given, or probes without their offsets are refused before anything
+    # is scanned.
     from tqindex import native
     from tqindex.backends import fastscan
     if not fastscan.available():
@@ -373,6 +374,7 @@ def test_the_batch_kernel_refuses_lists_it_cannot_scan():
     (args, kw), = calls
     out = [np.empty((4, 5), np.float32), np.empty((4, 5), np.int64), np.empty(4, np.int64)]
     for change, message in [({"probes": np.full((4, 2), NLIST, np.int64)}, "outside"),
+                            ({"probes": np.full((4, 2), 3, np.int64)}, "probes list 3 twice"),
                             ({"list_entries": kw["list_entries"][:-1]}, "from 0 to len"),
                             ({"list_entries": kw["list_entries"][::-1].copy()}, "from 0 to len"),
                             ({"list_offsets": None}, "go together"),

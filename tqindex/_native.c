@@ -1909,6 +1909,24 @@ static int bind_probes(list_batch *lb, buffer_set *b, PyObject *probes, PyObject
                          (long long)lb->probes[i], lb->nlist);
             return -1;
         }
+    /* A query's lists distinct: a list's scan holds one copy of each of its queries' heaps. */
+    Py_ssize_t *seen = PyMem_Malloc((size_t)lb->nlist * sizeof(Py_ssize_t));
+    if (!seen) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t l = 0; l < lb->nlist; l++) seen[l] = -1;
+    for (Py_ssize_t q = 0; q < nq; q++)
+        for (Py_ssize_t p = 0; p < lb->nprobe; p++) {
+            const int64_t l = lb->probes[q * lb->nprobe + p];
+            if (seen[l] == q) {
+                PyErr_Format(PyExc_ValueError, "search: query %zd probes list %lld twice", q, (long long)l);
+                PyMem_Free(seen);
+                return -1;
+            }
+            seen[l] = q;
+        }
+    PyMem_Free(seen);
     if (take(b, list_offsets, 0, nq * lb->nlist * (Py_ssize_t)sizeof(float), "list_offsets", &p) < 0) return -1;
     lb->offsets = p;
     return 0;
