@@ -272,6 +272,29 @@ def test_a_snapshot_keeps_the_scan_entries_of_the_lists_probed_only():
     assert 10 ** 6 in index.search(q[0], 5, nprobe=3).ids      # in its nearest list, which is probed first
 
 
+def _two_segments_a_list(bits, metric, queries):
+    """(index, rows, queries, ids): a partitioned index of two adds (two segments in most lists), ids not
+    positions; skipped without the compiled fast scan, whose direct lanes these tests compare."""
+    from tqindex.backends import fastscan
+    if not fastscan.available():
+        pytest.skip("needs the compiled fast scan (AVX-512, AVX2 or NEON)")
+    x, q = _data(queries=queries)
+    ids = np.r_[np.arange(2500) * 2 + 1, np.arange(1500) + 10 ** 5]
+    index = Index(dim=DIM, bits=bits, partitions=NLIST, metric=metric)
+    index.add(x[:2500], ids=ids[:2500])
+    index.add(x[2500:], ids=ids[2500:])
+    return index, x, q, ids
+
+
+def _search_calls(monkeypatch) -> list:
+    """The keyword arguments of every `_native.search` call from now on (the call still runs)."""
+    from tqindex import native
+    calls = []
+    kernel = native.kernels.search
+    monkeypatch.setattr(native.kernels, "search", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
+    return calls
+
+
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_a_single_numpy_query_takes_one_call_with_the_general_paths_results(metric, bits, monkeypatch):
@@ -279,18 +302,9 @@ def test_a_single_numpy_query_takes_one_call_with_the_general_paths_results(metr
     # native search over its lists' segments (each with its list's offset; ids mapped in the call);
     # the same values as a torch tensor take the general path. Ids and scores are the same, bit for
     # bit, with two segments per list, removals, and every nprobe.
-    from tqindex import native
-    from tqindex.backends import fastscan
-    if not fastscan.available():
-        pytest.skip("needs the compiled fast scan (AVX-512, AVX2 or NEON)")
-    x, q = _data(queries=6)
-    index = Index(dim=DIM, bits=bits, partitions=NLIST, metric=metric)
-    index.add(x[:2500], ids=np.arange(2500) * 2 + 1)
-    index.add(x[2500:], ids=np.arange(1500) + 10 ** 5)
+    index, x, q, _ = _two_segments_a_list(bits, metric, queries=6)
     index.remove(np.arange(1, 5000, 14))
-    calls = []
-    kernel = native.kernels.search
-    monkeypatch.setattr(native.kernels, "search", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
+    calls = _search_calls(monkeypatch)
     for nprobe in (1, 3, NLIST):
         for k in (1, 10):
             for i in range(len(q)):
@@ -316,22 +330,13 @@ def test_a_numpy_batch_takes_one_call_with_the_general_paths_results(metric, bit
     # query's lists and offsets; the kernel groups the queries by list. The same values as a torch
     # tensor take the general path (a native call per list). Ids and scores are the same, bit for bit,
     # with two segments per list, removals, a list left empty, 1-3 threads and every nprobe.
-    from tqindex import native, set_num_threads, get_num_threads
-    from tqindex.backends import fastscan
-    if not fastscan.available():
-        pytest.skip("needs the compiled fast scan (AVX-512, AVX2 or NEON)")
-    x, q = _data(queries=70)
-    index = Index(dim=DIM, bits=bits, partitions=NLIST, metric=metric)
-    index.add(x[:2500], ids=np.arange(2500) * 2 + 1)
-    index.add(x[2500:], ids=np.arange(1500) + 10 ** 5)
-    ids = np.r_[np.arange(2500) * 2 + 1, np.arange(1500) + 10 ** 5]
+    from tqindex import set_num_threads, get_num_threads
+    index, x, q, ids = _two_segments_a_list(bits, metric, queries=70)
     assign = index._coarse.assign(torch.from_numpy(x)).numpy()
     emptied = ids[assign == np.bincount(assign, minlength=NLIST).argmax()]  # a list's every row
     index.remove(emptied)
     index.remove(np.setdiff1d(np.arange(1, 5000, 14), emptied))
-    calls = []
-    kernel = native.kernels.search
-    monkeypatch.setattr(native.kernels, "search", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
+    calls = _search_calls(monkeypatch)
     threads = get_num_threads()
     try:
         for t in (1, 2, 3):
