@@ -181,8 +181,8 @@ class Scanner(ABC):
 
     def search_direct_lists(self, request: ListScan, queries: np.ndarray,
                             k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """`search_direct` for a partitioned index's single query (request.lists (1, nprobe), its lists
-        probed already): queries (1, d) float32 numpy, C-contiguous, checked and, for "cosine",
+        """`search_direct` for a partitioned index's queries (request.lists (nq, nprobe), their lists
+        probed already): queries (nq, d) float32 numpy, C-contiguous, checked and, for "cosine",
         scaled to unit norm by the caller; scores include the lists' offsets. None where the backend
         has no such path (this default)."""
         return None
