@@ -619,7 +619,7 @@ def test_native_rotation_equals_torch(rows, dim):
 
 @needs_native
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 9])
-@pytest.mark.parametrize("dim", [5, 130, 384, 600])  # 600: a long run, runs of four registers, a masked tail
+@pytest.mark.parametrize("dim", [5, 130, 384, 600])  # 600, one row: runs of 24, 8 and 4 registers, a masked tail
 def test_rotation_is_the_same_at_every_simd_level(rows, dim):
     # Where the CPU has AVX-512, rows are rotated four (or the last one to three) at a time in runs
     # of 64 outputs held in registers, with a masked last run (130 and 5 are not multiples of 16 or

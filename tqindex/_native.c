@@ -1548,9 +1548,10 @@ __attribute__((target(TQ_AVX2))) static void rotate_rows_avx2(const float *restr
  * outputs of each row is kept in registers while j goes over the whole row of x (rotate_rows loads and
  * stores every output once per j), each output still summed in increasing j, one multiply and one add at a
  * time, so the results are rotate_rows', bit for bit. Runs are as long as the registers allow for R rows
- * (24, 12, 8 registers for 1, 2, 3 rows: a single row then reads each row of mt whole, in order), then of
- * four registers; a last run of fewer than 16 outputs is read and written with masks. This function: the
- * outputs from *kp on, in runs of RUN registers while a whole run fits. */
+ * (24, 12, 8 registers for 1, 2, 3 rows: a single row then reads each row of mt whole, in order), then
+ * shorter ones (16, 8, then 4 registers: a partitioned query's probe of 128-1,024 lists); a last run of
+ * fewer than 16 outputs is read and written with masks. This function: the outputs from *kp on, in runs
+ * of RUN registers while a whole run fits. */
 __attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_runs_avx512(
         const float *restrict x, const float *restrict mt, float *restrict out, Py_ssize_t dim, Py_ssize_t cols,
         const int R, const int RUN, Py_ssize_t *kp) {
@@ -1581,7 +1582,9 @@ __attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_run_
         const float *restrict x, const float *restrict mt, float *restrict out, Py_ssize_t dim, Py_ssize_t cols,
         const int R, const int LONG) {
     Py_ssize_t k = 0;
-    rotate_runs_avx512(x, mt, out, dim, cols, R, LONG, &k);  /* long runs, then runs of four registers */
+    rotate_runs_avx512(x, mt, out, dim, cols, R, LONG, &k);  /* long runs, then shorter ones down to four */
+    if (LONG > 16) rotate_runs_avx512(x, mt, out, dim, cols, R, 16, &k);
+    if (LONG > 8) rotate_runs_avx512(x, mt, out, dim, cols, R, 8, &k);
     if (LONG > 4) rotate_runs_avx512(x, mt, out, dim, cols, R, 4, &k);
     for (; k < cols; k += 16) {
         const __mmask16 live = cols - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (cols - k)) - 1);
