@@ -630,7 +630,6 @@ static int check_threads(int *threads, const char *name) {
     return 0;
 }
 
-
 /* A partitioned batch (search's probes): each query's probed lists, and where each list's entries lie
  * among the bound segments. Chunks of the queries, in order of their first list (so that a chunk's
  * queries share lists), are claimed in turn by the shares; a chunk's (list, query) pairs are grouped by
@@ -2152,11 +2151,10 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
     }
     if (probes != Py_None && bind_probes(&lb, &b, probes, list_entries, list_offsets, nq, nseg) < 0) goto done;
     if (probes != Py_None) {
-        /* Runs of the queries only (a query's lists are scanned by one thread), a few per share. */
+        /* Runs of the queries only (a query's lists are scanned by one thread). */
         bs.by_query = 1;
         bs.shares = nq < threads ? (int)(nq ? nq : 1) : threads;
-        const Py_ssize_t few = (nq + 2 * bs.shares - 1) / (2 * bs.shares);
-        lb.chunk = few < 64 ? (nq < 64 ? nq : 64) : few;
+        lb.chunk = (nq + 2 * bs.shares - 1) / (2 * bs.shares);  /* two a share */
         lb.chunk = lb.chunk ? lb.chunk : 1;
         lb.plan = &a;
         lb.work = PyMem_Malloc((size_t)bs.shares * list_work_bytes(&lb));
