@@ -234,8 +234,6 @@ static void set_level(scan_args *a, int portable) {
     a->avx512 = level == LEVEL_AVX512VBMI ? 2 : level == LEVEL_AVX512;
 }
 
-/* The plan's per-query inputs (luts, fluts, delta, which fixes nq, bias, tol, query_norm2, and for
- * rescoring from codes rotated, centroids, row_bits), its layout (ncols, wcols), and the heaps. */
 /* The rows of a plan array of `row_bytes` a query that qrow picks (scan_args.qrow): the array's row count,
  * each picked row checked to be one of them; -1 with an error set otherwise. */
 static Py_ssize_t picked_rows(const Py_buffer *v, Py_ssize_t row_bytes, const scan_args *a, const char *name) {
@@ -250,6 +248,9 @@ static Py_ssize_t picked_rows(const Py_buffer *v, Py_ssize_t row_bytes, const sc
     return rows;
 }
 
+/* The plan's per-query inputs (luts, fluts, delta, which fixes nq, bias, tol, query_norm2, and for
+ * rescoring from codes rotated, centroids, row_bits), its layout (ncols, wcols), and the heaps; with
+ * qrows, the rows of the plan's tables and queries that queries 0 .. nq - 1 read (scan_args.qrow). */
 static int bind_queries(scan_args *a, buffer_set *b, PyObject *plan, PyObject *out_s, PyObject *out_i,
                         PyObject *exact_count, int portable, PyObject *qrows) {
     long long ncols, wcols, row_bits;
@@ -417,6 +418,14 @@ typedef struct {
     const query_maker *maker; /* or NULL: the queries' inputs are given (scan_segments) */
 } scan_job;
 
+/* Query q's room for float32 rounding in a score of bound segment s (g: its arguments, narrowed to the
+ * queries scanned; mag: the query's magnitude): what evaluation_threshold takes off the heap's least. */
+static inline float rounding_room(const scan_job *job, Py_ssize_t s, const scan_args *g, Py_ssize_t q, float mag) {
+    const float factor = g->row_norm ? 2.0f : 1.0f;
+    return 1e-5f * (factor * (float)job->limits[2 * s] * mag + (g->offset ? fabsf(g->offset[q]) : 0.0f) +
+                    (g->row_norm ? (float)job->limits[2 * s + 1] + g->query_norm2[q] : 0.0f));
+}
+
 /* Queries [q0, q1) over the blocks [g0, g1) of the concatenation of every segment's block range, with
  * each segment's eps (the room for float32 rounding in a score, per query) written to `eps` before its
  * scan, into the heaps, counts and floor given for those queries (out_s NULL: the caller's). */
@@ -437,11 +446,7 @@ static void scan_range(const scan_job *job, Py_ssize_t q0, Py_ssize_t q1, Py_ssi
                 g.floor = floor;
             }
             g.eps = eps;
-            const float factor = g.row_norm ? 2.0f : 1.0f;
-            for (Py_ssize_t q = 0; q < g.nq; q++)
-                eps[q] = 1e-5f * (factor * (float)job->limits[2 * s] * job->mag[q0 + q] +
-                                  (g.offset ? fabsf(g.offset[q]) : 0.0f) +
-                                  (g.row_norm ? (float)job->limits[2 * s + 1] + g.query_norm2[q] : 0.0f));
+            for (Py_ssize_t q = 0; q < g.nq; q++) eps[q] = rounding_room(job, s, &g, q, job->mag[q0 + q]);
             run_scan(&g, job->portable);
         }
         first += n;
@@ -714,10 +719,7 @@ static void list_share(void *ctx, int t) {
                 g.out_i = hi;
                 g.exact_count = cnt;
                 g.eps = eps;
-                const float factor = g.row_norm ? 2.0f : 1.0f;  /* scan_range's room for rounding */
-                for (Py_ssize_t i = 0; i < m; i++)
-                    eps[i] = 1e-5f * (factor * (float)job->limits[2 * e] * job->mag[qrow[i]] + fabsf(off[i]) +
-                                      (g.row_norm ? (float)job->limits[2 * e + 1] + qn2[i] : 0.0f));
+                for (Py_ssize_t i = 0; i < m; i++) eps[i] = rounding_room(job, e, &g, i, job->mag[qrow[i]]);
                 run_scan(&g, job->portable);
             }
             for (Py_ssize_t i = 0; i < m; i++) {

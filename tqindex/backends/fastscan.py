@@ -436,6 +436,29 @@ def list_entries(quantizer: TurboQuantizer, request: ListScan, metric: str, cach
     return entries_of
 
 
+def _list_parts(quantizer: TurboQuantizer, request: ListScan, metric: str, cache: SegmentCache | None):
+    """A function of a list L: its `list_entries` and, beside each, its segment's ids (int64, as the
+    direct lanes map positions to ids), both made on first use and kept in the request's memo (a
+    segment's ids once, whatever lists it holds)."""
+    entries_of = list_entries(quantizer, request, metric, cache)
+    ids_kept = request.memo.setdefault("fastscan-ids", {})  # segment number: its ids
+    kept = request.memo.setdefault("fastscan-parts", {})    # list: (entries, ids)
+
+    def ids_of(i):
+        ids = ids_kept.get(i)
+        if ids is None:
+            ids = ids_kept[i] = np.ascontiguousarray(request.segments[i].ids, dtype=np.int64)
+        return ids
+
+    def parts(lst):
+        made = kept.get(lst)
+        if made is None:
+            made = kept[lst] = (entries_of(lst), [ids_of(i) for i in request.members.get(lst, ())])
+        return made
+
+    return parts
+
+
 def scan_lists_fast(quantizer: TurboQuantizer, request: ListScan, rotated: torch.Tensor,
                     query_sq_norms: torch.Tensor, k: int, metric: str, *, portable: bool = False,
                     threads: int | None = None, cache: SegmentCache | None = None, stats: dict | None = None,
@@ -564,16 +587,11 @@ class FastScanner(Scanner):
         kernel groups the queries that probe a list, as `scan_lists_fast` does)."""
         if len(queries) > 1:
             return self._direct_batch(request, queries, k)
-        entries_of = list_entries(self.quantizer, request, self.metric, self.cache)
-        ids_kept = request.memo.setdefault("fastscan-ids", {})
+        parts = _list_parts(self.quantizer, request, self.metric, self.cache)
         entries, row_ids, offsets = [], [], []
         for lst in request.lists[0].tolist():
-            made = entries_of(lst)
+            made, ids = parts(lst)
             if made:
-                ids = ids_kept.get(lst)
-                if ids is None:
-                    ids = ids_kept[lst] = [np.ascontiguousarray(request.segments[i].ids, dtype=np.int64)
-                                           for i in request.members[lst]]
                 entries.extend(made)
                 row_ids.extend(ids)
                 offsets.extend([request.offsets[0, lst]] * len(made))
@@ -585,16 +603,12 @@ class FastScanner(Scanner):
         request's memo), the queries' probed lists and their offsets."""
         made = request.memo.get("fastscan-lists")
         if made is None:
-            entries_of = list_entries(self.quantizer, request, self.metric, self.cache)
+            parts = _list_parts(self.quantizer, request, self.metric, self.cache)
             entries, row_ids, first = [], [], [0]
-            ids_of = {}
             for lst in range(request.offsets.shape[1]):
-                for i, entry in zip(request.members.get(lst, ()), entries_of(lst)):
-                    ids = ids_of.get(i)
-                    if ids is None:
-                        ids = ids_of[i] = np.ascontiguousarray(request.segments[i].ids, dtype=np.int64)
-                    entries.append(entry)
-                    row_ids.append(ids)
+                list_made, ids = parts(lst)
+                entries.extend(list_made)
+                row_ids.extend(ids)
                 first.append(len(entries))
             made = request.memo["fastscan-lists"] = (entries, row_ids, np.asarray(first, np.int64))
         entries, row_ids, first = made
