@@ -286,12 +286,12 @@ def _two_segments_a_list(bits, metric, queries):
     return index, x, q, ids
 
 
-def _search_calls(monkeypatch) -> list:
-    """The keyword arguments of every `_native.search` call from now on (the call still runs)."""
+def _search_calls(monkeypatch, name: str = "search") -> list:
+    """The keyword arguments of every call of `_native.<name>` from Python from now on (the call still runs)."""
     from tqindex import native
     calls = []
-    kernel = native.kernels.search
-    monkeypatch.setattr(native.kernels, "search", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
+    kernel = getattr(native.kernels, name)
+    monkeypatch.setattr(native.kernels, name, lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
     return calls
 
 
@@ -299,20 +299,22 @@ def _search_calls(monkeypatch) -> list:
 @pytest.mark.parametrize("bits", [2, 4])
 def test_a_single_numpy_query_takes_one_call_with_the_general_paths_results(metric, bits, monkeypatch):
     # A numpy query of a partitioned index is checked, scaled (cosine), probed and scanned in one
-    # native search over its lists' segments (each with its list's offset; ids mapped in the call);
-    # the same values as a torch tensor take the general path. Ids and scores are the same, bit for
-    # bit, with two segments per list, removals, and every nprobe.
+    # native call (search_probing) over its lists' segments (each with its list's offset; ids mapped in
+    # the call); the same values as a torch tensor take the general path. Ids and scores are the same,
+    # bit for bit, with two segments per list, removals, and every nprobe.
     index, x, q, _ = _two_segments_a_list(bits, metric, queries=6)
     index.remove(np.arange(1, 5000, 14))
-    calls = _search_calls(monkeypatch)
+    calls, probing = _search_calls(monkeypatch), _search_calls(monkeypatch, "search_probing")
     for nprobe in (1, 3, NLIST):
         for k in (1, 10):
             for i in range(len(q)):
                 calls.clear()
+                probing.clear()
                 direct = index.search(q[i], k=k, nprobe=nprobe)
-                assert len(calls) == 1 and calls[0]["offsets"] is not None and calls[0]["row_ids"]
+                assert len(probing) == 1 and not calls
+                assert probing[0]["normalize"] == (metric == "cosine")
                 general = index.search(torch.from_numpy(q[i]), k=k, nprobe=nprobe)
-                assert len(calls) == 1  # the general path's list scan is scan_segments
+                assert len(probing) == 1 and not calls  # the general path's list scan is scan_segments
                 np.testing.assert_array_equal(direct.ids, general.ids.numpy())
                 np.testing.assert_array_equal(direct.scores, general.scores.numpy())
     with pytest.raises(ValueError, match="NaN or inf"):
@@ -386,6 +388,49 @@ def test_the_batch_kernel_refuses_lists_it_cannot_scan():
                             ({"offsets": np.zeros((len(args[2]), 4), np.float32)}, "go together")]:
         with pytest.raises(ValueError, match=message):
             kernel(*args[:3], *out, *args[6:], **{**kw, **change})
+
+
+def test_the_probing_kernel_refuses_what_it_cannot_scan():
+    # search_probing's per_list items are made by `make` for probed lists only and kept; a malformed
+    # item, a probe wider than the lists, centroids of another count, or more than one query are refused
+    # with an error that names it, and nothing of the outputs is then trusted.
+    from tqindex import native
+    from tqindex.backends import fastscan
+    if not fastscan.available():
+        pytest.skip("needs the compiled fast scan (AVX-512, AVX2 or NEON)")
+    x, q = _data(queries=2)
+    index = Index(dim=DIM, bits=2, partitions=NLIST, metric="ip")
+    index.add(x)
+    calls = []
+    kernel = native.kernels.search_probing
+    native.kernels.search_probing = lambda *a, **kw: calls.append((a, kw)) or kernel(*a, **kw)
+    try:
+        expected = index.search(q[0], k=5, nprobe=2)
+    finally:
+        native.kernels.search_probing = kernel
+    (args, kw), = calls
+    args = list(args)
+    per_list = args[7]
+    assert sum(item is not None for item in per_list) == 2        # the probed lists only, kept
+    out = lambda: [np.empty((1, 5), np.float32), np.empty((1, 5), np.int64), np.empty(1, np.int64)]
+
+    def call(change: dict, outputs=None):
+        """The recorded call with the positional arguments at these places changed, fresh outputs."""
+        a = [change.get(i, v) for i, v in enumerate(args)]
+        return kernel(*a[:9], *(outputs or out()), *a[12:], **kw)
+
+    got = out()
+    assert call({}, got) == -1
+    np.testing.assert_array_equal(got[1][0], expected.ids)
+    fresh = [None] * NLIST
+    assert call({7: fresh}) == -1 and sum(item is not None for item in fresh) == 2
+    for change, message in [({7: [("not", "a", "list")] * NLIST}, "item must be"),
+                            ({7: [None] * NLIST, 8: lambda lst: (tuple(per_list[lst][0]), (), 0)}, "item must be"),
+                            ({5: np.empty(NLIST + 1, np.int64)}, "1 <= nprobe <= nlist"),
+                            ({7: [None] * (NLIST - 1)}, "centroids_t"),
+                            ({1: np.stack([q[0], q[0]])}, "one query")]:
+        with pytest.raises(ValueError, match=message):
+            call(change)
 
 
 def test_probe_kernel_orders_lists_by_key_then_by_list():

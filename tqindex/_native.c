@@ -1790,6 +1790,26 @@ done:
  * j as `rotate`; doubled for l2), and the nprobe = out_lists' columns lists of each query with the best
  * key (the offset, less sq_norms [nlist] for l2: the nearest centroids), best first, ties to the lower
  * list. Releases the GIL. */
+/* probe's work (no GIL needed): offsets = queries [nq][dim] @ centroids_t [dim][nlist] (doubled for l2),
+ * and each query's nprobe best lists, best first (key: the offset, less ||c||^2 for l2; ties to the
+ * lower list). key and tmp: room for nprobe entries. */
+static void probe_rows(const float *queries, Py_ssize_t nq, const float *centroids_t, const float *norms,
+                       Py_ssize_t dim, Py_ssize_t nlist, Py_ssize_t nprobe, int l2, float *offsets, int64_t *lists,
+                       float *key, scored *tmp) {
+    matmul_rows(queries, centroids_t, offsets, nq, dim, nlist);
+    for (Py_ssize_t q = 0; q < nq; q++) {
+        float *row = offsets + q * nlist;
+        int64_t *top = lists + q * nprobe;
+        heap_clear(key, top, nprobe);
+        for (Py_ssize_t c = 0; c < nlist; c++) {
+            if (l2) row[c] *= 2.0f;
+            const float s = l2 ? row[c] - norms[c] : row[c];
+            if (top[0] < 0 || ranks_below(key[0], top[0], s, c)) heap_replace_top(key, top, nprobe, s, c);
+        }
+        sort_best_first(key, top, nprobe, tmp);
+    }
+}
+
 static PyObject *probe(PyObject *self, PyObject *args) {
     PyObject *queries, *centroids_t, *sq_norms, *out_lists, *out_offsets;
     Py_ssize_t dim, nlist;
@@ -1825,22 +1845,8 @@ static PyObject *probe(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    float *offsets = op;
-    int64_t *lists = lp;
-    const float *norms = np_;
     Py_BEGIN_ALLOW_THREADS
-    matmul_rows(qp, cp, offsets, nq, dim, nlist);
-    for (Py_ssize_t q = 0; q < nq; q++) {
-        float *row = offsets + q * nlist;
-        int64_t *top = lists + q * nprobe;
-        heap_clear(key, top, nprobe);
-        for (Py_ssize_t c = 0; c < nlist; c++) {
-            if (l2) row[c] *= 2.0f;
-            const float s = l2 ? row[c] - norms[c] : row[c];
-            if (top[0] < 0 || ranks_below(key[0], top[0], s, c)) heap_replace_top(key, top, nprobe, s, c);
-        }
-        sort_best_first(key, top, nprobe, tmp);
-    }
+    probe_rows(qp, nq, cp, np_, dim, nlist, nprobe, l2, op, lp, key, tmp);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
@@ -2196,6 +2202,159 @@ done:
     return ok ? PyLong_FromSsize_t(bad) : NULL;
 }
 
+/* search_probing(consts, query, normed, centroids_t, sq_norms, out_lists, out_offsets, per_list, make,
+ * out_scores, out_ids, exact_count, l2, int8, share, bytes_per_thread, max_norm=0.0, zero_ok=True,
+ * normalize=False) -> -1, or 0 where the query fails the norm checks:
+ * one query of a partitioned index, its lists probed in the call. The query (float32 [dim]) is checked
+ * and, with normalize, scaled into normed (float32 [dim]) as search does it; then probed as probe does
+ * (centroids_t float32 [dim][nlist], sq_norms float32 [nlist] for l2; out_lists int64 [nprobe] and
+ * out_offsets float32 [nlist] get the lists and every list's term); then its lists' segments are scanned
+ * by search, each with its list's term and ids. per_list (a list of nlist items) holds, for list L,
+ * None or (entries, ids, nbytes): L's segment entries (tuple), their ids (tuple of int64 arrays) and the
+ * bytes of their codes; an item still None is made by make(L) and kept there (only probed lists are
+ * made). Threads: enough that each reads bytes_per_thread of the lists' codes (at least one, at most
+ * share). A single query's Python steps between the probe and the scan cost as much as both (the probe's
+ * product and the scan of a list are microseconds), so the call takes them. */
+static PyObject *search_probing(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"consts", "query", "normed", "centroids_t", "sq_norms", "out_lists", "out_offsets",
+                             "per_list", "make", "out_scores", "out_ids", "exact_count", "l2", "int8", "share",
+                             "bytes_per_thread", "max_norm", "zero_ok", "normalize", NULL};
+    PyObject *consts, *query, *normed, *centroids_t, *sq_norms, *out_lists, *out_offsets, *per_list, *make, *out_s,
+             *out_i, *exact_count;
+    int l2, int8, share, zero_ok = 1, normalize = 0;
+    Py_ssize_t bytes_per_thread;
+    double max_norm = 0.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOOOOOO!OOOOppin|dpp", kwlist, &PyTuple_Type, &consts, &query,
+                                     &normed, &centroids_t, &sq_norms, &out_lists, &out_offsets, &PyList_Type,
+                                     &per_list, &make, &out_s, &out_i, &exact_count, &l2, &int8, &share,
+                                     &bytes_per_thread, &max_norm, &zero_ok, &normalize))
+        return NULL;
+    if (share < 1 || bytes_per_thread < 1) {
+        PyErr_SetString(PyExc_ValueError, "search_probing: share and bytes_per_thread must be >= 1");
+        return NULL;
+    }
+    const Py_ssize_t nlist = PyList_GET_SIZE(per_list);
+    const Py_ssize_t dim = PyTuple_GET_SIZE(consts) > 1 ? PyLong_AsSsize_t(PyTuple_GET_ITEM(consts, 1)) : -1;
+    if (dim < 1 || nlist < 1) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "search_probing: consts must hold dim >= 1 second, per_list a list");
+        return NULL;
+    }
+    buffer_set b;
+    float *key = NULL;
+    scored *tmp = NULL;
+    PyObject **items = NULL;  /* the probed lists' per_list items (new references) */
+    Py_ssize_t nitems = 0;
+    PyObject *picked = NULL, *picked_ids = NULL, *terms = NULL, *call_args = NULL, *call_kwargs = NULL,
+             *result = NULL;
+    void *qp, *cp, *np_ = NULL, *lp, *op, *normp = NULL;
+    if (buffers_init(&b, MAX_BUFS) < 0) return NULL;
+    if (take_float_rows(&b, query, dim, "search_probing: query", &qp) != 1) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "search_probing: one query");
+        goto done;
+    }
+    if (take(&b, centroids_t, 0, dim * nlist * (Py_ssize_t)sizeof(float), "centroids_t", &cp) < 0 ||
+        (l2 && take(&b, sq_norms, 0, nlist * (Py_ssize_t)sizeof(float), "sq_norms", &np_) < 0) ||
+        take(&b, out_offsets, 1, nlist * (Py_ssize_t)sizeof(float), "out_offsets", &op) < 0 ||
+        (normalize && take(&b, normed, 1, dim * (Py_ssize_t)sizeof(float), "normed", &normp) < 0) ||
+        take(&b, out_lists, 1, -1, "out_lists", &lp) < 0)
+        goto done;
+    const Py_ssize_t nprobe = b.v[b.held - 1].len / (Py_ssize_t)sizeof(int64_t);
+    if (nprobe < 1 || nprobe > nlist || b.v[b.held - 1].len != nprobe * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "search_probing: out_lists must be int64 [nprobe], 1 <= nprobe <= nlist");
+        goto done;
+    }
+    key = PyMem_Malloc((size_t)nprobe * sizeof(float));
+    tmp = PyMem_Malloc((size_t)nprobe * sizeof(scored));
+    items = PyMem_Calloc((size_t)nprobe, sizeof(PyObject *));
+    if (!key || !tmp || !items) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const float *q = qp;
+    const int64_t *lists = lp;
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    /* search's checks and scaling, bit for bit */
+    const double norm = row_norm(q, dim);
+    bad = max_norm > 0.0 && (!(norm <= max_norm) || (!zero_ok && norm == 0.0));
+    if (!bad && normalize) {
+        float *scaled = normp;
+        for (Py_ssize_t j = 0; j < dim; j++) scaled[j] = q[j] / (float)norm;
+        q = scaled;
+    }
+    if (!bad) probe_rows(q, 1, cp, np_, dim, nlist, nprobe, l2, op, lp, key, tmp);
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        result = PyLong_FromLong(0);
+        goto done;
+    }
+    Py_ssize_t count = 0, bytes = 0;
+    for (; nitems < nprobe; nitems++) {
+        PyObject *item = PyList_GET_ITEM(per_list, lists[nitems]);
+        if (item == Py_None) {
+            /* made in Python (which may run other threads): kept, and held here by a reference of its own */
+            if (!(item = PyObject_CallFunction(make, "n", (Py_ssize_t)lists[nitems]))) goto done;
+            Py_INCREF(item);
+            PyList_SetItem(per_list, lists[nitems], item);
+        } else {
+            Py_INCREF(item);
+        }
+        items[nitems] = item;
+        Py_ssize_t nbytes;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 || !PyTuple_Check(PyTuple_GET_ITEM(item, 0)) ||
+            !PyTuple_Check(PyTuple_GET_ITEM(item, 1)) ||
+            PyTuple_GET_SIZE(PyTuple_GET_ITEM(item, 0)) != PyTuple_GET_SIZE(PyTuple_GET_ITEM(item, 1)) ||
+            (nbytes = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 2))) < 0) {
+            if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_ValueError, "search_probing: list %lld's item must be (entries tuple, ids tuple "
+                             "of the same length, bytes >= 0)", (long long)lists[nitems]);
+            }
+            nitems++;
+            goto done;
+        }
+        count += PyTuple_GET_SIZE(PyTuple_GET_ITEM(item, 0));
+        bytes += nbytes;
+    }
+    picked = PyList_New(count);
+    picked_ids = PyList_New(count);
+    terms = PyBytes_FromStringAndSize(NULL, (count ? count : 1) * (Py_ssize_t)sizeof(float));
+    if (!picked || !picked_ids || !terms) goto done;
+    float *term = (float *)PyBytes_AS_STRING(terms);
+    const float *offsets = op;
+    for (Py_ssize_t p = 0, at = 0; p < nprobe; p++) {
+        PyObject *entries = PyTuple_GET_ITEM(items[p], 0), *ids = PyTuple_GET_ITEM(items[p], 1);
+        for (Py_ssize_t e = 0; e < PyTuple_GET_SIZE(entries); e++, at++) {
+            PyObject *entry = PyTuple_GET_ITEM(entries, e), *id = PyTuple_GET_ITEM(ids, e);
+            Py_INCREF(entry);
+            Py_INCREF(id);
+            PyList_SET_ITEM(picked, at, entry);
+            PyList_SET_ITEM(picked_ids, at, id);
+            term[at] = offsets[lists[p]];
+        }
+    }
+    const Py_ssize_t work = bytes / bytes_per_thread;
+    const int threads = work < 1 ? 1 : work < share ? (int)work : share;
+    call_args = Py_BuildValue("(OOOOOOOO)", consts, normalize ? normed : query, picked, out_s, out_i, exact_count,
+                              l2 ? Py_True : Py_False, int8 ? Py_True : Py_False);
+    call_kwargs = Py_BuildValue("{s:i,s:O,s:O}", "threads", threads, "row_ids", picked_ids, "offsets", terms);
+    if (!call_args || !call_kwargs) goto done;
+    result = search(self, call_args, call_kwargs);  /* -1: the query passed its checks above */
+done:
+    for (Py_ssize_t i = 0; i < nitems; i++) Py_XDECREF(items[i]);
+    Py_XDECREF(picked);
+    Py_XDECREF(picked_ids);
+    Py_XDECREF(terms);
+    Py_XDECREF(call_args);
+    Py_XDECREF(call_kwargs);
+    PyMem_Free(items);
+    PyMem_Free(key);
+    PyMem_Free(tmp);
+    buffers_free(&b);
+    return result;
+}
+
 static PyObject *pool_workers_count(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(pool_workers_started());
 }
@@ -2262,6 +2421,12 @@ static PyMethodDef methods[] = {
      "failing the "
      "norm checks, or -1: "
      "scan_segments with the queries' rotation and tables made in the same call; heaps come back sorted."},
+    {"search_probing", (PyCFunction)(void (*)(void))search_probing, METH_VARARGS | METH_KEYWORDS,
+     "search_probing(consts, query, normed, centroids_t, sq_norms, out_lists, out_offsets, per_list, make, "
+     "out_scores, out_ids, exact_count, l2, int8, share, bytes_per_thread, max_norm=0.0, zero_ok=True, "
+     "normalize=False) -> -1, or 0 where the query fails the norm checks: one query of a partitioned index, "
+     "checked, probed and scanned over its lists in one call (per_list[L]: None, made by make(L), or "
+     "(entries, ids, nbytes))."},
     {"scan_segments", (PyCFunction)(void (*)(void))scan_segments, METH_VARARGS | METH_KEYWORDS,
      "scan_segments(plan, segments, magnitude, out_scores, out_ids, exact_count, portable=False, floor=None, "
      "offsets=None, threads=1)\n\n"

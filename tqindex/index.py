@@ -632,9 +632,8 @@ class Index:
     def _search_direct(self, queries: np.ndarray, k: int, nprobe: int | None) -> SearchResult | None:
         """`search` without options (but nprobe) in one native call where the index and queries allow
         it (an index on the CPU whose scanner is `direct`; numpy float32 queries, C-contiguous, 1-D or
-        up to a default batch of them, one for a partitioned index; k ≤ the live rows): the same
-        results, without the Python steps a single query otherwise spends as much time in as in its
-        scan. None where it does not apply, or where a query fails a check, whose error the general
+        up to a default batch of them; k ≤ the live rows): the same results, without the Python steps
+        a single query otherwise spends as much time in as in its scan. None where it does not apply, or where a query fails a check, whose error the general
         path then raises."""
         view = self._view
         if (queries.dtype != np.float32 or not queries.flags.c_contiguous or queries.ndim not in (1, 2)
@@ -662,18 +661,25 @@ class Index:
 
     def _search_direct_lists(self, view: "_View", q: np.ndarray, k: int,
                              nprobe: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """A partitioned index's queries for `_search_direct`: checked (and, for "cosine", scaled) here
-        as `check_norms` does, each one's nprobe best lists probed, and all scanned in one native call."""
+        """A partitioned index's queries for `_search_direct`: a single query checked, scaled ("cosine"),
+        probed and scanned in one native call; a batch checked (and scaled) here as `check_norms` does,
+        each query's nprobe best lists probed, and all scanned in one native call."""
         scanner = self._scanner()
         if not scanner.direct:
             return None
+        starts, members, memo = view.lists()
+        if len(q) == 1:
+            request = memo.get("probing-request")  # its lists are probed in the call
+            if request is None:
+                request = memo["probing-request"] = ListScan(segments=view.segments, starts=starts, members=members,
+                                                             lists=None, offsets=None, memo=memo)
+            return scanner.search_direct_probing(request, self._coarse, q, k, nprobe)
         norms = np.empty(len(q), np.float32)
         if native.kernels.row_norms(q, norms, len(q), self.dim, MAX_NORM, self._metric != "cosine") >= 0:
             return None  # the general path names the fault
         if self._metric == "cosine":
             q = q / norms[:, None]
         lists, offsets = self._coarse.probe_arrays(q, self._metric, nprobe, True)  # fastscan: kernels on
-        starts, members, memo = view.lists()
         request = ListScan(segments=view.segments, starts=starts, members=members, lists=lists, offsets=offsets,
                            memo=memo)
         return scanner.search_direct_lists(request, q, k)

@@ -57,6 +57,16 @@ class CoarseQuantizer:
     def nlist(self) -> int:
         return self.centroids.shape[0]
 
+    @property
+    def centroids_t(self) -> np.ndarray:
+        """Cᵀ (d, nlist) float32, C-contiguous: the probe's product operand."""
+        return self._centroids_t
+
+    @property
+    def sq_norms(self) -> np.ndarray:
+        """‖c‖² (nlist,) float32: what "l2" probing subtracts."""
+        return self._sq_norms
+
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """(n,) int64: each row's nearest centroid by Euclidean distance (the shortest residual)."""
         return _nearest(x, self.centroids)

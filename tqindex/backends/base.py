@@ -148,7 +148,7 @@ class Scanner(ABC):
     name = "?"
     #: Whether this backend's cache holds GPU memory (released when the index leaves the GPU).
     caches_on_device = False
-    #: Whether it has the one-call searches `search_direct` and `search_direct_lists`.
+    #: Whether it has the one-call searches `search_direct`, `search_direct_lists` and `search_direct_probing`.
     direct = False
 
     def __init__(self, quantizer, metric: str):
@@ -185,6 +185,15 @@ class Scanner(ABC):
         probed already): queries (nq, d) float32 numpy, C-contiguous, checked and, for "cosine",
         scaled to unit norm by the caller; scores include the lists' offsets. None where the backend
         has no such path (this default)."""
+        return None
+
+    def search_direct_probing(self, request: ListScan, coarse, query: np.ndarray, k: int,
+                              nprobe: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """`search_direct` of one query of a partitioned index, its nprobe lists probed in the call
+        (`coarse`: the index's `CoarseQuantizer`; request.lists and request.offsets are not read):
+        query (1, d) float32 numpy, C-contiguous, as given to `Index.search` (norm checks and the
+        "cosine" scaling are the call's). None where the backend has no such path (this default) or
+        the query fails a check."""
         return None
 
     def topk_lists(self, request: ListScan, queries: Queries, k: int) -> TopK:

@@ -579,28 +579,48 @@ class FastScanner(Scanner):
             start += len(seg)
         return self._direct(entries, row_ids, queries, k, checked=False)
 
+    def search_direct_probing(self, request: ListScan, coarse, query: np.ndarray, k: int,
+                              nprobe: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """`Scanner.search_direct_probing` in one `_native.search_probing` call: the norm checks, the
+        probe, the query's rotation and tables, the scan of its lists' segments (each with its list's
+        offset) and the ids (None with a rotation the kernels do not apply). A list's arguments are
+        made when a query first probes it, once per snapshot (the request's memo): a snapshot that
+        answers one query (an index that adds and searches in turn) makes only that query's lists'."""
+        consts = _constants(self.quantizer)["rotating"]
+        if consts is None:
+            return None
+        made = request.memo.get("fastscan-probing")
+        if made is None:
+            parts = _list_parts(self.quantizer, request, self.metric, self.cache)
+
+            def make(lst):
+                entries, ids = parts(lst)
+                return entries, tuple(ids), sum(e[0].nbytes for e in entries)
+
+            made = request.memo["fastscan-probing"] = ([None] * coarse.nlist, make)
+        per_list, make = made
+        count = np.empty(1, dtype=np.int64)  # these are written whole by the kernel
+        scores = np.empty((1, k), dtype=np.float32)
+        ids = np.empty((1, k), dtype=np.int64)
+        lists = np.empty(min(nprobe, coarse.nlist), np.int64)
+        offsets = np.empty(coarse.nlist, np.float32)
+        cosine = self.metric == "cosine"
+        with native.thread_share() as share:
+            bad = native.kernels.search_probing(
+                consts, query, np.empty(self.quantizer.dim, np.float32) if cosine else None, coarse.centroids_t,
+                coarse.sq_norms, lists, offsets, per_list, make, scores, ids, count, self.metric == "l2",
+                native.simd() == "avx512vbmi" and int8_scan(self.quantizer), share, _BYTES_PER_SHARE,
+                max_norm=MAX_NORM, zero_ok=not cosine, normalize=cosine)
+        if bad >= 0:
+            return None
+        self.last_stats = {"queries": 1, "exact_counts": count}
+        return ids, scores
+
     def search_direct_lists(self, request: ListScan, queries: np.ndarray,
                             k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """`Scanner.search_direct_lists` in one `_native.search` call: a single query over its probed
-        lists' segments, each with its list's offset (`scan_lists_fast`'s single query, without its
-        Python steps); a batch over every list's segments, each query scanning its own lists (the
-        kernel groups the queries that probe a list, as `scan_lists_fast` does)."""
-        if len(queries) > 1:
-            return self._direct_batch(request, queries, k)
-        parts = _list_parts(self.quantizer, request, self.metric, self.cache)
-        entries, row_ids, offsets = [], [], []
-        for lst in request.lists[0].tolist():
-            made, ids = parts(lst)
-            if made:
-                entries.extend(made)
-                row_ids.extend(ids)
-                offsets.extend([request.offsets[0, lst]] * len(made))
-        return self._direct(entries, row_ids, queries, k, checked=True,
-                            offsets=np.asarray(offsets, np.float32).reshape(len(entries), 1))
-
-    def _direct_batch(self, request: ListScan, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """A partitioned batch: every list's entries in list order (made once per snapshot: the
-        request's memo), the queries' probed lists and their offsets."""
+        """`Scanner.search_direct_lists` in one `_native.search` call: every list's entries in list
+        order (made once per snapshot: the request's memo), the queries' probed lists and their
+        offsets; the kernel groups the queries that probe a list, as `scan_lists_fast` does."""
         made = request.memo.get("fastscan-lists")
         if made is None:
             parts = _list_parts(self.quantizer, request, self.metric, self.cache)
@@ -623,8 +643,7 @@ class FastScanner(Scanner):
                             list_offsets=request.offsets)
 
     def _direct(self, entries: list, row_ids: list, queries: np.ndarray, k: int, checked: bool,
-                offsets: np.ndarray | None = None, probes: np.ndarray | None = None,
-                list_entries: np.ndarray | None = None,
+                probes: np.ndarray | None = None, list_entries: np.ndarray | None = None,
                 list_offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """The one native call of the direct lanes (`checked`: the queries' norms are checked and
         cosine queries scaled by the caller already)."""
@@ -642,7 +661,7 @@ class FastScanner(Scanner):
         with native.thread_share() as share:
             bad = native.kernels.search(consts, queries, entries, scores, ids, count, metric == "l2", int8,
                                         threads=_scan_threads(share, entries, nq, True, share_read),
-                                        row_ids=row_ids, offsets=offsets,
+                                        row_ids=row_ids,
                                         max_norm=0.0 if checked else MAX_NORM, zero_ok=metric != "cosine",
                                         normalize=metric == "cosine" and not checked, probes=probes,
                                         list_entries=list_entries, list_offsets=list_offsets)
