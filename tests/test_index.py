@@ -282,6 +282,32 @@ def test_remove_upsert_compact():
     np.testing.assert_allclose(before.scores, after.scores, rtol=1e-6)
 
 
+@pytest.mark.parametrize("partitions", [0, 4])
+def test_ids_past_every_id_used_skip_the_id_lookup(partitions, monkeypatch):
+    # Given ids at or past next_id (larger than any id the index ever held) cannot be in it: the add
+    # builds no id lookup (a sort of every live id, O(n log n) per add). Any smaller id is looked up,
+    # so a duplicate is still refused and a removed id can come back.
+    from tqindex.idmap import IdMap
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((400, 16)).astype(np.float32)
+    index = Index(dim=16, bits=4, partitions=partitions, seed=1)
+    index.add(x[:200], ids=np.arange(0, 400, 2))
+    lookups = []
+    positions = IdMap.positions
+    monkeypatch.setattr(IdMap, "positions", lambda self, ids: lookups.append(ids.tolist()) or positions(self, ids))
+    assert index.next_id == 399
+    index.add(x[200:300], ids=np.arange(399, 499))
+    index.add(x[300:301], ids=[10 ** 6], upsert=True)
+    assert not lookups and len(index) == 301 and index.next_id == 10 ** 6 + 1
+    with pytest.raises(ValueError, match=r"already in the index: \[398\]"):
+        index.add(x[301:302], ids=[398])
+    assert lookups == [[398]]
+    index.remove([398])
+    index.add(x[301:302], ids=[398])
+    assert 398 in index and len(index) == 301
+    assert index.search(x[250], 1).ids.tolist() == [449]
+
+
 def test_many_small_adds_do_not_fragment():
     index = Index(dim=8, bits=8, metric="l2")  # 8 bits: each row is its own nearest neighbour
     batches = [np.random.default_rng(i).standard_normal((1, 8)).astype(np.float32) for i in range(1000)]

@@ -490,6 +490,10 @@ class Index:
                     raise OverflowError(f"automatic ids would pass the largest id {MAX_ID - 1}; pass ids explicitly")
                 new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
                 replaced = np.empty(0, dtype=np.int64)
+            elif not n or int(given_ids.min()) >= self._next_id:
+                # Past every id ever used (ids that only grow, as a database's keys): none can be in the
+                # index, and building the id lookup (a sort of every live id) would cost O(n log n) an add.
+                new_ids, replaced = given_ids, np.empty(0, dtype=np.int64)
             else:
                 new_ids = given_ids
                 positions = view.ids.positions(new_ids)
