@@ -308,6 +308,34 @@ def test_ids_past_every_id_used_skip_the_id_lookup(partitions, monkeypatch):
     assert index.search(x[250], 1).ids.tolist() == [449]
 
 
+@pytest.mark.parametrize("partitions", [0, 3])
+def test_a_few_ids_are_found_segment_by_segment_as_by_the_lookup(partitions):
+    # Without an index-wide id lookup (after any change), up to _FEW_IDS ids are searched in each
+    # segment's sorted ids: the same positions as the lookup, for ids in order and out of order (random
+    # ids), removed rows, an id removed and added again (its old row dead in another segment), and
+    # absent ids.
+    from tqindex import idmap
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((700, 16)).astype(np.float32)
+    index = Index(dim=16, bits=2, partitions=partitions, seed=3)
+    index.add(x[:300])                                                       # ids 0..299, in order
+    index.add(x[300:500], ids=rng.permutation(np.arange(1000, 3000))[:200])  # out of order
+    index.remove(np.r_[np.arange(0, 300, 7), index.select()[-20:]])
+    index.add(x[500:501], ids=[14])                                          # removed before: back, elsewhere
+    index.add(x[501:700], ids=np.arange(5000, 5199)[::-1])                   # descending
+    view = index._view
+    live = index.select()
+    probes = np.r_[live, np.arange(0, 300, 7), [-5, 299, 300, 999, 10 ** 9]]
+    found = np.concatenate([view.ids._positions_by_segment(probes[i:i + idmap._FEW_IDS])
+                            for i in range(0, len(probes), idmap._FEW_IDS)])
+    assert view.ids._lookup is None
+    expected = view.ids.positions(probes)                                    # builds the lookup: len > _FEW_IDS
+    assert view.ids._lookup is not None
+    np.testing.assert_array_equal(found, expected)
+    assert (found[:len(live)] >= 0).all() and (found[len(live):len(live) + 43] < 0).sum() == 42  # 14 is back
+    np.testing.assert_array_equal(view.ids.ids()[found[:len(live)]], live)
+
+
 def test_many_small_adds_do_not_fragment():
     index = Index(dim=8, bits=8, metric="l2")  # 8 bits: each row is its own nearest neighbour
     batches = [np.random.default_rng(i).standard_normal((1, 8)).astype(np.float32) for i in range(1000)]

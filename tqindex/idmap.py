@@ -7,6 +7,7 @@ lazily after any change (`invalidate`).
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Iterator
 
 import numpy as np
@@ -17,6 +18,27 @@ __all__ = ["IdMap", "grouped"]
 
 #: Up to this many positions, `ids_at` looks each up on its own (cheaper than grouping by segment).
 _FEW_POSITIONS = 64
+#: Up to this many ids, `positions` without an index-wide lookup searches each segment's sorted ids.
+_FEW_IDS = 64
+
+# A segment's rows (`Segment.encoded`, shared by a removal's copy) → (its ids, their sorted values, the
+# order that sorts them), the last two None where the ids are sorted already: kept while the rows live.
+_SORTED_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _sorted_ids(segment) -> tuple[np.ndarray, np.ndarray | None]:
+    """A segment's ids in ascending order and the order that sorts them (None where they are in
+    order already: ids that grow as rows are added, the common case, cost nothing to keep)."""
+    kept = _SORTED_IDS.get(segment.encoded)
+    if kept is None or kept[0] is not segment.ids:
+        ids = np.asarray(segment.ids)
+        if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):
+            kept = (segment.ids, None, None)
+        else:
+            order = np.argsort(ids, kind="stable")
+            kept = (segment.ids, ids[order], order)
+        _SORTED_IDS[segment.encoded] = kept
+    return (np.asarray(kept[0]), None) if kept[2] is None else (kept[1], kept[2])
 
 
 def grouped(values: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -39,8 +61,10 @@ class IdMap:
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted live ids, their positions)
 
     def nbytes(self, seen: set | None = None) -> int:
-        """Memory held by the lookups built so far (not counting buffers in `seen`: `held_bytes`)."""
-        return held_bytes([self._offsets] + list(self._lookup or ()), seen)
+        """Memory held by the lookups built so far, and by the sorted ids of segments whose ids are
+        not in order (not counting buffers in `seen`: `held_bytes`)."""
+        kept = [_SORTED_IDS.get(segment.encoded) for segment in self._segments()]
+        return held_bytes([self._offsets] + list(self._lookup or ()) + [k[1:] for k in kept if k is not None], seen)
 
     def offsets(self) -> np.ndarray:
         """(segments + 1,) int64: the first position of each segment, then the total row count."""
@@ -83,7 +107,11 @@ class IdMap:
         return out
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
-        """(n,) int64 positions of the live rows with these ids, −1 where absent."""
+        """(n,) int64 positions of the live rows with these ids, −1 where absent. A few ids, when the
+        index-wide lookup is not built (after any change), are searched in each segment's sorted ids
+        instead: the lookup sorts every live id, which an add, remove or upsert of one row would pay."""
+        if self._lookup is None and len(ids) <= _FEW_IDS:
+            return self._positions_by_segment(np.asarray(ids, dtype=np.int64))
         if self._lookup is None:
             all_ids, offsets = self.ids(), self.offsets()
             live = np.ones(len(all_ids), dtype=bool)
@@ -98,6 +126,26 @@ class IdMap:
             return np.full(len(ids), -1, dtype=np.int64)
         where = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
         return np.where(sorted_ids[where] == ids, sorted_pos[where], -1).astype(np.int64)
+
+    def _positions_by_segment(self, ids: np.ndarray) -> np.ndarray:
+        """`positions` by a binary search of each segment's sorted ids (`_sorted_ids`): an id is in a
+        segment at most once, and live in at most one segment."""
+        out = np.full(len(ids), -1, dtype=np.int64)
+        offsets = self.offsets()
+        for s, segment in enumerate(self._segments()):
+            if not len(segment):
+                continue
+            keys, order = _sorted_ids(segment)
+            where = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+            hit = np.nonzero(keys[where] == ids)[0]
+            if not len(hit):
+                continue
+            rows = where[hit] if order is None else order[where[hit]]
+            if segment.deleted is not None:
+                live = ~np.asarray(segment.deleted)[rows]
+                hit, rows = hit[live], rows[live]
+            out[hit] = offsets[s] + rows
+        return out
 
     def by_segment(self, positions: np.ndarray) -> Iterator[tuple[object, np.ndarray, np.ndarray]]:
         """Group positions by segment: yields (segment, indices into `positions`, local rows), one
