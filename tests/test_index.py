@@ -347,6 +347,21 @@ def test_many_small_adds_do_not_fragment():
     assert index.search(batches[777][0], 1).ids.tolist() == [777]
 
 
+def test_removing_recent_rows_does_not_stop_merging():
+    # An add merges unsaved predecessors by their live rows, dropping removed ones: removing the row
+    # just added (a document replaced, then deleted) leaves O(log n) segments, not one per add.
+    index = Index(dim=8, bits=8, metric="l2")  # 8 bits: each row is its own nearest neighbour
+    rows = np.random.default_rng(11).standard_normal((300, 8)).astype(np.float32)
+    for i in range(300):
+        index.add(rows[i:i + 1])
+        if i % 2:
+            index.remove([i])
+    assert len(index) == 150 and len(index._segments) <= 9
+    assert sum(len(s) for s in index._segments) <= 150 + 8  # removed rows dropped as segments merge
+    np.testing.assert_array_equal(index.select(), np.arange(0, 300, 2))
+    assert index.search(rows[::2], 1).ids[:, 0].tolist() == list(range(0, 300, 2))
+
+
 def test_cuda_device_without_gpu_has_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

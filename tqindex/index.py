@@ -938,14 +938,15 @@ def _with_deleted(view: _View, positions: np.ndarray) -> list[Segment]:
 
 def _appended(segments: list[Segment], segment: Segment, layout: BlockLayout | None,
               schema: pa.Schema | None) -> list[Segment]:
-    """Binary-counter merging: a new segment absorbs unsaved predecessors no larger than itself,
-    so n one-row adds copy O(n log n) rows in total and leave O(log n) segments, where merging
-    every add into the tail would copy O(n²)."""
+    """Binary-counter merging: a new segment absorbs unsaved predecessors with no more live rows than
+    it has rows (their removed rows dropped), so n one-row adds copy O(n log n) rows in total and
+    leave O(log n) segments, where merging every add into the tail would copy O(n²); removals of
+    recent rows (a document replaced, then deleted) do not stop it."""
     while True:
         # The latest segment of the same list (a flat index has one list: the tail).
         i = next((j for j in range(len(segments) - 1, -1, -1) if segments[j].partition == segment.partition), None)
-        if not (i is not None and segments[i].shard is None and segments[i].deleted is None
-                and len(segments[i]) <= len(segment) < _MERGE_BELOW_ROWS):
+        if not (i is not None and segments[i].shard is None and len(segment) < _MERGE_BELOW_ROWS
+                and segments[i].live_count <= len(segment)):
             return segments + [segment]
         segment = _merged([segments.pop(i), segment], layout, schema)
 
