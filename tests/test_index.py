@@ -310,10 +310,10 @@ def test_ids_past_every_id_used_skip_the_id_lookup(partitions, monkeypatch):
 
 @pytest.mark.parametrize("partitions", [0, 3])
 def test_a_few_ids_are_found_segment_by_segment_as_by_the_lookup(partitions):
-    # Without an index-wide id lookup (after any change), up to _FEW_IDS ids are searched in each
-    # segment's sorted ids: the same positions as the lookup, for ids in order and out of order (random
-    # ids), removed rows, an id removed and added again (its old row dead in another segment), and
-    # absent ids.
+    # Without an index-wide id lookup (after any change), up to _FEW_IDS ids (one id: in scalar steps)
+    # are searched in each segment's sorted ids: the same positions as the lookup, for ids in order and
+    # out of order (random ids), removed rows, an id removed and added again (its old row dead in another
+    # segment), and absent ids.
     from tqindex import idmap
     rng = np.random.default_rng(10)
     x = rng.standard_normal((700, 16)).astype(np.float32)
@@ -328,10 +328,12 @@ def test_a_few_ids_are_found_segment_by_segment_as_by_the_lookup(partitions):
     probes = np.r_[live, np.arange(0, 300, 7), [-5, 299, 300, 999, 10 ** 9]]
     found = np.concatenate([view.ids._positions_by_segment(probes[i:i + idmap._FEW_IDS])
                             for i in range(0, len(probes), idmap._FEW_IDS)])
+    one_by_one = np.concatenate([view.ids._positions_by_segment(probes[i:i + 1]) for i in range(len(probes))])
     assert view.ids._lookup is None
     expected = view.ids.positions(probes)                                    # builds the lookup: len > _FEW_IDS
     assert view.ids._lookup is not None
     np.testing.assert_array_equal(found, expected)
+    np.testing.assert_array_equal(one_by_one, expected)                       # the scalar steps of one id
     assert (found[:len(live)] >= 0).all() and (found[len(live):len(live) + 43] < 0).sum() == 42  # 14 is back
     np.testing.assert_array_equal(view.ids.ids()[found[:len(live)]], live)
 

@@ -59,6 +59,7 @@ class IdMap:
     def invalidate(self) -> None:
         self._offsets: np.ndarray | None = None
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted live ids, their positions)
+        self._keys: list | None = None  # per segment with rows: (first position, sorted ids, order, deleted)
 
     def nbytes(self, seen: set | None = None) -> int:
         """Memory held by the lookups built so far, and by the sorted ids of segments whose ids are
@@ -131,20 +132,30 @@ class IdMap:
         """`positions` by a binary search of each segment's sorted ids (`_sorted_ids`): an id is in a
         segment at most once, and live in at most one segment."""
         out = np.full(len(ids), -1, dtype=np.int64)
-        offsets = self.offsets()
-        for s, segment in enumerate(self._segments()):
-            if not len(segment):
-                continue
-            keys, order = _sorted_ids(segment)
+        if self._keys is None:
+            offsets = self.offsets()
+            self._keys = [(int(offsets[s]),) + _sorted_ids(segment) + (segment.deleted,)
+                          for s, segment in enumerate(self._segments()) if len(segment)]
+        if len(ids) == 1:  # one add, upsert or removal: scalar steps, stopping at the live row
+            value = int(ids[0])
+            for first, keys, order, deleted in self._keys:
+                at = int(keys.searchsorted(value))
+                if at < len(keys) and keys[at] == value:
+                    row = at if order is None else int(order[at])
+                    if deleted is None or not deleted[row]:
+                        out[0] = first + row
+                        break
+            return out
+        for first, keys, order, deleted in self._keys:
             where = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
             hit = np.nonzero(keys[where] == ids)[0]
             if not len(hit):
                 continue
             rows = where[hit] if order is None else order[where[hit]]
-            if segment.deleted is not None:
-                live = ~np.asarray(segment.deleted)[rows]
+            if deleted is not None:
+                live = ~np.asarray(deleted)[rows]
                 hit, rows = hit[live], rows[live]
-            out[hit] = offsets[s] + rows
+            out[hit] = first + rows
         return out
 
     def by_segment(self, positions: np.ndarray) -> Iterator[tuple[object, np.ndarray, np.ndarray]]:
