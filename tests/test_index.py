@@ -364,6 +364,27 @@ def test_removing_recent_rows_does_not_stop_merging():
     assert index.search(rows[::2], 1).ids[:, 0].tolist() == list(range(0, 300, 2))
 
 
+@pytest.mark.parametrize("partitions", [0, 3])
+def test_the_live_count_a_change_carries_is_the_segments_count(partitions):
+    # add, upsert and remove give the new snapshot its live-row count from the old one's; after every
+    # step of a seeded mix it equals the count over the segments, and len() and select() agree.
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((600, 16)).astype(np.float32)
+    index = Index(dim=16, bits=2, partitions=partitions, seed=4)
+    index.add(x[:200])
+    for step in range(120):
+        live = index.select()
+        action = step % 3
+        if action == 0:
+            index.add(x[200 + step:201 + step])
+        elif action == 1:
+            index.add(x[step:step + 2], ids=rng.choice(live, 2, replace=False), upsert=True)
+        else:
+            index.remove(rng.choice(live, 3, replace=False))
+        view = index._view
+        assert view.live == sum(s.live_count for s in view.segments) == len(index) == len(index.select())
+
+
 def test_cuda_device_without_gpu_has_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -514,7 +514,7 @@ class Index:
             segments = _with_deleted(view, replaced) if replaced.size else list(view.segments)
             for segment in new:
                 segments = _appended(segments, segment, self._quantizer.layout, schema)
-            self._swap(segments, schema)
+            self._swap(segments, schema, live=view.live + n - replaced.size)  # replaced: distinct live rows
             self._next_id = max(self._next_id, int(new_ids.max()) + 1) if n else self._next_id
         return new_ids
 
@@ -529,7 +529,7 @@ class Index:
             positions = view.ids.positions(arr)
             if (positions < 0).any():
                 raise KeyError(f"ids not in the index: {arr[positions < 0][:10].tolist()}")
-            self._swap(_with_deleted(view, positions))
+            self._swap(_with_deleted(view, positions), live=view.live - len(positions))  # distinct live rows
         return int(arr.size)
 
     def compact(self) -> None:
@@ -859,16 +859,17 @@ class Index:
         index._store = store
         return index
 
-    def _swap(self, segments: list[Segment], schema: pa.Schema | None = None) -> None:
+    def _swap(self, segments: list[Segment], schema: pa.Schema | None = None, live: int | None = None) -> None:
         """Make `segments` (and a payload schema, else the current one) the index's rows: the active
         backend prepares any new segment first (its scan layout), so that no search pays for it, then
-        one assignment publishes the snapshot."""
+        one assignment publishes the snapshot. `live`: their live rows where the caller knows them (a
+        one-row change need not count every segment's)."""
         scanner = self._scanner()
         known = {id(s.encoded) for s in self._view.segments}
         for segment in segments:
             if id(segment.encoded) not in known:
                 scanner.prepare(segment)
-        self._view = _View(segments, self._view.schema if schema is None else schema)
+        self._view = _View(segments, self._view.schema if schema is None else schema, live=live)
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path=None) -> None:
@@ -903,12 +904,14 @@ class _View:
 
     __slots__ = ("segments", "ids", "live", "schema", "gathered", "_lists")
 
-    def __init__(self, segments, schema: pa.Schema | None = None, ids: IdMap | None = None, gathered: bool = False):
+    def __init__(self, segments, schema: pa.Schema | None = None, ids: IdMap | None = None, gathered: bool = False,
+                 live: int | None = None):
         self.segments = tuple(segments)
         self.schema = schema
         self.ids = IdMap(lambda: self.segments) if ids is None else ids
         self.gathered = gathered  # a filter's allowed rows, copied into one small segment
-        self.live = sum(s.live_count for s in self.segments)  # counted once, not per search
+        # Counted once, not per search (or given by a change that knows it).
+        self.live = sum(s.live_count for s in self.segments) if live is None else live
         self._lists = None
 
     def lists(self) -> tuple[np.ndarray, dict, dict]:
