@@ -1784,12 +1784,6 @@ done:
     return release(bufs, held, ok);
 }
 
-/* ---- probing a partitioned index's lists ----------------------------------------------------------
- * probe(queries, centroids_t, sq_norms, out_lists, out_offsets, l2): every list's score offset
- * out_offsets [nq][nlist] = queries [nq][dim] @ centroids_t [dim][nlist] (float32, summed in increasing
- * j as `rotate`; doubled for l2), and the nprobe = out_lists' columns lists of each query with the best
- * key (the offset, less sq_norms [nlist] for l2: the nearest centroids), best first, ties to the lower
- * list. Releases the GIL. */
 /* probe's work (no GIL needed): offsets = queries [nq][dim] @ centroids_t [dim][nlist] (doubled for l2),
  * and each query's nprobe best lists, best first (key: the offset, less ||c||^2 for l2; ties to the
  * lower list). key and tmp: room for nprobe entries. */
@@ -1810,6 +1804,12 @@ static void probe_rows(const float *queries, Py_ssize_t nq, const float *centroi
     }
 }
 
+/* ---- probing a partitioned index's lists ----------------------------------------------------------
+ * probe(queries, centroids_t, sq_norms, out_lists, out_offsets, l2): every list's score offset
+ * out_offsets [nq][nlist] = queries [nq][dim] @ centroids_t [dim][nlist] (float32, summed in increasing
+ * j as `rotate`; doubled for l2), and the nprobe = out_lists' columns lists of each query with the best
+ * key (the offset, less sq_norms [nlist] for l2: the nearest centroids), best first, ties to the lower
+ * list. Releases the GIL. */
 static PyObject *probe(PyObject *self, PyObject *args) {
     PyObject *queries, *centroids_t, *sq_norms, *out_lists, *out_offsets;
     Py_ssize_t dim, nlist;
