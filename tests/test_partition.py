@@ -360,25 +360,37 @@ def test_a_numpy_batch_takes_one_call_with_the_general_paths_results(metric, bit
         index.search(bad, k=3)
 
 
-def test_the_batch_kernel_refuses_lists_it_cannot_scan():
-    # search's probes name lists of list_entries; a list outside them, a list twice for one query, entries
-    # that do not cover the segments given, or probes without their offsets are refused before anything
-    # is scanned.
+def _one_call(monkeypatch, name: str, run):
+    """(the kernel, its positional and keyword arguments, run()'s result) of the one call of
+    `_native.<name>` that run() makes from Python; the kernel is unpatched again after it."""
     from tqindex import native
+    calls = []
+    kernel = getattr(native.kernels, name)
+    monkeypatch.setattr(native.kernels, name, lambda *a, **kw: calls.append((a, kw)) or kernel(*a, **kw))
+    result = run()
+    monkeypatch.undo()
+    (args, kw), = calls
+    return kernel, args, kw, result
+
+
+def _kernel_index(bits: int, queries: int) -> tuple[Index, np.ndarray]:
+    """A partitioned "ip" index of the test data and `queries` queries, for the kernels' own tests
+    (skipped where the fast scan is not compiled)."""
     from tqindex.backends import fastscan
     if not fastscan.available():
         pytest.skip("needs the compiled fast scan (AVX-512, AVX2 or NEON)")
-    x, q = _data(queries=4)
-    index = Index(dim=DIM, bits=4, partitions=NLIST, metric="ip")
+    x, q = _data(queries=queries)
+    index = Index(dim=DIM, bits=bits, partitions=NLIST, metric="ip")
     index.add(x)
-    calls = []
-    kernel = native.kernels.search
-    native.kernels.search = lambda *a, **kw: calls.append((a, kw)) or kernel(*a, **kw)
-    try:
-        index.search(q, k=5, nprobe=NLIST)
-    finally:
-        native.kernels.search = kernel
-    (args, kw), = calls
+    return index, q
+
+
+def test_the_batch_kernel_refuses_lists_it_cannot_scan(monkeypatch):
+    # search's probes name lists of list_entries; a list outside them, a list twice for one query, entries
+    # that do not cover the segments given, or probes without their offsets are refused before anything
+    # is scanned.
+    index, q = _kernel_index(bits=4, queries=4)
+    kernel, args, kw, _ = _one_call(monkeypatch, "search", lambda: index.search(q, k=5, nprobe=NLIST))
     out = [np.empty((4, 5), np.float32), np.empty((4, 5), np.int64), np.empty(4, np.int64)]
     for change, message in [({"probes": np.full((4, 2), NLIST, np.int64)}, "outside"),
                             ({"probes": np.full((4, 2), 3, np.int64)}, "probes list 3 twice"),
@@ -390,25 +402,12 @@ def test_the_batch_kernel_refuses_lists_it_cannot_scan():
             kernel(*args[:3], *out, *args[6:], **{**kw, **change})
 
 
-def test_the_probing_kernel_refuses_what_it_cannot_scan():
+def test_the_probing_kernel_refuses_what_it_cannot_scan(monkeypatch):
     # search_probing's per_list items are made by `make` for probed lists only and kept; a malformed
     # item, a probe wider than the lists, centroids of another count, or more than one query are refused
     # with an error that names it, and nothing of the outputs is then trusted.
-    from tqindex import native
-    from tqindex.backends import fastscan
-    if not fastscan.available():
-        pytest.skip("needs the compiled fast scan (AVX-512, AVX2 or NEON)")
-    x, q = _data(queries=2)
-    index = Index(dim=DIM, bits=2, partitions=NLIST, metric="ip")
-    index.add(x)
-    calls = []
-    kernel = native.kernels.search_probing
-    native.kernels.search_probing = lambda *a, **kw: calls.append((a, kw)) or kernel(*a, **kw)
-    try:
-        expected = index.search(q[0], k=5, nprobe=2)
-    finally:
-        native.kernels.search_probing = kernel
-    (args, kw), = calls
+    index, q = _kernel_index(bits=2, queries=2)
+    kernel, args, kw, expected = _one_call(monkeypatch, "search_probing", lambda: index.search(q[0], k=5, nprobe=2))
     args = list(args)
     per_list = args[7]
     assert sum(item is not None for item in per_list) == 2        # the probed lists only, kept
