@@ -6,7 +6,7 @@ A segment is immutable once created except for its deletion mask; appends create
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,13 +38,18 @@ class Segment:
     deletions_dirty: bool = False
     payload: object = None
     partition: int | None = None
+    # live_count, counted once: a segment's deletion mask is never changed in place (a removal makes a
+    # copy of the segment with a new mask, `dataclasses.replace`, which starts this afresh).
+    _live: int | None = field(default=None, init=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def live_count(self) -> int:
-        return len(self.ids) - (int(self.deleted.sum()) if self.deleted is not None else 0)
+        if self._live is None:
+            self._live = len(self.ids) - (int(np.count_nonzero(self.deleted)) if self.deleted is not None else 0)
+        return self._live
 
     def nbytes(self, seen: set | None = None) -> int:
         """Bytes of its arrays (memory-mapped ones included), each buffer once (`held_bytes`)."""
