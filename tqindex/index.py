@@ -465,7 +465,7 @@ class Index:
         """A partitioned index's new rows: one segment per list that receives rows, holding the codes
         of their residuals x − c (and, for "l2", ‖x‖ itself in `norm`: see `tqindex.partition`)."""
         coarse = self._coarse
-        assign = coarse.assign(x, self._metric).numpy()
+        assign = coarse.assign(x).numpy()
         keep_norm = self._quantizer.stores_norm(self._metric)
         segments = []
         for lst, rows in grouped(assign):

@@ -67,13 +67,9 @@ class CoarseQuantizer:
         """‖c‖² (nlist,) float32: what "l2" probing subtracts."""
         return self._sq_norms
 
-    def assign(self, x: torch.Tensor, metric: str) -> torch.Tensor:
-        """(n,) int64: each row's list, the one a query equal to the row probes first (`probe`'s key;
-        ties to the lower list): the nearest centroid for "l2", the largest ⟨x, c⟩ for "ip" and
-        "cosine". (Nearest-centroid lists probed by ⟨q, c⟩ lost 1-2 points of recall@10 at few lists.)"""
-        if metric == "l2":
-            return _nearest(x, self.centroids)
-        return _best_product(x, self.centroids)
+    def assign(self, x: torch.Tensor) -> torch.Tensor:
+        """(n,) int64: each row's nearest centroid by Euclidean distance (the shortest residual)."""
+        return _nearest(x, self.centroids)
 
     def probe(self, q: torch.Tensor | np.ndarray, metric: str, nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The `nprobe` lists to scan per query, best first (ties to the lower list), and every list's
@@ -137,16 +133,6 @@ def fit_kmeans(x: torch.Tensor, nlist: int, *, seed: int, iterations: int = 10,
     fit = {"sample_rows": int(len(sample)), "iterations": int(iterations), "seed": int(seed),
            "seconds": round(time.perf_counter() - started, 3)}
     return CoarseQuantizer(centroids.contiguous(), fit)
-
-
-def _best_product(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """(n,) int64 centroid of largest ⟨x, c⟩ (the first of equal ones), in row chunks."""
-    rows = max(1, _CHUNK_ELEMENTS // max(1, centroids.shape[0]))
-    out = torch.empty(x.shape[0], dtype=torch.int64)
-    for start in range(0, x.shape[0], rows):
-        chunk = x[start:start + rows]
-        out[start:start + len(chunk)] = torch.argmax(chunk @ centroids.T, dim=1)
-    return out
 
 
 def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
