@@ -2334,6 +2334,7 @@ static PyObject *search_probing(PyObject *self, PyObject *args, PyObject *kwargs
             term[at] = offsets[lists[p]];
         }
     }
+    /* fastscan._scan_threads' rule for one query: the lists' bytes are known only after the probe */
     const Py_ssize_t work = bytes / bytes_per_thread;
     const int threads = work < 1 ? 1 : work < share ? (int)work : share;
     call_args = Py_BuildValue("(OOOOOOOO)", consts, normalize ? normed : query, picked, out_s, out_i, exact_count,

@@ -637,8 +637,8 @@ class Index:
         """`search` without options (but nprobe) in one native call where the index and queries allow
         it (an index on the CPU whose scanner is `direct`; numpy float32 queries, C-contiguous, 1-D or
         up to a default batch of them; k ≤ the live rows): the same results, without the Python steps
-        a single query otherwise spends as much time in as in its scan. None where it does not apply, or where a query fails a check, whose error the general
-        path then raises."""
+        a single query otherwise spends as much time in as in its scan. None where it does not apply,
+        or where a query fails a check, whose error the general path then raises."""
         view = self._view
         if (queries.dtype != np.float32 or not queries.flags.c_contiguous or queries.ndim not in (1, 2)
                 or queries.shape[-1] != self.dim or self._center is not None or self._device != "cpu"

@@ -339,7 +339,8 @@ def _scan_threads(share: int, entries, nq: int, makes_queries: bool = False, rea
     """Threads for one native scan over `entries` for nq queries: this call's `thread_share`, but no more
     than give each thread `_BYTES_PER_SHARE` of codes to read (counted once per query, `read` of the
     entries' bytes each) or, for a call that also makes its queries (`_native.search`),
-    `_TABLE_QUERIES_PER_THREAD` queries to make."""
+    `_TABLE_QUERIES_PER_THREAD` queries to make. (`_native.search_probing` applies the same rule to
+    its one query in C, where its lists' bytes are known.)"""
     work = int(nq * read * sum(e[0].nbytes for e in entries)) // _BYTES_PER_SHARE
     if makes_queries:
         work = max(work, nq // _TABLE_QUERIES_PER_THREAD)
