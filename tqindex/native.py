@@ -105,16 +105,27 @@ class thread_share:
         self.threads = threads
 
     def __enter__(self) -> int:
-        global _ACTIVE
-        with _EXECUTOR_LOCK:
-            _ACTIVE += 1
-            sharing = _ACTIVE
-        return max(1, (self.threads or get_num_threads()) // sharing)
+        return enter_share(self.threads)
 
     def __exit__(self, *exc) -> None:
-        global _ACTIVE
-        with _EXECUTOR_LOCK:
-            _ACTIVE -= 1
+        leave_share()
+
+
+def enter_share(threads: int | None = None) -> int:
+    """`thread_share` without the object, for a path each single query takes: this call's share of
+    `threads` (default `get_num_threads()`). Every call must be matched by `leave_share()` (try/finally)."""
+    global _ACTIVE
+    with _EXECUTOR_LOCK:
+        _ACTIVE += 1
+        sharing = _ACTIVE
+    return max(1, (threads or get_num_threads()) // sharing)
+
+
+def leave_share() -> None:
+    """The end of a call `enter_share` began."""
+    global _ACTIVE
+    with _EXECUTOR_LOCK:
+        _ACTIVE -= 1
 
 
 def parallel_ranges(count: int, fn, threads: int | None = None, min_per_thread: int = 1) -> list:

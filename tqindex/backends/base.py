@@ -148,7 +148,7 @@ class Scanner(ABC):
     name = "?"
     #: Whether this backend's cache holds GPU memory (released when the index leaves the GPU).
     caches_on_device = False
-    #: Whether it has the one-call searches `search_direct`, `search_direct_lists` and `search_direct_probing`.
+    #: Whether it has the one-call searches `search_direct`, `search_direct_lists` and `probing_search`.
     direct = False
 
     def __init__(self, quantizer, metric: str):
@@ -187,13 +187,14 @@ class Scanner(ABC):
         has no such path (this default)."""
         return None
 
-    def search_direct_probing(self, request: ListScan, coarse, query: np.ndarray, k: int,
-                              nprobe: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """`search_direct` of one query of a partitioned index, its nprobe lists probed in the call
+    def probing_search(self, request: ListScan, coarse):
+        """Where a backend has one, a function ``search(query, k, nprobe) -> (ids, scores) | None`` that
+        does `search_direct` of one query of a partitioned index, its nprobe lists probed in the call
         (`coarse`: the index's `CoarseQuantizer`; request.lists and request.offsets are not read):
         query (1, d) float32 numpy, C-contiguous, as given to `Index.search` (norm checks and the
-        "cosine" scaling are the call's). None where the backend has no such path (this default) or
-        the query fails a check."""
+        "cosine" scaling are the call's). The caller keeps the function for the request's snapshot; it
+        returns None where the query fails a check or the backend no longer applies. None (this
+        default): no such path."""
         return None
 
     def topk_lists(self, request: ListScan, queries: Queries, k: int) -> TopK:

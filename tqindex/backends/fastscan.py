@@ -580,42 +580,52 @@ class FastScanner(Scanner):
             start += len(seg)
         return self._direct(entries, row_ids, queries, k, checked=False)
 
-    def search_direct_probing(self, request: ListScan, coarse, query: np.ndarray, k: int,
-                              nprobe: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """`Scanner.search_direct_probing` in one `_native.search_probing` call: the norm checks, the
-        probe, the query's rotation and tables, the scan of its lists' segments (each with its list's
-        offset) and the ids (None with a rotation the kernels do not apply). A list's arguments are
-        made when a query first probes it, once per snapshot (the request's memo): a snapshot that
-        answers one query (an index that adds and searches in turn) makes only that query's lists'."""
+    def probing_search(self, request: ListScan, coarse):
+        """`Scanner.probing_search`: a function that searches one query in one `_native.search_probing`
+        call: the norm checks, the probe, the query's rotation and tables, the scan of its lists'
+        segments (each with its list's offset) and the ids (None with a rotation the kernels do not
+        apply). A list's arguments are made when a query first probes it and kept by the function
+        (which its caller keeps for the snapshot): a snapshot that answers one query (an index that
+        adds and searches in turn) makes only that query's lists'. What may change between two
+        searches is read by each: whether the kernels are on (`available`), the SIMD level and the
+        thread budget; the kernel is looked up each time too (the tests watch its calls)."""
         consts = _constants(self.quantizer)["rotating"]
         if consts is None:
             return None
-        made = request.memo.get("fastscan-probing")
-        if made is None:
-            parts = _list_parts(self.quantizer, request, self.metric, self.cache)
+        parts = _list_parts(self.quantizer, request, self.metric, self.cache)
 
-            def make(lst):
-                entries, ids = parts(lst)
-                return entries, tuple(ids), sum(e[0].nbytes for e in entries)
+        def make(lst):
+            entries, ids = parts(lst)
+            return entries, tuple(ids), sum(e[0].nbytes for e in entries)
 
-            made = request.memo["fastscan-probing"] = ([None] * coarse.nlist, make)
-        per_list, make = made
-        count = np.empty(1, dtype=np.int64)  # these are written whole by the kernel
-        scores = np.empty((1, k), dtype=np.float32)
-        ids = np.empty((1, k), dtype=np.int64)
-        lists = np.empty(min(nprobe, coarse.nlist), np.int64)
-        offsets = np.empty(coarse.nlist, np.float32)
-        cosine = self.metric == "cosine"
-        with native.thread_share() as share:
-            bad = native.kernels.search_probing(
-                consts, query, np.empty(self.quantizer.dim, np.float32) if cosine else None, coarse.centroids_t,
-                coarse.sq_norms, lists, offsets, per_list, make, scores, ids, count, self.metric == "l2",
-                native.simd() == "avx512vbmi" and int8_scan(self.quantizer), share, _BYTES_PER_SHARE,
-                max_norm=MAX_NORM, zero_ok=not cosine, normalize=cosine)
-        if bad >= 0:
-            return None
-        self.last_stats = {"queries": 1, "exact_counts": count}
-        return ids, scores
+        per_list = [None] * coarse.nlist
+        centroids_t, sq_norms, nlist = coarse.centroids_t, coarse.sq_norms, coarse.nlist
+        l2, cosine, int8 = self.metric == "l2", self.metric == "cosine", int8_scan(self.quantizer)
+        dim = self.quantizer.dim
+
+        def search(query: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray] | None:
+            """ids (1, k) int64 and scores (1, k) float32 of the query (1, d) float32, C-contiguous,
+            or None (the kernels are off, or the query fails a check)."""
+            if not available():
+                return None
+            count = np.empty(1, dtype=np.int64)  # these are written whole by the kernel
+            scores = np.empty((1, k), dtype=np.float32)
+            ids = np.empty((1, k), dtype=np.int64)
+            share = native.enter_share()
+            try:
+                bad = native.kernels.search_probing(
+                    consts, query, np.empty(dim, np.float32) if cosine else None, centroids_t, sq_norms,
+                    np.empty(min(nprobe, nlist), np.int64), np.empty(nlist, np.float32), per_list, make, scores,
+                    ids, count, l2, int8 and native.simd() == "avx512vbmi", share, _BYTES_PER_SHARE,
+                    max_norm=MAX_NORM, zero_ok=not cosine, normalize=cosine)
+            finally:
+                native.leave_share()
+            if bad >= 0:
+                return None
+            self.last_stats = {"queries": 1, "exact_counts": count}
+            return ids, scores
+
+        return search
 
     def search_direct_lists(self, request: ListScan, queries: np.ndarray,
                             k: int) -> tuple[np.ndarray, np.ndarray] | None:
