@@ -1339,6 +1339,7 @@ struct query_maker {
     const float *mt;        /* [dim][dim], the rotation's transpose; NULL: the queries are rotated already */
     Py_ssize_t dim;
     int l2, portable;
+    int split;              /* threads a lone query's rotation is split over (split_threads); 0, 1: none */
     nibble_group groups[8]; /* the tables' (no int8 queries) */
     int ngroups;
     Py_ssize_t nibbles, wide, entries;
@@ -1505,9 +1506,10 @@ done:
  * j; four rows share each row of mt. It exists so that a search never starts torch's intra-op
  * (OpenMP) pool, whose threads spin after a matmul and take the cores from the scan threads. */
 __attribute__((always_inline)) static inline void rotate_rows(const float *restrict x, const float *restrict mt,
-                                                             float *restrict out, Py_ssize_t rows, Py_ssize_t dim,
-                                                             Py_ssize_t cols) {
-    /* out [rows][cols] = x [rows][dim] @ mt [dim][cols] (cols = dim for a rotation) */
+                                                             Py_ssize_t ld, float *restrict out, Py_ssize_t rows,
+                                                             Py_ssize_t dim, Py_ssize_t cols) {
+    /* out [rows][cols] = x [rows][dim] @ mt [dim][cols], mt's rows ld floats apart (cols = ld = dim for a
+     * rotation; a part of its columns: mt from the part's first, ld = dim) */
     Py_ssize_t i = 0;
     for (; i + 4 <= rows; i += 4) {
         float *restrict o0 = out + i * cols, *restrict o1 = o0 + cols, *restrict o2 = o1 + cols,
@@ -1516,7 +1518,7 @@ __attribute__((always_inline)) static inline void rotate_rows(const float *restr
         for (Py_ssize_t j = 0; j < dim; j++) {
             const float a0 = x[i * dim + j], a1 = x[(i + 1) * dim + j], a2 = x[(i + 2) * dim + j],
                         a3 = x[(i + 3) * dim + j];
-            const float *restrict m = mt + j * cols;
+            const float *restrict m = mt + j * ld;
             for (Py_ssize_t k = 0; k < cols; k++) {
                 o0[k] += a0 * m[k];
                 o1[k] += a1 * m[k];
@@ -1530,7 +1532,7 @@ __attribute__((always_inline)) static inline void rotate_rows(const float *restr
         memset(o, 0, cols * sizeof(float));
         for (Py_ssize_t j = 0; j < dim; j++) {
             const float a = x[i * dim + j];
-            const float *restrict m = mt + j * cols;
+            const float *restrict m = mt + j * ld;
             for (Py_ssize_t k = 0; k < cols; k++) o[k] += a * m[k];
         }
     }
@@ -1540,9 +1542,9 @@ __attribute__((always_inline)) static inline void rotate_rows(const float *restr
 /* The same loop in 256-bit vectors: each output is still summed in increasing j, one multiply and one
  * add at a time (no contraction), so the results are the SSE loop's, bit for bit. */
 __attribute__((target(TQ_AVX2))) static void rotate_rows_avx2(const float *restrict x, const float *restrict mt,
-                                                          float *restrict out, Py_ssize_t rows, Py_ssize_t dim,
-                                                          Py_ssize_t cols) {
-    rotate_rows(x, mt, out, rows, dim, cols);
+                                                          Py_ssize_t ld, float *restrict out, Py_ssize_t rows,
+                                                          Py_ssize_t dim, Py_ssize_t cols) {
+    rotate_rows(x, mt, ld, out, rows, dim, cols);
 }
 
 /* rotate_rows in 512-bit vectors, R rows (1-4, a constant after inlining) at a time: each run of 16 * RUN
@@ -1554,8 +1556,8 @@ __attribute__((target(TQ_AVX2))) static void rotate_rows_avx2(const float *restr
  * fewer than 16 outputs is read and written with masks. This function: the outputs from *kp on, in runs
  * of RUN registers while a whole run fits. */
 __attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_runs_avx512(
-        const float *restrict x, const float *restrict mt, float *restrict out, Py_ssize_t dim, Py_ssize_t cols,
-        const int R, const int RUN, Py_ssize_t *kp) {
+        const float *restrict x, const float *restrict mt, Py_ssize_t ld, float *restrict out, Py_ssize_t dim,
+        Py_ssize_t cols, const int R, const int RUN, Py_ssize_t *kp) {
     Py_ssize_t k = *kp;
     for (; k + 16 * RUN <= cols; k += 16 * RUN) {
         __m512 acc[4][24];
@@ -1563,7 +1565,7 @@ __attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_runs
 #pragma GCC unroll 24
             for (int r = 0; r < RUN; r++) acc[i][r] = _mm512_setzero_ps();
         for (Py_ssize_t j = 0; j < dim; j++) {
-            const float *m = mt + j * cols + k;
+            const float *m = mt + j * ld + k;
             __m512 a[4];
             for (int i = 0; i < R; i++) a[i] = _mm512_set1_ps(x[i * dim + j]);
 #pragma GCC unroll 24
@@ -1580,19 +1582,19 @@ __attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_runs
 }
 
 __attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_run_avx512(
-        const float *restrict x, const float *restrict mt, float *restrict out, Py_ssize_t dim, Py_ssize_t cols,
-        const int R, const int LONG) {
+        const float *restrict x, const float *restrict mt, Py_ssize_t ld, float *restrict out, Py_ssize_t dim,
+        Py_ssize_t cols, const int R, const int LONG) {
     Py_ssize_t k = 0;
-    rotate_runs_avx512(x, mt, out, dim, cols, R, LONG, &k);  /* long runs, then shorter ones down to four */
-    if (LONG > 16) rotate_runs_avx512(x, mt, out, dim, cols, R, 16, &k);
-    if (LONG > 8) rotate_runs_avx512(x, mt, out, dim, cols, R, 8, &k);
-    if (LONG > 4) rotate_runs_avx512(x, mt, out, dim, cols, R, 4, &k);
+    rotate_runs_avx512(x, mt, ld, out, dim, cols, R, LONG, &k);  /* long runs, then shorter ones down to four */
+    if (LONG > 16) rotate_runs_avx512(x, mt, ld, out, dim, cols, R, 16, &k);
+    if (LONG > 8) rotate_runs_avx512(x, mt, ld, out, dim, cols, R, 8, &k);
+    if (LONG > 4) rotate_runs_avx512(x, mt, ld, out, dim, cols, R, 4, &k);
     for (; k < cols; k += 16) {
         const __mmask16 live = cols - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (cols - k)) - 1);
         __m512 acc[4];
         for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
         for (Py_ssize_t j = 0; j < dim; j++) {
-            const __m512 m = _mm512_maskz_loadu_ps(live, mt + j * cols + k);
+            const __m512 m = _mm512_maskz_loadu_ps(live, mt + j * ld + k);
             for (int i = 0; i < R; i++)
                 acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_set1_ps(x[i * dim + j]), m));
         }
@@ -1601,36 +1603,86 @@ __attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_run_
 }
 
 __attribute__((target(TQ_AVX512))) static void rotate_rows_avx512(const float *restrict x, const float *restrict mt,
-                                                                float *restrict out, Py_ssize_t rows, Py_ssize_t dim,
-                                                                Py_ssize_t cols) {
+                                                                Py_ssize_t ld, float *restrict out, Py_ssize_t rows,
+                                                                Py_ssize_t dim, Py_ssize_t cols) {
     Py_ssize_t i = 0;
-    for (; i + 4 <= rows; i += 4) rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 4, 4);
+    for (; i + 4 <= rows; i += 4) rotate_run_avx512(x + i * dim, mt, ld, out + i * cols, dim, cols, 4, 4);
     switch (rows - i) {
-        case 3: rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 3, 8); break;
-        case 2: rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 2, 12); break;
-        case 1: rotate_run_avx512(x + i * dim, mt, out + i * cols, dim, cols, 1, 24); break;
+        case 3: rotate_run_avx512(x + i * dim, mt, ld, out + i * cols, dim, cols, 3, 8); break;
+        case 2: rotate_run_avx512(x + i * dim, mt, ld, out + i * cols, dim, cols, 2, 12); break;
+        case 1: rotate_run_avx512(x + i * dim, mt, ld, out + i * cols, dim, cols, 1, 24); break;
         default: break;
     }
 }
 #endif
 
-/* x [rows][dim] @ m [dim][cols] in the loop this CPU runs (the same results either way). */
-static void matmul_rows(const float *x, const float *m, float *out, Py_ssize_t rows, Py_ssize_t dim, Py_ssize_t cols) {
+/* x [rows][dim] @ m [dim][cols] (m's rows ld floats apart) in the loop this CPU runs (the same results
+ * either way: each output summed in increasing j, one multiply and one add at a time). */
+static void matmul_rows_ld(const float *x, const float *m, Py_ssize_t ld, float *out, Py_ssize_t rows,
+                           Py_ssize_t dim, Py_ssize_t cols) {
 #ifdef TQ_X86
     if (have_avx512() && simd_limit >= LEVEL_AVX512) {
-        rotate_rows_avx512(x, m, out, rows, dim, cols);
+        rotate_rows_avx512(x, m, ld, out, rows, dim, cols);
         return;
     }
     if (have_avx2()) {
-        rotate_rows_avx2(x, m, out, rows, dim, cols);
+        rotate_rows_avx2(x, m, ld, out, rows, dim, cols);
         return;
     }
 #endif
-    rotate_rows(x, m, out, rows, dim, cols);
+    rotate_rows(x, m, ld, out, rows, dim, cols);
+}
+
+static void matmul_rows(const float *x, const float *m, float *out, Py_ssize_t rows, Py_ssize_t dim, Py_ssize_t cols) {
+    matmul_rows_ld(x, m, cols, out, rows, dim, cols);
 }
 
 static void rotate_any(const float *x, const float *mt, float *out, Py_ssize_t rows, Py_ssize_t dim) {
     matmul_rows(x, mt, out, rows, dim, dim);
+}
+
+/* One row's product split by columns over the pool's threads, where the matrix is larger than a core's
+ * share of cache (SPLIT_BYTES and up: a rotation of 512-d and up, a probe of 1,024 lists at 384-d): one
+ * core reads the whole matrix at cache speed (a 768-d rotation, 2.25 MiB, took longer than a 384-d
+ * query's scan); two read half each, and each half can stay in its core's own cache between queries.
+ * Each output is made exactly as matmul_rows makes it (its own sum over j), so a split changes no bit. */
+#define SPLIT_BYTES ((Py_ssize_t)1 << 20)
+
+typedef struct {
+    const float *x, *m;
+    float *out;
+    Py_ssize_t dim, cols;
+    int parts;
+} split_job;
+
+/* Part t's first column: an even share of cols, on a 16-float (64-byte) boundary. */
+static Py_ssize_t split_edge(Py_ssize_t cols, int t, int parts) {
+    return t >= parts ? cols : (cols * t / parts) & ~(Py_ssize_t)15;
+}
+
+static void split_part(void *ctx, int t) {
+    const split_job *r = ctx;
+    const Py_ssize_t k0 = split_edge(r->cols, t, r->parts), k1 = split_edge(r->cols, t + 1, r->parts);
+    if (k1 > k0) matmul_rows_ld(r->x, r->m + k0, r->cols, r->out + k0, 1, r->dim, k1 - k0);
+}
+
+/* Threads worth splitting one row's product with m [dim][cols] over, of `threads`: 1 below
+ * SPLIT_BYTES, and no more than one per 256 columns. */
+static int split_threads(Py_ssize_t dim, Py_ssize_t cols, int threads) {
+    if (dim * cols * (Py_ssize_t)sizeof(float) < SPLIT_BYTES) return 1;
+    const Py_ssize_t most = cols / 256;
+    return threads < most ? threads : most < 1 ? 1 : (int)most;
+}
+
+/* out [cols] = x [dim] @ m [dim][cols] in `parts` column parts (1: here, as matmul_rows). */
+static void matmul_row_split(const float *x, const float *m, float *out, Py_ssize_t dim, Py_ssize_t cols,
+                             int parts) {
+    if (parts <= 1) {
+        matmul_rows(x, m, out, 1, dim, cols);
+        return;
+    }
+    split_job r = {x, m, out, dim, cols, parts};
+    pool_run(split_part, &r, parts);
 }
 
 /* A float32 row's norm, summed in double (four running sums, in a fixed order). */
@@ -1789,8 +1841,11 @@ done:
  * lower list). key and tmp: room for nprobe entries. */
 static void probe_rows(const float *queries, Py_ssize_t nq, const float *centroids_t, const float *norms,
                        Py_ssize_t dim, Py_ssize_t nlist, Py_ssize_t nprobe, int l2, float *offsets, int64_t *lists,
-                       float *key, scored *tmp) {
-    matmul_rows(queries, centroids_t, offsets, nq, dim, nlist);
+                       float *key, scored *tmp, int parts) {
+    if (nq == 1)
+        matmul_row_split(queries, centroids_t, offsets, dim, nlist, parts);  /* the same sums, split or not */
+    else
+        matmul_rows(queries, centroids_t, offsets, nq, dim, nlist);
     for (Py_ssize_t q = 0; q < nq; q++) {
         float *row = offsets + q * nlist;
         int64_t *top = lists + q * nprobe;
@@ -1846,7 +1901,7 @@ static PyObject *probe(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    probe_rows(qp, nq, cp, np_, dim, nlist, nprobe, l2, op, lp, key, tmp);
+    probe_rows(qp, nq, cp, np_, dim, nlist, nprobe, l2, op, lp, key, tmp, 1);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
@@ -1865,8 +1920,11 @@ done:
 static void make_queries(const query_maker *m, Py_ssize_t q0, Py_ssize_t q1) {
     const Py_ssize_t d = m->dim;
     if (m->mt) {
-        /* rotate()'s loops: a row's values do not depend on the rows rotated with it. */
-        rotate_any(m->queries + q0 * d, m->mt, m->rotated + q0 * d, q1 - q0, d);
+        /* rotate()'s loops: a row's values do not depend on the rows rotated with it, nor on its split. */
+        if (q1 - q0 == 1 && m->split > 1)
+            matmul_row_split(m->queries + q0 * d, m->mt, m->rotated + q0 * d, d, d, m->split);
+        else
+            rotate_any(m->queries + q0 * d, m->mt, m->rotated + q0 * d, q1 - q0, d);
     }
     for (Py_ssize_t q = q0; q < q1; q++) {
         const float *r = m->rotated + q * d;
@@ -1965,17 +2023,17 @@ static int bind_probes(list_batch *lb, buffer_set *b, PyObject *probes, PyObject
 static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"consts", "queries", "segments", "out_scores", "out_ids", "exact_count", "l2", "int8",
                              "portable", "threads", "query_norm2", "row_ids", "max_norm", "zero_ok", "normalize",
-                             "offsets", "probes", "list_entries", "list_offsets", NULL};
+                             "offsets", "probes", "list_entries", "list_offsets", "rotate_threads", NULL};
     PyObject *consts, *queries, *segments, *out_s, *out_i, *exact_count, *mt, *groups, *centroids, *qn2 = Py_None,
              *row_ids = Py_None, *offsets = Py_None, *probes = Py_None, *list_entries = Py_None,
              *list_offsets = Py_None;
-    int l2, int8, portable = 0, threads = 1, nlevels, zero_ok = 1, normalize = 0;
+    int l2, int8, portable = 0, threads = 1, nlevels, zero_ok = 1, normalize = 0, rotate_threads = 0;
     double max_norm = 0.0;
     Py_ssize_t dim, ncols, wcols, row_bits;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO!OOOpp|piOOdppOOOO", kwlist, &PyTuple_Type, &consts,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO!OOOpp|piOOdppOOOOi", kwlist, &PyTuple_Type, &consts,
                                      &queries, &PyList_Type, &segments, &out_s, &out_i, &exact_count, &l2, &int8,
                                      &portable, &threads, &qn2, &row_ids, &max_norm, &zero_ok, &normalize, &offsets,
-                                     &probes, &list_entries, &list_offsets))
+                                     &probes, &list_entries, &list_offsets, &rotate_threads))
         return NULL;
     if ((probes == Py_None) != (list_entries == Py_None) || (probes == Py_None) != (list_offsets == Py_None) ||
         (probes != Py_None && offsets != Py_None)) {
@@ -1988,6 +2046,8 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
                           &nlevels))
         return NULL;
     if (check_threads(&threads, "search") < 0) return NULL;
+    if (rotate_threads < 1) rotate_threads = threads;  /* 0: as the scan's */
+    if (check_threads(&rotate_threads, "search") < 0) return NULL;
     if (row_ids != Py_None && (!PyList_Check(row_ids) || PyList_GET_SIZE(row_ids) != PyList_GET_SIZE(segments))) {
         PyErr_SetString(PyExc_ValueError, "search: row_ids must be a list with one array per segment");
         return NULL;
@@ -2048,6 +2108,7 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
     m.dim = dim;
     m.l2 = l2;  /* cleared below where the norms are given */
     m.portable = portable;
+    m.split = nq == 1 && mt != Py_None ? split_threads(dim, dim, rotate_threads) : 1;
     if (mt != Py_None) {
         if (take(&b, mt, 0, dim * dim * (Py_ssize_t)sizeof(float), "mt", &p) < 0) goto done;
         m.mt = p;
@@ -2175,7 +2236,7 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    if (bs.shares > 1) pool_wake(bs.shares - 1);
+    if (bs.shares > 1 || m.split > 1) pool_wake((bs.shares > m.split ? bs.shares : m.split) - 1);
     if (probes != Py_None) {
         scan_job job = {bs.seg, nseg, bs.limits, m.mag, portable, &m};
         make_split ms = {&m, nq, ((nq + 4 * bs.shares - 1) / (4 * bs.shares) + 3) & ~(Py_ssize_t)3, 0};
@@ -2283,7 +2344,7 @@ static PyObject *search_probing(PyObject *self, PyObject *args, PyObject *kwargs
         for (Py_ssize_t j = 0; j < dim; j++) scaled[j] = q[j] / (float)norm;
         q = scaled;
     }
-    if (!bad) probe_rows(q, 1, cp, np_, dim, nlist, nprobe, l2, op, lp, key, tmp);
+    if (!bad) probe_rows(q, 1, cp, np_, dim, nlist, nprobe, l2, op, lp, key, tmp, split_threads(dim, nlist, share));
     Py_END_ALLOW_THREADS
     if (bad) {
         result = PyLong_FromLong(0);
@@ -2339,7 +2400,8 @@ static PyObject *search_probing(PyObject *self, PyObject *args, PyObject *kwargs
     const int threads = work < 1 ? 1 : work < share ? (int)work : share;
     call_args = Py_BuildValue("(OOOOOOOO)", consts, normalize ? normed : query, picked, out_s, out_i, exact_count,
                               l2 ? Py_True : Py_False, int8 ? Py_True : Py_False);
-    call_kwargs = Py_BuildValue("{s:i,s:O,s:O}", "threads", threads, "row_ids", picked_ids, "offsets", terms);
+    call_kwargs = Py_BuildValue("{s:i,s:i,s:O,s:O}", "threads", threads, "rotate_threads", share, "row_ids",
+                                picked_ids, "offsets", terms);
     if (!call_args || !call_kwargs) goto done;
     result = search(self, call_args, call_kwargs);  /* -1: the query passed its checks above */
 done:
@@ -2418,10 +2480,10 @@ static PyMethodDef methods[] = {
      "offsets and each query's best lists (ties to the lower list)."},
     {"search", (PyCFunction)(void (*)(void))search, METH_VARARGS | METH_KEYWORDS,
      "search(consts, queries, segments, out_scores, out_ids, exact_count, l2, int8, portable=False, threads=1, "
-     "query_norm2=None, row_ids=None, max_norm=0.0, zero_ok=True, normalize=False, offsets=None) -> the first query "
-     "failing the "
-     "norm checks, or -1: "
-     "scan_segments with the queries' rotation and tables made in the same call; heaps come back sorted."},
+     "query_norm2=None, row_ids=None, max_norm=0.0, zero_ok=True, normalize=False, offsets=None, probes=None, "
+     "list_entries=None, list_offsets=None, rotate_threads=0) -> the first query failing the norm checks, or -1: "
+     "scan_segments with the queries' rotation and tables made in the same call; heaps come back sorted. A lone "
+     "query's rotation of 512-d and up is split over rotate_threads (0: threads), bit for bit the same."},
     {"search_probing", (PyCFunction)(void (*)(void))search_probing, METH_VARARGS | METH_KEYWORDS,
      "search_probing(consts, query, normed, centroids_t, sq_norms, out_lists, out_offsets, per_list, make, "
      "out_scores, out_ids, exact_count, l2, int8, share, bytes_per_thread, max_norm=0.0, zero_ok=True, "
