@@ -623,7 +623,8 @@ def test_native_rotation_equals_torch(rows, dim):
 def test_rotation_is_the_same_at_every_simd_level(rows, dim):
     # Where the CPU has AVX-512, rows are rotated four (or the last one to three) at a time in runs
     # of 64 outputs held in registers, with a masked last run (130 and 5 are not multiples of 16 or
-    # 64): every output summed in the same order, so the bits equal the AVX2 loop's.
+    # 64), and nine rows of a 600-d matrix (1.4 MB) in column panels of 64: every output summed in the
+    # same order, so the bits equal the AVX2 loop's.
     if not _X86_LEVELS["avx512"] <= _cpu_flags():
         pytest.skip("this CPU has no avx512 (avx512f, avx512bw in /proc/cpuinfo): the loop runs where it does")
     from tqindex.rotation import make_rotation

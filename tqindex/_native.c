@@ -1505,6 +1505,12 @@ done:
  * rotation's transpose), in this thread. Row i's k-th value is sum_j x[i][j] * mt[j][k] in increasing
  * j; four rows share each row of mt. It exists so that a search never starts torch's intra-op
  * (OpenMP) pool, whose threads spin after a matmul and take the cores from the scan threads. */
+/* PANEL_BYTES: a matrix this large or larger is read in column panels of ROTATE_PANEL floats by batches of
+ * eight rows and more (rotate_rows_avx512), and split by columns over threads for a lone row
+ * (matmul_row_split): about half a core's L2 here, the most one pass may hold with what else it reads. */
+#define PANEL_BYTES ((Py_ssize_t)1 << 20)
+#define ROTATE_PANEL 64
+
 __attribute__((always_inline)) static inline void rotate_rows(const float *restrict x, const float *restrict mt,
                                                              Py_ssize_t ld, float *restrict out, Py_ssize_t rows,
                                                              Py_ssize_t dim, Py_ssize_t cols) {
@@ -1556,8 +1562,8 @@ __attribute__((target(TQ_AVX2))) static void rotate_rows_avx2(const float *restr
  * fewer than 16 outputs is read and written with masks. This function: the outputs from *kp on, in runs
  * of RUN registers while a whole run fits. */
 __attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_runs_avx512(
-        const float *restrict x, const float *restrict mt, Py_ssize_t ld, float *restrict out, Py_ssize_t dim,
-        Py_ssize_t cols, const int R, const int RUN, Py_ssize_t *kp) {
+        const float *restrict x, const float *restrict mt, Py_ssize_t ld, float *restrict out, Py_ssize_t ldo,
+        Py_ssize_t dim, Py_ssize_t cols, const int R, const int RUN, Py_ssize_t *kp) {
     Py_ssize_t k = *kp;
     for (; k + 16 * RUN <= cols; k += 16 * RUN) {
         __m512 acc[4][24];
@@ -1576,19 +1582,19 @@ __attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_runs
         }
         for (int i = 0; i < R; i++)
 #pragma GCC unroll 24
-            for (int r = 0; r < RUN; r++) _mm512_storeu_ps(out + i * cols + k + 16 * r, acc[i][r]);
+            for (int r = 0; r < RUN; r++) _mm512_storeu_ps(out + i * ldo + k + 16 * r, acc[i][r]);
     }
     *kp = k;
 }
 
 __attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_run_avx512(
-        const float *restrict x, const float *restrict mt, Py_ssize_t ld, float *restrict out, Py_ssize_t dim,
-        Py_ssize_t cols, const int R, const int LONG) {
+        const float *restrict x, const float *restrict mt, Py_ssize_t ld, float *restrict out, Py_ssize_t ldo,
+        Py_ssize_t dim, Py_ssize_t cols, const int R, const int LONG) {
     Py_ssize_t k = 0;
-    rotate_runs_avx512(x, mt, ld, out, dim, cols, R, LONG, &k);  /* long runs, then shorter ones down to four */
-    if (LONG > 16) rotate_runs_avx512(x, mt, ld, out, dim, cols, R, 16, &k);
-    if (LONG > 8) rotate_runs_avx512(x, mt, ld, out, dim, cols, R, 8, &k);
-    if (LONG > 4) rotate_runs_avx512(x, mt, ld, out, dim, cols, R, 4, &k);
+    rotate_runs_avx512(x, mt, ld, out, ldo, dim, cols, R, LONG, &k);  /* long runs, then shorter ones down to four */
+    if (LONG > 16) rotate_runs_avx512(x, mt, ld, out, ldo, dim, cols, R, 16, &k);
+    if (LONG > 8) rotate_runs_avx512(x, mt, ld, out, ldo, dim, cols, R, 8, &k);
+    if (LONG > 4) rotate_runs_avx512(x, mt, ld, out, ldo, dim, cols, R, 4, &k);
     for (; k < cols; k += 16) {
         const __mmask16 live = cols - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (cols - k)) - 1);
         __m512 acc[4];
@@ -1598,7 +1604,7 @@ __attribute__((target(TQ_AVX512), always_inline)) static inline void rotate_run_
             for (int i = 0; i < R; i++)
                 acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_set1_ps(x[i * dim + j]), m));
         }
-        for (int i = 0; i < R; i++) _mm512_mask_storeu_ps(out + i * cols + k, live, acc[i]);
+        for (int i = 0; i < R; i++) _mm512_mask_storeu_ps(out + i * ldo + k, live, acc[i]);
     }
 }
 
@@ -1606,11 +1612,22 @@ __attribute__((target(TQ_AVX512))) static void rotate_rows_avx512(const float *r
                                                                 Py_ssize_t ld, float *restrict out, Py_ssize_t rows,
                                                                 Py_ssize_t dim, Py_ssize_t cols) {
     Py_ssize_t i = 0;
-    for (; i + 4 <= rows; i += 4) rotate_run_avx512(x + i * dim, mt, ld, out + i * cols, dim, cols, 4, 4);
+    if (rows >= 8 && dim * cols * (Py_ssize_t)sizeof(float) >= PANEL_BYTES) {
+        /* Column panels outermost: a panel of mt (dim x ROTATE_PANEL floats, 192 KiB at 768-d) is read
+         * from a core's own cache by every group of four rows, where the whole matrix, larger than that
+         * cache, would come from farther out once per group. Each output is summed as below. */
+        for (Py_ssize_t k0 = 0; k0 < cols; k0 += ROTATE_PANEL) {
+            const Py_ssize_t w = cols - k0 < ROTATE_PANEL ? cols - k0 : ROTATE_PANEL;
+            for (i = 0; i + 4 <= rows; i += 4)
+                rotate_run_avx512(x + i * dim, mt + k0, ld, out + i * cols + k0, cols, dim, w, 4, 4);
+        }
+    } else {
+        for (; i + 4 <= rows; i += 4) rotate_run_avx512(x + i * dim, mt, ld, out + i * cols, cols, dim, cols, 4, 4);
+    }
     switch (rows - i) {
-        case 3: rotate_run_avx512(x + i * dim, mt, ld, out + i * cols, dim, cols, 3, 8); break;
-        case 2: rotate_run_avx512(x + i * dim, mt, ld, out + i * cols, dim, cols, 2, 12); break;
-        case 1: rotate_run_avx512(x + i * dim, mt, ld, out + i * cols, dim, cols, 1, 24); break;
+        case 3: rotate_run_avx512(x + i * dim, mt, ld, out + i * cols, cols, dim, cols, 3, 8); break;
+        case 2: rotate_run_avx512(x + i * dim, mt, ld, out + i * cols, cols, dim, cols, 2, 12); break;
+        case 1: rotate_run_avx512(x + i * dim, mt, ld, out + i * cols, cols, dim, cols, 1, 24); break;
         default: break;
     }
 }
@@ -1642,11 +1659,10 @@ static void rotate_any(const float *x, const float *mt, float *out, Py_ssize_t r
 }
 
 /* One row's product split by columns over the pool's threads, where the matrix is larger than a core's
- * share of cache (SPLIT_BYTES and up: a rotation of 512-d and up, a probe of 1,024 lists at 384-d): one
+ * share of cache (PANEL_BYTES and up: a rotation of 512-d and up, a probe of 1,024 lists at 384-d): one
  * core reads the whole matrix at cache speed (a 768-d rotation, 2.25 MiB, took longer than a 384-d
  * query's scan); two read half each, and each half can stay in its core's own cache between queries.
  * Each output is made exactly as matmul_rows makes it (its own sum over j), so a split changes no bit. */
-#define SPLIT_BYTES ((Py_ssize_t)1 << 20)
 
 typedef struct {
     const float *x, *m;
@@ -1667,9 +1683,9 @@ static void split_part(void *ctx, int t) {
 }
 
 /* Threads worth splitting one row's product with m [dim][cols] over, of `threads`: 1 below
- * SPLIT_BYTES, and no more than one per 256 columns. */
+ * PANEL_BYTES, and no more than one per 256 columns. */
 static int split_threads(Py_ssize_t dim, Py_ssize_t cols, int threads) {
-    if (dim * cols * (Py_ssize_t)sizeof(float) < SPLIT_BYTES) return 1;
+    if (dim * cols * (Py_ssize_t)sizeof(float) < PANEL_BYTES) return 1;
     const Py_ssize_t most = cols / 256;
     return threads < most ? threads : most < 1 ? 1 : (int)most;
 }
