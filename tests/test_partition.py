@@ -468,6 +468,29 @@ def test_the_probing_kernel_refuses_what_it_cannot_scan(monkeypatch):
             call(change)
 
 
+def test_probe_kernel_splits_a_batch_over_threads_bit_for_bit():
+    # A batch's probe runs in even shares of its queries, each with its own heap scratch: lists and
+    # offsets are the same bits for every thread count (shares of 1-17 queries, some empty).
+    from tqindex import native
+    from tqindex.partition import CoarseQuantizer
+    if native.kernels is None:
+        pytest.skip("the C extension is not built")
+    rng = np.random.default_rng(11)
+    coarse = CoarseQuantizer(torch.from_numpy(rng.standard_normal((40, DIM)).astype(np.float32)), {})
+    q = rng.standard_normal((50, DIM)).astype(np.float32)
+    for l2 in (False, True):
+        got = []
+        for threads in (1, 2, 3, 64):
+            lists, offsets = np.empty((50, 7), np.int64), np.empty((50, 40), np.float32)
+            native.kernels.probe(q, coarse.centroids_t, coarse.sq_norms, lists, offsets, DIM, 40, l2, threads)
+            got.append((lists, offsets))
+        for lists, offsets in got[1:]:
+            np.testing.assert_array_equal(lists, got[0][0])
+            np.testing.assert_array_equal(offsets, got[0][1])
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        native.kernels.probe(q, coarse.centroids_t, coarse.sq_norms, lists, offsets, DIM, 40, False, 0)
+
+
 def test_probe_kernel_orders_lists_by_key_then_by_list():
     # The kernel's lists are the numpy order (a stable sort of every list by key): best first, equal
     # keys to the lower list; duplicated centroids make exact ties. Offsets are its own product,

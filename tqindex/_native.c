@@ -1875,19 +1875,40 @@ static void probe_rows(const float *queries, Py_ssize_t nq, const float *centroi
     }
 }
 
+/* probe's shares: queries [q0, q1) of each of `shares` even parts, each with its own heap scratch. */
+typedef struct {
+    const float *queries, *centroids_t, *norms;
+    Py_ssize_t nq, dim, nlist, nprobe;
+    int l2, shares;
+    float *offsets, *key;
+    int64_t *lists;
+    scored *tmp;
+} probe_split;
+
+static void probe_share(void *ctx, int t) {
+    const probe_split *p = ctx;
+    const Py_ssize_t q0 = p->nq * t / p->shares, q1 = p->nq * (t + 1) / p->shares;
+    if (q1 > q0)
+        probe_rows(p->queries + q0 * p->dim, q1 - q0, p->centroids_t, p->norms, p->dim, p->nlist, p->nprobe, p->l2,
+                   p->offsets + q0 * p->nlist, p->lists + q0 * p->nprobe, p->key + t * p->nprobe,
+                   p->tmp + t * p->nprobe, 1);
+}
+
 /* ---- probing a partitioned index's lists ----------------------------------------------------------
- * probe(queries, centroids_t, sq_norms, out_lists, out_offsets, l2): every list's score offset
+ * probe(queries, centroids_t, sq_norms, out_lists, out_offsets, l2, threads=1): every list's score offset
  * out_offsets [nq][nlist] = queries [nq][dim] @ centroids_t [dim][nlist] (float32, summed in increasing
  * j as `rotate`; doubled for l2), and the nprobe = out_lists' columns lists of each query with the best
  * key (the offset, less sq_norms [nlist] for l2: the nearest centroids), best first, ties to the lower
- * list. Releases the GIL. */
+ * list. The queries are split into `threads` even shares on the pool's threads (each query's results
+ * are its own: the same bits whatever the split). Releases the GIL. */
 static PyObject *probe(PyObject *self, PyObject *args) {
     PyObject *queries, *centroids_t, *sq_norms, *out_lists, *out_offsets;
     Py_ssize_t dim, nlist;
-    int l2;
-    if (!PyArg_ParseTuple(args, "OOOOOnnp", &queries, &centroids_t, &sq_norms, &out_lists, &out_offsets, &dim, &nlist,
-                          &l2))
+    int l2, threads = 1;
+    if (!PyArg_ParseTuple(args, "OOOOOnnp|i", &queries, &centroids_t, &sq_norms, &out_lists, &out_offsets, &dim,
+                          &nlist, &l2, &threads))
         return NULL;
+    if (check_threads(&threads, "probe") < 0) return NULL;
     if (dim < 1 || nlist < 1) {
         PyErr_SetString(PyExc_ValueError, "probe: dim and nlist must be >= 1");
         return NULL;
@@ -1910,14 +1931,16 @@ static PyObject *probe(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "probe: out_lists must be int64 [nq][nprobe] with 1 <= nprobe <= nlist");
         goto done;
     }
-    tmp = PyMem_Malloc((size_t)(nprobe ? nprobe : 1) * sizeof(scored));
-    key = PyMem_Malloc((size_t)(nprobe ? nprobe : 1) * sizeof(float));
+    const int shares = nq < threads ? (int)(nq ? nq : 1) : threads;
+    tmp = PyMem_Malloc((size_t)shares * (size_t)(nprobe ? nprobe : 1) * sizeof(scored));
+    key = PyMem_Malloc((size_t)shares * (size_t)(nprobe ? nprobe : 1) * sizeof(float));
     if (!tmp || !key) {
         PyErr_NoMemory();
         goto done;
     }
+    probe_split split = {qp, cp, np_, nq, dim, nlist, nprobe, l2, shares, op, key, lp, tmp};
     Py_BEGIN_ALLOW_THREADS
-    probe_rows(qp, nq, cp, np_, dim, nlist, nprobe, l2, op, lp, key, tmp, 1);
+    pool_run(probe_share, &split, shares);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
@@ -2492,8 +2515,8 @@ static PyObject *set_simd_limit(PyObject *self, PyObject *arg) {
 
 static PyMethodDef methods[] = {
     {"probe", probe, METH_VARARGS,
-     "probe(queries, centroids_t, sq_norms, out_lists, out_offsets, dim, nlist, l2): a partitioned index's list "
-     "offsets and each query's best lists (ties to the lower list)."},
+     "probe(queries, centroids_t, sq_norms, out_lists, out_offsets, dim, nlist, l2, threads=1): a partitioned "
+     "index's list offsets and each query's best lists (ties to the lower list); the queries in `threads` shares."},
     {"search", (PyCFunction)(void (*)(void))search, METH_VARARGS | METH_KEYWORDS,
      "search(consts, queries, segments, out_scores, out_ids, exact_count, l2, int8, portable=False, threads=1, "
      "query_norm2=None, row_ids=None, max_norm=0.0, zero_ok=True, normalize=False, offsets=None, probes=None, "
