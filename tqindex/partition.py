@@ -93,8 +93,7 @@ class CoarseQuantizer:
         nprobe = min(nprobe, self.nlist)
         if in_kernels:
             # In the kernels: one call, the product summed as they sum it wherever a search probes; a
-            # batch's queries in shares of the thread budget (at 768-d a batch's probe, on one core,
-            # had left the other idle for a quarter of a one-list search).
+            # batch's queries in shares of the thread budget (on one core the probe kept the others idle).
             lists = np.empty((len(qs), nprobe), np.int64)
             offsets = np.empty((len(qs), self.nlist), np.float32)
             with native.thread_share() as share:
