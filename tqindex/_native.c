@@ -1500,17 +1500,17 @@ done:
     return release(bufs, held, ok);
 }
 
-/* ---- rotation -----------------------------------------------------------------------------------
- * rotate(x, mt, out, rows, dim): out = x @ mt for float32 x [rows][dim] and mt [dim][dim] (the
- * rotation's transpose), in this thread. Row i's k-th value is sum_j x[i][j] * mt[j][k] in increasing
- * j; four rows share each row of mt. It exists so that a search never starts torch's intra-op
- * (OpenMP) pool, whose threads spin after a matmul and take the cores from the scan threads. */
 /* PANEL_BYTES: a matrix this large or larger is read in column panels of ROTATE_PANEL floats by batches of
  * eight rows and more (rotate_rows_avx512), and split by columns over threads for a lone row
  * (matmul_row_split): about half a core's L2 here, the most one pass may hold with what else it reads. */
 #define PANEL_BYTES ((Py_ssize_t)1 << 20)
 #define ROTATE_PANEL 64
 
+/* ---- rotation -----------------------------------------------------------------------------------
+ * rotate(x, mt, out, rows, dim): out = x @ mt for float32 x [rows][dim] and mt [dim][dim] (the
+ * rotation's transpose), in this thread. Row i's k-th value is sum_j x[i][j] * mt[j][k] in increasing
+ * j; four rows share each row of mt. It exists so that a search never starts torch's intra-op
+ * (OpenMP) pool, whose threads spin after a matmul and take the cores from the scan threads. */
 __attribute__((always_inline)) static inline void rotate_rows(const float *restrict x, const float *restrict mt,
                                                              Py_ssize_t ld, float *restrict out, Py_ssize_t rows,
                                                              Py_ssize_t dim, Py_ssize_t cols) {
@@ -1660,8 +1660,8 @@ static void rotate_any(const float *x, const float *mt, float *out, Py_ssize_t r
 
 /* One row's product split by columns over the pool's threads, where the matrix is larger than a core's
  * share of cache (PANEL_BYTES and up: a rotation of 512-d and up, a probe of 1,024 lists at 384-d): one
- * core reads the whole matrix at cache speed (a 768-d rotation, 2.25 MiB, took longer than a 384-d
- * query's scan); two read half each, and each half can stay in its core's own cache between queries.
+ * core reads the whole matrix from farther out (a 768-d rotation, 2.25 MiB, took twelve times a 384-d
+ * one's); two read half each, and each half can stay in its core's own cache between queries.
  * Each output is made exactly as matmul_rows makes it (its own sum over j), so a split changes no bit. */
 
 typedef struct {
