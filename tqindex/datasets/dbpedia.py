@@ -102,13 +102,14 @@ def unpack_model_zip(parts: list[Path], target: Path, top: str) -> Path:
     names, no ``..``); the zip's CRCs are checked as it is read. The folder appears whole or not at
     all (unpacked beside it, then renamed). Returns ``target / top``.
     """
+    import tempfile
     out = target / top
     if out.is_dir():
         return out
     target.mkdir(parents=True, exist_ok=True)
-    joined = target / f".{top}.zip.tmp"
-    staging = target / f".{top}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
+    # Temporaries of this call's own (two builds at once do not share them), beside the folder.
+    staging = Path(tempfile.mkdtemp(prefix=f".{top}.", dir=target))
+    joined = staging.with_suffix(".zip")
     try:
         with open(joined, "wb") as sink:
             for part in parts:
@@ -126,7 +127,11 @@ def unpack_model_zip(parts: list[Path], target: Path, top: str) -> Path:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with archive.open(info) as source, open(dest, "wb") as sink:
                     shutil.copyfileobj(source, sink, 1 << 20)
-        os.replace(staging, out)
+        try:
+            os.replace(staging, out)
+        except OSError:
+            if not out.is_dir():  # else another build unpacked it first
+                raise
     finally:
         joined.unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
