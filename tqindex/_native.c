@@ -1711,6 +1711,21 @@ static double row_norm(const float *v, Py_ssize_t dim) {
     return sqrt((part[0] + part[1]) + (part[2] + part[3]));
 }
 
+/* Whether a row of this norm fails Index.search's checks (validation.check_norms): not finite, above
+ * max_norm, or zero where zero_ok is false. */
+static inline int norm_fails(double norm, double max_norm, int zero_ok) {
+    return !(norm <= max_norm) || (!zero_ok && norm == 0.0);
+}
+
+/* One query checked (where max_norm > 0) and, with `scaled`, scaled to unit norm as Index.search scales a
+ * cosine query (q / ||q||, bit for bit): 1 where it fails the checks. */
+static int check_query(const float *q, Py_ssize_t dim, double max_norm, int zero_ok, float *scaled) {
+    const double norm = row_norm(q, dim);
+    if (max_norm > 0.0 && norm_fails(norm, max_norm, zero_ok)) return 1;
+    for (Py_ssize_t j = 0; scaled && j < dim; j++) scaled[j] = q[j] / (float)norm;
+    return 0;
+}
+
 /* row_norms(x, out, rows, dim, max_norm, zero_ok) -> the first row whose norm is not finite, above
  * max_norm, or zero where zero_ok is false, or -1. Norms are summed in double (four running sums, in a
  * fixed order), so no float32 row can overflow them; out gets them as float32. Releases the GIL. */
@@ -1737,7 +1752,7 @@ static PyObject *row_norms(PyObject *self, PyObject *args) {
     for (Py_ssize_t r = 0; r < rows; r++) {
         const double norm = row_norm(xs + r * dim, dim);
         norms[r] = (float)norm;
-        if (first < 0 && (!(norm <= max_norm) || (!zero_ok && norm == 0.0))) first = r;
+        if (first < 0 && norm_fails(norm, max_norm, zero_ok)) first = r;
     }
     Py_END_ALLOW_THREADS
     ok = 1;
@@ -2133,11 +2148,8 @@ static PyObject *search(PyObject *self, PyObject *args, PyObject *kwargs) {
             PyErr_NoMemory();
             goto done;
         }
-        for (Py_ssize_t q = 0; q < nq && bad < 0; q++) {
-            const double norm = row_norm(m.queries + q * dim, dim);
-            if (max_norm > 0.0 && (!(norm <= max_norm) || (!zero_ok && norm == 0.0))) bad = q;
-            for (Py_ssize_t j = 0; normed && j < dim; j++) normed[q * dim + j] = m.queries[q * dim + j] / (float)norm;
-        }
+        for (Py_ssize_t q = 0; q < nq && bad < 0; q++)
+            if (check_query(m.queries + q * dim, dim, max_norm, zero_ok, normed ? normed + q * dim : NULL)) bad = q;
         if (bad >= 0) {
             ok = 1;
             goto done;
@@ -2375,14 +2387,8 @@ static PyObject *search_probing(PyObject *self, PyObject *args, PyObject *kwargs
     const int64_t *lists = lp;
     int bad = 0;
     Py_BEGIN_ALLOW_THREADS
-    /* search's checks and scaling, bit for bit */
-    const double norm = row_norm(q, dim);
-    bad = max_norm > 0.0 && (!(norm <= max_norm) || (!zero_ok && norm == 0.0));
-    if (!bad && normalize) {
-        float *scaled = normp;
-        for (Py_ssize_t j = 0; j < dim; j++) scaled[j] = q[j] / (float)norm;
-        q = scaled;
-    }
+    bad = check_query(q, dim, max_norm, zero_ok, normalize ? normp : NULL);  /* search's, bit for bit */
+    if (!bad && normalize) q = normp;
     if (!bad) probe_rows(q, 1, cp, np_, dim, nlist, nprobe, l2, op, lp, key, tmp, split_threads(dim, nlist, share));
     Py_END_ALLOW_THREADS
     if (bad) {

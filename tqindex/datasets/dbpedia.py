@@ -25,6 +25,7 @@ import ast
 import importlib.util
 import os
 import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,6 @@ def unpack_model_zip(parts: list[Path], target: Path, top: str) -> Path:
     names, no ``..``); the zip's CRCs are checked as it is read. The folder appears whole or not at
     all (unpacked beside it, then renamed). Returns ``target / top``.
     """
-    import tempfile
     out = target / top
     if out.is_dir():
         return out
